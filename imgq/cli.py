@@ -1,0 +1,122 @@
+"""The `imgq` command. Each subcommand imports its heavy modules only when it runs, so
+`imgq worker` never loads TensorFlow and `imgq classify` needs only celery and redis."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+
+def _handler(target: str):  # type: ignore[no-untyped-def]
+    """Resolve "module:function" lazily, when the subcommand runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        module_name, func_name = target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser; no imports beyond the standard library."""
+    p = argparse.ArgumentParser(
+        prog="imgq",
+        description="Batched image classification on a Celery/Redis queue, with train/serve "
+        "parity checks and drift alerts.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("sample-data", help="generate a labelled image data set offline")
+    s.add_argument("out_dir")
+    s.add_argument("--classes", type=int, default=4)
+    s.add_argument("--per-class", type=int, default=300)
+    s.add_argument("--size", type=int, default=128, help="typical image side in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_handler("trainer.sample_data:main"))
+
+    s = sub.add_parser("train", help="train on DATA_DIR (one sub-folder per class) and export")
+    s.add_argument("data_dir")
+    s.add_argument("--out", required=True, help="bundle folder to write")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--arch", choices=["small", "mobilenetv2"], default="small")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--patience", type=int, default=4)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--val-split", type=float, default=0.15)
+    s.add_argument("--test-split", type=float, default=0.15)
+    s.add_argument("--no-augment", dest="augment", action="store_false")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", default=None, help="model name (default: the data folder's name)")
+    s.set_defaults(func=_handler("trainer.train:main"))
+
+    s = sub.add_parser("verify", help="re-check a bundle's served path without TensorFlow")
+    s.add_argument("model_dir")
+    s.add_argument("data_dir", nargs="?", help="also check accuracy on these labelled files")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.set_defaults(func=_handler("worker.bundle:verify_main"))
+
+    s = sub.add_parser("worker", help="run a Celery worker that serves a bundle")
+    s.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
+    s.add_argument("--queue", help="queue name (IMGQ_QUEUE, default imgq)")
+    s.add_argument("--concurrency", type=int, help="batch runner threads (IMGQ_CONCURRENCY)")
+    s.add_argument("--max-batch", type=int, help="largest batch (IMGQ_MAX_BATCH)")
+    s.add_argument("--max-wait-ms", type=float, help="wait for a fuller batch (IMGQ_MAX_WAIT_MS)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(IMGQ_DEVICE)")
+    s.add_argument("--threads", type=int, help="onnxruntime intra-op threads (IMGQ_THREADS)")
+    s.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (IMGQ_METRICS_PORT)")
+    s.add_argument("--hostname", help="Celery node name, e.g. imgq1@%%h")
+    s.add_argument("--loglevel", default="INFO")
+    s.set_defaults(func=_handler("worker.main:main"))
+
+    s = sub.add_parser("classify", help="enqueue images and print one JSON result per line")
+    s.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+    s.add_argument("--top-k", type=int, default=1)
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--queue", default=None)
+    s.set_defaults(func=_handler("worker.client:classify_main"))
+
+    s = sub.add_parser("drift", help="review input drift: status, alerts, report")
+    dsub = s.add_subparsers(dest="drift_command", required=True, metavar="ACTION")
+    d = dsub.add_parser("status", help="per feature: reference vs current, statistic, state")
+    d.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
+    d.set_defaults(func=_handler("worker.drift_review:status_main"))
+    d = dsub.add_parser("alerts", help="list drift alerts")
+    d.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
+    d.add_argument("--all", action="store_true", help="include cleared and acknowledged")
+    d.add_argument("--ack", metavar="ID", help="acknowledge an alert")
+    d.set_defaults(func=_handler("worker.drift_review:alerts_main"))
+    d = dsub.add_parser("report", help="write PNG figures of what drifted")
+    d.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=_handler("worker.drift_review:report_main"))
+
+    s = sub.add_parser("health", help="exit 0 when Redis answers and a worker has its model")
+    s.add_argument("--timeout", type=float, default=5.0)
+    s.add_argument("--local", action="store_true", help="ping only this host's workers")
+    s.set_defaults(func=_handler("worker.health:main"))
+
+    s = sub.add_parser("demo", help="the whole product end to end on sample data")
+    s.add_argument("--out", default="demo-output")
+    s.add_argument("--per-class", type=int, default=300)
+    s.add_argument("--tasks", type=int, default=1000)
+    s.add_argument("--drift-tasks", type=int, default=400)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--epochs", type=int, default=30)
+    s.set_defaults(func=_handler("imgq.demo:main"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `imgq` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

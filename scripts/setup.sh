@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian/Ubuntu machine with Python 3.11:
+# a virtual environment in .venv with imgq and all extras, and Debian's redis-server
+# when no redis-server binary is on PATH. A second run only checks and returns.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then need_root apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive need_root apt-get install -y -qq --no-install-recommends "$@"
+}
+
+PY="${IMGQ_PYTHON:-}"
+if [ -z "$PY" ]; then
+  for c in python3.11 python3.12 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(not ((3,11) <= sys.version_info[:2] < (3,13)))'; then PY="$c"; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup: Python 3.11 or 3.12 is required (set IMGQ_PYTHON to its path)" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PY --version)"
+  if ! "$PY" -m venv .venv 2>/dev/null; then
+    rm -rf .venv
+    apt_install python3-venv
+    "$PY" -m venv .venv
+  fi
+fi
+
+# Reinstall only when pyproject.toml changed since the last successful install.
+stamp=.venv/.imgq-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing imgq[trainer,worker,review,dev] into .venv (a few minutes the first time)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[trainer,worker,review,dev]"
+  echo "$want" > "$stamp"
+else
+  echo "setup: .venv is up to date"
+fi
+
+if ! command -v redis-server >/dev/null 2>&1 && [ -z "${IMGQ_BROKER_URL:-}" ]; then
+  echo "setup: installing Debian's redis-server"
+  apt_install redis-server
+  # Debian may start a system instance on 6379; imgq starts its own on a free port.
+fi
+command -v redis-server >/dev/null 2>&1 && echo "setup: $(redis-server --version | cut -d' ' -f1-3)"
+exit 0

@@ -1,0 +1,231 @@
+"""The model bundle's manifest: the contract between the trainer and every worker.
+
+A bundle is a folder::
+
+    MODEL_DIR/
+      manifest.json     this schema (JSON), written last by the trainer
+      model.onnx        the model; its sha256 is in the manifest
+      golden/           a few encoded images whose expected probabilities are in the manifest
+      samples/          a few training thumbnails per class, for the drift report
+      history.json, training_curves.png, confusion_matrix.png   (for people)
+
+The manifest holds everything inference needs to reproduce training's input exactly (the
+:class:`~shared.preprocess.PreprocessSpec`), the labels, the model's hash, the reference statistics
+of the training images and of the model's outputs, the training summary and the parity results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ManifestError
+from shared.imagestats import ReferenceStats
+from shared.preprocess import PreprocessSpec
+
+__all__ = [
+    "MANIFEST_VERSION",
+    "MANIFEST_FILE",
+    "GoldenImage",
+    "Manifest",
+    "load_manifest",
+    "save_manifest",
+    "sha256_file",
+]
+
+#: Schema version written by this code; loading another version is an error that says so.
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldenImage:
+    """One encoded image of the bundle and the probabilities Keras gave it at export."""
+
+    file: str
+    probs: tuple[float, ...]
+    label: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything a worker needs to serve a model exactly as it was trained.
+
+    Attributes:
+        name: Model name shown in results and metrics.
+        model_file: ONNX file name inside the bundle.
+        model_sha256: Hex sha256 of ``model_file``; the worker refuses a mismatching file.
+        input_name: ONNX input tensor name.
+        output_name: ONNX output tensor name (probabilities, softmax applied).
+        input_shape: Model input shape with ``None`` for the dynamic batch dimension.
+        labels: Class names, index = output position.
+        preprocess: The exact preprocessing used in training.
+        reference: Reference histograms of image and output features (for drift).
+        golden: Encoded images with expected probabilities, re-checked by every worker at start.
+        training: Training summary (epochs, best epoch, losses, test accuracy, per-class metrics).
+        parity: Train/serve parity results measured at export.
+        versions: Library versions used for training and export.
+        created_at: ISO 8601 UTC time of export.
+        version: Schema version.
+    """
+
+    name: str
+    model_file: str
+    model_sha256: str
+    input_name: str
+    output_name: str
+    input_shape: tuple[int | None, ...]
+    labels: tuple[str, ...]
+    preprocess: PreprocessSpec
+    reference: ReferenceStats
+    golden: tuple[GoldenImage, ...] = ()
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    created_at: str = ""
+    version: int = MANIFEST_VERSION
+
+    def __post_init__(self) -> None:
+        problems = []
+        if len(self.labels) < 2:
+            problems.append(f"labels needs at least 2 classes, got {list(self.labels)!r}")
+        if len(set(self.labels)) != len(self.labels):
+            problems.append(f"labels must be unique, got {list(self.labels)!r}")
+        if len(self.model_sha256) != 64 or not all(c in "0123456789abcdef" for c in self.model_sha256):
+            problems.append(f"model_sha256 must be 64 lowercase hex digits, got {self.model_sha256!r}")
+        expected = self.preprocess.input_shape
+        shape = tuple(self.input_shape)
+        if len(shape) != 4 or tuple(shape[1:]) != expected[1:]:
+            problems.append(
+                f"input_shape {list(shape)} does not match the preprocessing, which makes "
+                f"{list(expected)} ({self.preprocess.layout}, {self.preprocess.height}x"
+                f"{self.preprocess.width}); re-export the model or fix the preprocess section"
+            )
+        for g in self.golden:
+            if len(g.probs) != len(self.labels):
+                problems.append(
+                    f"golden image {g.file} has {len(g.probs)} probabilities for "
+                    f"{len(self.labels)} labels"
+                )
+        if problems:
+            raise ManifestError("invalid manifest: " + "; ".join(problems))
+
+    @property
+    def short_sha(self) -> str:
+        """First 12 hex digits of the model hash, for keys and log lines."""
+        return self.model_sha256[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as written to ``manifest.json``."""
+        return {
+            "version": self.version,
+            "name": self.name,
+            "model_file": self.model_file,
+            "model_sha256": self.model_sha256,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "input_shape": list(self.input_shape),
+            "labels": list(self.labels),
+            "preprocess": self.preprocess.to_dict(),
+            "reference": self.reference.to_dict(),
+            "golden": [dataclasses.asdict(g) | {"probs": list(g.probs)} for g in self.golden],
+            "training": self.training,
+            "parity": self.parity,
+            "versions": self.versions,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Validate and build from a parsed ``manifest.json``; errors say what is wrong."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"manifest must be a JSON object, got {type(data).__name__}")
+        version = data.get("version")
+        if version != MANIFEST_VERSION:
+            raise ManifestError(
+                f"manifest version {version!r} is not supported by this imgq (reads version "
+                f"{MANIFEST_VERSION}); re-export the bundle with `imgq train` of this version"
+            )
+        required = (
+            "name", "model_file", "model_sha256", "input_name", "output_name",
+            "input_shape", "labels", "preprocess", "reference",
+        )  # fmt: skip
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ManifestError(
+                f"manifest is missing {missing}; it was not written by `imgq train`, "
+                "or was edited by hand"
+            )
+        try:
+            return cls(
+                version=version,
+                name=str(data["name"]),
+                model_file=str(data["model_file"]),
+                model_sha256=str(data["model_sha256"]),
+                input_name=str(data["input_name"]),
+                output_name=str(data["output_name"]),
+                input_shape=tuple(data["input_shape"]),
+                labels=tuple(str(x) for x in data["labels"]),
+                preprocess=PreprocessSpec.from_dict(data["preprocess"]),
+                reference=ReferenceStats.from_dict(data["reference"]),
+                golden=tuple(
+                    GoldenImage(file=g["file"], probs=tuple(g["probs"]), label=g.get("label"))
+                    for g in data.get("golden", [])
+                ),
+                training=dict(data.get("training", {})),
+                parity=dict(data.get("parity", {})),
+                versions=dict(data.get("versions", {})),
+                created_at=str(data.get("created_at", "")),
+            )
+        except ManifestError:
+            raise
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ManifestError(f"invalid manifest: {exc}") from exc
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b"abc")
+    >>> sha256_file(p)[:16]
+    'ba7816bf8f01cfea'
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``bundle_dir/manifest.json``.
+
+    Raises:
+        ManifestError: the file is missing, is not JSON, or fails validation; the message says
+            which, and how to fix it.
+    """
+    path = Path(bundle_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(
+            f"no {MANIFEST_FILE} in {bundle_dir}: point --model at a folder written by "
+            "`imgq train --out`"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path} is not readable JSON: {exc}") from exc
+    return Manifest.from_dict(data)
+
+
+def save_manifest(manifest: Manifest, bundle_dir: str | os.PathLike[str]) -> Path:
+    """Write ``manifest.json`` atomically (temp file + rename), so a reader never sees half."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n", "utf-8")
+    os.replace(tmp, path)
+    return path

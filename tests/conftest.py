@@ -1,0 +1,63 @@
+"""Fixtures that start real things: a private redis-server, sample images, a trained bundle."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imgq.localredis import LocalRedis
+
+# Keep TensorFlow and BLAS polite on the 2-core CI machine, and TensorFlow quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests unless onnxruntime offers the CUDA execution provider."""
+    try:
+        import onnxruntime
+
+        has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs onnxruntime-gpu and a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """A fresh redis-server on a free 127.0.0.1 port, append-only, stopped after the test."""
+    server = LocalRedis(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labelled data set from `imgq sample-data` (4 classes x 60 images), made once."""
+    from trainer.sample_data import generate
+
+    out = tmp_path_factory.mktemp("sample-data") / "shapes"
+    return Path(generate(out, classes=4, per_class=60, size=96, seed=1))
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory, sample_data_dir: Path) -> Path:
+    """A real bundle trained by `imgq train` on `sample_data_dir` (small and quick), made once."""
+    from trainer.train import train_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "model"
+    return Path(
+        train_bundle(
+            sample_data_dir, out, image_size=32, epochs=12, patience=3, seed=0, progress=False
+        )
+    )
