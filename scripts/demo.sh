@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/imgq demo "$@"
+exec "${IMGQ_VENV:-.venv}/bin/imgq" demo "$@"

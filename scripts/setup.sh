@@ -20,25 +20,27 @@ if [ -z "$PY" ]; then
 fi
 [ -n "$PY" ] || { echo "setup: Python 3.11 or 3.12 is required (set IMGQ_PYTHON to its path)" >&2; exit 1; }
 
-if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv with $($PY --version)"
-  if ! "$PY" -m venv .venv 2>/dev/null; then
-    rm -rf .venv
+# IMGQ_VENV lets a caller reuse an existing environment (the clone test does); default .venv here.
+VENV="${IMGQ_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV with $($PY --version)"
+  if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
     apt_install python3-venv
-    "$PY" -m venv .venv
+    "$PY" -m venv "$VENV"
   fi
 fi
 
 # Reinstall only when pyproject.toml changed since the last successful install.
-stamp=.venv/.imgq-installed
+stamp="$VENV/.imgq-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "setup: installing imgq[trainer,worker,review,dev] into .venv (a few minutes the first time)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[trainer,worker,review,dev]"
+  echo "setup: installing imgq[trainer,worker,review,dev] into $VENV (a few minutes the first time)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[trainer,worker,review,dev]"
   echo "$want" > "$stamp"
 else
-  echo "setup: .venv is up to date"
+  echo "setup: $VENV is up to date"
 fi
 
 if ! command -v redis-server >/dev/null 2>&1 && [ -z "${IMGQ_BROKER_URL:-}" ]; then

@@ -60,6 +60,9 @@ class _ReasonError(ImgqError):
     reasons: dict[str, str] = {}
 
     def __init__(self, reason: str, detail: str = "") -> None:
+        if not detail and reason not in self.reasons:
+            # Celery's client rebuilds a stored failure as cls(message): take "reason: detail".
+            reason, _, detail = reason.partition(": ")
         if reason not in self.reasons:
             raise ValueError(
                 f"unknown {type(self).__name__} reason {reason!r}; "

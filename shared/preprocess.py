@@ -8,9 +8,11 @@ are produced by the same code, with the same numbers, as the tensors it was trai
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "resize_image",
     "normalise_batch",
     "preprocess_batch",
+    "compute_mean_std",
 ]
 
 ResizeMode = Literal["stretch", "center_crop"]
@@ -125,17 +128,215 @@ class PreprocessSpec:
         return cls(**values)
 
 
+_CV2_INTERPOLATION = {
+    "area": cv2.INTER_AREA,
+    "linear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "nearest": cv2.INTER_NEAREST,
+}
+
+
 def resize_image(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Resize one decoded RGB uint8 image to ``spec``'s size and mode; returns uint8 HxWx3."""
-    raise NotImplementedError
+    """Resize one decoded RGB uint8 image to ``spec``'s size and mode; returns uint8 HxWx3.
+
+    ``"center_crop"`` crops the source to the target's aspect ratio around its centre first and
+    then resizes, which gives the same picture as scale-then-crop at a fraction of the cost.
+
+    Args:
+        rgb: ``(height, width, 3)`` uint8 array from :func:`shared.decode.decode_image`.
+        spec: The model's preprocessing (size, ``resize_mode``, ``interpolation``).
+
+    Returns:
+        A new C-contiguous ``(spec.height, spec.width, 3)`` uint8 array.
+
+    >>> spec = PreprocessSpec(height=32, width=32, resize_mode="center_crop")
+    >>> img = np.zeros((40, 80, 3), np.uint8); img[:, 20:60] = 255  # white centre square
+    >>> out = resize_image(img, spec)
+    >>> out.shape, int(out.min())
+    ((32, 32, 3), 255)
+    """
+    _check_image(rgb)
+    h, w = rgb.shape[:2]
+    th, tw = spec.height, spec.width
+    if spec.resize_mode == "center_crop":
+        if w * th > tw * h:  # wider than the target: keep the central columns
+            cw = max(1, round(h * tw / th))
+            x0 = (w - cw) // 2
+            rgb = rgb[:, x0 : x0 + cw]
+        elif w * th < tw * h:  # taller than the target: keep the central rows
+            ch = max(1, round(w * th / tw))
+            y0 = (h - ch) // 2
+            rgb = rgb[y0 : y0 + ch]
+    if spec.interpolation == "area":
+        rgb = _reduce_by_whole_factor(rgb, th, tw)
+    out = cv2.resize(rgb, (tw, th), interpolation=_CV2_INTERPOLATION[spec.interpolation])
+    return np.ascontiguousarray(out)
+
+
+def _reduce_by_whole_factor(rgb: np.ndarray, th: int, tw: int) -> np.ndarray:
+    """Shrink by the largest whole factor ``k`` that stays at least the target size.
+
+    OpenCV's ``INTER_AREA`` averages exact ``k x k`` blocks in a fast path (0.1 ms for 640x480
+    -> 320x240 here) but takes ~2-3 ms for a fractional ratio such as 640x480 -> 224x224; doing
+    the whole-factor part first leaves a ratio under 2 on a small image. The result is still an
+    area (box) average. The source is centre-cropped to a multiple of ``k`` (under ``k`` pixels).
+    """
+    h, w = rgb.shape[:2]
+    k = min(h // th, w // tw)
+    if k < 2:
+        return rgb
+    y0, x0 = (h % k) // 2, (w % k) // 2
+    rgb = rgb[y0 : y0 + h - h % k, x0 : x0 + w - w % k]
+    return cv2.resize(rgb, (w // k, h // k), interpolation=cv2.INTER_AREA)
 
 
 def normalise_batch(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Turn an (N, H, W, 3) RGB uint8 batch into the model's float32 tensor (colour order, scale,
-    mean/std, layout), contiguous."""
-    raise NotImplementedError
+    mean/std, layout), contiguous.
+
+    Each output value is a lookup in a 256-entry float32 table per channel that already holds
+    ``(v * scale - mean[c]) / std[c]``: one memory pass instead of three float passes, several
+    times faster than the broadcast arithmetic (bench/preprocess.py), and exactly the same
+    bytes for an image whether it is normalised alone or in a batch.
+
+    Args:
+        images: ``(N, H, W, 3)`` RGB uint8 array (any ``H``, ``W``; usually the spec's size).
+        spec: Colour order, scale, mean, std and layout of the model input.
+
+    Returns:
+        A C-contiguous float32 array, ``(N, H, W, 3)`` for NHWC or ``(N, 3, H, W)`` for NCHW.
+
+    >>> spec = PreprocessSpec(height=8, width=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    ...                       color_order="BGR", layout="NCHW")
+    >>> x = np.zeros((1, 8, 8, 3), np.uint8); x[..., 0] = 255  # pure red
+    >>> t = normalise_batch(x, spec)
+    >>> t.shape, t.dtype, t[0, :, 0, 0].tolist()  # B, G, R
+    ((1, 3, 8, 8), dtype('float32'), [-1.0, -1.0, 1.0])
+    """
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(
+            f"normalise_batch needs an (N, H, W, 3) uint8 array, got "
+            f"{getattr(images, 'shape', type(images).__name__)}"
+        )
+    if images.dtype != np.uint8:
+        raise ValueError(f"normalise_batch needs uint8 pixels, got {images.dtype}")
+    n, h, w, _ = images.shape
+    tables = _channel_tables(spec)
+    if n * h * w == 0:
+        return np.empty((n, h, w, 3) if spec.layout == "NHWC" else (n, 3, h, w), np.float32)
+    if spec.layout == "NCHW":
+        out = np.empty((n, 3, h, w), np.float32)
+        planar = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        for c, src in enumerate(_source_channels(spec)):
+            for i in range(n):
+                cv2.LUT(planar[i, src], tables[c], dst=out[i, c])
+        return out
+    if spec.color_order == "BGR":
+        images = images[..., ::-1]
+    rows = np.ascontiguousarray(images).reshape(n * h, w, 3)
+    lut = np.ascontiguousarray(tables.T.reshape(1, 256, 3))
+    return cv2.LUT(rows, lut).reshape(n, h, w, 3)
 
 
 def preprocess_batch(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
-    """Decoded RGB uint8 images of any sizes -> one contiguous model input tensor of N images."""
-    raise NotImplementedError
+    """Decoded RGB uint8 images of any sizes -> one contiguous model input tensor of N images.
+
+    This is *the* input path of training and serving: the trainer and the worker both call it
+    with the manifest's spec, so a model sees the same tensors in production as in training.
+    Stacking the single-image results gives exactly the same bytes as one call on the batch.
+
+    Args:
+        images: Decoded ``(height, width, 3)`` RGB uint8 arrays, sizes may differ.
+        spec: The model's preprocessing.
+
+    Returns:
+        A float32 array of shape ``(len(images),) + spec.input_shape[1:]``.
+
+    >>> spec = PreprocessSpec(height=16, width=16)
+    >>> batch = preprocess_batch([np.zeros((30, 40, 3), np.uint8)] * 2, spec)
+    >>> batch.shape, batch.dtype, batch.flags["C_CONTIGUOUS"]
+    ((2, 16, 16, 3), dtype('float32'), True)
+    """
+    resized = np.empty((len(images), spec.height, spec.width, 3), np.uint8)
+    for i, rgb in enumerate(images):
+        resized[i] = resize_image(rgb, spec)
+    return normalise_batch(resized, spec)
+
+
+def compute_mean_std(
+    images_uint8_iterable: Iterable[np.ndarray],
+    spec_scale: float,
+    *,
+    color_order: ColorOrder = "RGB",
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and standard deviation of ``pixel * spec_scale`` over many images.
+
+    For the trainer's normalisation statistics, computed on the training split only. Pixels are
+    counted in a 256-bin histogram per channel, so the result is exact and does not depend on
+    the order or sizes of the images (every pixel weighs the same).
+
+    Args:
+        images_uint8_iterable: ``(height, width, 3)`` RGB uint8 arrays (usually already resized).
+        spec_scale: The spec's ``scale`` (e.g. ``1/255``).
+        color_order: Order of the returned channels, the spec's ``color_order``. Defaults to RGB.
+
+    Returns:
+        ``(mean, std)``, three floats each, ready for :class:`PreprocessSpec`.
+
+    Raises:
+        ValueError: no pixels, or a channel with zero variance (cannot be normalised).
+
+    >>> a = np.zeros((2, 2, 3), np.uint8); b = np.full((2, 2, 3), 255, np.uint8)
+    >>> compute_mean_std([a, b], 1 / 255)
+    ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    """
+    hist = np.zeros((3, 256), np.int64)
+    for rgb in images_uint8_iterable:
+        _check_image(rgb)
+        for c in range(3):
+            hist[c] += np.bincount(rgb[..., c].ravel(), minlength=256)
+    n = int(hist[0].sum())
+    if n == 0:
+        raise ValueError("compute_mean_std got no pixels; pass at least one non-empty image")
+    values = np.arange(256, dtype=np.float64) * float(spec_scale)
+    mean = hist @ values / n
+    std = np.sqrt(hist @ values**2 / n - mean**2).clip(min=0.0)
+    if not (std > 0).all():
+        raise ValueError(
+            f"channel std is {std.tolist()}: a constant channel cannot be normalised; "
+            "check that the training images are not all identical"
+        )
+    order = [2, 1, 0] if color_order == "BGR" else [0, 1, 2]
+    m = tuple(float(mean[c]) for c in order)
+    s = tuple(float(std[c]) for c in order)
+    return (m[0], m[1], m[2]), (s[0], s[1], s[2])
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_tables(spec: PreprocessSpec) -> np.ndarray:
+    """(3, 256) float32: row ``c`` maps a uint8 value to output channel ``c``'s normalised value."""
+    values = np.arange(256, dtype=np.float64) * spec.scale
+    return np.stack([(values - m) / s for m, s in zip(spec.mean, spec.std, strict=True)]).astype(
+        np.float32
+    )
+
+
+def _source_channels(spec: PreprocessSpec) -> tuple[int, int, int]:
+    """The RGB input channel feeding each output channel."""
+    return (2, 1, 0) if spec.color_order == "BGR" else (0, 1, 2)
+
+
+def _check_image(rgb: np.ndarray) -> None:
+    """Refuse anything but a non-empty (H, W, 3) uint8 array, naming what was given."""
+    if (
+        not isinstance(rgb, np.ndarray)
+        or rgb.ndim != 3
+        or rgb.shape[2] != 3
+        or rgb.dtype != np.uint8
+    ):
+        raise ValueError(
+            "expected an (height, width, 3) RGB uint8 array, got "
+            f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}"
+        )
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"expected a non-empty image, got shape {rgb.shape}")

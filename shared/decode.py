@@ -1,0 +1,371 @@
+"""Encoded bytes -> RGB uint8 array, with every limit checked on the header before any pixel work.
+
+The order of work is the defence against hostile input: :func:`probe_image` opens the bytes with
+Pillow, which reads only the header, and rejects empty, oversized, unknown, animated, tiny, huge
+(decompression bombs) and absurdly shaped images *before* a single pixel is decoded. Only then does
+:func:`decode_image` decode, with OpenCV where it is correct and fast (the hot path: baseline JPEG,
+PNG, WebP, BMP, TIFF without alpha) and with Pillow where OpenCV falls short (alpha, palettes,
+CMYK, GIF). Every refusal is an :class:`~shared.errors.InvalidImage` with a reason code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import struct
+import zlib
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shared.errors import InvalidImage
+
+__all__ = [
+    "DecodeLimits",
+    "DEFAULT_LIMITS",
+    "ImageInfo",
+    "decode_image",
+    "decode_base64",
+    "probe_image",
+]
+
+#: Pillow warns above this many pixels and refuses twice as many; imgq's own limit stays below it.
+_PILLOW_MAX_PIXELS = 89_478_485
+
+#: Formats and Pillow modes that ``cv2.imdecode`` turns into the right RGB (no alpha, no palette).
+_OPENCV_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
+_OPENCV_MODES = frozenset({"RGB", "L", "I;16", "I;16B", "I;16L"})
+
+#: Magic numbers of the formats imgq reads: bytes that start like this but fail are damaged images.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeLimits:
+    """Limits on an encoded image, checked on its header before any pixel is decoded.
+
+    Args:
+        max_bytes: Largest encoded payload accepted. Defaults to 20 MiB.
+        max_pixels: Largest ``width * height`` accepted (decompression-bomb guard). Defaults to
+            40 million, below Pillow's own bomb limit.
+        max_aspect: Largest ``long side / short side``. Defaults to 20.
+        min_side_px: Shortest side accepted, in pixels. Defaults to 8.
+
+    >>> DecodeLimits(max_pixels=1_000_000).max_pixels
+    1000000
+    >>> DecodeLimits(max_aspect=0.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid DecodeLimits: max_aspect must be in 1.0..1000.0, got 0.5
+    """
+
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    max_aspect: float = 20.0
+    min_side_px: int = 8
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, low, high in (
+            ("max_bytes", 1, 2**30),
+            ("max_pixels", 1, _PILLOW_MAX_PIXELS),
+            ("min_side_px", 1, 4096),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                problems.append(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        if not isinstance(self.max_aspect, int | float) or not 1.0 <= self.max_aspect <= 1000.0:
+            problems.append(f"max_aspect must be in 1.0..1000.0, got {self.max_aspect!r}")
+        if not problems and self.min_side_px**2 > self.max_pixels:
+            problems.append(
+                f"min_side_px {self.min_side_px} squared exceeds max_pixels {self.max_pixels}: "
+                "no image could pass"
+            )
+        if problems:
+            raise ValueError("invalid DecodeLimits: " + "; ".join(problems))
+
+
+#: The limits used when none are given.
+DEFAULT_LIMITS = DecodeLimits()
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """What the header says about an encoded image.
+
+    Attributes:
+        format: Pillow's format name (``"JPEG"``, ``"PNG"``, ``"WEBP"``, ...).
+        width: Width in pixels, as stored (before EXIF orientation).
+        height: Height in pixels, as stored.
+        frames: Number of frames (1 for still images).
+        mode: Pillow's pixel mode (``"RGB"``, ``"RGBA"``, ``"P"``, ``"I;16"``, ``"CMYK"``, ...).
+    """
+
+    format: str
+    width: int
+    height: int
+    frames: int
+    mode: str
+
+
+def decode_base64(text: str | bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> bytes:
+    """Decode the standard base64 (RFC 4648, no line breaks) of an encoded image.
+
+    The length is judged from the text before decoding, so an oversized payload costs no
+    allocation.
+
+    Raises:
+        InvalidImage: ``too_many_bytes`` when the text would decode to more than
+            ``limits.max_bytes``; ``bad_base64`` when it is not base64; ``empty`` when it decodes
+            to nothing.
+
+    >>> decode_base64("aW1n")
+    b'img'
+    >>> decode_base64("not base64!")
+    Traceback (most recent call last):
+    ...
+    shared.errors.InvalidImage: bad_base64: not valid base64: Only base64 data is allowed
+    """
+    max_chars = 4 * -(-limits.max_bytes // 3)
+    if len(text) > max_chars:
+        raise InvalidImage(
+            "too_many_bytes",
+            f"base64 text of {len(text)} characters decodes to more than the limit of "
+            f"{limits.max_bytes} bytes",
+        )
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage("bad_base64", f"not valid base64: {_first_line(exc)}") from None
+    if not data:
+        raise InvalidImage("empty", "the base64 text decodes to 0 bytes")
+    return data
+
+
+def probe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ImageInfo:
+    """Read an encoded image's header and check every limit, without decoding pixels.
+
+    Raises:
+        InvalidImage: ``empty``, ``too_many_bytes``, ``undecodable`` (not an image Pillow knows),
+            ``truncated`` or ``corrupt`` (a known format whose header is cut or damaged),
+            ``animated`` (more than one frame), ``too_small``, ``too_many_pixels``, ``bad_aspect``.
+
+    >>> import cv2, numpy as np
+    >>> png = cv2.imencode(".png", np.zeros((20, 30, 3), np.uint8))[1].tobytes()
+    >>> probe_image(png)
+    ImageInfo(format='PNG', width=30, height=20, frames=1, mode='RGB')
+    >>> probe_image(b"<html></html>")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    shared.errors.InvalidImage: undecodable: not an image in a format imgq reads (13 bytes ...)
+    """
+    if not data:
+        raise InvalidImage("empty", "the payload has 0 bytes")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(
+            "too_many_bytes", f"{len(data)} bytes is over the limit of {limits.max_bytes} bytes"
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            frames = int(getattr(im, "n_frames", 1)) if getattr(im, "is_animated", False) else 1
+            info = ImageInfo(format=str(im.format), width=width, height=height, frames=frames,
+                             mode=im.mode)  # fmt: skip
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage("too_many_pixels", _first_line(exc)) from None
+    except UnidentifiedImageError:
+        raise _unreadable_header(data, "") from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, Warning) as exc:
+        # Warning: Pillow warns about damaged metadata; where warnings are errors, it is damage.
+        raise _unreadable_header(data, _first_line(exc)) from None
+    _check_limits(info, limits)
+    return info
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode an encoded image into a C-contiguous ``(height, width, 3)`` RGB uint8 array.
+
+    EXIF orientation is applied (the array is upright as a viewer shows it). 16-bit images are
+    scaled to 8 bits (``x / 256``; OpenCV rounds for TIFF, truncates for PNG). Gray and palette
+    images become RGB. CMYK JPEGs are converted.
+    **Alpha rule:** transparent pixels are composited over white,
+    ``rgb * a/255 + 255 * (1 - a/255)``, so a logo on a transparent background looks as it does
+    in a browser, and the same file always gives the same pixels.
+
+    Args:
+        data: The encoded bytes (JPEG, PNG, WebP, BMP, TIFF or a single-frame GIF).
+        limits: Limits checked on the header by :func:`probe_image` before decoding.
+
+    Raises:
+        InvalidImage: any reason of :func:`probe_image`, or ``truncated`` / ``corrupt`` when the
+            pixel data ends early or is damaged, or ``unsupported`` for a pixel layout imgq does
+            not convert.
+
+    >>> import cv2, numpy as np
+    >>> bgr = np.zeros((16, 24, 3), np.uint8); bgr[..., 2] = 255  # pure red in OpenCV's BGR
+    >>> rgb = decode_image(cv2.imencode(".png", bgr)[1].tobytes())
+    >>> rgb.shape, rgb[0, 0].tolist()
+    ((16, 24, 3), [255, 0, 0])
+    """
+    info = probe_image(data, limits)
+    if info.format in _OPENCV_FORMATS and info.mode in _OPENCV_MODES and not _has_alpha(data, info):
+        rgb = _decode_opencv(data, info)
+    else:
+        rgb = _decode_pillow(data)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InvalidImage(
+            "unsupported", f"{info.format} {info.mode} decoded to {rgb.dtype} {rgb.shape}"
+        )
+    return np.ascontiguousarray(rgb)
+
+
+def _check_limits(info: ImageInfo, limits: DecodeLimits) -> None:
+    """Raise for the first limit the header breaks."""
+    w, h = info.width, info.height
+    if info.frames > 1:
+        raise InvalidImage(
+            "animated", f"{info.format} with {info.frames} frames; send one frame as a still image"
+        )
+    if min(w, h) < limits.min_side_px:
+        raise InvalidImage(
+            "too_small", f"{w}x{h} has a side under the minimum of {limits.min_side_px} pixels"
+        )
+    if w * h > limits.max_pixels:
+        raise InvalidImage(
+            "too_many_pixels",
+            f"{w}x{h} = {w * h} pixels is over the limit of {limits.max_pixels}",
+        )
+    if max(w, h) / min(w, h) > limits.max_aspect:
+        raise InvalidImage(
+            "bad_aspect",
+            f"{w}x{h} has aspect {max(w, h) / min(w, h):.1f}, over the limit of "
+            f"{limits.max_aspect:g}",
+        )
+
+
+def _has_alpha(data: bytes, info: ImageInfo) -> bool:
+    """True when the header says some pixels may be transparent (OpenCV would drop that)."""
+    if info.format == "PNG":
+        # A tRNS chunk gives a gray or RGB PNG a transparent colour; it precedes IDAT.
+        idat = data.find(b"IDAT")
+        return data.find(b"tRNS", 0, idat if idat > 0 else len(data)) != -1
+    return False
+
+
+def _decode_opencv(data: bytes, info: ImageInfo) -> np.ndarray:
+    """The fast path: ``cv2.imdecode`` straight to RGB, after a check that the data is complete.
+
+    Older OpenCV builds return the decoded part of a truncated JPEG or PNG with only a log line,
+    so a missing end marker is refused here rather than trusted to the decoder.
+    """
+    if _ends_early(data, info.format):
+        raise InvalidImage("truncated", f"the {info.format} data ends before its end marker")
+    try:
+        rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    except cv2.error as exc:
+        raise _damaged(data, f"OpenCV cannot decode it: {_first_line(exc)}") from None
+    if rgb is None:
+        raise _damaged(data, f"the {info.format} pixel data cannot be decoded")
+    return rgb
+
+
+def _decode_pillow(data: bytes) -> np.ndarray:
+    """The general path for alpha, palettes, CMYK and GIF: Pillow decodes and converts."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            if upright.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in upright.info:
+                return _over_white(np.asarray(upright.convert("RGBA")))
+            if upright.mode.startswith("I;16"):
+                return np.repeat((np.asarray(upright) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+            return np.asarray(upright.convert("RGB"))
+    except OSError as exc:
+        if "truncated" in str(exc).lower():
+            raise InvalidImage(
+                "truncated", f"the image data ends early: {_first_line(exc)}"
+            ) from None
+        raise InvalidImage("corrupt", f"the image data is damaged: {_first_line(exc)}") from None
+    except (SyntaxError, ValueError, zlib.error, struct.error, EOFError, Warning) as exc:
+        raise InvalidImage("corrupt", f"the image data is damaged: {_first_line(exc)}") from None
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite an RGBA uint8 array over white, rounding to nearest."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    mixed = rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127
+    return (mixed // 255).astype(np.uint8)
+
+
+def _unreadable_header(data: bytes, why: str) -> InvalidImage:
+    """``undecodable`` for bytes that are no image format at all, else truncated/corrupt."""
+    if _looks_like_image(data):
+        return _damaged(data, "its header cannot be read" + (f": {why}" if why else ""))
+    return InvalidImage(
+        "undecodable",
+        f"not an image in a format imgq reads ({len(data)} bytes starting {data[:9]!r})",
+    )
+
+
+def _looks_like_image(data: bytes) -> bool:
+    """True when the bytes start with the signature of a JPEG, PNG, GIF, TIFF, WebP or BMP."""
+    if data.startswith(_SIGNATURES):
+        return True
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return True
+    return data.startswith(b"BM") and data[14:18] in [
+        n.to_bytes(4, "little") for n in _BMP_HEADER_SIZES
+    ]
+
+
+def _ends_early(data: bytes, fmt: str) -> bool:
+    """True when a JPEG has no end-of-image marker after its last scan, or a PNG no IEND chunk."""
+    if fmt == "JPEG":
+        end = data.rfind(b"\xff\xd9")
+        return end == -1 or end < data.rfind(b"\xff\xda")
+    if fmt == "PNG":
+        return data.rfind(_PNG_IEND) == -1
+    return False
+
+
+def _damaged(data: bytes, what: str) -> InvalidImage:
+    """``truncated`` if a JPEG/PNG lacks its end marker, else ``corrupt`` (naming a bad PNG CRC)."""
+    fmt = (
+        "JPEG" if data.startswith(b"\xff\xd8") else "PNG" if data.startswith(_PNG_SIGNATURE) else ""
+    )
+    if (fmt and _ends_early(data, fmt)) or "truncated" in what.lower():
+        return InvalidImage(
+            "truncated", f"the {fmt or 'image'} data ends early ({len(data)} bytes); {what}"
+        )
+    if fmt == "PNG":
+        bad = _png_bad_crc_chunk(data)
+        if bad:
+            return InvalidImage("corrupt", f"PNG chunk {bad} has a bad CRC; {what}")
+    return InvalidImage("corrupt", what)
+
+
+def _png_bad_crc_chunk(data: bytes) -> str:
+    """The type of the first PNG chunk whose CRC does not match, or ``""``."""
+    pos = len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        body = data[pos + 4 : pos + 8 + length]
+        crc = data[pos + 8 + length : pos + 12 + length]
+        if len(crc) < 4:
+            return ""
+        if zlib.crc32(body) != struct.unpack(">I", crc)[0]:
+            return body[:4].decode("latin-1")
+        pos += 12 + length
+    return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (OpenCV's are multi-line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,360 @@
+"""shared.decode: real encoded images of every format and layout, and hostile input (issue 2)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import subprocess
+import sys
+import tracemalloc
+import zlib
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from shared.decode import (
+    DEFAULT_LIMITS,
+    DecodeLimits,
+    ImageInfo,
+    decode_base64,
+    decode_image,
+    probe_image,
+)
+from shared.errors import IMAGE_REASONS, InvalidImage
+
+# Four flat colour quadrants: lossy codecs reproduce them closely, lossless ones exactly.
+_QUADRANT_COLOURS = [(200, 30, 40), (20, 180, 60), (30, 60, 210), (240, 220, 20)]
+
+
+def _quadrants(h: int = 32, w: int = 48) -> np.ndarray:
+    rgb = np.empty((h, w, 3), np.uint8)
+    for i, colour in enumerate(_QUADRANT_COLOURS):
+        rgb[(i // 2) * h // 2 : (i // 2 + 1) * h // 2, (i % 2) * w // 2 : (i % 2 + 1) * w // 2] = (
+            colour
+        )
+    return rgb
+
+
+def _alpha() -> np.ndarray:
+    """Alpha 0 on the left third, 128 in the middle, 255 on the right."""
+    a = np.full((32, 48), 255, np.uint8)
+    a[:, :16], a[:, 16:32] = 0, 128
+    return a
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha[..., None].astype(np.float64) / 255
+    return np.floor(rgb * a + 255 * (1 - a) + 0.5).astype(np.uint8)
+
+
+def _pil(arr: np.ndarray, fmt: str, mode: str | None = None, **kw: object) -> bytes:
+    im = Image.fromarray(arr)
+    if mode == "P":  # an exact palette: the image has four colours
+        im = im.convert("P", palette=Image.Palette.ADAPTIVE)
+    elif mode:
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _cv(ext: str, arr: np.ndarray, params: tuple[int, ...] = ()) -> bytes:
+    ok, buf = cv2.imencode(ext, arr, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+def _gray(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).convert("L"))
+
+
+def _grad16(channels: int) -> np.ndarray:
+    g = (np.arange(32 * 48, dtype=np.uint32).reshape(32, 48) * 41 % 65536).astype(np.uint16)
+    return g if channels == 1 else np.dstack([g, g // 2, 65535 - g])
+
+
+RGB = _quadrants()
+BGR = RGB[..., ::-1].copy()
+GRAY = _gray(RGB)
+
+# (encode, expected RGB, largest mean absolute error allowed)
+CASES: dict[str, tuple[Callable[[], bytes], Callable[[], np.ndarray], float]] = {
+    "png_rgb": (lambda: _cv(".png", BGR), lambda: RGB, 0),
+    "png_gray8": (lambda: _cv(".png", GRAY), lambda: np.dstack([GRAY] * 3), 0),
+    "png_gray16": (lambda: _cv(".png", _grad16(1)), lambda: np.dstack([_grad16(1) >> 8] * 3), 0),
+    "png_rgb16": (
+        lambda: _cv(".png", _grad16(3)[..., ::-1].copy()),
+        lambda: (_grad16(3) >> 8).astype(np.uint8),
+        0,
+    ),
+    "png_rgba": (
+        lambda: _cv(".png", np.dstack([BGR, _alpha()])),
+        lambda: _over_white(RGB, _alpha()),
+        0,
+    ),
+    "png_gray_alpha": (
+        lambda: _pil(np.dstack([GRAY, _alpha()]), "PNG", "LA"),
+        lambda: _over_white(np.dstack([GRAY] * 3), _alpha()),
+        0,
+    ),
+    "png_palette": (lambda: _pil(RGB, "PNG", "P"), lambda: RGB, 0),
+    "png_palette_transparent": (
+        lambda: _pil(RGB, "PNG", "P", transparency=0),
+        lambda: np.where(
+            (np.asarray(Image.open(io.BytesIO(_pil(RGB, "PNG", "P")))) == 0)[..., None],
+            np.uint8(255),
+            RGB,
+        ),
+        0,
+    ),
+    "jpeg_rgb": (lambda: _cv(".jpg", BGR, (cv2.IMWRITE_JPEG_QUALITY, 95)), lambda: RGB, 5),
+    "jpeg_gray": (lambda: _cv(".jpg", GRAY), lambda: np.dstack([GRAY] * 3), 3),
+    "jpeg_cmyk": (lambda: _pil(RGB, "JPEG", "CMYK", quality=95), lambda: RGB, 6),
+    "jpeg_progressive": (lambda: _pil(RGB, "JPEG", quality=95, progressive=True), lambda: RGB, 5),
+    "webp_lossless": (lambda: _pil(RGB, "WEBP", lossless=True), lambda: RGB, 0),
+    "webp_lossy": (lambda: _cv(".webp", BGR, (cv2.IMWRITE_WEBP_QUALITY, 95)), lambda: RGB, 4),
+    "webp_rgba": (
+        lambda: _pil(np.dstack([RGB, _alpha()]), "WEBP", lossless=True, exact=True),
+        lambda: _over_white(RGB, _alpha()),
+        0,
+    ),
+    "bmp_rgb": (lambda: _cv(".bmp", BGR), lambda: RGB, 0),
+    "bmp_palette": (lambda: _pil(RGB, "BMP", "P"), lambda: RGB, 0),
+    "tiff_rgb": (lambda: _cv(".tiff", BGR), lambda: RGB, 0),
+    "tiff_gray16": (lambda: _cv(".tiff", _grad16(1)), lambda: np.dstack([_grad16(1) >> 8] * 3), 0),
+    "tiff_rgb16": (  # OpenCV rounds x / 256 here instead of taking the high byte
+        lambda: _cv(".tiff", _grad16(3)[..., ::-1].copy()),
+        lambda: (_grad16(3) >> 8).astype(np.uint8),
+        0.5,
+    ),
+    "tiff_rgba": (
+        lambda: _pil(np.dstack([RGB, _alpha()]), "TIFF"),
+        lambda: _over_white(RGB, _alpha()),
+        0,
+    ),
+    "gif_single_frame": (lambda: _pil(RGB, "GIF"), lambda: RGB, 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_decodes_each_format_and_layout_to_expected_rgb(case: str) -> None:
+    """Each format and channel layout decodes to the expected RGB uint8 array."""
+    encode, expected, tolerance = CASES[case]
+    rgb = decode_image(encode())
+    want = expected()
+    assert rgb.dtype == np.uint8 and rgb.flags["C_CONTIGUOUS"]
+    assert rgb.shape == want.shape
+    err = np.abs(rgb.astype(np.int16) - want.astype(np.int16)).mean()
+    assert err <= tolerance, f"{case}: mean abs error {err:.2f} > {tolerance}"
+
+
+@pytest.mark.parametrize("orientation,turn", [(3, 2), (6, -1), (8, 1)])
+def test_jpeg_exif_orientation_is_applied(orientation: int, turn: int) -> None:
+    """A JPEG with an EXIF Orientation tag decodes upright, as a viewer shows it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    rgb = decode_image(_pil(RGB, "JPEG", quality=95, exif=exif.tobytes()))
+    want = np.rot90(RGB, turn)
+    assert rgb.shape == want.shape
+    assert np.abs(rgb.astype(np.int16) - want).mean() < 5
+
+
+def test_probe_reads_the_header_only() -> None:
+    """probe_image reports format, size, frames and mode."""
+    assert probe_image(_pil(RGB, "PNG", "P")) == ImageInfo("PNG", 48, 32, 1, "P")
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG whose IHDR claims a huge size; its tiny IDAT never fills it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _flip_byte(data: bytes, pos: int) -> bytes:
+    out = bytearray(data)
+    out[pos] ^= 0xFF
+    return bytes(out)
+
+
+def _idat_crc_pos(png: bytes) -> int:
+    i = png.find(b"IDAT")
+    return i + 4 + struct.unpack(">I", png[i - 4 : i])[0]
+
+
+def _animated(fmt: str) -> bytes:
+    frames = [Image.fromarray(RGB), Image.fromarray(255 - RGB)]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+_JPEG = _cv(".jpg", np.ascontiguousarray(np.tile(BGR, (4, 4, 1))))
+_PNG = _cv(".png", np.ascontiguousarray(np.tile(BGR, (4, 4, 1))))
+
+BAD_INPUTS: dict[str, tuple[Callable[[], bytes], str]] = {
+    "empty": (lambda: b"", "empty"),
+    "over_byte_limit": (lambda: b"\xff" * (DEFAULT_LIMITS.max_bytes + 1), "too_many_bytes"),
+    "random_bytes": (lambda: np.random.default_rng(1).bytes(4096), "undecodable"),
+    "text": (lambda: b"hello, this is plainly not an image\n" * 10, "undecodable"),
+    "html": (lambda: b"<!doctype html><html><body><img src=x></body></html>", "undecodable"),
+    "text_starting_like_bmp": (
+        lambda: b"BMW and Audi are car makers, not images." * 3,
+        "undecodable",
+    ),
+    "riff_wave_audio": (lambda: b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(64), "undecodable"),
+    "webp_damaged_header": (lambda: b"RIFF\x24\x00\x00\x00WEBPVP8X" + bytes(64), "corrupt"),
+    "truncated_jpeg": (lambda: _JPEG[: len(_JPEG) // 2], "truncated"),
+    "jpeg_without_end_marker": (lambda: _JPEG[:-2], "truncated"),
+    "jpeg_cut_in_header": (lambda: _JPEG[:120], "truncated"),
+    "truncated_png": (lambda: _PNG[: len(_PNG) // 2], "truncated"),
+    "png_bad_idat_crc": (lambda: _flip_byte(_PNG, _idat_crc_pos(_PNG)), "corrupt"),
+    "png_bad_ihdr_crc": (lambda: _flip_byte(_PNG, 29), "corrupt"),
+    "png_damaged_stream": (lambda: _flip_byte(_PNG, _PNG.find(b"IDAT") + 6), "corrupt"),
+    "png_50000x50000_header": (lambda: _png_header_only(50_000, 50_000), "too_many_pixels"),
+    "png_10000x10000_header": (lambda: _png_header_only(10_000, 10_000), "too_many_pixels"),
+    "png_7000x7000_header": (lambda: _png_header_only(7_000, 7_000), "too_many_pixels"),
+    "one_by_one": (lambda: _cv(".png", np.zeros((1, 1, 3), np.uint8)), "too_small"),
+    "zero_height_header": (lambda: _png_header_only(64, 0), "corrupt"),
+    "extreme_aspect": (lambda: _cv(".png", np.zeros((10, 400, 3), np.uint8)), "bad_aspect"),
+    "animated_gif": (lambda: _animated("GIF"), "animated"),
+    "animated_webp": (lambda: _animated("WEBP"), "animated"),
+    "animated_png": (lambda: _animated("PNG"), "animated"),
+    "multi_page_tiff": (lambda: _animated("TIFF"), "animated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_its_reason(case: str) -> None:
+    """Each kind of bad input is refused with its own specific reason code."""
+    make, reason = BAD_INPUTS[case]
+    with pytest.raises(InvalidImage) as info:
+        decode_image(make())
+    assert info.value.reason == reason, str(info.value)
+    assert str(info.value).startswith(f"{reason}: ")
+
+
+def test_bad_input_table_covers_most_reasons() -> None:
+    """The table exercises at least 12 kinds of input and every header/data reason."""
+    reasons = {reason for _, reason in BAD_INPUTS.values()}
+    assert len(BAD_INPUTS) >= 12
+    assert reasons >= set(IMAGE_REASONS) - {"bad_base64", "unsupported"}
+
+
+def test_pixel_bomb_is_refused_before_allocation() -> None:
+    """A 50,000 x 50,000 header is refused from the header: no pixel buffer is ever allocated."""
+    data = _png_header_only(50_000, 50_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidImage, match="too_many_pixels"):
+            decode_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_limits_are_settings() -> None:
+    """Tighter limits refuse what the defaults accept, naming the limit."""
+    data = _cv(".png", BGR)
+    with pytest.raises(InvalidImage, match=r"too_many_pixels: 48x32 = 1536 pixels .* 1000"):
+        decode_image(data, DecodeLimits(max_pixels=1000))
+    with pytest.raises(InvalidImage, match="too_many_bytes"):
+        decode_image(data, DecodeLimits(max_bytes=len(data) - 1))
+    with pytest.raises(InvalidImage, match="bad_aspect"):
+        decode_image(data, DecodeLimits(max_aspect=1.2))
+    with pytest.raises(InvalidImage, match="too_small"):
+        decode_image(data, DecodeLimits(min_side_px=33))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_bytes": 0}, "max_bytes must be an integer in 1..1073741824, got 0"),
+        ({"max_pixels": 10**9}, "max_pixels must be an integer in 1..89478485, got 1000000000"),
+        ({"max_aspect": 0.5}, "max_aspect must be in 1.0..1000.0, got 0.5"),
+        ({"min_side_px": 0}, "min_side_px must be an integer in 1..4096, got 0"),
+        ({"min_side_px": 100, "max_pixels": 5000}, "no image could pass"),
+    ],
+)
+def test_decode_limits_validate(kwargs: dict[str, float], message: str) -> None:
+    """DecodeLimits refuses bad values with the value and the allowed range."""
+    with pytest.raises(ValueError, match=message):
+        DecodeLimits(**kwargs)  # type: ignore[arg-type]
+
+
+def test_decode_base64_round_trip() -> None:
+    """Base64 text (str or bytes) decodes to the same image bytes."""
+    data = _cv(".png", BGR)
+    text = base64.b64encode(data)
+    assert decode_base64(text) == data
+    assert decode_base64(text.decode()) == data
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("not base64!", "bad_base64"),
+        ("aW1n\n", "bad_base64"),
+        ("aW1", "bad_base64"),
+        ("ïmage", "bad_base64"),
+        ("", "empty"),
+        ("A" * (4 * 35), "too_many_bytes"),
+    ],
+)
+def test_decode_base64_refuses(text: str, reason: str) -> None:
+    """Bad base64, empty text, and text too long for the byte limit each get their reason."""
+    with pytest.raises(InvalidImage) as info:
+        decode_base64(text, DecodeLimits(max_bytes=100))
+    assert info.value.reason == reason
+
+
+def test_base64_length_is_judged_before_decoding() -> None:
+    """Over-long text is refused as too_many_bytes even when it is not valid base64."""
+    with pytest.raises(InvalidImage, match="too_many_bytes"):
+        decode_base64("!" * 1000, DecodeLimits(max_bytes=100))
+
+
+_SIGNATURES = [
+    b"",
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF89a",
+    b"RIFF\0\0\0\0WEBPVP8 ",
+    b"BM",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(prefix=st.sampled_from(_SIGNATURES), body=st.binary(max_size=512))
+def test_random_bytes_never_escape_as_other_errors(prefix: bytes, body: bytes) -> None:
+    """Random bytes, even behind a real format signature, give an array or InvalidImage only."""
+    try:
+        rgb = decode_image(prefix + body)
+    except InvalidImage as exc:
+        assert exc.reason in IMAGE_REASONS
+    else:
+        assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8
+
+
+def test_shared_imports_no_tensorflow_celery_or_redis() -> None:
+    """shared/ stays importable in the worker's and the trainer's environments alike."""
+    code = (
+        "import sys, shared; heavy = {'tensorflow', 'celery', 'redis', 'keras'} & set(sys.modules);"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
