@@ -3,5 +3,5 @@
 # 1,000 classifications -> a drifted stream -> a drift alert and report. Arguments go to `imgq demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+IMGQ_SKIP_COMPOSE=1 bash scripts/setup.sh
 exec "${IMGQ_VENV:-.venv}/bin/imgq" demo "$@"

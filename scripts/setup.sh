@@ -43,10 +43,16 @@ else
   echo "setup: $VENV is up to date"
 fi
 
-if ! command -v redis-server >/dev/null 2>&1 && [ -z "${IMGQ_BROKER_URL:-}" ]; then
-  echo "setup: installing Debian's redis-server"
-  apt_install redis-server
-  # Debian may start a system instance on 6379; imgq starts its own on a free port.
+# Debian packages: redis-server (the tests and the demo start private instances of it; skipped for
+# the demo when IMGQ_BROKER_URL names a Redis) and docker-compose 1.29 (validates docker-compose.yml
+# without a Docker engine in the tests).
+pkgs=()
+if ! command -v redis-server >/dev/null 2>&1 && [ -z "${IMGQ_BROKER_URL:-}" ]; then pkgs+=(redis-server); fi
+if ! command -v docker-compose >/dev/null 2>&1 && [ "${IMGQ_SKIP_COMPOSE:-0}" != 1 ]; then pkgs+=(docker-compose); fi
+if [ "${#pkgs[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${pkgs[*]}"
+  apt_install "${pkgs[@]}"
+  # Debian may start a system redis on 6379; imgq always starts its own on a free port.
 fi
 command -v redis-server >/dev/null 2>&1 && echo "setup: $(redis-server --version | cut -d' ' -f1-3)"
 exit 0

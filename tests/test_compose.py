@@ -1,0 +1,224 @@
+"""The deployment files: docker-compose (with and without the GPU override), the Dockerfile and
+Prometheus' configuration, checked without a Docker engine, plus the configuration reference.
+
+`docker-compose config` is Debian's docker-compose 1.29.2 (`apt-get install docker-compose`), which
+validates and normalises the files offline; its output is read back as JSON through the
+interpreter docker-compose runs on, which ships PyYAML (imgq's own environment has no YAML parser).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.settings import ENV_VARS
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+BASE = ["docker-compose.yml"]
+WITH_GPU = ["docker-compose.yml", "docker-compose.gpu.yml"]
+WORKERS = {"docker-compose.yml": ["worker"], "docker-compose.gpu.yml": ["worker", "worker-gpu"]}
+
+_COMPOSE = shutil.which("docker-compose")
+needs_compose = pytest.mark.skipif(
+    _COMPOSE is None,
+    reason="Debian's docker-compose (1.29.2) is not installed: apt-get install -y docker-compose",
+)
+
+
+def _yaml_to_json(text: str) -> Any:
+    """Parse YAML with the interpreter that runs docker-compose (it has PyYAML)."""
+    assert _COMPOSE is not None
+    interpreter = Path(_COMPOSE).read_text(errors="replace").splitlines()[0].removeprefix("#!")
+    code = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
+    out = subprocess.run(
+        [*interpreter.split(), "-c", code],
+        input=text, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def _config(files: list[str]) -> dict[str, Any]:
+    """`docker-compose config` of the files (with no deployment variables set), as a dict."""
+    assert _COMPOSE is not None
+    deployment = ("IMGQ_", "REDIS_", "FLOWER_", "PROMETHEUS_", "GPU_", "TRAIN_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(deployment)}
+    args = [_COMPOSE, *(a for f in files for a in ("-f", f)), "config"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"docker-compose {' '.join(files)} config failed:\n{proc.stderr}"
+    return dict(_yaml_to_json(proc.stdout))
+
+
+def _extras() -> dict[str, list[str]]:
+    return dict(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
+
+
+def _requirements(extra: str) -> list[str]:
+    """Every requirement an extra installs, following `imgq[...]` references to other extras."""
+    out: list[str] = []
+    for req in _extras()[extra]:
+        nested = re.fullmatch(r"imgq\[([\w,\s-]+)\]", req.strip())
+        if nested:
+            out += [r for name in nested.group(1).split(",") for r in _requirements(name.strip())]
+        else:
+            out.append(req)
+    return out
+
+
+def _dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's instructions (continuation lines joined), one list per FROM stage."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[str]] = []
+    for line in (ln.strip() for ln in text.splitlines()):
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        if stages and line and not line.startswith("#"):
+            stages[-1].append(line)
+    return stages
+
+
+@needs_compose
+@pytest.mark.parametrize("files", [BASE, WITH_GPU], ids=["cpu", "cpu+gpu"])
+def test_compose_files_validate(files: list[str]) -> None:
+    """docker-compose 1.29.2 accepts the file(s) and sees the expected services."""
+    services = set(_config(files)["services"])
+    expected = {"redis", "worker", "trainer", "flower", "prometheus"} | set(WORKERS[files[-1]])
+    assert services == expected
+
+
+@needs_compose
+@pytest.mark.parametrize("files", [BASE, WITH_GPU], ids=["cpu", "cpu+gpu"])
+def test_every_long_running_service_has_a_healthcheck(files: list[str]) -> None:
+    """Each service that stays up has a healthcheck; only the one-shot trainer has none."""
+    for name, svc in _config(files)["services"].items():
+        if svc.get("restart") == "no":
+            assert svc.get("profiles"), f"{name} is one-shot but not behind a profile"
+            continue
+        check = svc.get("healthcheck", {})
+        assert check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
+
+
+@needs_compose
+@pytest.mark.parametrize("files", [BASE, WITH_GPU], ids=["cpu", "cpu+gpu"])
+def test_workers_scale_and_serve_read_only_models(files: list[str]) -> None:
+    """Workers publish no host port and have no fixed name (so --scale works), read the model
+    volume read-only, run as non-root, check their own health, and wait for a healthy Redis."""
+    services = _config(files)["services"]
+    for name in WORKERS[files[-1]]:
+        svc = services[name]
+        assert "ports" not in svc and "container_name" not in svc, name
+        assert "9808" in [str(p) for p in svc["expose"]], name
+        assert "imgq-workers" in svc["networks"]["default"]["aliases"], name
+        assert "models:/models:ro" in svc["volumes"], name
+        assert svc["user"].split(":")[0] not in ("", "0", "root"), name
+        assert svc["healthcheck"]["test"][1:4] == ["imgq", "health", "--local"], name
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert svc["environment"]["IMGQ_MODEL"] == "/models/current", name
+        unknown = {k for k in svc["environment"] if k.startswith("IMGQ_")} - set(ENV_VARS)
+        assert not unknown, f"{name} sets variables imgq does not read: {sorted(unknown)}"
+
+
+@needs_compose
+def test_trainer_is_one_shot_and_writes_the_shared_volume() -> None:
+    """The trainer runs only under the `train` profile and writes where the workers read."""
+    trainer = _config(BASE)["services"]["trainer"]
+    assert trainer["profiles"] == ["train"]
+    assert trainer["command"][:2] == ["imgq", "train"]
+    assert trainer["command"][trainer["command"].index("--out") + 1] == "/models/current"
+    assert "models:/models:rw" in trainer["volumes"]
+    assert trainer["build"]["args"]["IMGQ_EXTRAS"] == "trainer"
+
+
+@needs_compose
+def test_redis_persists_queued_tasks() -> None:
+    """Redis writes an append-only file to a named volume and never evicts queued tasks."""
+    redis = _config(BASE)["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert "redis-data:/data:rw" in redis["volumes"]
+
+
+@needs_compose
+@pytest.mark.parametrize("files", [BASE, WITH_GPU], ids=["cpu", "cpu+gpu"])
+def test_worker_images_carry_no_tensorflow(files: list[str]) -> None:
+    """Worker images install an extra without TensorFlow; the trainer's extra has it."""
+    services = _config(files)["services"]
+    for name in WORKERS[files[-1]]:
+        extra = services[name]["build"]["args"]["IMGQ_EXTRAS"]
+        assert extra in ("worker", "gpu"), name
+        assert not [r for r in _requirements(extra) if r.lower().startswith("tensorflow")], name
+    assert any(r.startswith("tensorflow") for r in _requirements("trainer"))
+
+
+@needs_compose
+def test_build_extras_are_defined_in_pyproject() -> None:
+    """Every IMGQ_EXTRAS the compose files build with is an extra of pyproject.toml."""
+    services = _config(WITH_GPU)["services"]
+    used = {s["build"]["args"]["IMGQ_EXTRAS"] for s in services.values() if "build" in s}
+    assert used == {"worker", "gpu", "trainer"}
+    assert used <= set(_extras())
+
+
+def test_dockerfile_installs_like_the_docs() -> None:
+    """The build stage runs the documented `pip install ".[EXTRAS]"`, defaulting to `worker`."""
+    build, final = _dockerfile_stages()
+    assert "ARG IMGQ_EXTRAS=worker" in build
+    installs = [ln for ln in build if "pip install" in ln]
+    assert len(installs) == 1 and 'pip install ".[${IMGQ_EXTRAS}]"' in installs[0]
+    assert 'pip install ".[worker]"' in (ROOT / "docs" / "operations.md").read_text()
+    assert "worker" in _extras()
+
+
+def test_dockerfile_final_stage_is_slim_and_non_root() -> None:
+    """Pinned base, final stage copies the venv only (no pip, no compiler), runs as non-root
+    and checks its own health."""
+    build, final = _dockerfile_stages()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert base and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base.group(1))
+    text = "\n".join(final)
+    assert "COPY --from=build /opt/imgq /opt/imgq" in text
+    assert not re.search(r"pip install|apt-get install|gcc|build-essential", text)
+    users = [ln.split()[1] for ln in final if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    health = [ln for ln in final if ln.startswith("HEALTHCHECK")]
+    assert health and '"imgq", "health", "--local"' in health[0]
+    assert "pip uninstall -y pip" in " ".join(build)
+
+
+@needs_compose
+def test_prometheus_scrapes_every_worker_replica() -> None:
+    """Prometheus discovers workers by the DNS alias every worker carries, on the metrics port."""
+    conf = _yaml_to_json((ROOT / "docker" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in conf["scrape_configs"]}
+    dns = jobs["imgq-worker"]["dns_sd_configs"][0]
+    assert dns["names"] == ["imgq-workers"] and dns["type"] == "A"
+    assert str(dns["port"]) == ENV_VARS["IMGQ_METRICS_PORT"][0]
+    assert _config(BASE)["services"]["worker"]["environment"]["IMGQ_METRICS_PORT"] == "9808"
+
+
+def _documented_variables() -> list[tuple[str, str, str]]:
+    """Rows `| IMGQ_X | default | meaning |` of docs/operations.md's configuration reference."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("\n## Configuration reference\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(IMGQ_\w+)` \| (.*?) \| (.*?) \|$", section, re.MULTILINE)
+    return [(name, default, meaning) for name, default, meaning in rows]
+
+
+def test_configuration_reference_matches_settings() -> None:
+    """docs/operations.md lists every IMGQ_* variable with the default and meaning that
+    worker/settings.py defines, in its order (the message shows the table to paste)."""
+    expected = [(name, default, meaning) for name, (default, meaning) in ENV_VARS.items()]
+    table = "\n".join(f"| `{n}` | {d} | {m} |" for n, d, m in expected)
+    assert _documented_variables() == expected, (
+        f"regenerate the table in docs/operations.md:\n{table}"
+    )

@@ -1,0 +1,129 @@
+"""`imgq health` against a real redis-server and real `imgq worker` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imgq.localredis import LocalRedis, free_port
+from shared.manifest import load_manifest
+from tests.tinymodel import make_tiny_bundle
+from worker.app import make_app
+from worker.settings import WorkerSettings
+
+#: Generous bound on one `imgq health` run: its own --timeout plus interpreter start-up.
+RUN_LIMIT_S = 60
+
+
+def _env(broker_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
+    return {**env, "IMGQ_BROKER_URL": broker_url, "IMGQ_LOG_FORMAT": "text"}
+
+
+def _health(broker_url: str, *options: str) -> tuple[int, list[str]]:
+    """Run `imgq health OPTIONS`; its exit status and output lines."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgq.cli", "health", *options],
+        env=_env(broker_url), capture_output=True, text=True, timeout=RUN_LIMIT_S,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout.splitlines()
+
+
+def _start_worker(broker_url: str, bundle: Path, hostname: str) -> subprocess.Popen[bytes]:
+    """A real `imgq worker` (its log beside the bundle), returned once it answers a ping."""
+    with open(bundle.parent / f"worker-{hostname}.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle),
+             "--hostname", hostname, "--metrics-port", "0"],
+            env=_env(broker_url), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    app = make_app(WorkerSettings.from_env({"IMGQ_BROKER_URL": broker_url}))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if app.control.ping(timeout=0.5):
+            return proc
+    _stop(proc)
+    log_text = (bundle.parent / f"worker-{hostname}.log").read_text(errors="replace")
+    raise AssertionError(
+        f"worker did not answer a ping within 60 s (exit {proc.returncode}):\n{log_text}"
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    """A tiny real bundle (onnxruntime, no TensorFlow)."""
+    return make_tiny_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture
+def local_worker(redis_server: LocalRedis, bundle: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker on this host, named like the Docker image names it (`imgq@%h`)."""
+    proc = _start_worker(redis_server.url, bundle, "imgq@%h")
+    yield proc
+    _stop(proc)
+
+
+def test_fails_on_redis_when_redis_is_down() -> None:
+    """With nothing listening at the broker URL, the redis check fails and nothing else runs."""
+    status, lines = _health(f"redis://:secret@127.0.0.1:{free_port()}/0", "--timeout", "2")
+    assert status == 1
+    assert len(lines) == 1 and lines[0].startswith("redis   FAIL")
+    assert "secret" not in lines[0] and ":***@" in lines[0]
+
+
+def test_fails_on_worker_when_none_runs(redis_server: LocalRedis) -> None:
+    """Redis answers but no worker does: exit 1, naming the worker check."""
+    status, lines = _health(redis_server.url, "--timeout", "1")
+    assert status == 1
+    assert lines[0].startswith("redis   ok")
+    assert lines[1].startswith("worker  FAIL") and len(lines) == 2
+
+
+@pytest.mark.integration
+def test_passes_with_a_real_worker(
+    redis_server: LocalRedis, bundle: Path, local_worker: subprocess.Popen[bytes]
+) -> None:
+    """A real worker with its model loaded passes all three checks, with and without --local,
+    and the model line names the bundle's model, hash and provider."""
+    manifest = load_manifest(bundle)
+    for options in ([], ["--local"]):
+        status, lines = _health(redis_server.url, "--timeout", "10", *options)
+        assert status == 0, lines
+        assert [line.split()[:2] for line in lines] == [
+            ["redis", "ok"],
+            ["worker", "ok"],
+            ["model", "ok"],
+        ]
+        assert manifest.name in lines[2] and manifest.model_sha256[:12] in lines[2]
+        assert "CPUExecutionProvider" in lines[2]
+    assert local_worker.poll() is None
+
+
+@pytest.mark.integration
+def test_local_ignores_workers_on_other_hosts(redis_server: LocalRedis, bundle: Path) -> None:
+    """A worker named for another host serves the fleet check but not this host's --local one."""
+    proc = _start_worker(redis_server.url, bundle, "imgq@elsewhere.example")
+    try:
+        status, lines = _health(redis_server.url, "--timeout", "10")
+        assert status == 0, lines
+        assert "imgq@elsewhere.example" in lines[1]
+        status, lines = _health(redis_server.url, "--timeout", "2", "--local")
+        assert status == 1 and lines[1].startswith("worker  FAIL")
+    finally:
+        _stop(proc)

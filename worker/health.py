@@ -1,0 +1,165 @@
+"""`imgq health`: can this fleet serve right now? For container healthchecks and scripts.
+
+Three checks, in order, one printed line each; the first that fails ends the run with exit 1
+and names itself, so `docker inspect` or a script's log says what is wrong:
+
+    redis   the broker (IMGQ_BROKER_URL) answers PING
+    worker  an imgq worker answers a Celery ping (with ``--local``: one on this host)
+    model   that worker has its model loaded (the ``imgq_status`` remote-control command)
+
+The whole run stays within ``--timeout`` seconds, so a dead Redis or an absent worker is reported
+instead of hanging a healthcheck.
+
+The worker side is :func:`imgq_status`, a Celery remote-control command registered when this
+module is imported; the worker imports it when it makes its app and calls :func:`publish_model`
+once its bundle has passed the start-up checks. ``celery inspect imgq_status`` answers it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import redis
+from celery import Celery
+from celery.worker.control import inspect_command
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+if TYPE_CHECKING:
+    from worker.bundle import ModelBundle
+
+__all__ = ["STATUS_COMMAND", "imgq_status", "local_node_pattern", "main", "publish_model"]
+
+#: Name of the remote-control command that reports a worker's model.
+STATUS_COMMAND = "imgq_status"
+
+# The model each app (one per worker process) serves; weak so a test's apps can be collected.
+_models: weakref.WeakKeyDictionary[Celery, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def publish_model(app: Celery, bundle: ModelBundle) -> None:
+    """Make the worker's ``imgq_status`` answer report ``bundle`` as loaded.
+
+    Call it once the bundle has passed its start-up checks (hash, signature, golden set), so a
+    healthy answer means the worker can serve, not merely that its process runs.
+
+    Args:
+        app: The worker's Celery app.
+        bundle: The loaded bundle.
+    """
+    _models[app] = {
+        "loaded": True,
+        "model": bundle.manifest.name,
+        "sha256": bundle.manifest.model_sha256,
+        "provider": bundle.provider,
+    }
+
+
+@inspect_command(name=STATUS_COMMAND)
+def imgq_status(state: Any) -> dict[str, Any]:
+    """The model this worker serves: {loaded, model, sha256, provider}; {loaded: false} before."""
+    return _models.get(state.app, {"loaded": False})
+
+
+def local_node_pattern(hostname: str | None = None) -> str:
+    """A regular expression matching Celery node names of workers on this host.
+
+    Celery names a node ``name@host`` (``%h`` is the full host name); the pattern accepts the
+    short host name with or without a domain.
+
+    >>> bool(re.match(local_node_pattern("box7.example.com"), "imgq@box7.example.com"))
+    True
+    >>> bool(re.match(local_node_pattern("box7"), "imgq@box70"))
+    False
+    """
+    short = (hostname or socket.gethostname()).split(".")[0]
+    return rf"^[^@]+@{re.escape(short)}(\..*)?$"
+
+
+def _check_redis(url: str, timeout_s: float) -> str:
+    client = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),  # one attempt: the caller's deadline is the budget
+    )
+    try:
+        start = time.perf_counter()
+        client.ping()
+        return f"answered PING in {(time.perf_counter() - start) * 1000:.1f} ms"
+    finally:
+        client.close()
+
+
+def _ping_worker(app: Celery, timeout_s: float, local: bool) -> str | None:
+    """Name of the first worker that answers a ping, or None; returns on the first answer."""
+    where: dict[str, Any] = {"pattern": local_node_pattern(), "matcher": "pcre"} if local else {}
+    replies = app.control.ping(timeout=timeout_s, limit=1, **where)
+    names = [name for reply in replies for name in reply]
+    return names[0] if names else None
+
+
+def _model_status(app: Celery, node: str, timeout_s: float) -> dict[str, Any] | None:
+    replies = app.control.broadcast(
+        STATUS_COMMAND, destination=[node], reply=True, timeout=timeout_s, limit=1
+    )
+    for reply in replies:
+        if node in reply:
+            return dict(reply[node])
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the checks of ``imgq health [--timeout S] [--local]``; 0 when all pass, else 1."""
+    from worker.app import make_app
+    from worker.logs import mask_url
+    from worker.settings import WorkerSettings
+
+    if args.timeout <= 0:
+        raise SystemExit(f"imgq health: --timeout must be > 0 seconds, got {args.timeout}")
+    deadline = time.monotonic() + args.timeout
+
+    def left_s() -> float:
+        return max(0.1, deadline - time.monotonic())
+
+    def report(check: str, ok: bool, detail: str) -> None:
+        print(f"{check:<7} {'ok' if ok else 'FAIL'}  {detail}", flush=True)
+
+    try:
+        settings = WorkerSettings.from_env()
+    except ValueError as exc:
+        report("config", False, str(exc))
+        return 1
+    url = mask_url(settings.broker_url)
+    try:
+        detail = _check_redis(settings.broker_url, left_s())
+    except (redis.RedisError, OSError) as exc:
+        report("redis", False, f"{url}: {type(exc).__name__}: {exc}")
+        return 1
+    report("redis", True, f"{url} {detail}")
+
+    app = make_app(settings)
+    where = f"on this host ({socket.gethostname()})" if args.local else "on the broker"
+    node = _ping_worker(app, left_s(), args.local)
+    if node is None:
+        report("worker", False, f"no imgq worker {where} answered a ping in {args.timeout:g} s")
+        return 1
+    report("worker", True, f"{node} answered a ping")
+
+    status = _model_status(app, node, left_s())
+    if status is None:
+        report("model", False, f"{node} did not answer {STATUS_COMMAND} in time")
+        return 1
+    if not status.get("loaded"):
+        report("model", False, f"{node} has no model loaded yet")
+        return 1
+    sha = str(status.get("sha256", ""))[:12]
+    report(
+        "model", True, f"{node} serves {status.get('model')} ({sha}) on {status.get('provider')}"
+    )
+    return 0
