@@ -1,0 +1,278 @@
+"""Real `imgq worker` processes on a real redis-server, driven by a plain Celery client."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from shared.decode import decode_image
+from shared.errors import InvalidImage, InvalidTask
+from shared.manifest import load_manifest, save_manifest
+from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
+from worker.bundle import ModelBundle
+from worker.intake import WORKERS_KEY
+from worker.messages import TASK_NAME
+
+pytestmark = pytest.mark.integration
+
+LEASE_TTL_S = 2.0
+RESTORE_INTERVAL_S = 0.5
+#: Documented bound on redelivery after a SIGKILL (worker/intake.py).
+REDELIVERY_BOUND_S = LEASE_TTL_S + RESTORE_INTERVAL_S
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
+
+
+@pytest.fixture
+def client(redis_server) -> Celery:
+    """A plain Celery app of another service: JSON, nothing of imgq's."""
+    app = Celery("service", broker=redis_server.url, backend=redis_server.url)
+    app.conf.task_serializer = "json"
+    return app
+
+
+class Worker:
+    """An `imgq worker` child process; its stderr goes to a file the test can read."""
+
+    def __init__(self, name: str, bundle: Path, broker_url: str, log_dir: Path, **env: str):
+        self.name = f"{name}@{os.uname().nodename}"
+        self.log = log_dir / f"{name}.log"
+        environ = dict(
+            os.environ,
+            IMGQ_BROKER_URL=broker_url,
+            IMGQ_METRICS_PORT="0",
+            IMGQ_DRIFT="0",
+            IMGQ_LEASE_TTL_S=str(LEASE_TTL_S),
+            IMGQ_RESTORE_INTERVAL_S=str(RESTORE_INTERVAL_S),
+            **env,
+        )
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle),
+                 "--hostname", self.name, "--device", "cpu"],
+                env=environ, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def wait_ready(self, app: Celery, timeout_s: float = 60.0) -> None:
+        """Until the worker answers a Celery ping (it has loaded and checked its model)."""
+        deadline = time.monotonic() + timeout_s
+        while not app.control.ping(destination=[self.name], timeout=0.5):
+            assert self.process.poll() is None, f"worker exited: {self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "worker did not answer a ping in time"
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """Warm shutdown (SIGTERM); its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def workers(redis_server, bundle_dir, tmp_path) -> Iterator[Any]:
+    """Start workers with ``start(name, **env)``; every one is stopped after the test."""
+    started: list[Worker] = []
+
+    def start(name: str, bundle: Path = bundle_dir, **env: str) -> Worker:
+        w = Worker(name, bundle, redis_server.url, tmp_path, **env)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _image(i: int) -> bytes:
+    return encode_png(colour_image(COLOURS[i % 3], size_px=20 + i % 7, seed=i))
+
+
+def _send_many(app: Celery, images: list[str]) -> list[Any]:
+    with app.producer_or_acquire() as producer:
+        return [
+            app.send_task(TASK_NAME, kwargs={"image": img}, queue="imgq", producer=producer)
+            for img in images
+        ]
+
+
+def _wait_all(app: Celery, ids: list[str], timeout_s: float) -> dict[str, dict]:
+    """Stored result records of every id, waiting until all are there."""
+    r = redis.Redis.from_url(app.conf.result_backend)
+    keys = [app.backend.get_key_for_task(i) for i in ids]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = r.mget(keys)
+        if all(v is not None for v in values):
+            return {i: json.loads(v) for i, v in zip(ids, values, strict=True)}
+        assert time.monotonic() < deadline, f"{values.count(None)} of {len(ids)} results missing"
+        time.sleep(0.05)
+
+
+def test_send_task_gets_the_documented_result(client, workers, bundle_dir) -> None:
+    """A plain Celery send_task gets the contract's result, equal to the in-process prediction."""
+    worker = workers("w1")
+    worker.wait_ready(client)
+    data = _image(1)
+    res = client.send_task(
+        TASK_NAME, kwargs={"image": _b64(data), "top_k": 2, "request_id": "req-7"}, queue="imgq"
+    )
+    value = res.get(timeout=10)
+    expected = ModelBundle.load(bundle_dir, device="cpu").classify_images([decode_image(data)])[0]
+    labels = load_manifest(bundle_dir).labels
+    assert value["label"] == labels[int(expected.argmax())] == "b"
+    assert value["score"] == pytest.approx(float(expected.max()), abs=1e-5)
+    assert [t["label"] for t in value["top_k"]] == [labels[i] for i in expected.argsort()[::-1][:2]]
+    assert value["request_id"] == "req-7"
+    assert value["model"]["sha256"] == load_manifest(bundle_dir).model_sha256
+    assert value["batch_size"] == 1
+    assert set(value["timings_ms"]) == {"queue", "preprocess", "infer"}
+    assert worker.stop() == 0
+
+
+def test_burst_with_corrupt_images(client, workers) -> None:
+    """Exactly the corrupt tasks fail, with InvalidImage and their reason; batches are shared;
+    the worker keeps serving afterwards."""
+    good = _image(0)
+    corrupt = {
+        5: (b"", "empty"),
+        17: (b"hello, not an image", "undecodable"),
+        30: (good[: len(good) // 2], "truncated"),
+        44: (encode_png(colour_image(COLOURS[0], size_px=4)), "too_small"),
+    }
+    images = [_b64(corrupt[i][0] if i in corrupt else _image(i)) for i in range(60)]
+    results = _send_many(client, images)  # queued before the worker starts: batches > 1
+    worker = workers("w1")
+    worker.wait_ready(client)
+    records = _wait_all(client, [r.id for r in results], timeout_s=30)
+    for i, res in enumerate(results):
+        if i in corrupt:
+            with pytest.raises(InvalidImage) as info:
+                res.get(timeout=5)
+            assert info.value.reason == corrupt[i][1], (i, str(info.value))
+        else:
+            assert res.get(timeout=5)["label"] == "abc"[i % 3]
+    assert (
+        max(r["result"].get("batch_size", 0) for r in records.values() if r["status"] == "SUCCESS")
+        > 1
+    )
+    after = client.send_task(TASK_NAME, kwargs={"image": _b64(good)}, queue="imgq")
+    assert after.get(timeout=10)["label"] == "a"
+
+
+def test_pickle_message_is_not_executed(client, workers, tmp_path) -> None:
+    """A pickle-serialised message ends in FAILURE content_refused and is never unpickled."""
+    from tests.test_messages import _Trap
+
+    trap = tmp_path / "unpickled"
+    worker = workers("w1")
+    worker.wait_ready(client)
+    res = client.send_task(
+        TASK_NAME, kwargs={"image": _Trap(trap)}, queue="imgq", serializer="pickle"
+    )
+    with pytest.raises(InvalidTask, match="^content_refused: "):
+        res.get(timeout=10)
+    assert not trap.exists()
+
+
+def test_celery_inspect_ping_sees_the_worker(client, workers, redis_server) -> None:
+    """`celery inspect ping` (Celery's own command line) gets a pong from the worker."""
+    worker = workers("w1")
+    worker.wait_ready(client)
+    celery = Path(sys.executable).with_name("celery")
+    out = subprocess.run(
+        [str(celery), "-b", redis_server.url, "inspect", "ping", "-d", worker.name, "-t", "5"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert worker.name in out.stdout and "pong" in out.stdout
+
+
+def test_sigkill_mid_load_loses_nothing(client, workers, redis_server) -> None:
+    """Two workers share a queue; one is SIGKILLed holding messages; every task still completes,
+    the dead worker's messages being redelivered within lease TTL + restore interval."""
+    r = redis.Redis.from_url(redis_server.url)
+    images = [_b64(_image(i)) for i in range(40)]
+    results = _send_many(client, [images[i % 40] for i in range(3000)])
+    w1, w2 = workers("w1", IMGQ_MAX_BATCH="8"), workers("w2", IMGQ_MAX_BATCH="8")
+    w1.wait_ready(client)
+    w2.wait_ready(client)
+    # Both take work: each registers in the workers set when it first takes messages.
+    deadline = time.monotonic() + 30
+    while {m.split(b":")[0] for m in r.smembers(WORKERS_KEY)} != {
+        w1.name.encode(),
+        w2.name.encode(),
+    }:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # Freeze w1 at a moment when it holds messages, then kill it.
+    (inflight,) = r.keys(f"imgq:inflight:{w1.name}:*")
+    while True:
+        os.kill(w1.process.pid, signal.SIGSTOP)
+        if r.hlen(inflight):
+            break
+        os.kill(w1.process.pid, signal.SIGCONT)
+    held = r.hlen(inflight)
+    assert r.llen("imgq") > 0, "load finished before the kill; use more tasks"
+    w1.kill()
+    killed_at = time.monotonic()
+    while r.exists(inflight):
+        assert time.monotonic() - killed_at < REDELIVERY_BOUND_S + 1.0, "not redelivered in time"
+        time.sleep(0.02)
+    records = _wait_all(client, [res.id for res in results], timeout_s=60)
+    assert held > 0
+    assert {rec["status"] for rec in records.values()} == {"SUCCESS"}
+    assert w2.stop() == 0
+
+
+def test_warm_shutdown_returns_untaken_work(client, workers, redis_server) -> None:
+    """SIGTERM mid-load: the worker finishes its batch and exits 0; every task is either answered
+    or back in the queue, nothing is left in flight."""
+    r = redis.Redis.from_url(redis_server.url)
+    results = _send_many(client, [_b64(_image(i % 30)) for i in range(3000)])
+    worker = workers("w1")
+    worker.wait_ready(client)
+    while r.llen("imgq") == 3000:
+        time.sleep(0.01)
+    assert worker.stop() == 0
+    answered = sum(r.exists(client.backend.get_key_for_task(res.id)) for res in results)
+    assert answered + r.llen("imgq") == 3000
+    assert r.keys("imgq:inflight:*") == [] and r.keys("imgq:lease:*") == []
+
+
+def test_bundle_with_wrong_sha_is_refused(client, workers, bundle_dir, tmp_path) -> None:
+    """A bundle whose model does not hash to the manifest's sha256 stops the worker at start,
+    with a message naming the mismatch."""
+    bad = tmp_path / "bad-bundle"
+    shutil.copytree(bundle_dir, bad)
+    manifest = load_manifest(bad)
+    wrong = "0" * 64
+    save_manifest(dataclasses.replace(manifest, model_sha256=wrong), bad)
+    worker = workers("w1", bundle=bad)
+    assert worker.process.wait(60) == 2
+    log = worker.log.read_text()
+    assert "sha256" in log and wrong in log and manifest.model_sha256 in log

@@ -1,0 +1,143 @@
+"""A tiny, real model bundle for fast worker tests, built without TensorFlow.
+
+The ONNX graph is ``NHWC float input -> ReduceMean over H, W -> MatMul -> Softmax``: it classifies
+an image by its mean colour, with fixed weights, so a test knows the answer in advance (a red
+image is class 0, green class 1, blue class 2). The manifest, reference statistics and golden
+set are made with ``shared/`` exactly as the trainer makes them, so ``ModelBundle.load`` runs
+every real check (hash, signature, golden set through onnxruntime) on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from shared.decode import decode_image
+from shared.imagestats import (
+    IMAGE_FEATURES,
+    OUTPUT_FEATURES,
+    build_reference,
+    image_features,
+    output_features,
+)
+from shared.manifest import GoldenImage, Manifest, save_manifest, sha256_file
+from shared.preprocess import PreprocessSpec, preprocess_batch
+
+__all__ = ["COLOURS", "colour_image", "encode_png", "make_tiny_bundle"]
+
+#: A colour per class index (RGB): the tiny model's class ``k`` is the image whose mean colour
+#: is closest to ``COLOURS[k]`` in direction.
+COLOURS: tuple[tuple[int, int, int], ...] = ((220, 30, 30), (30, 220, 30), (30, 30, 220))
+_LOGIT_SCALE = 8.0
+_OPSET = 17
+
+
+def colour_image(colour: Sequence[int], size_px: int = 24, seed: int = 0) -> np.ndarray:
+    """An RGB uint8 image of ``colour`` with mild noise, so statistics are not degenerate."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-20, 21, size=(size_px, size_px, 3))
+    return np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an RGB uint8 image."""
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return data.tobytes()
+
+
+def _weights(n_labels: int) -> np.ndarray:
+    """(3, K) weights: class k responds to colour direction k (cycled for K > 3)."""
+    w = np.zeros((3, n_labels), np.float32)
+    for k in range(n_labels):
+        w[k % 3, k] = _LOGIT_SCALE * (1.0 + 0.1 * (k // 3))
+    return w
+
+
+def _model(size_px: int, n_labels: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes=[
+            helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("MatMul", ["mean", "weights"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        ],
+        name="tiny",
+        inputs=[
+            helper.make_tensor_value_info(
+                "input", TensorProto.FLOAT, ["batch", size_px, size_px, 3]
+            )
+        ],
+        outputs=[helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", n_labels])],
+        initializer=[numpy_helper.from_array(_weights(n_labels), "weights")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def make_tiny_bundle(
+    out_dir: str | Path, labels: Sequence[str] = ("a", "b", "c"), size: int = 16
+) -> Path:
+    """Write a complete bundle (model.onnx, manifest.json, golden/) to ``out_dir``.
+
+    Args:
+        out_dir: Bundle folder; created if missing.
+        labels: Class names, one per output.
+        size: Model input side in pixels.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    out = Path(out_dir)
+    (out / "golden").mkdir(parents=True, exist_ok=True)
+    model_path = out / "model.onnx"
+    onnx.save(_model(size, len(labels)), model_path)
+    spec = PreprocessSpec(height=size, width=size)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+
+    # Reference statistics from a few synthetic images of every class, in varied sizes.
+    encoded = [
+        encode_png(colour_image(COLOURS[i % 3], size_px=16 + 4 * (i % 5), seed=i))
+        for i in range(60)
+    ]
+    images = [decode_image(data) for data in encoded]
+    probs = session.run(["probs"], {"input": preprocess_batch(images, spec)})[0]
+    feats = np.asarray(
+        [image_features(rgb, len(data)) for rgb, data in zip(images, encoded, strict=True)]
+    )
+
+    reference = build_reference(
+        np.hstack([feats, output_features(probs)]),
+        IMAGE_FEATURES + OUTPUT_FEATURES,
+        categorical={"predicted_class": len(labels)},
+    )
+
+    golden = []
+    for k in range(min(len(labels), 3)):
+        name = f"golden/{labels[k]}.png"
+        (out / name).write_bytes(encoded[k])
+        golden.append(
+            GoldenImage(file=name, probs=tuple(float(p) for p in probs[k]), label=labels[k])
+        )
+
+    manifest = Manifest(
+        name="tiny",
+        model_file=model_path.name,
+        model_sha256=sha256_file(model_path),
+        input_name="input",
+        output_name="probs",
+        input_shape=(None, size, size, 3),
+        labels=tuple(labels),
+        preprocess=spec,
+        reference=reference,
+        golden=tuple(golden),
+    )
+    save_manifest(manifest, out)
+    return out

@@ -1,0 +1,269 @@
+"""The Celery bootstep that serves ``imgq.classify`` in batches inside a real Celery worker.
+
+Celery's consumer blueprint normally has a ``Tasks`` step that consumes task messages one by one
+and hands each to the pool; that per-message path (~2-2.7 ms of worker CPU per task) is what
+limits small models. :class:`BulkConsumer` is Celery's consumer with that one step replaced by
+:class:`BulkTasks`, which
+
+- gives Celery an empty task consumer (no queues), so the event loop, remote control
+  (``inspect ping``/``stats``), heartbeats and events (Flower) keep working unchanged;
+- loads the model bundle once per process when the worker is built — a bundle that fails its
+  checks stops the worker before it connects, with the bundle's message;
+- runs ``concurrency`` :class:`~worker.batching.BatchRunner` threads and one keeper thread that
+  renews the lease (only while every runner makes progress) and gives back dead workers' and
+  orphaned messages;
+- on warm shutdown (SIGTERM) stops taking, finishes the batch in hand, stores its results and
+  pushes anything still unacked back to the queue.
+
+Nothing goes to Celery's pool (the app uses the solo pool).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+from celery.worker.consumer import Consumer
+from celery.worker.consumer.control import Control
+from celery.worker.consumer.delayed_delivery import DelayedDelivery
+from celery.worker.consumer.tasks import Tasks
+from kombu import Consumer as KombuConsumer
+from kombu.common import QoS
+
+from shared.errors import BundleError
+from worker.app import ImgqCelery
+from worker.batching import BatchRunner
+from worker.bundle import ModelBundle
+from worker.health import publish_model  # also registers the `imgq_status` control command
+from worker.intake import Intake
+from worker.metrics import process_metrics
+from worker.settings import WorkerSettings
+
+__all__ = ["BulkConsumer", "BulkControl", "BulkDelayedDelivery", "BulkService", "BulkTasks"]
+
+logger = logging.getLogger(__name__)
+
+#: Longest a warm shutdown waits for a runner to finish its batch.
+_JOIN_TIMEOUT_S = 60.0
+#: Redis client socket timeout; must exceed the longest blocking wait (max_wait_ms <= 5 s).
+_SOCKET_TIMEOUT_S = 15.0
+
+
+class BulkService:
+    """The model, the intake and the threads of one worker process.
+
+    Args:
+        app: The worker's Celery app (settings, result backend).
+        hostname: The Celery node name, part of the worker id.
+
+    Raises:
+        BundleError: no model folder was given.
+        ManifestError, BundleError: the bundle fails its checks (from ``ModelBundle.load``).
+    """
+
+    def __init__(self, app: ImgqCelery, hostname: str) -> None:
+        settings: WorkerSettings = app.settings
+        if settings.model_dir is None:
+            raise BundleError("no model bundle given: pass --model MODEL_DIR or set IMGQ_MODEL")
+        self.settings = settings
+        self.bundle = ModelBundle.load(
+            settings.model_dir, device=settings.device, threads=settings.threads
+        )
+        publish_model(app, self.bundle)
+        manifest = self.bundle.manifest
+        self.worker_id = f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.redis = redis.Redis.from_url(
+            settings.broker_url, socket_timeout=_SOCKET_TIMEOUT_S, health_check_interval=30
+        )
+        self.intake = Intake(self.redis, settings.queue, self.worker_id, settings.lease_ttl_s)
+        self.metrics = process_metrics()
+        self.metrics.model_info.labels(
+            manifest.name, manifest.model_sha256, self.bundle.provider
+        ).set(1)
+        self.drift = None
+        if settings.drift_enabled:
+            from worker.drift import DriftRecorder
+
+            self.drift = DriftRecorder(
+                self.redis,
+                manifest,
+                window_size=settings.drift_window,
+                window_s=settings.drift_window_s,
+            )
+        self.runners = [
+            BatchRunner(
+                settings,
+                self.bundle,
+                self.redis,
+                self.intake,
+                app.backend,
+                self.metrics,
+                self.drift,
+            )  # fmt: skip
+            for _ in range(settings.concurrency)
+        ]
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        logger.info(
+            "model loaded",
+            extra={
+                "model": manifest.name,
+                "sha256": manifest.model_sha256,
+                "provider": self.bundle.provider,
+                "bundle": str(self.bundle.directory),
+                "max_wait_ms": settings.wait_ms_for(self.bundle.provider),
+            },
+        )
+
+    def start(self) -> None:
+        """Take the lease and start the threads; idempotent (Celery restarts steps on
+        reconnect, the threads keep running across it)."""
+        if self._threads:
+            return
+        self.intake.renew_lease()
+        self._threads = [
+            threading.Thread(target=self._guard, args=(r.run,), name=f"imgq-batch-{i}", daemon=True)
+            for i, r in enumerate(self.runners)
+        ]
+        self._threads.append(
+            threading.Thread(
+                target=self._guard, args=(self._keep,), name="imgq-keeper", daemon=True
+            )
+        )
+        for t in self._threads:
+            t.start()
+        logger.info(
+            "serving",
+            extra={"queue": self.settings.queue, "worker_id": self.worker_id,
+                   "concurrency": self.settings.concurrency, "max_batch": self.settings.max_batch},
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """Warm shutdown: runners finish the batch in hand, unacked messages go back to the queue.
+        Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        for r in self.runners:
+            r.stop()
+        for t in self._threads:
+            t.join(_JOIN_TIMEOUT_S)
+        try:
+            released = self.intake.release()
+        except redis.RedisError as exc:
+            logger.warning("could not give back in-flight messages (the lease will): %s", exc)
+        else:
+            logger.info("stopped", extra={"released": released, "worker_id": self.worker_id})
+        if self.drift is not None:
+            self.drift.close()
+
+    def info(self) -> dict[str, Any]:
+        """For ``celery inspect stats``: what this worker serves."""
+        m = self.bundle.manifest
+        return {
+            "worker_id": self.worker_id,
+            "queue": self.settings.queue,
+            "model": m.name,
+            "sha256": m.model_sha256,
+            "provider": self.bundle.provider,
+            "max_batch": self.settings.max_batch,
+            "concurrency": self.settings.concurrency,
+        }
+
+    def _keep(self) -> None:
+        """Renew the lease while every runner makes progress; restore dead workers' messages."""
+        settings = self.settings
+        tick_s = min(settings.lease_ttl_s / 3, settings.restore_interval_s)
+        next_restore = 0.0
+        while not self._stop.wait(tick_s):
+            now = time.monotonic()
+            stalled_s = max(now - r.last_progress_s for r in self.runners)
+            try:
+                if stalled_s < settings.lease_ttl_s:
+                    self.intake.renew_lease()
+                else:
+                    logger.error(
+                        "a batch runner made no progress for %.1f s; not renewing the lease, so "
+                        "other workers will take over its messages", stalled_s,
+                    )  # fmt: skip
+                if now >= next_restore:
+                    next_restore = now + settings.restore_interval_s
+                    moved = self.intake.restore_dead() + self.intake.recover_orphans()
+                    if moved:
+                        logger.warning("redelivered %d messages of dead workers", moved)
+            except redis.RedisError as exc:
+                logger.warning("lease/restore failed, retrying: %s", exc)
+
+    def _guard(self, target: Any) -> None:
+        """Run a thread's loop; if it dies of a bug, shut the worker down (warm) rather than
+        keep a worker that answers pings but serves nothing."""
+        try:
+            target()
+        except BaseException:
+            logger.critical("%s crashed; shutting the worker down", target, exc_info=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class BulkTasks(Tasks):
+    """Takes the place of Celery's ``Tasks`` step (under the same step name) and serves tasks in
+    bulk."""
+
+    name = Tasks.name
+
+    def __init__(self, c: Consumer, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.service = BulkService(c.app, c.hostname)
+
+    def start(self, c: Consumer) -> None:
+        # An empty task consumer and a fixed QoS keep Celery's event loop happy; no task
+        # message reaches Celery's own task path.
+        c.task_consumer = KombuConsumer(c.connection.default_channel, queues=[], accept=["json"])
+        c.qos = QoS(lambda prefetch_count: None, 0)
+        self.service.start()
+
+    def close(self, c: Consumer) -> None:
+        self.service.stop()
+
+    def shutdown(self, c: Consumer) -> None:
+        super().shutdown(c)
+        self.service.stop()
+
+    def info(self, c: Consumer) -> dict[str, Any]:
+        return {"imgq": self.service.info()}
+
+
+class BulkControl(Control):
+    """Celery's remote-control step, ordered after :class:`BulkTasks` as it was after ``Tasks``."""
+
+    name = Control.name
+    requires = (BulkTasks,)
+
+
+class BulkDelayedDelivery(DelayedDelivery):
+    """Celery's delayed-delivery step (AMQP only), ordered after :class:`BulkTasks`."""
+
+    name = DelayedDelivery.name
+    requires = (BulkTasks,)
+
+
+_REPLACED_STEPS = {
+    "celery.worker.consumer.tasks:Tasks": "worker.consumer:BulkTasks",
+    "celery.worker.consumer.control:Control": "worker.consumer:BulkControl",
+    "celery.worker.consumer.delayed_delivery:DelayedDelivery": (
+        "worker.consumer:BulkDelayedDelivery"
+    ),
+}
+
+
+class BulkConsumer(Consumer):
+    """Celery's consumer with :class:`BulkTasks` in place of its ``Tasks`` step (and the two
+    steps that depend on ``Tasks`` pointed at it)."""
+
+    class Blueprint(Consumer.Blueprint):
+        default_steps = [_REPLACED_STEPS.get(s, s) for s in Consumer.Blueprint.default_steps]

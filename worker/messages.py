@@ -1,0 +1,256 @@
+"""Celery protocol 2 messages as they sit in Redis, and results in Celery's result-backend format.
+
+The worker reads the Redis list itself (see ``worker/intake.py``) instead of going through
+Celery's task consumer, so it must read exactly what any Celery client writes there and write
+exactly what ``AsyncResult.get()`` reads. Both formats are Celery's; nothing here is imgq's own.
+
+A message in Redis is kombu's JSON envelope::
+
+    {"body": "<base64 of the JSON [args, kwargs, embed]>", "content-type": "application/json",
+     "content-encoding": "utf-8",
+     "headers": {"task": "imgq.classify", "id": "<task id>", "expires": "<ISO 8601 or null>", ...},
+     "properties": {"body_encoding": "base64", "delivery_tag": "<uuid>", ...}}
+
+Only ``application/json`` bodies are ever decoded: a pickled body is never unpickled, and its
+task ends in FAILURE (``content_refused``) so the sender sees why.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.errors import InvalidTask
+
+__all__ = [
+    "TASK_NAME",
+    "TaskRequest",
+    "parse_message",
+    "validate_kwargs",
+    "result_meta",
+    "exception_result",
+]
+
+#: The one task this worker executes.
+TASK_NAME = "imgq.classify"
+_ARGUMENTS = ("image", "top_k", "request_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRequest:
+    """One task taken from the queue.
+
+    Attributes:
+        task_id: Celery task id (the result key is derived from it).
+        kwargs: Keyword arguments as sent (not yet validated).
+        expires: Expiry as epoch seconds, or None.
+        sent_at: Enqueue time as epoch seconds from the optional ``imgq_sent_at`` header, or None.
+        delivery_tag: kombu's delivery tag.
+        queue: The queue it was taken from.
+        raw: The message exactly as it was in Redis (for redelivery and dead letters).
+        error: Why the task must not run (refused content type, unusable body, wrong task name),
+            or None; such a task ends in FAILURE without being executed.
+    """
+
+    task_id: str
+    kwargs: dict[str, Any]
+    expires: float | None
+    sent_at: float | None
+    delivery_tag: str | None
+    queue: str
+    raw: bytes
+    error: InvalidTask | None = None
+
+
+def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
+    """Read one message as a Celery client left it in the Redis list.
+
+    Args:
+        raw: The list element: kombu's JSON envelope around a protocol 2 task.
+        queue: The queue it came from.
+
+    Returns:
+        A :class:`TaskRequest`; when the task id is known but the task must not run (content type
+        other than JSON, unusable body, another task's name), its ``error`` says why.
+
+    Raises:
+        InvalidTask: ``malformed_message`` when not even a task id can be read; such a message
+            cannot be answered and goes to the dead-letter list.
+    """
+    raw_bytes = raw.encode() if isinstance(raw, str) else raw
+    try:
+        envelope = json.loads(raw_bytes)
+        headers = envelope["headers"]
+        task_id = headers["id"]
+        if not isinstance(task_id, str) or not task_id:
+            raise TypeError(f"task id must be a non-empty string, got {task_id!r}")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidTask("malformed_message", f"no readable Celery envelope: {exc!r}") from None
+    properties = envelope.get("properties") or {}
+    delivery_tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+    try:
+        expires = _epoch_s(headers.get("expires"))
+        sent_at = _epoch_s(headers.get("imgq_sent_at"))
+        kwargs = _body_kwargs(envelope, properties, headers)
+        error = None
+    except InvalidTask as exc:
+        kwargs, expires, sent_at, error = {}, None, None, exc
+    return TaskRequest(
+        task_id=task_id,
+        kwargs=kwargs,
+        expires=expires,
+        sent_at=sent_at,
+        delivery_tag=delivery_tag,
+        queue=queue,
+        raw=raw_bytes,
+        error=error,
+    )
+
+
+def _body_kwargs(envelope: dict[str, Any], properties: Any, headers: dict[str, Any]) -> dict:
+    """The keyword arguments of a JSON protocol 2 body; InvalidTask for anything else."""
+    content_type = envelope.get("content-type")
+    if content_type != "application/json":
+        raise InvalidTask(
+            "content_refused",
+            f"content type {content_type!r} is refused; imgq executes application/json only "
+            "(send with serializer='json')",
+        )
+    if headers.get("task") != TASK_NAME:
+        raise InvalidTask(
+            "malformed_message", f"this queue serves {TASK_NAME!r}, not {headers.get('task')!r}"
+        )
+    body: Any = envelope.get("body")
+    try:
+        if isinstance(properties, dict) and properties.get("body_encoding") == "base64":
+            body = base64.b64decode(body, validate=True)
+        args, kwargs, _embed = json.loads(body)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise InvalidTask(
+            "malformed_message", f"body is not a JSON [args, kwargs, embed] list: {exc}"
+        ) from None
+    if not isinstance(kwargs, dict):
+        raise InvalidTask("malformed_message", f"kwargs must be an object, got {kwargs!r:.80}")
+    if args:
+        raise InvalidTask(
+            "bad_argument",
+            f"{TASK_NAME} takes keyword arguments only, got {len(args)} positional",
+        )
+    return kwargs
+
+
+def _epoch_s(value: Any) -> float | None:
+    """Epoch seconds from an ISO 8601 string (Celery's ``expires``) or a number; None stays None.
+
+    >>> _epoch_s("1970-01-01T00:01:00+00:00"), _epoch_s("1970-01-01T00:01:00"), _epoch_s(5)
+    (60.0, 60.0, 5.0)
+    """
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is None:  # Celery sends aware times; naive ones are taken as UTC
+                moment = moment.replace(tzinfo=UTC)
+            return moment.timestamp()
+    raise InvalidTask("malformed_message", f"a time header must be ISO 8601, got {value!r:.80}")
+
+
+def validate_kwargs(kwargs: dict[str, Any], n_labels: int) -> tuple[str, int, str | int | None]:
+    """Check the task's keyword arguments against the contract.
+
+    Args:
+        kwargs: As sent.
+        n_labels: How many classes the model has (the largest ``top_k``).
+
+    Returns:
+        ``(image_b64, top_k, request_id)``.
+
+    Raises:
+        InvalidTask: ``missing_argument``, ``unknown_argument`` or ``bad_argument``.
+
+    >>> validate_kwargs({"image": "aGk=", "top_k": 2}, n_labels=3)
+    ('aGk=', 2, None)
+    >>> validate_kwargs({"image": "aGk=", "top_k": True}, n_labels=3)
+    Traceback (most recent call last):
+    ...
+    shared.errors.InvalidTask: bad_argument: top_k must be an integer in 1..3, got True
+    """
+    unknown = sorted(set(kwargs) - set(_ARGUMENTS))
+    if unknown:
+        raise InvalidTask(
+            "unknown_argument",
+            f"unexpected {', '.join(map(repr, unknown))}; "
+            f"{TASK_NAME} takes {', '.join(_ARGUMENTS)}",
+        )
+    if "image" not in kwargs:
+        raise InvalidTask("missing_argument", "`image` (base64 of the encoded image) is required")
+    image = kwargs["image"]
+    if not isinstance(image, str):
+        raise InvalidTask(
+            "bad_argument", f"image must be a base64 string, got {type(image).__name__}"
+        )
+    top_k = kwargs.get("top_k", 1)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_labels:
+        raise InvalidTask(
+            "bad_argument", f"top_k must be an integer in 1..{n_labels}, got {top_k!r:.40}"
+        )
+    request_id = kwargs.get("request_id")
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, (str, int))
+    ):
+        raise InvalidTask(
+            "bad_argument",
+            f"request_id must be a string or an integer, got {type(request_id).__name__}",
+        )
+    return image, top_k, request_id
+
+
+def exception_result(exc: BaseException) -> dict[str, Any]:
+    """A FAILURE's ``result`` as Celery's JSON backend writes it (``prepare_exception``).
+
+    The client rebuilds an exception of that name whose message is ``exc_message``; for imgq's
+    errors that message starts with the reason code.
+
+    >>> exception_result(InvalidTask("missing_argument", "image"))["exc_message"]
+    ['missing_argument: image']
+    """
+    kind = type(exc)
+    return {
+        "exc_type": kind.__qualname__,
+        "exc_message": [str(exc)],
+        "exc_module": kind.__module__,
+    }
+
+
+def result_meta(
+    task_id: str, state: str, result: Any, traceback: str | None = None
+) -> dict[str, Any]:
+    """The result-backend record of a finished task, exactly as Celery stores it.
+
+    Args:
+        task_id: The task's id.
+        state: ``"SUCCESS"``, ``"FAILURE"`` or ``"REVOKED"``.
+        result: The return value, or :func:`exception_result` of the error.
+        traceback: Traceback text of a failure, or None.
+
+    >>> sorted(result_meta("t1", "SUCCESS", {"label": "a"}))
+    ['children', 'date_done', 'result', 'status', 'task_id', 'traceback']
+    """
+    return {
+        "status": state,
+        "result": result,
+        "traceback": traceback,
+        "children": [],
+        "date_done": datetime.now(UTC).isoformat(),
+        "task_id": task_id,
+    }

@@ -1,0 +1,100 @@
+"""The worker's Prometheus metrics, served on ``IMGQ_METRICS_PORT``.
+
+One :class:`WorkerMetrics` per registry. A worker process uses :func:`process_metrics` (the
+default registry, which also carries the process's CPU and memory); tests build their own on a
+fresh ``CollectorRegistry`` so counts start at zero.
+
+Names (all prefixed ``imgq_``):
+
+- ``tasks_total{outcome,reason}``: outcome ``success``, ``failure``, ``expired`` or
+  ``dead_letter``; reason is the failure's reason code (``""`` for success).
+- ``images_total``: images run through the model (``rate()`` gives images per second).
+- ``batch_size``: tasks per model call (histogram).
+- ``queue_wait_seconds``, ``preprocess_seconds``, ``inference_seconds`` (histograms): enqueue to
+  pick-up per task (for tasks that carry ``imgq_sent_at``), decode + preprocess per batch, the
+  model call per batch.
+- ``model_info{name,sha256,provider}`` = 1.
+- ``drift_psi{model,feature}``, ``drift_alerts_open{model}``, ``drift_alerts_total{model,feature}``,
+  ``drift_windows_total{model}``: set by ``worker/drift.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import start_http_server as _start_http_server
+
+__all__ = ["WorkerMetrics", "process_metrics", "start_metrics_server"]
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class WorkerMetrics:
+    """The worker's collectors, registered on ``registry``.
+
+    Args:
+        registry: Where to register. Defaults to prometheus_client's default registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.tasks = Counter(
+            "imgq_tasks", "Tasks finished, by outcome and reason code.",
+            ["outcome", "reason"], registry=registry,
+        )  # fmt: skip
+        self.images = Counter("imgq_images", "Images run through the model.", registry=registry)
+        self.batch_size = Histogram(
+            "imgq_batch_size", "Tasks per model call.", buckets=_BATCH_BUCKETS, registry=registry
+        )
+        self.queue_wait = Histogram(
+            "imgq_queue_wait_seconds", "Enqueue to pick-up, per task that carries imgq_sent_at.",
+            buckets=_LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.preprocess = Histogram(
+            "imgq_preprocess_seconds", "Decode, statistics and preprocessing, per batch.",
+            buckets=_LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.inference = Histogram(
+            "imgq_inference_seconds", "The model call, per batch.",
+            buckets=_LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "imgq_model_info", "The served model (value 1).", ["name", "sha256", "provider"],
+            registry=registry,
+        )  # fmt: skip
+        self.drift_psi = Gauge(
+            "imgq_drift_psi", "PSI of the last closed window against the reference.",
+            ["model", "feature"], registry=registry,
+        )  # fmt: skip
+        self.drift_alerts_open = Gauge(
+            "imgq_drift_alerts_open", "Drift alerts open now.", ["model"], registry=registry
+        )
+        self.drift_alerts = Counter(
+            "imgq_drift_alerts", "Drift alerts raised.", ["model", "feature"], registry=registry
+        )
+        self.drift_windows = Counter(
+            "imgq_drift_windows", "Drift windows judged.", ["model"], registry=registry
+        )
+
+
+_process_metrics: WorkerMetrics | None = None
+_process_lock = threading.Lock()
+
+
+def process_metrics() -> WorkerMetrics:
+    """This process's metrics on the default registry, created on first use."""
+    global _process_metrics
+    with _process_lock:
+        if _process_metrics is None:
+            _process_metrics = WorkerMetrics()
+        return _process_metrics
+
+
+def start_metrics_server(port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    """Serve ``/metrics`` on ``port`` (all interfaces) from a daemon thread; 0 does nothing."""
+    if port:
+        _start_http_server(port, registry=registry)

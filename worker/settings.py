@@ -1,0 +1,298 @@
+"""The worker's settings: one frozen object per process, built from ``IMGQ_*`` in one place.
+
+Every ``IMGQ_*`` environment variable is read here and nowhere else; command-line options override
+them. Values are checked when the process starts, and a bad one stops it with a message that
+says what was given and what is allowed, instead of failing on the first task.
+
+This module imports neither numpy nor OpenCV, so a client with only ``celery`` and ``redis``
+installed can use :meth:`WorkerSettings.from_env` for the broker URL and queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.logs import LOG_FORMATS, mask_url
+
+if TYPE_CHECKING:
+    from shared.decode import DecodeLimits
+
+__all__ = ["DEVICES", "ENV_VARS", "WorkerSettings"]
+
+DEVICES = ("auto", "cpu", "cuda")
+_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _default_limits() -> DecodeLimits:
+    from shared.decode import DecodeLimits
+
+    return DecodeLimits()
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"is not a boolean; use one of {_TRUE + _FALSE}")
+
+
+def _parse_int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("is not an integer") from None
+
+
+def _parse_float(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("is not a number") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Var:
+    """One environment variable: the field it sets, how to parse it, its default and meaning."""
+
+    env: str
+    field: str
+    parse: Callable[[str], Any]
+    default: str
+    meaning: str
+
+
+#: The worker's environment variables, in the order of the README's reference.
+_VARS: tuple[_Var, ...] = (
+    _Var("IMGQ_BROKER_URL", "broker_url", str, "redis://127.0.0.1:6379/0",
+         "Redis URL of the task queue (redis://, rediss:// for TLS, unix://); "
+         "a password goes in the URL and is masked in logs"),
+    _Var("IMGQ_RESULT_BACKEND", "result_backend", str, "= IMGQ_BROKER_URL",
+         "Redis URL where results are stored"),
+    _Var("IMGQ_MODEL", "model_dir", Path, "(required by `imgq worker`)",
+         "model bundle folder written by `imgq train`"),
+    _Var("IMGQ_QUEUE", "queue", str, "imgq", "queue the worker serves"),
+    _Var("IMGQ_CONCURRENCY", "concurrency", _parse_int, "1",
+         "batch runner threads per worker process"),
+    _Var("IMGQ_MAX_BATCH", "max_batch", _parse_int, "32", "most tasks per model call"),
+    _Var("IMGQ_MAX_WAIT_MS", "max_wait_ms", _parse_float, "0 on CPU, 2 on CUDA",
+         "how long a partial batch waits for more tasks; waiting pays only on a GPU"),
+    _Var("IMGQ_DEVICE", "device", str, "auto",
+         "auto (CUDA when onnxruntime-gpu and a GPU are present), cpu or cuda"),
+    _Var("IMGQ_THREADS", "threads", _parse_int, "1",
+         "onnxruntime intra-op threads per process; keep processes x threads <= cores"),
+    _Var("IMGQ_RESULT_EXPIRES_S", "result_expires_s", _parse_int, "86400",
+         "seconds a stored result is kept"),
+    _Var("IMGQ_LEASE_TTL_S", "lease_ttl_s", _parse_float, "10",
+         "a worker that has not renewed its lease for this long is dead; its tasks are "
+         "redelivered within IMGQ_LEASE_TTL_S + IMGQ_RESTORE_INTERVAL_S"),
+    _Var("IMGQ_RESTORE_INTERVAL_S", "restore_interval_s", _parse_float, "2",
+         "how often each worker looks for dead workers' tasks"),
+    _Var("IMGQ_MAX_BYTES", "max_bytes", _parse_int, "20971520",
+         "largest encoded image accepted, in bytes"),
+    _Var("IMGQ_MAX_PIXELS", "max_pixels", _parse_int, "40000000",
+         "largest width x height accepted (decompression bomb guard)"),
+    _Var("IMGQ_MAX_ASPECT", "max_aspect", _parse_float, "20",
+         "largest long side / short side accepted"),
+    _Var("IMGQ_MIN_SIDE_PX", "min_side_px", _parse_int, "8", "shortest side accepted, pixels"),
+    _Var("IMGQ_METRICS_PORT", "metrics_port", _parse_int, "9808",
+         "Prometheus metrics port; 0 turns the endpoint off"),
+    _Var("IMGQ_DRIFT_WINDOW", "drift_window", _parse_int, "200", "images per drift window"),
+    _Var("IMGQ_DRIFT_WINDOW_S", "drift_window_s", _parse_float, "300",
+         "seconds after which a drift window closes even if not full"),
+    _Var("IMGQ_DRIFT", "drift_enabled", _parse_bool, "true",
+         "collect input statistics for drift detection"),
+    _Var("IMGQ_LOG_FORMAT", "log_format", str, "json", "json (one object per line) or text"),
+)  # fmt: skip
+
+#: Environment variable -> (default, meaning), for the README's configuration reference.
+ENV_VARS: dict[str, tuple[str, str]] = {v.env: (v.default, v.meaning) for v in _VARS}
+
+#: The fields of ``shared.decode.DecodeLimits`` that environment variables set.
+_LIMIT_FIELDS = ("max_bytes", "max_pixels", "max_aspect", "min_side_px")
+_ENV_OF = {v.field: v.env for v in _VARS}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    """Everything a worker process is configured with; build it with :meth:`from_env`.
+
+    Attributes:
+        broker_url: Redis URL of the task queue.
+        result_backend: Redis URL of the results; defaults to ``broker_url``.
+        model_dir: The model bundle folder; ``None`` only for processes that do not serve.
+        queue: The queue name (a Redis list of that name).
+        concurrency: Batch runner threads per process.
+        max_batch: Most tasks per model call.
+        max_wait_ms: How long a partial batch waits for more; ``None`` picks by device
+            (:meth:`wait_ms_for`).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        threads: onnxruntime intra-op threads.
+        result_expires_s: Seconds a stored result is kept.
+        lease_ttl_s: Lease lifetime; a worker silent this long is presumed dead.
+        restore_interval_s: Seconds between looks for dead workers' messages.
+        decode_limits: Byte, pixel, aspect and size limits of images.
+        metrics_port: Prometheus port, 0 = off.
+        drift_window: Images per drift window.
+        drift_window_s: Seconds before a drift window closes anyway.
+        drift_enabled: Collect input statistics for drift detection.
+        log_format: ``"json"`` or ``"text"``.
+    """
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = ""
+    model_dir: Path | None = None
+    queue: str = "imgq"
+    concurrency: int = 1
+    max_batch: int = 32
+    max_wait_ms: float | None = None
+    device: str = "auto"
+    threads: int = 1
+    result_expires_s: int = 86400
+    lease_ttl_s: float = 10.0
+    restore_interval_s: float = 2.0
+    decode_limits: DecodeLimits = dataclasses.field(default_factory=_default_limits)
+    metrics_port: int = 9808
+    drift_window: int = 200
+    drift_window_s: float = 300.0
+    drift_enabled: bool = True
+    log_format: str = "json"
+
+    def __post_init__(self) -> None:
+        if not self.result_backend:
+            object.__setattr__(self, "result_backend", self.broker_url)
+        if self.model_dir is not None:
+            object.__setattr__(self, "model_dir", Path(self.model_dir))
+        problems = [p for p in self._problems() if p]
+        if problems:
+            raise ValueError("invalid worker settings: " + "; ".join(problems))
+
+    def _problems(self) -> list[str | None]:
+        def name(field: str) -> str:
+            return f"{field} ({_ENV_OF[field]})"
+
+        def number(field: str, low: float, high: float, integer: bool = True) -> str | None:
+            value = getattr(self, field)
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+                kind = "an integer" if integer else "a number"
+                return f"{name(field)} must be {kind} in {low:g}..{high:g}, got {value!r}"
+            return None
+
+        def choice(field: str, allowed: tuple[str, ...]) -> str | None:
+            value = getattr(self, field)
+            if value not in allowed:
+                return f"{name(field)} must be one of {', '.join(allowed)}, got {value!r}"
+            return None
+
+        def url(field: str) -> str | None:
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value.startswith(_URL_SCHEMES):
+                shown = mask_url(value) if isinstance(value, str) else value
+                return (
+                    f"{name(field)} must be a Redis URL ({', '.join(_URL_SCHEMES)}), got {shown!r}"
+                )
+            return None
+
+        queue_ok = (
+            isinstance(self.queue, str) and self.queue and not any(c.isspace() for c in self.queue)
+        )
+        model_ok = self.model_dir is None or self.model_dir.is_dir()
+        return [
+            url("broker_url"),
+            url("result_backend"),
+            None if model_ok else f"{name('model_dir')} {self.model_dir} is not a folder",
+            None
+            if queue_ok
+            else f"{name('queue')} must be a non-empty name without spaces, got {self.queue!r}",
+            number("concurrency", 1, 64),
+            number("max_batch", 1, 4096),
+            None if self.max_wait_ms is None else number("max_wait_ms", 0, 5000, integer=False),
+            choice("device", DEVICES),
+            number("threads", 1, 256),
+            number("result_expires_s", 1, 10 * 365 * 86400),
+            number("lease_ttl_s", 1, 3600, integer=False),
+            number("restore_interval_s", 0.1, 3600, integer=False),
+            number("metrics_port", 0, 65535),
+            number("drift_window", 10, 10_000_000),
+            number("drift_window_s", 1, 30 * 86400, integer=False),
+            None
+            if isinstance(self.drift_enabled, bool)
+            else f"{name('drift_enabled')} must be true or false, got {self.drift_enabled!r}",
+            choice("log_format", LOG_FORMATS),
+        ]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """Settings from ``IMGQ_*`` variables, with explicit overrides (e.g. command-line options).
+
+        Args:
+            environ: The environment to read. Defaults to ``os.environ``.
+            **overrides: Field values that win over the environment; ``None`` values are ignored,
+                so parsed command-line options can be passed as they are.
+
+        Raises:
+            ValueError: a variable cannot be parsed or a value is outside what is allowed; the
+                message names the variable, the value given and what is allowed.
+            TypeError: an override names no field.
+
+        >>> WorkerSettings.from_env({"IMGQ_MAX_BATCH": "8"}, queue="gpu").max_batch
+        8
+        >>> WorkerSettings.from_env({"IMGQ_MAX_BATCH": "lots"})
+        Traceback (most recent call last):
+        ...
+        ValueError: invalid worker settings: IMGQ_MAX_BATCH='lots' is not an integer
+        """
+        env = os.environ if environ is None else environ
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown settings {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        problems = []
+        for var in _VARS:
+            raw = env.get(var.env, "")
+            if raw == "":
+                continue
+            try:
+                values[var.field] = var.parse(raw)
+            except ValueError as exc:
+                problems.append(f"{var.env}={raw!r} {exc}")
+        if problems:
+            raise ValueError("invalid worker settings: " + "; ".join(problems))
+        limits = {k: values.pop(k) for k in _LIMIT_FIELDS if k in values}
+        if limits:
+            from shared.decode import DecodeLimits
+
+            values["decode_limits"] = DecodeLimits(**limits)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def wait_ms_for(self, provider: str) -> float:
+        """``max_wait_ms``, or its default for the execution provider that runs the model: 2 ms
+        on CUDA, where a fuller batch costs almost nothing more; 0 on the CPU, where it does not
+        run faster per image and waiting only adds latency."""
+        if self.max_wait_ms is not None:
+            return self.max_wait_ms
+        return 2.0 if provider == "CUDAExecutionProvider" else 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict with passwords in URLs masked, for the start-up log."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in ("broker_url", "result_backend"):
+                value = mask_url(value)
+            elif field.name == "decode_limits":
+                value = dataclasses.asdict(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            out[field.name] = value
+        return out
