@@ -1,0 +1,56 @@
+"""The `imgq` command, the README's two commands and CI's wiring."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imgq.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SUBCOMMANDS = ["sample-data", "train", "verify", "worker", "classify", "drift", "health", "demo"]
+
+
+def test_parser_has_every_subcommand() -> None:
+    """Every documented subcommand parses its minimal arguments."""
+    parser = build_parser()
+    minimal = {
+        "sample-data": ["out"],
+        "train": ["data", "--out", "m"],
+        "verify": ["m"],
+        "worker": [],
+        "classify": ["x.jpg"],
+        "drift": ["status"],
+        "health": [],
+        "demo": [],
+    }
+    for name in SUBCOMMANDS:
+        args = parser.parse_args([name, *minimal[name]])
+        assert args.command == name and callable(args.func)
+
+
+@pytest.mark.parametrize("module", ["imgq.cli", "worker", "worker.client", "shared"])
+def test_light_imports_do_not_load_tensorflow(module: str) -> None:
+    """Importing the command line, the worker package or shared/ never loads TensorFlow."""
+    code = (
+        f"import sys, importlib; importlib.import_module({module!r}); "
+        "print([m for m in ('tensorflow', 'keras', 'tf2onnx') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_second() -> None:
+    """The README's first code block is exactly the demo and the test command; .ci/run calls the latter."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```[a-z]*\n(.*?)```", readme, re.S)
+    assert block is not None
+    commands = [line for line in block.group(1).splitlines() if line.strip()]
+    assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci
