@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -23,16 +22,12 @@ from shared.decode import decode_image
 from shared.errors import InvalidImage, InvalidTask
 from shared.manifest import load_manifest, save_manifest
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
+from tests.workerproc import REDELIVERY_BOUND_S, Workers, send_many, wait_all
 from worker.bundle import ModelBundle
 from worker.intake import WORKERS_KEY
 from worker.messages import TASK_NAME
 
 pytestmark = pytest.mark.integration
-
-LEASE_TTL_S = 2.0
-RESTORE_INTERVAL_S = 0.5
-#: Documented bound on redelivery after a SIGKILL (worker/intake.py).
-REDELIVERY_BOUND_S = LEASE_TTL_S + RESTORE_INTERVAL_S
 
 
 @pytest.fixture(scope="module")
@@ -48,60 +43,12 @@ def client(redis_server) -> Celery:
     return app
 
 
-class Worker:
-    """An `imgq worker` child process; its stderr goes to a file the test can read."""
-
-    def __init__(self, name: str, bundle: Path, broker_url: str, log_dir: Path, **env: str):
-        self.name = f"{name}@{os.uname().nodename}"
-        self.log = log_dir / f"{name}.log"
-        environ = dict(
-            os.environ,
-            IMGQ_BROKER_URL=broker_url,
-            IMGQ_METRICS_PORT="0",
-            IMGQ_DRIFT="0",
-            IMGQ_LEASE_TTL_S=str(LEASE_TTL_S),
-            IMGQ_RESTORE_INTERVAL_S=str(RESTORE_INTERVAL_S),
-            **env,
-        )
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle),
-                 "--hostname", self.name, "--device", "cpu"],
-                env=environ, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def wait_ready(self, app: Celery, timeout_s: float = 60.0) -> None:
-        """Until the worker answers a Celery ping (it has loaded and checked its model)."""
-        deadline = time.monotonic() + timeout_s
-        while not app.control.ping(destination=[self.name], timeout=0.5):
-            assert self.process.poll() is None, f"worker exited: {self.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "worker did not answer a ping in time"
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """Warm shutdown (SIGTERM); its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout_s)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture
 def workers(redis_server, bundle_dir, tmp_path) -> Iterator[Any]:
-    """Start workers with ``start(name, **env)``; every one is stopped after the test."""
-    started: list[Worker] = []
-
-    def start(name: str, bundle: Path = bundle_dir, **env: str) -> Worker:
-        w = Worker(name, bundle, redis_server.url, tmp_path, **env)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.kill()
+    """Start workers with ``start(name, bundle=..., **env)``; every one is killed after the test."""
+    fleet = Workers(bundle_dir, redis_server.url, tmp_path)
+    yield fleet.start
+    fleet.kill_all()
 
 
 def _b64(data: bytes) -> str:
@@ -110,27 +57,6 @@ def _b64(data: bytes) -> str:
 
 def _image(i: int) -> bytes:
     return encode_png(colour_image(COLOURS[i % 3], size_px=20 + i % 7, seed=i))
-
-
-def _send_many(app: Celery, images: list[str]) -> list[Any]:
-    with app.producer_or_acquire() as producer:
-        return [
-            app.send_task(TASK_NAME, kwargs={"image": img}, queue="imgq", producer=producer)
-            for img in images
-        ]
-
-
-def _wait_all(app: Celery, ids: list[str], timeout_s: float) -> dict[str, dict]:
-    """Stored result records of every id, waiting until all are there."""
-    r = redis.Redis.from_url(app.conf.result_backend)
-    keys = [app.backend.get_key_for_task(i) for i in ids]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        values = r.mget(keys)
-        if all(v is not None for v in values):
-            return {i: json.loads(v) for i, v in zip(ids, values, strict=True)}
-        assert time.monotonic() < deadline, f"{values.count(None)} of {len(ids)} results missing"
-        time.sleep(0.05)
 
 
 def test_send_task_gets_the_documented_result(client, workers, bundle_dir) -> None:
@@ -165,10 +91,10 @@ def test_burst_with_corrupt_images(client, workers) -> None:
         44: (encode_png(colour_image(COLOURS[0], size_px=4)), "too_small"),
     }
     images = [_b64(corrupt[i][0] if i in corrupt else _image(i)) for i in range(60)]
-    results = _send_many(client, images)  # queued before the worker starts: batches > 1
+    results = send_many(client, images)  # queued before the worker starts: batches > 1
     worker = workers("w1")
     worker.wait_ready(client)
-    records = _wait_all(client, [r.id for r in results], timeout_s=30)
+    records = wait_all(client, [r.id for r in results], timeout_s=30)
     for i, res in enumerate(results):
         if i in corrupt:
             with pytest.raises(InvalidImage) as info:
@@ -217,7 +143,7 @@ def test_sigkill_mid_load_loses_nothing(client, workers, redis_server) -> None:
     the dead worker's messages being redelivered within lease TTL + restore interval."""
     r = redis.Redis.from_url(redis_server.url)
     images = [_b64(_image(i)) for i in range(40)]
-    results = _send_many(client, [images[i % 40] for i in range(3000)])
+    results = send_many(client, [images[i % 40] for i in range(3000)])
     w1, w2 = workers("w1", IMGQ_MAX_BATCH="8"), workers("w2", IMGQ_MAX_BATCH="8")
     w1.wait_ready(client)
     w2.wait_ready(client)
@@ -243,7 +169,7 @@ def test_sigkill_mid_load_loses_nothing(client, workers, redis_server) -> None:
     while r.exists(inflight):
         assert time.monotonic() - killed_at < REDELIVERY_BOUND_S + 1.0, "not redelivered in time"
         time.sleep(0.02)
-    records = _wait_all(client, [res.id for res in results], timeout_s=60)
+    records = wait_all(client, [res.id for res in results], timeout_s=60)
     assert held > 0
     assert {rec["status"] for rec in records.values()} == {"SUCCESS"}
     assert w2.stop() == 0
@@ -253,7 +179,7 @@ def test_warm_shutdown_returns_untaken_work(client, workers, redis_server) -> No
     """SIGTERM mid-load: the worker finishes its batch and exits 0; every task is either answered
     or back in the queue, nothing is left in flight."""
     r = redis.Redis.from_url(redis_server.url)
-    results = _send_many(client, [_b64(_image(i % 30)) for i in range(3000)])
+    results = send_many(client, [_b64(_image(i % 30)) for i in range(3000)])
     worker = workers("w1")
     worker.wait_ready(client)
     while r.llen("imgq") == 3000:

@@ -88,7 +88,7 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         task_id = headers["id"]
         if not isinstance(task_id, str) or not task_id:
             raise TypeError(f"task id must be a non-empty string, got {task_id!r}")
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # issue 7: deep nesting
         raise InvalidTask("malformed_message", f"no readable Celery envelope: {exc!r}") from None
     properties = envelope.get("properties") or {}
     delivery_tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
@@ -129,12 +129,14 @@ def _body_kwargs(envelope: dict[str, Any], properties: Any, headers: dict[str, A
         if isinstance(properties, dict) and properties.get("body_encoding") == "base64":
             body = base64.b64decode(body, validate=True)
         args, kwargs, _embed = json.loads(body)
-    except (ValueError, TypeError, binascii.Error) as exc:
+    except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
         raise InvalidTask(
             "malformed_message", f"body is not a JSON [args, kwargs, embed] list: {exc}"
         ) from None
     if not isinstance(kwargs, dict):
         raise InvalidTask("malformed_message", f"kwargs must be an object, got {kwargs!r:.80}")
+    if not isinstance(args, list):  # issue 7: len() of a number escaped as TypeError
+        raise InvalidTask("malformed_message", f"args must be a list, got {args!r:.80}")
     if args:
         raise InvalidTask(
             "bad_argument",
@@ -152,7 +154,12 @@ def _epoch_s(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # issue 7: an int too large for a float escaped
+            raise InvalidTask(
+                "malformed_message", f"a time header is out of range, got {value!r:.80}"
+            ) from None
     if isinstance(value, str):
         try:
             moment = datetime.fromisoformat(value)

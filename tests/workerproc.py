@@ -1,0 +1,129 @@
+"""Real `imgq worker` processes for integration tests, and waiting on their stored results.
+
+Shared by the tests that start workers (``test_worker.py``, ``test_hostile.py``,
+``test_faults.py``): a worker is a child process running ``python -m imgq.cli worker`` on a
+private redis-server, with its log in a file the test can show when something goes wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from worker.messages import TASK_NAME
+
+__all__ = ["LEASE_TTL_S", "RESTORE_INTERVAL_S", "REDELIVERY_BOUND_S", "Worker", "Workers",
+           "send_many", "wait_all"]  # fmt: skip
+
+#: Short lease settings so that tests see redelivery within seconds.
+LEASE_TTL_S = 2.0
+RESTORE_INTERVAL_S = 0.5
+#: Documented bound on redelivery after a SIGKILL (worker/intake.py).
+REDELIVERY_BOUND_S = LEASE_TTL_S + RESTORE_INTERVAL_S
+
+
+class Worker:
+    """An `imgq worker` child process; its output goes to a file the test can read.
+
+    Args:
+        name: Node name before the ``@``.
+        bundle: Model bundle folder.
+        broker_url: Redis URL (broker and result backend).
+        log_dir: Where the log file goes.
+        **env: ``IMGQ_*`` variables; they override the test defaults (no metrics port, no drift,
+            the short lease above).
+    """
+
+    def __init__(self, name: str, bundle: Path, broker_url: str, log_dir: Path, **env: str):
+        self.name = f"{name}@{os.uname().nodename}"
+        self.log = log_dir / f"{name}.log"
+        environ = dict(os.environ)
+        environ.update(
+            IMGQ_BROKER_URL=broker_url,
+            IMGQ_METRICS_PORT="0",
+            IMGQ_DRIFT="0",
+            IMGQ_LEASE_TTL_S=str(LEASE_TTL_S),
+            IMGQ_RESTORE_INTERVAL_S=str(RESTORE_INTERVAL_S),
+        )
+        environ.update(env)
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle),
+                 "--hostname", self.name, "--device", "cpu"],
+                env=environ, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def wait_ready(self, app: Celery, timeout_s: float = 60.0) -> None:
+        """Until the worker answers a Celery ping (it has loaded and checked its model)."""
+        deadline = time.monotonic() + timeout_s
+        while not app.control.ping(destination=[self.name], timeout=0.5):
+            assert self.process.poll() is None, f"worker exited: {self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "worker did not answer a ping in time"
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """Warm shutdown (SIGTERM); its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL, and reap the process."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class Workers:
+    """Starts workers on one bundle and Redis; :meth:`kill_all` ends every one (for fixtures)."""
+
+    def __init__(self, bundle: Path, broker_url: str, log_dir: Path) -> None:
+        self.bundle, self.broker_url, self.log_dir = bundle, broker_url, log_dir
+        self.started: list[Worker] = []
+
+    def start(self, name: str, bundle: Path | None = None, **env: str) -> Worker:
+        """Start one worker (see :class:`Worker` for ``env``)."""
+        w = Worker(name, bundle or self.bundle, self.broker_url, self.log_dir, **env)
+        self.started.append(w)
+        return w
+
+    def kill_all(self) -> None:
+        for w in self.started:
+            w.kill()
+
+
+def send_many(app: Celery, images: Sequence[str], queue: str = "imgq") -> list[Any]:
+    """``send_task`` one ``imgq.classify`` per base64 image, on one producer."""
+    with app.producer_or_acquire() as producer:
+        return [
+            app.send_task(TASK_NAME, kwargs={"image": img}, queue=queue, producer=producer)
+            for img in images
+        ]
+
+
+def wait_all(
+    app: Celery, ids: Sequence[str], timeout_s: float, watch: Sequence[Worker] = ()
+) -> dict[str, dict]:
+    """Stored result records (``status``, ``result``, ...) of every id, once all are there;
+    fails at once, with its log, when a worker in ``watch`` has exited meanwhile."""
+    r = redis.Redis.from_url(app.conf.result_backend)
+    keys = [app.backend.get_key_for_task(i) for i in ids]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = [v for v in r.mget(keys) if v is not None]
+        if len(found) == len(keys):
+            return {i: json.loads(v) for i, v in zip(ids, found, strict=True)}
+        for w in watch:
+            assert w.process.poll() is None, f"{w.name} exited: {w.log.read_text()[-3000:]}"
+        missing = len(keys) - len(found)
+        assert time.monotonic() < deadline, f"{missing} of {len(ids)} results missing"
+        time.sleep(0.05)
