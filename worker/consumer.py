@@ -11,7 +11,8 @@ limits small models. :class:`BulkConsumer` is Celery's consumer with that one st
   checks stops the worker before it connects, with the bundle's message;
 - runs ``concurrency`` :class:`~worker.batching.BatchRunner` threads and one keeper thread that
   renews the lease (only while every runner makes progress) and gives back dead workers' and
-  orphaned messages;
+  orphaned messages; the runners send the Celery task events of their batches under the worker's
+  node name (``IMGQ_TASK_EVENTS``), so Flower lists the tasks as for any Celery worker;
 - on warm shutdown (SIGTERM) stops taking, finishes the batch in hand, stores its results and
   pushes anything still unacked back to the queue.
 
@@ -38,7 +39,7 @@ from kombu.common import QoS
 
 from shared.errors import BundleError
 from worker.app import ImgqCelery
-from worker.batching import BatchRunner
+from worker.batching import BatchRunner, TaskEvents
 from worker.bundle import ModelBundle
 from worker.health import publish_model  # also registers the `imgq_status` control command
 from worker.intake import Intake
@@ -96,6 +97,10 @@ class BulkService:
                 window_size=settings.drift_window,
                 window_s=settings.drift_window_s,
             )
+        events = None
+        if settings.task_events:
+            broker_db = int(self.redis.connection_pool.connection_kwargs.get("db", 0))
+            events = TaskEvents(app, hostname, broker_db)
         self.runners = [
             BatchRunner(
                 settings,
@@ -105,6 +110,7 @@ class BulkService:
                 app.backend,
                 self.metrics,
                 self.drift,
+                events,
             )  # fmt: skip
             for _ in range(settings.concurrency)
         ]

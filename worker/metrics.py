@@ -11,8 +11,9 @@ Names (all prefixed ``imgq_``):
 - ``images_total``: images run through the model (``rate()`` gives images per second).
 - ``batch_size``: tasks per model call (histogram).
 - ``queue_wait_seconds``, ``preprocess_seconds``, ``inference_seconds`` (histograms): enqueue to
-  pick-up per task (for tasks that carry ``imgq_sent_at``), decode + preprocess per batch, the
-  model call per batch.
+  pick-up per task taken, whatever its outcome (for tasks that carry ``imgq_sent_at``, as
+  ``ImgqClient`` sends them; Celery's own messages carry no send time), decode + preprocess per
+  model call, the model call itself.
 - ``model_info{name,sha256,provider}`` = 1.
 - ``drift_psi{model,feature}``, ``drift_alerts_open{model}``, ``drift_alerts_total{model,feature}``,
   ``drift_windows_total{model}``: set by ``worker/drift.py``.

@@ -109,6 +109,9 @@ _VARS: tuple[_Var, ...] = (
          "seconds after which a drift window closes even if not full"),
     _Var("IMGQ_DRIFT", "drift_enabled", _parse_bool, "true",
          "collect input statistics for drift detection"),
+    _Var("IMGQ_TASK_EVENTS", "task_events", _parse_bool, "true",
+         "send Celery task events (received, succeeded, failed, revoked) so Flower shows tasks; "
+         "one publish per batch"),
     _Var("IMGQ_LOG_FORMAT", "log_format", str, "json", "json (one object per line) or text"),
 )  # fmt: skip
 
@@ -143,6 +146,7 @@ class WorkerSettings:
         drift_window: Images per drift window.
         drift_window_s: Seconds before a drift window closes anyway.
         drift_enabled: Collect input statistics for drift detection.
+        task_events: Send Celery task events (Flower) for the tasks served.
         log_format: ``"json"`` or ``"text"``.
     """
 
@@ -163,6 +167,7 @@ class WorkerSettings:
     drift_window: int = 200
     drift_window_s: float = 300.0
     drift_enabled: bool = True
+    task_events: bool = True
     log_format: str = "json"
 
     def __post_init__(self) -> None:
@@ -226,6 +231,9 @@ class WorkerSettings:
             None
             if isinstance(self.drift_enabled, bool)
             else f"{name('drift_enabled')} must be true or false, got {self.drift_enabled!r}",
+            None
+            if isinstance(self.task_events, bool)
+            else f"{name('task_events')} must be true or false, got {self.task_events!r}",
             choice("log_format", LOG_FORMATS),
         ]
 
