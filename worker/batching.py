@@ -170,6 +170,8 @@ class BatchRunner:
         same_redis = settings.result_backend == settings.broker_url
         self._results_redis: redis.Redis = redis_client if same_redis else backend.client
         self._dead_key = dead_letter_key(settings.queue)
+        # The image is base64 in a JSON body that kombu base64-encodes again (x 16/9), plus headers.
+        self._max_message_bytes = settings.decode_limits.max_bytes * 16 // 9 + 256 * 1024
         # An idle runner must still show progress well within the lease time.
         self._idle_wait_s = min(_IDLE_WAIT_S, settings.lease_ttl_s / 4)
         self._stop = threading.Event()
@@ -236,10 +238,21 @@ class BatchRunner:
         features: list[np.ndarray] = []
         for raw in raws:
             try:
+                if len(raw) > self._max_message_bytes:
+                    raise InvalidTask(
+                        "malformed_message",
+                        f"message of {len(raw)} bytes is over the {self._max_message_bytes} a "
+                        "valid task can have; not parsed",
+                    )
                 req = parse_message(raw, self.settings.queue)
             except InvalidTask as exc:
                 out.dead.append(raw)
                 out.counts["dead_letter", exc.reason] += 1
+                continue
+            except Exception:  # a parser bug must not become a message that kills every worker
+                logger.exception("unreadable message moved to the dead-letter list")
+                out.dead.append(raw)
+                out.counts["dead_letter", "malformed_message"] += 1
                 continue
             queue_ms = None
             if req.sent_at is not None:

@@ -1,0 +1,422 @@
+"""Drift: the statistics on count arrays (no Redis), then the recorder and detector on a real
+redis-server: counting, window closing (count, time, and the race between workers), alerts,
+de-duplication, clearing, thumbnails and metrics."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from shared.errors import ManifestError
+from shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES, ReferenceStats, bin_counts
+from shared.manifest import Manifest
+from tests.drift_synthetic import (
+    BRIGHTNESS,
+    LABELS,
+    all_features,
+    make_manifest,
+    make_reference,
+    traffic,
+)
+from worker.drift import (
+    ALL_FEATURES,
+    DriftDetector,
+    DriftKeys,
+    DriftRecorder,
+    FeatureResult,
+    Window,
+    alert_transitions,
+    chi2_homogeneity,
+    evaluate_window,
+    holm,
+    parse_window,
+    psi,
+)
+from worker.metrics import WorkerMetrics
+
+
+@pytest.fixture(scope="module")
+def reference() -> ReferenceStats:
+    """Reference histograms of 2,000 in-distribution synthetic images."""
+    return make_reference(np.random.default_rng(0))
+
+
+@pytest.fixture(scope="module")
+def manifest(reference: ReferenceStats) -> Manifest:
+    return make_manifest(reference)
+
+
+def window_of(reference: ReferenceStats, values: np.ndarray, window_id: int = 1) -> Window:
+    """A window as the workers would have summed it in Redis."""
+    counts = bin_counts(reference, values, ALL_FEATURES)
+    sums = dict(zip(ALL_FEATURES, values.sum(axis=0).tolist(), strict=True))
+    return Window(window_id, len(values), 0.0, 1.0, counts, sums)
+
+
+def judge(reference: ReferenceStats, values: np.ndarray) -> list[FeatureResult]:
+    return evaluate_window(
+        reference, window_of(reference, values), alpha=0.01, psi_floor=0.1, labels=LABELS
+    )
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_psi_is_zero_for_equal_shares_and_grows_with_the_shift() -> None:
+    """PSI depends on shares, not sizes, and increases as mass moves."""
+    assert psi([10, 20, 30], [100, 200, 300], smoothing=0) == pytest.approx(0.0)
+    assert 0 < psi([50, 50], [60, 40]) < psi([50, 50], [80, 20]) < psi([50, 50], [100, 0])
+
+
+def test_psi_is_finite_with_empty_bins_and_rejects_other_bins() -> None:
+    """Smoothing keeps an emptied bin finite; histograms of different bins are refused."""
+    assert np.isfinite(psi([100, 0], [0, 100]))
+    with pytest.raises(ValueError, match="2 reference vs 3"):
+        psi([1, 2], [1, 2, 3])
+
+
+def test_chi2_homogeneity_ignores_bins_empty_in_both() -> None:
+    """Empty bins add no degrees of freedom; a one-sided empty bin is strong evidence."""
+    assert chi2_homogeneity([50, 0, 50], [50, 0, 50])[1] == 1
+    assert chi2_homogeneity([100, 100], [0, 0]) == (0.0, 0, 1.0)
+    assert chi2_homogeneity([100, 100, 0], [50, 50, 100])[2] < 1e-20
+
+
+def test_chi2_homogeneity_agrees_with_scipy() -> None:
+    """The hand-written test gives scipy's chi2_contingency statistic, dof and p-value."""
+    from scipy.stats import chi2_contingency
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ref, cur = rng.integers(1, 60, 10), rng.integers(1, 60, 10)
+        expected = chi2_contingency(np.array([ref, cur]), correction=False)
+        statistic, dof, p_value = chi2_homogeneity(ref, cur)
+        assert (statistic, dof) == (pytest.approx(expected.statistic), expected.dof)
+        assert p_value == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-300)
+
+
+def test_holm_stops_at_the_first_failure() -> None:
+    """Step-down: a p-value under its own level is not significant after an earlier failure."""
+    thresholds, significant = holm([0.004, 0.03, 0.03, 0.04], alpha=0.05)
+    assert thresholds.tolist() == pytest.approx([0.0125, 0.05 / 3, 0.025, 0.05])
+    assert significant.tolist() == [True, False, False, False]
+
+
+def test_same_distribution_raises_no_alert() -> None:
+    """400 in-distribution windows of 200 images: alpha is 1% per window; allow up to 2% for
+    the sampling noise of 400 windows and of the one reference they share."""
+    rng = np.random.default_rng(1)
+    reference = make_reference(rng)
+    alerted = sum(
+        any(r.drifting for r in judge(reference, all_features(*traffic(rng, 200))))
+        for _ in range(400)
+    )
+    assert alerted <= 8
+
+
+def test_shift_alerts_and_names_the_feature(reference: ReferenceStats) -> None:
+    """Brightness shifted by one standard deviation: brightness alerts, first, and alone."""
+    values = all_features(*traffic(np.random.default_rng(2), 200, brightness=0.1))
+    results = judge(reference, values)
+    assert [r.name for r in results if r.drifting] == ["brightness"]
+    top = results[0]
+    assert top.name == "brightness" and top.p_value <= top.p_threshold and top.psi >= 0.1
+    assert top.reference == pytest.approx(0.5, abs=0.01)
+    assert top.current == pytest.approx(0.6, abs=0.02)
+    assert top.summary == f"mean {top.reference:.3g} -> {top.current:.3g}"
+
+
+def test_class_mix_names_the_class(reference: ReferenceStats) -> None:
+    """One class arriving alerts on predicted_class and says which class's share changed."""
+    values = all_features(*traffic(np.random.default_rng(3), 200, one_class=True))
+    top = judge(reference, values)[0]
+    assert top.name == "predicted_class" and top.drifting
+    assert top.summary.startswith("share of 'circle' 26% -> 9")
+
+
+def test_tiny_difference_in_huge_window_does_not_alert(reference: ReferenceStats) -> None:
+    """A shift of 0.2 standard deviations over 500,000 images is significant but under the
+    PSI floor, so it does not alert."""
+    values = all_features(*traffic(np.random.default_rng(4), 500_000, brightness=0.02))
+    brightness = next(r for r in judge(reference, values) if r.name == "brightness")
+    assert brightness.significant
+    assert brightness.psi < 0.1
+    assert not brightness.drifting
+
+
+def test_alert_transitions_deduplicate_and_clear(reference: ReferenceStats) -> None:
+    """An open feature does not alert again while drifting; it clears once it stops."""
+    shifted = judge(
+        reference, all_features(*traffic(np.random.default_rng(5), 200, brightness=0.1))
+    )
+    normal = judge(reference, all_features(*traffic(np.random.default_rng(6), 200)))
+    new, cleared = alert_transitions(set(), shifted)
+    assert [r.name for r in new] == ["brightness"] and cleared == []
+    assert alert_transitions({"brightness"}, shifted) == ([], [])
+    assert alert_transitions({"brightness"}, normal) == ([], ["brightness"])
+
+
+def test_parse_window_reads_the_redis_hash(reference: ReferenceStats) -> None:
+    """Counts, sums, size and span come back from the hash's fields."""
+    raw = {b"n": b"3", b"t0": b"10.5", b"t1": b"12.0", b"brightness:2": b"3",
+           b"predicted_class:1": b"3", b"sum:brightness": b"1.5"}  # fmt: skip
+    window = parse_window(reference, 9, raw)
+    assert (window.id, window.n_images, window.start_s, window.end_s) == (9, 3, 10.5, 12.0)
+    assert window.counts["brightness"][2] == 3 and window.counts["brightness"].sum() == 3
+    assert window.counts["predicted_class"].tolist() == [0, 3, 0, 0]
+    assert window.sums == {"brightness": 1.5}
+
+
+# ----------------------------------------------------------------------------- Redis
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0) -> Any:
+    """Poll ``predicate`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(0.01)
+    return value
+
+
+@pytest.fixture
+def client(redis_server: Any) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_server.url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def metrics() -> WorkerMetrics:
+    return WorkerMetrics(CollectorRegistry())
+
+
+@pytest.fixture
+def make_recorder(
+    client: redis.Redis, manifest: Manifest, metrics: WorkerMetrics
+) -> Iterator[Callable[..., DriftRecorder]]:
+    made: list[DriftRecorder] = []
+
+    def make(**kwargs: Any) -> DriftRecorder:
+        options: dict[str, Any] = {"window_size": 100, "window_s": 3600.0, "metrics": metrics}
+        options |= kwargs
+        made.append(DriftRecorder(client, manifest, **options))
+        return made[-1]
+
+    yield make
+    for recorder in made:
+        recorder.close()
+
+
+def send(recorder: DriftRecorder, features: np.ndarray, probs: np.ndarray) -> int:
+    """One batch through a pipeline that also holds another command, as the worker's does."""
+    pipe = recorder.redis.pipeline()
+    pipe.set("imgq:test:result", "x")
+    index = recorder.add_to_pipeline(pipe, features, probs)
+    count = int(pipe.execute()[index])
+    recorder.after_pipeline(count)
+    return count
+
+
+def test_recorder_sums_batches_into_the_open_window(
+    make_recorder: Callable[..., DriftRecorder], reference: ReferenceStats
+) -> None:
+    """Two batches: the hash holds the summed bin counts, sums, and the image count."""
+    recorder = make_recorder()
+    rng = np.random.default_rng(7)
+    (f1, p1), (f2, p2) = traffic(rng, 8), traffic(rng, 5)
+    assert send(recorder, f1, p1) == 8
+    assert send(recorder, f2, p2) == 13
+    window = parse_window(reference, 0, recorder.redis.hgetall(recorder.keys.open))
+    expected = bin_counts(reference, all_features(np.vstack([f1, f2]), np.vstack([p1, p2])),
+                          ALL_FEATURES)  # fmt: skip
+    for name in ALL_FEATURES:
+        assert window.counts[name].tolist() == expected[name].tolist(), name
+    assert window.sums["brightness"] == pytest.approx(
+        f1[:, BRIGHTNESS].sum() + f2[:, BRIGHTNESS].sum()
+    )
+    assert "predicted_class" not in window.sums
+    assert window.n_images == 13 and window.start_s <= window.end_s
+
+
+def test_recorder_bins_equal_shared_bin_counts_at_the_edges(
+    make_recorder: Callable[..., DriftRecorder], reference: ReferenceStats
+) -> None:
+    """Values exactly on bin edges, far outside the reference, and NaN land in the same bins as
+    shared.imagestats.bin_counts puts them (the recorder counts with its own faster pass)."""
+    recorder = make_recorder()
+    inner = [np.array(reference.features[n].edges[1:-1]) for n in IMAGE_FEATURES]
+    rows = max(len(e) for e in inner)
+    features = np.column_stack([np.resize(e, rows) for e in inner])
+    features = np.vstack(
+        [
+            features,
+            np.full(len(IMAGE_FEATURES), -1e9),
+            np.full(len(IMAGE_FEATURES), 1e9),
+            np.full(len(IMAGE_FEATURES), np.nan),
+        ]
+    )
+    probs = np.tile([0.25, 0.25, 0.25, 0.25], (len(features), 1))
+    send(recorder, features, probs)
+    window = parse_window(reference, 0, recorder.redis.hgetall(recorder.keys.open))
+    expected = bin_counts(reference, all_features(features, probs), ALL_FEATURES)
+    for name in ALL_FEATURES:
+        assert window.counts[name].tolist() == expected[name].tolist(), name
+
+
+def test_exactly_one_of_two_workers_closes_a_full_window(
+    make_recorder: Callable[..., DriftRecorder], redis_server: Any, manifest: Manifest
+) -> None:
+    """Two recorders on separate connections race to close the same full window: one wins,
+    the other closes nothing, and the next batch starts a new window."""
+    first = make_recorder(window_size=10_000)
+    second = DriftRecorder(redis.Redis.from_url(redis_server.url), manifest, window_size=10_000,
+                           window_s=3600.0, metrics=WorkerMetrics(CollectorRegistry()))  # fmt: skip
+    try:
+        send(first, *traffic(np.random.default_rng(8), 120))
+        barrier = threading.Barrier(2)
+        closed: list[int | None] = []
+
+        def close(recorder: DriftRecorder) -> None:
+            barrier.wait()
+            closed.append(recorder.close_window(min_images=100))
+
+        threads = [threading.Thread(target=close, args=(r,)) for r in (first, second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(closed, key=str) == [1, None]
+        assert first.redis.hget(first.keys.window(1), "n") == b"120"
+        assert first.redis.ttl(first.keys.window(1)) > 0
+        assert send(second, *traffic(np.random.default_rng(9), 4)) == 4
+    finally:
+        second.close()
+
+
+def test_full_window_is_judged_in_the_background(
+    make_recorder: Callable[..., DriftRecorder], metrics: WorkerMetrics
+) -> None:
+    """Filling the window makes the background thread close and judge it: the latest
+    statistics appear in Redis and the window counter rises, with no alert on normal traffic."""
+    recorder = make_recorder(window_size=100)
+    rng = np.random.default_rng(10)
+    for _ in range(4):
+        send(recorder, *traffic(rng, 30))
+    latest = json.loads(wait_for(lambda: recorder.redis.get(recorder.keys.latest)))
+    assert latest["window"]["id"] == 1 and latest["window"]["n_images"] == 120
+    assert {f["name"] for f in latest["features"]} == set(ALL_FEATURES)
+    assert not any(f["drifting"] for f in latest["features"])
+    assert metrics.registry.get_sample_value(
+        "imgq_drift_windows_total", {"model": "shapes"}) == 1  # fmt: skip
+    assert recorder.redis.xlen(recorder.keys.alerts) == 0
+
+
+def test_old_window_closes_on_time(make_recorder: Callable[..., DriftRecorder]) -> None:
+    """A window that never fills is closed once older than window_s, if it has enough images."""
+    recorder = make_recorder(window_size=10_000, window_s=0.2, min_window_size=20)
+    send(recorder, *traffic(np.random.default_rng(11), 25))
+    latest = json.loads(wait_for(lambda: recorder.redis.get(recorder.keys.latest)))
+    assert latest["window"]["n_images"] == 25
+
+
+def test_time_closer_waits_for_the_minimum_count(
+    make_recorder: Callable[..., DriftRecorder],
+) -> None:
+    """Too few images for a meaningful test: the old window stays open."""
+    recorder = make_recorder(window_size=10_000, window_s=0.2, min_window_size=20)
+    send(recorder, *traffic(np.random.default_rng(12), 5))
+    assert recorder.close_window(min_images=20, min_age_s=0.0) is None
+    assert recorder.redis.hget(recorder.keys.open, "n") == b"5"
+
+
+def test_alerts_are_deduplicated_cleared_logged_and_counted(
+    client: redis.Redis,
+    manifest: Manifest,
+    make_recorder: Callable[..., DriftRecorder],
+    metrics: WorkerMetrics,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Shifted, shifted, normal, shifted windows: alert, nothing new, clear, alert again; each
+    alert is in the stream, in one structured log line, and in the metrics."""
+    recorder = make_recorder(window_size=100_000)
+    detector = DriftDetector(client, manifest, metrics=metrics)
+    keys = DriftKeys(manifest.short_sha)
+    rng = np.random.default_rng(13)
+    outcomes = []
+    with caplog.at_level(logging.INFO, logger="imgq.drift"):
+        for shift in (0.15, 0.15, 0.0, 0.15):
+            send(recorder, *traffic(rng, 200, brightness=shift))
+            window_id = recorder.close_window(min_images=1)
+            assert window_id is not None
+            outcomes.append(detector.evaluate(window_id))
+    first, repeat, normal, again = outcomes
+    assert first is not None and again is not None and repeat is None and normal is None
+    assert first["id"] == "1" and again["id"] == "4"
+    top = first["features"][0]
+    assert top["feature"] == "brightness" and top["psi"] >= top["psi_floor"] == 0.1
+    assert top["p_value"] <= top["p_threshold"] and top["summary"].startswith("mean 0.5")
+    assert first["model"] == "shapes" and first["window"]["n_images"] == 200
+    events = [json.loads(fields[b"json"]) for _, fields in client.xrange(keys.alerts)]
+    assert [e["type"] for e in events] == ["alert", "clear", "alert"]
+    assert events[1]["features"] == {"brightness": "1"}
+    assert client.hgetall(keys.open_alerts) == {b"brightness": b"4"}
+    alert_lines = [r for r in caplog.records if getattr(r, "event", "") == "drift_alert"]
+    assert len(alert_lines) == 2 and alert_lines[0].drift["id"] == "1"  # type: ignore[attr-defined]
+    assert "brightness" in alert_lines[0].getMessage()
+    sample = metrics.registry.get_sample_value
+    assert sample("imgq_drift_alerts_total", {"model": "shapes", "feature": "brightness"}) == 2
+    assert sample("imgq_drift_alerts_open", {"model": "shapes"}) == 1
+    assert sample("imgq_drift_psi", {"model": "shapes", "feature": "brightness"}) >= 0.1
+
+
+def test_out_of_range_and_thumbnails(
+    make_recorder: Callable[..., DriftRecorder], reference: ReferenceStats
+) -> None:
+    """An extreme feature is named; its thumbnail is stored small, as JPEG, and rate-limited."""
+    recorder = make_recorder(thumbnails_per_s=0.001)
+    row = np.full(len(IMAGE_FEATURES), 0.5)
+    assert recorder.out_of_range(row) == []
+    row[BRIGHTNESS] = 5.0
+    assert recorder.out_of_range(row) == ["brightness"]
+    rgb = np.zeros((300, 150, 3), np.uint8)
+    pipe = recorder.redis.pipeline()
+    assert recorder.add_out_of_range_thumbnail(pipe, rgb, ["brightness"])
+    assert not recorder.add_out_of_range_thumbnail(pipe, rgb, ["brightness"])
+    pipe.execute()
+    items = [json.loads(x) for x in recorder.redis.lrange(recorder.keys.out_of_range, 0, -1)]
+    assert len(items) == 1 and items[0]["features"] == ["brightness"]
+    jpeg = np.frombuffer(base64.b64decode(items[0]["jpeg_b64"]), np.uint8)
+    assert cv2.imdecode(jpeg, cv2.IMREAD_COLOR).shape == (64, 32, 3)
+
+
+def test_recorder_refuses_a_reference_without_drift_features(
+    client: redis.Redis, manifest: Manifest
+) -> None:
+    """A bundle whose reference lacks features fails with a message naming them and the fix."""
+    partial = ReferenceStats({n: f for n, f in manifest.reference.features.items()
+                              if n not in OUTPUT_FEATURES}, 2000)  # fmt: skip
+    bad = dataclasses.replace(manifest, reference=partial)
+    with pytest.raises(ManifestError, match=r"lack \['predicted_class', 'confidence', 'margin'\]"):
+        DriftRecorder(client, bad, window_size=100, window_s=60.0)
+
+
+def test_recorder_refuses_bad_settings(client: redis.Redis, manifest: Manifest) -> None:
+    """Settings are checked when the recorder starts, with what was given."""
+    with pytest.raises(ValueError, match="window_size must be an integer >= 1, got 0"):
+        DriftRecorder(client, manifest, window_size=0, window_s=60.0)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        DriftRecorder(client, manifest, window_size=10, window_s=60.0, alpha=1.5)

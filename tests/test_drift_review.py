@@ -1,0 +1,161 @@
+"""`imgq drift status | alerts | report` on a real redis-server holding the state the workers
+write: a judged window with an alert, an out-of-range thumbnail, and a bundle with samples."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from shared.manifest import Manifest, save_manifest
+from tests.drift_synthetic import make_manifest, make_reference, traffic
+from worker.drift import DriftRecorder
+from worker.drift_review import alerts_main, report_main, status_main
+from worker.metrics import WorkerMetrics
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> tuple[Path, Manifest]:
+    """A bundle folder with the synthetic manifest and two training samples per class."""
+    manifest = make_manifest(make_reference(np.random.default_rng(0)))
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    save_manifest(manifest, folder)
+    for k, label in enumerate(manifest.labels):
+        (folder / "samples" / label).mkdir(parents=True)
+        for i in range(2):
+            image = np.full((40, 40, 3), 60 * k + 20 * i, np.uint8)
+            cv2.imwrite(str(folder / "samples" / label / f"{i}.png"), image)
+    return folder, manifest
+
+
+@pytest.fixture
+def drifted(
+    redis_server: Any, bundle: tuple[Path, Manifest], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[redis.Redis]:
+    """Redis after a darker window was judged (alert 1 on brightness) and one out-of-range
+    input was kept; IMGQ_BROKER_URL points at it."""
+    monkeypatch.setenv("IMGQ_BROKER_URL", redis_server.url)
+    monkeypatch.delenv("IMGQ_MODEL", raising=False)
+    client = redis.Redis.from_url(redis_server.url)
+    recorder = DriftRecorder(
+        client,
+        bundle[1],
+        window_size=10_000,
+        window_s=3600.0,
+        metrics=WorkerMetrics(CollectorRegistry()),
+    )
+    try:
+        pipe = client.pipeline()
+        recorder.add_to_pipeline(pipe, *traffic(np.random.default_rng(1), 300, brightness=-0.2))
+        recorder.add_out_of_range_thumbnail(pipe, np.zeros((50, 80, 3), np.uint8), ["brightness"])
+        pipe.execute()
+        window_id = recorder.close_window(min_images=1)
+        assert window_id is not None
+        assert recorder.detector.evaluate(window_id) is not None
+    finally:
+        recorder.close()
+    yield client
+    client.close()
+
+
+def args(bundle_dir: Path | None, **kwargs: Any) -> argparse.Namespace:
+    return argparse.Namespace(model=str(bundle_dir) if bundle_dir else None, **kwargs)
+
+
+def test_status_shows_each_feature_with_its_state(
+    drifted: redis.Redis, bundle: tuple[Path, Manifest], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table has a row per feature; brightness is in alert with its summary, others ok."""
+    assert status_main(args(bundle[0])) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1].isalpha()}
+    assert rows["brightness"][-1] == "alert"
+    assert rows["sharpness"][-1] in ("ok", "drifting")
+    assert "latest window 1: 300 images" in out
+    assert "brightness: mean 0.5" in out and "-> 0.3" in out
+    assert "open alerts: brightness (alert 1)" in out
+
+
+def test_status_before_any_window(
+    redis_server: Any,
+    bundle: tuple[Path, Manifest],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A model with no judged window says so and how windows close."""
+    monkeypatch.setenv("IMGQ_BROKER_URL", redis_server.url)
+    assert status_main(args(bundle[0])) == 0
+    assert "no window judged yet" in capsys.readouterr().out
+
+
+def test_alerts_list_ack_and_all(
+    drifted: redis.Redis, bundle: tuple[Path, Manifest], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The open alert is listed; once acknowledged it leaves the default list but not --all."""
+    assert alerts_main(args(bundle[0], all=False, ack=None)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("alert 1 [open]") and "window 1 (300 images" in out
+    assert "brightness" in out and "PSI" in out and "p " in out
+    assert alerts_main(args(bundle[0], all=False, ack="1")) == 0
+    assert capsys.readouterr().out == "acknowledged alert 1\n"
+    assert alerts_main(args(bundle[0], all=False, ack=None)) == 0
+    assert capsys.readouterr().out.startswith("no open, unacknowledged drift alerts")
+    assert alerts_main(args(bundle[0], all=True, ack=None)) == 0
+    assert capsys.readouterr().out.startswith("alert 1 [open, acked]")
+
+
+def test_ack_of_an_unknown_alert_fails_clearly(
+    drifted: redis.Redis, bundle: tuple[Path, Manifest], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Acknowledging an id that does not exist exits 2 and lists the known ids."""
+    assert alerts_main(args(bundle[0], all=False, ack="99")) == 2
+    assert "no drift alert '99' for model shapes; ids: 1" in capsys.readouterr().err
+
+
+def test_report_writes_histograms_and_the_strip(
+    drifted: redis.Redis,
+    bundle: tuple[Path, Manifest],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Both PNGs are written, readable, and their paths printed."""
+    out = tmp_path / "report"
+    assert report_main(args(bundle[0], out=str(out))) == 0
+    printed = capsys.readouterr().out
+    for name in ("histograms.png", "out_of_range.png"):
+        path = out / name
+        assert f"wrote {path}" in printed
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 500
+
+
+def test_commands_need_a_model(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --model or IMGQ_MODEL the command exits 2 and says how to give one."""
+    monkeypatch.delenv("IMGQ_MODEL", raising=False)
+    assert status_main(args(None)) == 2
+    assert "pass --model MODEL_DIR or set IMGQ_MODEL" in capsys.readouterr().err
+
+
+def test_unreachable_redis_is_reported_with_the_password_masked(
+    bundle: tuple[Path, Manifest],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Redis that does not answer gives exit 1 and a message without the password."""
+    from imgq.localredis import free_port
+
+    monkeypatch.setenv("IMGQ_BROKER_URL", f"redis://:s3cret@127.0.0.1:{free_port()}/0")
+    assert status_main(args(bundle[0])) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach Redis at redis://:***@127.0.0.1" in err and "s3cret" not in err

@@ -1,0 +1,163 @@
+"""Drift end to end: two real `imgq worker` processes serve a trained bundle through a real
+redis-server; windows of held-out sample images, plain or shifted, are judged from the counts
+of both workers together. Each window is sent whole and judged before the next is sent, so every
+window holds exactly the images meant for it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import redis
+
+from bench.drift import EXPECTED, SHIFTS, shift_image
+from shared.decode import decode_image
+from shared.imagestats import build_reference, image_features, output_features
+from shared.manifest import load_manifest, save_manifest
+from shared.preprocess import preprocess_batch
+from tests.workerproc import Workers
+from trainer.sample_data import CLASS_NAMES, generate
+from worker.client import ImgqClient
+from worker.drift import ALL_FEATURES, DriftKeys
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WINDOW = 200
+
+
+@pytest.fixture(scope="module")
+def drift_bundle(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`trained_bundle` with its drift reference rebuilt as `imgq train` builds it (image
+    features, and the bundle's own model outputs) but on 1,000 fresh sample images. Its own
+    reference (168 training and 36 validation images) is too small a sample to detect a colour
+    cast: a two-sample test's power is bounded by the smaller sample (docs/drift.md)."""
+    root = tmp_path_factory.mktemp("drift-bundle")
+    out = Path(shutil.copytree(trained_bundle, root / "bundle"))
+    manifest = load_manifest(out)
+    data = generate(root / "reference", classes=4, per_class=250, size=96, seed=3)
+    payloads = [p.read_bytes() for p in sorted(data.glob("*/*"))]
+    images = [decode_image(b) for b in payloads]
+    session = ort.InferenceSession(
+        str(out / manifest.model_file), providers=["CPUExecutionProvider"]
+    )
+    probs = session.run(
+        [manifest.output_name], {manifest.input_name: preprocess_batch(images, manifest.preprocess)}
+    )[0]
+    features = [image_features(rgb, len(b)) for rgb, b in zip(images, payloads, strict=True)]
+    reference = build_reference(
+        np.hstack([features, output_features(probs)]),
+        ALL_FEATURES,
+        categorical={"predicted_class": len(manifest.labels)},
+    )
+    save_manifest(dataclasses.replace(manifest, reference=reference), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[bytes]]:
+    """Encoded images per class from another seed than the bundle's training data (3,200)."""
+    out = generate(tmp_path_factory.mktemp("held-out"), classes=4, per_class=800, size=96, seed=7)
+    return {
+        name: [p.read_bytes() for p in sorted((out / name).iterdir())] for name in CLASS_NAMES[:4]
+    }
+
+
+def interleaved(held_out: dict[str, list[bytes]]) -> list[bytes]:
+    """All held-out images, classes interleaved so every window has the training class mix."""
+    return [image for group in zip(*held_out.values(), strict=True) for image in group]
+
+
+@pytest.fixture
+def fleet(
+    redis_server: Any, drift_bundle: Path, tmp_path: Path
+) -> Iterator[Callable[[list[bytes]], list[dict[str, Any]]]]:
+    """Two workers on one queue with drift on; yields ``judge(images)``: send whole windows,
+    wait until each is judged, and return the alerts raised."""
+    workers = Workers(drift_bundle, redis_server.url, tmp_path)
+    for i in range(2):
+        workers.start(
+            f"drift{i}", IMGQ_DRIFT="1", IMGQ_DRIFT_WINDOW=str(WINDOW), IMGQ_DRIFT_WINDOW_S="3600"
+        )
+    logs = [w.log for w in workers.started]
+    client = ImgqClient(redis_server.url)
+    db = redis.Redis.from_url(redis_server.url)
+    keys = DriftKeys(load_manifest(drift_bundle).short_sha)
+
+    def judge(images: list[bytes]) -> list[dict[str, Any]]:
+        assert len(images) % WINDOW == 0, "send whole windows"
+        for start in range(0, len(images), WINDOW):
+            expected_id = int(db.get(keys.seq) or 0) + 1  # the previous window is judged
+            outcomes = client.results(client.classify_many(images[start : start + WINDOW]), 120)
+            failed = [o for o in outcomes if not isinstance(o, dict)]
+            assert not failed, f"{len(failed)} tasks failed, e.g. {failed[0]!r}; logs: {logs}"
+            wait_for(
+                lambda i=expected_id: _latest_id(db, keys) == i, f"window {expected_id} judged"
+            )
+        events = [json.loads(fields[b"json"]) for _, fields in db.xrange(keys.alerts)]
+        return [e for e in events if e["type"] == "alert"]
+
+    try:
+        yield judge
+    finally:
+        try:
+            for w in workers.started:
+                w.stop()
+        finally:
+            workers.kill_all()
+            client.close()
+            db.close()
+
+
+def _latest_id(db: redis.Redis, keys: DriftKeys) -> int | None:
+    latest = db.get(keys.latest)
+    return json.loads(latest)["window"]["id"] if latest else None
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Poll until ``predicate()`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.02)
+
+
+def test_in_distribution_and_flipped_images_raise_no_alert(
+    fleet: Callable[[list[bytes]], list[dict[str, Any]]], held_out: dict[str, list[bytes]]
+) -> None:
+    """3,000 held-out images (15 windows), then 2 windows of them flipped: no alert."""
+    images = interleaved(held_out)
+    assert fleet(images[:3000]) == []
+    assert fleet([shift_image("flip", b) for b in images[2800:3200]]) == []
+
+
+@pytest.mark.parametrize("shift", [*SHIFTS, "class_mix"])
+def test_shift_alerts_naming_the_feature_within_two_windows(
+    fleet: Callable[[list[bytes]], list[dict[str, Any]]],
+    held_out: dict[str, list[bytes]],
+    drift_bundle: Path,
+    shift: str,
+) -> None:
+    """Each shift applied to every image of a window alerts within two windows, with a feature
+    that describes it among the alert's top two."""
+    if shift == "class_mix":
+        accuracy = load_manifest(drift_bundle).training.get("test_accuracy", 0.0)
+        if accuracy < 0.8:
+            pytest.xfail(
+                f"the fixture's model has {accuracy:.0%} test accuracy: it cannot tell one class "
+                "from another, so one class arriving does not change what it predicts"
+            )
+        images = held_out[CLASS_NAMES[0]][: 2 * WINDOW]
+    else:
+        images = [shift_image(shift, b) for b in interleaved(held_out)[: 2 * WINDOW]]
+    alerts = fleet(images[:WINDOW]) or fleet(images[WINDOW:])
+    assert alerts, f"{shift}: no alert in two windows"
+    top_two = [f["feature"] for f in alerts[0]["features"][:2]]
+    assert set(top_two) & EXPECTED[shift], f"{shift}: top two {top_two}, want {EXPECTED[shift]}"

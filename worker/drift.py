@@ -1,0 +1,834 @@
+"""Drift: every worker's input and output statistics summed per window in Redis, a detector that
+compares each closed window with the training reference, and de-duplicated alerts.
+
+The three parts, and where they run::
+
+    hot path (per batch)       DriftRecorder.add_to_pipeline: bin counts of the batch, summed
+                               locally with numpy, go into the model's *open window* hash with ONE
+                               EVAL inside the batch's pipeline (no extra round trip)
+    background thread          DriftRecorder closes the open window when it is full (count) or old
+                               (time) with an atomic Lua RENAME, so exactly one worker closes it,
+                               then DriftDetector.evaluate judges it
+    pure statistics            psi, chi2_homogeneity, holm, evaluate_window, alert_transitions:
+                               numpy/scipy on count arrays, unit tested without Redis
+
+Windows hold the summed traffic of *all* workers of one model, because fixed bins merge by
+addition (see :mod:`shared.imagestats`). Why these statistics is written up in ``docs/drift.md``:
+per feature, a chi-square test of homogeneity between the reference counts and the window counts,
+Holm's correction across features, and a PSI floor so that a large window does not alert on a
+difference too small to matter. Alert = significant after correction AND PSI >= the floor.
+
+Redis keys, all under ``imgq:drift:<sha12>:`` (see :class:`DriftKeys`): ``open`` (hash: the open
+window), ``seq`` (window ids), ``win:<id>`` (closed windows, expire after a day), ``latest`` (JSON:
+the last evaluated window's statistics), ``alerts`` (stream of alert and clear events),
+``open_alerts`` (hash: feature -> id of its open alert), ``acked`` (hash: alert id -> time), and
+``out_of_range`` (list: recent out-of-range thumbnails for the report).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Collection, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import cv2
+import numpy as np
+import redis
+from scipy.special import chdtrc
+
+from shared.errors import ManifestError
+from shared.imagestats import (
+    IMAGE_FEATURES,
+    OUTPUT_FEATURES,
+    ReferenceStats,
+    out_of_range,
+    output_features,
+)
+from shared.manifest import Manifest
+from worker.metrics import WorkerMetrics, process_metrics
+
+__all__ = [
+    "ALL_FEATURES",
+    "DriftKeys",
+    "DriftRecorder",
+    "DriftDetector",
+    "FeatureResult",
+    "Window",
+    "psi",
+    "chi2_homogeneity",
+    "holm",
+    "parse_window",
+    "evaluate_window",
+    "alert_transitions",
+]
+
+log = logging.getLogger("imgq.drift")
+
+#: Every feature a window counts: the image features, then the model-output features.
+ALL_FEATURES: tuple[str, ...] = IMAGE_FEATURES + OUTPUT_FEATURES
+
+#: Largest side of a stored out-of-range thumbnail, pixels.
+THUMBNAIL_PX = 64
+#: How many recent out-of-range thumbnails Redis keeps per model.
+THUMBNAILS_KEPT = 64
+#: Alert stream length kept (approximate trim).
+ALERTS_KEPT = 10_000
+
+# --------------------------------------------------------------------------------------------
+# Statistics on count arrays (pure).
+# --------------------------------------------------------------------------------------------
+
+
+def psi(
+    ref_counts: Sequence[int] | np.ndarray,
+    cur_counts: Sequence[int] | np.ndarray,
+    *,
+    smoothing: float = 0.5,
+) -> float:
+    """Population stability index between two histograms on the same bins.
+
+    ``sum((q - p) * ln(q / p))`` over bins, with ``p`` the reference and ``q`` the current
+    shares. It is an effect size: it does not grow with the number of images, unlike a test
+    statistic. ``smoothing`` pseudo-counts are added to every bin of both histograms so that an
+    empty bin gives a large but finite value instead of infinity.
+
+    Args:
+        ref_counts: Reference count per bin.
+        cur_counts: Current count per bin, same length.
+        smoothing: Pseudo-count added to each bin. Defaults to 0.5.
+
+    Returns:
+        The PSI, >= 0; 0.1 is the usual "moderate shift" mark, 0.25 "major".
+
+    >>> psi([50, 50], [50, 50])
+    0.0
+    >>> round(psi([500, 500], [900, 100]), 3)
+    0.876
+    """
+    p = np.asarray(ref_counts, dtype=np.float64) + smoothing
+    q = np.asarray(cur_counts, dtype=np.float64) + smoothing
+    if p.shape != q.shape:
+        raise ValueError(f"histograms differ in bins: {p.shape[0]} reference vs {q.shape[0]}")
+    p /= p.sum()
+    q /= q.sum()
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def chi2_homogeneity(
+    ref_counts: Sequence[int] | np.ndarray, cur_counts: Sequence[int] | np.ndarray
+) -> tuple[float, int, float]:
+    """Chi-square test that two histograms on the same bins come from one distribution.
+
+    A test of *homogeneity* (a 2 x bins contingency table), not of goodness of fit: the
+    reference is itself a finite sample, and treating its shares as exact would raise false
+    alarms when the training set is small. Bins empty in both histograms are dropped.
+
+    Returns:
+        ``(statistic, degrees_of_freedom, p_value)``; ``(0.0, 0, 1.0)`` when fewer than two bins
+        are occupied or either histogram is empty (nothing to compare).
+
+    >>> stat, dof, p = chi2_homogeneity([100, 100, 100], [100, 100, 100])
+    >>> stat, dof, p
+    (0.0, 2, 1.0)
+    >>> chi2_homogeneity([100, 100, 100], [300, 0, 0])[2] < 1e-50
+    True
+    """
+    table = np.array([ref_counts, cur_counts], dtype=np.float64)
+    table = table[:, table.sum(axis=0) > 0]
+    rows = table.sum(axis=1, keepdims=True)
+    if table.shape[1] < 2 or (rows == 0).any():
+        return 0.0, 0, 1.0
+    # The same as scipy.stats.chi2_contingency(table, correction=False), 100x faster.
+    expected = rows * table.sum(axis=0) / rows.sum()
+    statistic = float(((table - expected) ** 2 / expected).sum())
+    dof = table.shape[1] - 1
+    return statistic, dof, float(chdtrc(dof, statistic))  # the chi-square survival function
+
+
+def holm(p_values: Sequence[float] | np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Holm's step-down correction: which of ``m`` tests are significant at family-wise ``alpha``.
+
+    The smallest p-value is compared with ``alpha / m``, the next with ``alpha / (m - 1)``, and
+    so on until the first one that fails; it and all larger ones are not significant. The
+    chance of *any* false alarm among the ``m`` features stays below ``alpha`` whatever their
+    correlation (brightness and the channel means move together), and it rejects at least what
+    Bonferroni rejects.
+
+    Returns:
+        ``(thresholds, significant)``: the level each p-value was compared with, and a boolean
+        array, both in the input order.
+
+    >>> t, s = holm([0.001, 0.02, 0.2], alpha=0.05)
+    >>> t.round(4).tolist(), s.tolist()
+    ([0.0167, 0.025, 0.05], [True, True, False])
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    thresholds = np.empty(m)
+    thresholds[order] = alpha / (m - np.arange(m))
+    passed = p[order] <= thresholds[order]
+    n_significant = m if passed.all() else int(np.argmin(passed))
+    significant = np.zeros(m, dtype=bool)
+    significant[order[:n_significant]] = True
+    return thresholds, significant
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One closed window: the summed counts of all workers' traffic over its span.
+
+    Attributes:
+        id: Window id (from the model's ``seq`` counter).
+        n_images: Images counted.
+        start_s: Server time (Unix seconds) of its first batch.
+        end_s: Server time of its last batch.
+        counts: Count per reference bin, per feature present.
+        sums: Sum of the values per continuous feature, for the current mean.
+    """
+
+    id: int
+    n_images: int
+    start_s: float
+    end_s: float
+    counts: dict[str, np.ndarray]
+    sums: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary for alerts and logs (no counts)."""
+        return {
+            "id": self.id,
+            "n_images": self.n_images,
+            "start": _iso(self.start_s),
+            "end": _iso(self.end_s),
+            "duration_s": round(self.end_s - self.start_s, 3),
+        }
+
+
+def parse_window(reference: ReferenceStats, window_id: int, raw: Mapping[Any, Any]) -> Window:
+    """Build a :class:`Window` from the ``HGETALL`` of a window hash.
+
+    Fields are ``n``, ``t0``, ``t1``, ``<feature>:<bin>`` (count) and ``sum:<feature>``.
+    """
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    counts = {
+        name: np.zeros(len(ref.counts), dtype=np.int64) for name, ref in reference.features.items()
+    }
+    sums: dict[str, float] = {}
+    for key, value in fields.items():
+        head, _, tail = key.partition(":")
+        if head == "sum":
+            sums[tail] = float(value)
+        elif tail and head in counts:
+            counts[head][int(tail)] = int(value)
+    return Window(
+        id=window_id,
+        n_images=int(fields.get("n", 0)),
+        start_s=float(fields.get("t0", 0.0)),
+        end_s=float(fields.get("t1", 0.0)),
+        counts=counts,
+        sums=sums,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureResult:
+    """The verdict on one feature of one window.
+
+    Attributes:
+        name: Feature name.
+        n: Values counted for this feature in the window.
+        statistic: Chi-square statistic of homogeneity with the reference.
+        dof: Its degrees of freedom.
+        p_value: Its p-value.
+        p_threshold: The Holm level this p-value was compared with.
+        significant: True when significant after Holm's correction.
+        psi: Population stability index (effect size).
+        psi_floor: The PSI an alert needs.
+        reference: Reference summary value (mean; for a categorical feature the share of the
+            class whose share changed most).
+        current: The same summary in the window (None when it cannot be computed).
+        summary: Human-readable, e.g. ``"mean 0.46 -> 0.23"``.
+    """
+
+    name: str
+    n: int
+    statistic: float
+    dof: int
+    p_value: float
+    p_threshold: float
+    significant: bool
+    psi: float
+    psi_floor: float
+    reference: float
+    current: float | None
+    summary: str
+
+    @property
+    def drifting(self) -> bool:
+        """Significant AND at least the PSI floor: the condition for an alert."""
+        return self.significant and self.psi >= self.psi_floor
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for alerts, logs and ``imgq drift status``."""
+        return dataclasses.asdict(self) | {"drifting": self.drifting}
+
+
+def evaluate_window(
+    reference: ReferenceStats,
+    window: Window,
+    *,
+    alpha: float,
+    psi_floor: float,
+    labels: Sequence[str] = (),
+) -> list[FeatureResult]:
+    """Compare one window with the reference, feature by feature.
+
+    Every feature present in both is tested; features with no values in the window (e.g. the
+    outputs of a window of undecodable images) get p = 1. Holm's correction runs over all of
+    them together.
+
+    Args:
+        reference: Reference histograms (the manifest's ``reference``).
+        window: The window's counts and sums.
+        alpha: Family-wise false-alarm probability per window.
+        psi_floor: Smallest PSI that may alert.
+        labels: Class names, for the categorical summary. Defaults to class indices.
+
+    Returns:
+        One :class:`FeatureResult` per feature, the largest PSI first.
+    """
+    names = [n for n in reference.features if n in window.counts]
+    tested = [chi2_homogeneity(reference.features[n].counts, window.counts[n]) for n in names]
+    thresholds, significant = holm([t[2] for t in tested], alpha)
+    results = []
+    for i, name in enumerate(names):
+        ref, cur = reference.features[name], window.counts[name]
+        n = int(cur.sum())
+        ref_value, cur_value, summary = _summary(
+            ref.categorical, ref.mean, ref.counts, cur, window.sums.get(name), labels
+        )
+        results.append(
+            FeatureResult(
+                name=name,
+                n=n,
+                statistic=tested[i][0],
+                dof=tested[i][1],
+                p_value=tested[i][2],
+                p_threshold=float(thresholds[i]),
+                significant=bool(significant[i]),
+                psi=psi(ref.counts, cur) if n else 0.0,
+                psi_floor=psi_floor,
+                reference=ref_value,
+                current=cur_value,
+                summary=summary,
+            )
+        )
+    return sorted(results, key=lambda r: r.psi, reverse=True)
+
+
+def _summary(
+    categorical: bool,
+    ref_mean: float,
+    ref_counts: Sequence[int],
+    cur: np.ndarray,
+    cur_sum: float | None,
+    labels: Sequence[str],
+) -> tuple[float, float | None, str]:
+    """Reference vs current summary: the mean, or the share of the most changed class."""
+    n = int(cur.sum())
+    if not categorical:
+        current = cur_sum / n if cur_sum is not None and n else None
+        shown = "n/a" if current is None else f"{current:.3g}"
+        return ref_mean, current, f"mean {ref_mean:.3g} -> {shown}"
+    p = np.asarray(ref_counts, dtype=np.float64) / max(1, sum(ref_counts))
+    q = cur / max(1, n)
+    k = int(np.argmax(np.abs(q - p)))
+    label = labels[k] if k < len(labels) else str(k)
+    return float(p[k]), float(q[k]), f"share of {label!r} {p[k]:.0%} -> {q[k]:.0%}"
+
+
+def alert_transitions(
+    open_features: Collection[str], results: Sequence[FeatureResult]
+) -> tuple[list[FeatureResult], list[str]]:
+    """De-duplication: which features open a new alert and which open alerts clear.
+
+    A feature with an open alert does not alert again while it keeps drifting; it clears in the
+    first window where it is no longer drifting, and may alert again after that.
+
+    Returns:
+        ``(new, cleared)``: results of newly drifting features (in ``results`` order, i.e. by
+        effect size) and the names of open features that stopped drifting.
+    """
+    drifting = {r.name for r in results if r.drifting}
+    new = [r for r in results if r.drifting and r.name not in open_features]
+    cleared = sorted(f for f in open_features if f not in drifting)
+    return new, cleared
+
+
+# --------------------------------------------------------------------------------------------
+# Redis plumbing.
+# --------------------------------------------------------------------------------------------
+
+
+class DriftKeys:
+    """The Redis keys of one model's drift state (one place, shared by workers and review).
+
+    >>> DriftKeys("0123456789ab").window(7)
+    'imgq:drift:0123456789ab:win:7'
+    """
+
+    def __init__(self, short_sha: str) -> None:
+        prefix = f"imgq:drift:{short_sha}:"
+        self.prefix = prefix
+        self.open = prefix + "open"
+        self.seq = prefix + "seq"
+        self.window_prefix = prefix + "win:"
+        self.latest = prefix + "latest"
+        self.alerts = prefix + "alerts"
+        self.open_alerts = prefix + "open_alerts"
+        self.acked = prefix + "acked"
+        self.out_of_range = prefix + "out_of_range"
+
+    def window(self, window_id: int) -> str:
+        """Key of closed window ``window_id``."""
+        return f"{self.window_prefix}{window_id}"
+
+
+# Adds one batch to the open window: integer increments, then float increments (sums); records
+# the server time of the first and last batch; returns the window's new image count.
+_ADD_LUA = """
+local key = KEYS[1]
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1]); i = i + 2
+end
+while i < #ARGV do
+  redis.call('HINCRBYFLOAT', key, ARGV[i], ARGV[i + 1]); i = i + 2
+end
+local t = redis.call('TIME')
+local now = t[1] .. '.' .. string.format('%06d', t[2])
+redis.call('HSETNX', key, 't0', now)
+redis.call('HSET', key, 't1', now)
+return redis.call('HINCRBY', key, 'n', ARGV[1])
+"""
+
+# Closes the open window if it is still full (and, for the time closer, old enough): the RENAME
+# is atomic, so when several workers see the window full at once exactly one closes it; batches
+# that arrive after it start a new open hash. Returns the new window id, or 0.
+_CLOSE_LUA = """
+local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+if n < tonumber(ARGV[1]) then return 0 end
+local min_age = tonumber(ARGV[2])
+if min_age > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  local t0 = tonumber(redis.call('HGET', KEYS[1], 't0') or now)
+  if now - t0 < min_age then return 0 end
+end
+local id = redis.call('INCR', KEYS[2])
+local closed = ARGV[3] .. id
+redis.call('RENAME', KEYS[1], closed)
+redis.call('EXPIRE', closed, ARGV[4])
+return id
+"""
+
+
+class DriftDetector:
+    """Judges closed windows and keeps the alert state, shared by all workers, in Redis.
+
+    Args:
+        redis_client: Client of the broker's Redis.
+        manifest: The served model's manifest (reference statistics, labels, name, hash).
+        alpha: Family-wise false-alarm probability per window. Defaults to 0.001
+            (see docs/drift.md).
+        psi_floor: Smallest PSI that may alert. Defaults to 0.1.
+        metrics: Where to export. Defaults to this process's :func:`process_metrics`.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        manifest: Manifest,
+        *,
+        alpha: float = 0.001,
+        psi_floor: float = 0.1,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if not psi_floor >= 0.0:
+            raise ValueError(f"psi_floor must be >= 0, got {psi_floor!r}")
+        self.redis = redis_client
+        self.manifest = manifest
+        self.keys = DriftKeys(manifest.short_sha)
+        self.alpha = alpha
+        self.psi_floor = psi_floor
+        self.metrics = metrics or process_metrics()
+
+    def evaluate(self, window_id: int) -> dict[str, Any] | None:
+        """Judge closed window ``window_id``: store its statistics as the latest, open alerts
+        for newly drifting features, clear those that stopped, log and export metrics.
+
+        Returns:
+            The new alert (as stored and logged), or None when nothing new drifted.
+        """
+        raw = self.redis.hgetall(self.keys.window(window_id))
+        if not raw:
+            log.warning("drift window %s of %s is gone (expired?)", window_id, self.keys.prefix)
+            return None
+        reference = self.manifest.reference
+        window = parse_window(reference, window_id, raw)
+        results = evaluate_window(
+            reference,
+            window,
+            alpha=self.alpha,
+            psi_floor=self.psi_floor,
+            labels=self.manifest.labels,
+        )
+        latest = {
+            "model": self.manifest.name,
+            "model_sha256": self.manifest.model_sha256,
+            "window": window.to_dict(),
+            "alpha": self.alpha,
+            "psi_floor": self.psi_floor,
+            "evaluated_at": _iso(time.time()),
+            "features": [r.to_dict() | {"counts": window.counts[r.name].tolist()} for r in results],
+        }
+        # Optimistic transaction on the open-alert hash: if another worker judges a window at the
+        # same moment, EXEC fails and this re-reads the state that worker left.
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.keys.open_alerts)
+                    alert, clear = self._transition(pipe, window, results, latest)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        if clear is not None:
+            log.info(
+                "drift cleared on model %s: %s",
+                self.manifest.name,
+                ", ".join(clear["features"]),
+                extra={"event": "drift_cleared", "model": self.manifest.name, "drift": clear},
+            )
+        if alert is not None:
+            log.warning(
+                "drift alert on model %s: %s",
+                self.manifest.name,
+                "; ".join(
+                    f"{f['feature']} {f['summary']} (PSI {f['psi']:.2f})" for f in alert["features"]
+                ),
+                extra={"event": "drift_alert", "drift": alert},
+            )
+        self._export(results, alert)
+        return alert
+
+    def _transition(
+        self, pipe: Any, window: Window, results: list[FeatureResult], latest: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Inside the transaction: store the latest statistics, open new alerts, clear ended
+        ones. Returns the alert and clear events written (None when there is none)."""
+        open_alerts = {_text(k): _text(v) for k, v in pipe.hgetall(self.keys.open_alerts).items()}
+        new, cleared = alert_transitions(open_alerts, results)
+        alert = clear = None
+        pipe.multi()
+        pipe.set(self.keys.latest, json.dumps(latest))
+        if new:
+            alert = {
+                "type": "alert",
+                "id": str(window.id),
+                "model": self.manifest.name,
+                "model_sha256": self.manifest.model_sha256,
+                "window": window.to_dict(),
+                "features": [_alert_feature(r) for r in new],
+                "still_open": sorted(open_alerts.keys() - set(cleared)),
+                "time": _iso(time.time()),
+            }
+            pipe.xadd(
+                self.keys.alerts, {"json": json.dumps(alert)}, maxlen=ALERTS_KEPT, approximate=True
+            )
+            pipe.hset(self.keys.open_alerts, mapping={r.name: str(window.id) for r in new})
+        if cleared:
+            clear = {
+                "type": "clear",
+                "window": window.to_dict(),
+                "time": _iso(time.time()),
+                "features": {f: open_alerts[f] for f in cleared},
+            }
+            pipe.xadd(
+                self.keys.alerts, {"json": json.dumps(clear)}, maxlen=ALERTS_KEPT, approximate=True
+            )
+            pipe.hdel(self.keys.open_alerts, *cleared)
+        return alert, clear
+
+    def _export(self, results: list[FeatureResult], alert: dict[str, Any] | None) -> None:
+        """Prometheus: PSI per feature, windows judged, alerts raised and open now."""
+        model = self.manifest.name
+        for r in results:
+            self.metrics.drift_psi.labels(model=model, feature=r.name).set(r.psi)
+        self.metrics.drift_windows.labels(model=model).inc()
+        for f in alert["features"] if alert else ():
+            self.metrics.drift_alerts.labels(model=model, feature=f["feature"]).inc()
+        self.metrics.drift_alerts_open.labels(model=model).set(
+            self.redis.hlen(self.keys.open_alerts)
+        )
+
+
+class DriftRecorder:
+    """The worker side of drift: counts each batch into the open window, closes full or old
+    windows, and judges them in a background thread (never on the hot path).
+
+    Create it in the process that serves (its thread does not survive a fork); call
+    :meth:`close` on shutdown.
+
+    Args:
+        redis_client: Client of the broker's Redis.
+        manifest: The served model's manifest; its ``reference`` must cover
+            :data:`ALL_FEATURES`.
+        window_size: A window closes once it has this many images (all workers together).
+        window_s: A window older than this closes if it has at least ``min_window_size`` images.
+        alpha: Family-wise false-alarm probability per window. Defaults to 0.001
+            (see docs/drift.md).
+        psi_floor: Smallest PSI that may alert. Defaults to 0.1.
+        min_window_size: Fewest images the time closer judges (the chi-square approximation
+            needs a few per bin). Defaults to ``min(50, window_size)``.
+        thumbnails_per_s: Most out-of-range thumbnails this worker stores per second.
+            Defaults to 5.
+        window_ttl_s: How long closed windows stay in Redis. Defaults to one day.
+        metrics: Where the detector exports. Defaults to :func:`process_metrics`.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        manifest: Manifest,
+        *,
+        window_size: int,
+        window_s: float,
+        alpha: float = 0.001,
+        psi_floor: float = 0.1,
+        min_window_size: int | None = None,
+        thumbnails_per_s: float = 5.0,
+        window_ttl_s: int = 86_400,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        if not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"window_size must be an integer >= 1, got {window_size!r}")
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0 seconds, got {window_s!r}")
+        missing = [n for n in ALL_FEATURES if n not in manifest.reference.features]
+        if missing:
+            raise ManifestError(
+                f"the manifest's reference statistics lack {missing}; re-export the bundle with "
+                "`imgq train` of this imgq version"
+            )
+        self.redis = redis_client
+        self.manifest = manifest
+        self.keys = DriftKeys(manifest.short_sha)
+        self.detector = DriftDetector(
+            redis_client, manifest, alpha=alpha, psi_floor=psi_floor, metrics=metrics
+        )
+        self.window_size = window_size
+        self.window_s = float(window_s)
+        self.min_window_size = min(50, window_size) if min_window_size is None else min_window_size
+        self.window_ttl_s = window_ttl_s
+        self._thumbnail_interval_s = 1.0 / thumbnails_per_s
+        self._last_thumbnail_s = -math.inf
+        ref = manifest.reference.features
+        # Every bin of every feature numbered once, in ALL_FEATURES order, with its hash field
+        # name: the hot path counts a batch with one bincount over these numbers.
+        n_bins = np.array([len(ref[n].counts) for n in ALL_FEATURES])
+        self._edges = [np.asarray(ref[n].edges) for n in ALL_FEATURES]
+        self._first_bin = np.concatenate([[0], np.cumsum(n_bins)[:-1]])
+        self._last_bin = n_bins - 1
+        self._fields = [
+            f"{n}:{b}" for n, k in zip(ALL_FEATURES, n_bins, strict=True) for b in range(k)
+        ]
+        self._sum_fields = [(i, f"sum:{n}") for i, n in enumerate(IMAGE_FEATURES)]
+        self._output_sum_fields = [
+            (i, f"sum:{n}") for i, n in enumerate(OUTPUT_FEATURES) if not ref[n].categorical
+        ]
+        self._requests: queue.Queue[str | None] = queue.Queue()
+        self._tick_s = min(self.window_s / 4, 5.0)
+        self._thread = threading.Thread(target=self._run, name="imgq-drift", daemon=True)
+        self._thread.start()
+
+    def out_of_range(self, features_row: np.ndarray) -> list[str]:
+        """Image features of one image outside the training range (the task result's
+        ``drift.out_of_range``)."""
+        return out_of_range(self.manifest.reference, features_row, IMAGE_FEATURES)
+
+    def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
+        """Queue this batch's counts on ``pipe`` (the batch's pipeline) as one EVAL.
+
+        Args:
+            pipe: The redis-py pipeline that also stores the batch's results.
+            image_features: (N, len(IMAGE_FEATURES)) features of the batch's decoded images.
+            probs: (M, K) probabilities of the images that were inferred.
+
+        Returns:
+            Index, in ``pipe.execute()``'s reply list, of the open window's new image count; pass
+            that reply to :meth:`after_pipeline`.
+        """
+        outputs = output_features(probs) if len(probs) else np.empty((0, len(OUTPUT_FEATURES)))
+        bins = np.concatenate(
+            [self._bin_numbers(image_features, 0), self._bin_numbers(outputs, len(IMAGE_FEATURES))]
+        )
+        counts = np.bincount(bins, minlength=len(self._fields))
+        increments: list[str | int] = []
+        for b, count in zip(
+            np.flatnonzero(counts).tolist(), counts[counts > 0].tolist(), strict=True
+        ):
+            increments += (self._fields[b], count)
+        floats: list[str] = []
+        for values, sum_fields in (
+            (image_features, self._sum_fields),
+            (outputs, self._output_sum_fields),
+        ):
+            sums = np.nansum(np.where(np.isfinite(values), values, np.nan), axis=0)
+            for i, field in sum_fields:
+                floats += (field, repr(float(sums[i])))
+        index = len(pipe)
+        pipe.eval(
+            _ADD_LUA,
+            1,
+            self.keys.open,
+            len(image_features),
+            len(increments) // 2,
+            *increments,
+            *floats,
+        )
+        return index
+
+    def _bin_numbers(self, values: np.ndarray, first_feature: int) -> np.ndarray:
+        """Global bin number of every value of ``values``, whose columns are ``ALL_FEATURES``
+        from ``first_feature`` on. The same bins as :func:`shared.imagestats.bin_counts`
+        (``[edge_i, edge_i+1)``, beyond the ends into the outer bins) in one pass per column
+        instead of several numpy calls per feature: 6x faster on a batch of one."""
+        features = slice(first_feature, first_feature + values.shape[1])
+        idx = np.empty(values.shape, np.intp)
+        for j, edges in enumerate(self._edges[features]):
+            idx[:, j] = np.searchsorted(edges, values[:, j], side="right")
+        np.clip(idx - 1, 0, self._last_bin[features], out=idx)
+        idx += self._first_bin[features]
+        return idx.ravel()
+
+    def add_out_of_range_thumbnail(self, pipe: Any, rgb: np.ndarray, features: list[str]) -> bool:
+        """Keep a small JPEG of an out-of-range input for ``imgq drift report`` (LPUSH + LTRIM
+        on ``pipe``), at most ``thumbnails_per_s`` per second per worker.
+
+        Call it for the first image of a batch whose :meth:`out_of_range` is not empty.
+
+        Returns:
+            True when a thumbnail was queued, False when the rate limit skipped it.
+        """
+        now = time.monotonic()
+        if now - self._last_thumbnail_s < self._thumbnail_interval_s:
+            return False
+        self._last_thumbnail_s = now
+        h, w = rgb.shape[:2]
+        scale = THUMBNAIL_PX / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        ok, jpeg = cv2.imencode(
+            ".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85]
+        )
+        if not ok:
+            return False
+        item = {
+            "time": _iso(time.time()),
+            "features": features,
+            "width": w,
+            "height": h,
+            "jpeg_b64": base64.b64encode(jpeg.tobytes()).decode("ascii"),
+        }
+        pipe.lpush(self.keys.out_of_range, json.dumps(item))
+        pipe.ltrim(self.keys.out_of_range, 0, THUMBNAILS_KEPT - 1)
+        return True
+
+    def after_pipeline(self, window_count: int) -> None:
+        """Ask the background thread to close the window when ``window_count`` (the reply at
+        :meth:`add_to_pipeline`'s index) reached ``window_size``. Never blocks."""
+        if int(window_count) >= self.window_size:
+            self._requests.put("full")
+
+    def close_window(self, *, min_images: int, min_age_s: float = 0.0) -> int | None:
+        """Atomically close the open window if it has ``min_images`` and is ``min_age_s`` old.
+
+        Returns:
+            The closed window's id, or None when it was not closed (not full, not old, or
+            another worker closed it first).
+        """
+        window_id = self.redis.eval(
+            _CLOSE_LUA,
+            2,
+            self.keys.open,
+            self.keys.seq,
+            min_images,
+            min_age_s,
+            self.keys.window_prefix,
+            self.window_ttl_s,
+        )
+        return int(window_id) or None
+
+    def close(self) -> None:
+        """Stop the background thread (a window being judged is finished first)."""
+        self._requests.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                request = self._requests.get(timeout=self._tick_s)
+            except queue.Empty:
+                request = "tick"
+            if request is None:
+                return
+            try:
+                if request == "full":
+                    window_id = self.close_window(min_images=self.window_size)
+                else:
+                    window_id = self.close_window(
+                        min_images=self.min_window_size, min_age_s=self.window_s
+                    )
+                if window_id is not None:
+                    self.detector.evaluate(window_id)
+            except redis.RedisError:
+                log.warning("drift: Redis unavailable; will retry", exc_info=True)
+            except Exception:  # a bug here must not kill the thread and stop drift detection
+                log.exception("drift: evaluating a window failed")
+
+
+def _alert_feature(r: FeatureResult) -> dict[str, Any]:
+    """One drifted feature as it appears in an alert."""
+    return {
+        "feature": r.name,
+        "psi": round(r.psi, 4),
+        "psi_floor": r.psi_floor,
+        "chi2": round(r.statistic, 2),
+        "dof": r.dof,
+        "p_value": r.p_value,
+        "p_threshold": r.p_threshold,
+        "reference": r.reference,
+        "current": r.current,
+        "summary": r.summary,
+    }
+
+
+def _iso(t_s: float) -> str:
+    """Unix seconds as ISO 8601 UTC with milliseconds."""
+    return datetime.fromtimestamp(t_s, UTC).isoformat(timespec="milliseconds")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,351 @@
+"""`imgq drift status | alerts | report`: what the drift detector saw, for the people who review it.
+
+The workers keep everything in Redis (see :mod:`worker.drift`): the latest judged window's
+statistics, the alert stream and the open alerts, and recent out-of-range thumbnails. These
+commands read it for the model given by ``--model`` (else ``IMGQ_MODEL``), on the Redis of
+``IMGQ_BROKER_URL``. How to read the numbers is in ``docs/drift.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import random
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from shared.errors import ImgqError
+from shared.imagestats import FeatureReference
+from shared.manifest import Manifest, load_manifest
+from worker.drift import DriftKeys
+from worker.logs import mask_url
+from worker.settings import WorkerSettings
+
+__all__ = [
+    "status_main",
+    "alerts_main",
+    "report_main",
+    "read_status",
+    "list_alerts",
+    "ack_alert",
+    "feature_state",
+]
+
+#: Images per row of the out-of-range strip.
+STRIP_LEN = 8
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+class _UsageError(ImgqError):
+    """A problem with what the user asked for; printed, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_status(client: redis.Redis, manifest: Manifest) -> dict[str, Any]:
+    """The latest judged window (``None`` before the first), the open window's image count and
+    the open alerts (feature -> alert id)."""
+    keys = DriftKeys(manifest.short_sha)
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.latest)
+    pipe.hget(keys.open, "n")
+    pipe.hgetall(keys.open_alerts)
+    latest, open_n, open_alerts = pipe.execute()
+    return {
+        "latest": json.loads(latest) if latest else None,
+        "open_window_images": int(open_n or 0),
+        "open_alerts": {k.decode(): v.decode() for k, v in open_alerts.items()},
+    }
+
+
+def feature_state(feature: dict[str, Any], open_alerts: dict[str, str]) -> str:
+    """``alert`` (an alert is open), ``drifting`` (significant or above the PSI floor in the
+    latest window, but not both: a change to watch), or ``ok``.
+
+    >>> feature_state({"name": "x", "significant": True, "psi": 0.02, "psi_floor": 0.1}, {})
+    'drifting'
+    >>> feature_state({"name": "x", "significant": False, "psi": 0.02, "psi_floor": 0.1}, {})
+    'ok'
+    """
+    if feature["name"] in open_alerts:
+        return "alert"
+    if feature["significant"] or feature["psi"] >= feature["psi_floor"]:
+        return "drifting"
+    return "ok"
+
+
+def list_alerts(
+    client: redis.Redis, manifest: Manifest, *, include_all: bool
+) -> list[dict[str, Any]]:
+    """Alerts, oldest first, each with ``state`` (``open`` while any of its features is still
+    drifting, else ``cleared``) and ``acked``. Without ``include_all``: open, unacknowledged."""
+    keys = DriftKeys(manifest.short_sha)
+    pipe = client.pipeline(transaction=False)
+    pipe.xrange(keys.alerts)
+    pipe.hgetall(keys.open_alerts)
+    pipe.hgetall(keys.acked)
+    entries, open_alerts, acked = pipe.execute()
+    open_ids = {v.decode() for v in open_alerts.values()}
+    acked_ids = {k.decode() for k in acked}
+    alerts = []
+    for _, fields in entries:
+        event = json.loads(fields[b"json"])
+        if event["type"] != "alert":
+            continue
+        event["state"] = "open" if event["id"] in open_ids else "cleared"
+        event["acked"] = event["id"] in acked_ids
+        if include_all or (event["state"] == "open" and not event["acked"]):
+            alerts.append(event)
+    return alerts
+
+
+def ack_alert(client: redis.Redis, manifest: Manifest, alert_id: str) -> None:
+    """Mark an alert acknowledged: it leaves the default listing; its features stay open (no
+    new alert for them) until they clear.
+
+    Raises:
+        _UsageError: no alert has that id.
+    """
+    known = [a["id"] for a in list_alerts(client, manifest, include_all=True)]
+    if alert_id not in known:
+        shown = ", ".join(known[-10:]) or "none yet"
+        raise _UsageError(f"no drift alert {alert_id!r} for model {manifest.name}; ids: {shown}")
+    client.hset(DriftKeys(manifest.short_sha).acked, alert_id, datetime.now(UTC).isoformat())
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def status_main(args: argparse.Namespace) -> int:
+    """`imgq drift status`: per feature, reference vs current, statistic, PSI and state."""
+    return _run(args, _status)
+
+
+def alerts_main(args: argparse.Namespace) -> int:
+    """`imgq drift alerts [--all] [--ack ID]`."""
+    return _run(args, _alerts)
+
+
+def report_main(args: argparse.Namespace) -> int:
+    """`imgq drift report --out DIR`: PNG figures of what drifted."""
+    return _run(args, _report)
+
+
+def _run(args: argparse.Namespace, command: Any) -> int:
+    """Open the bundle and Redis, run ``command``, and turn known failures into messages."""
+    try:
+        settings = WorkerSettings.from_env(model_dir=args.model)
+        if settings.model_dir is None:
+            raise _UsageError("no model: pass --model MODEL_DIR or set IMGQ_MODEL")
+        manifest = load_manifest(settings.model_dir)
+        client = redis.Redis.from_url(settings.broker_url)
+    except (ImgqError, ValueError) as exc:
+        print(f"imgq drift: {exc}", file=sys.stderr)
+        return 2
+    try:
+        command(args, client, manifest, settings.model_dir)
+        return 0
+    except _UsageError as exc:
+        print(f"imgq drift: {exc}", file=sys.stderr)
+        return 2
+    except redis.ConnectionError as exc:
+        print(
+            f"imgq drift: cannot reach Redis at {mask_url(settings.broker_url)}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        client.close()
+
+
+def _status(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _: Path) -> None:
+    status = read_status(client, manifest)
+    latest, open_alerts = status["latest"], status["open_alerts"]
+    print(
+        f"model {manifest.name} (sha256 {manifest.short_sha}); open window: "
+        f"{status['open_window_images']} images"
+    )
+    if latest is None:
+        print(
+            "no window judged yet: the first closes after IMGQ_DRIFT_WINDOW images "
+            "or IMGQ_DRIFT_WINDOW_S seconds"
+        )
+        return
+    w = latest["window"]
+    print(
+        f"latest window {w['id']}: {w['n_images']} images, {w['start']} .. {w['end']} "
+        f"({w['duration_s']:.1f} s); alpha {latest['alpha']} (Holm over "
+        f"{len(latest['features'])} features), PSI floor {latest['psi_floor']}\n"
+    )
+    print(
+        f"{'feature':<16}{'reference':>11}{'current':>11}{'chi2':>9}{'dof':>5}"
+        f"{'p-value':>10}{'p-thresh':>10}{'PSI':>7}  state"
+    )
+    for f in latest["features"]:
+        current = "n/a" if f["current"] is None else f"{f['current']:.3g}"
+        print(
+            f"{f['name']:<16}{f['reference']:>11.3g}{current:>11}{f['statistic']:>9.1f}"
+            f"{f['dof']:>5}{f['p_value']:>10.1e}{f['p_threshold']:>10.1e}{f['psi']:>7.3f}  "
+            f"{feature_state(f, open_alerts)}"
+        )
+    notes = [f for f in latest["features"] if feature_state(f, open_alerts) != "ok"]
+    for f in notes:
+        print(f"  {f['name']}: {f['summary']}")
+    if open_alerts:
+        ids = ", ".join(f"{feat} (alert {i})" for feat, i in sorted(open_alerts.items()))
+        print(f"\nopen alerts: {ids}; details: imgq drift alerts")
+
+
+def _alerts(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _: Path) -> None:
+    if args.ack:
+        ack_alert(client, manifest, args.ack)
+        print(f"acknowledged alert {args.ack}")
+        return
+    alerts = list_alerts(client, manifest, include_all=args.all)
+    if not alerts:
+        print(
+            f"no {'' if args.all else 'open, unacknowledged '}drift alerts for model "
+            f"{manifest.name}"
+        )
+    for a in alerts:
+        w = a["window"]
+        state = a["state"] + (", acked" if a["acked"] else "")
+        print(
+            f"alert {a['id']} [{state}] {a['time']} model {a['model']}: window {w['id']} "
+            f"({w['n_images']} images, {w['start']} .. {w['end']})"
+        )
+        for f in a["features"]:
+            print(
+                f"  {f['feature']:<16} PSI {f['psi']:.3f} >= {f['psi_floor']}  chi2 "
+                f"{f['chi2']:.1f} (dof {f['dof']}) p {f['p_value']:.1e} <= "
+                f"{f['p_threshold']:.1e}  {f['summary']}"
+            )
+        if a["still_open"]:
+            print(f"  still drifting from earlier alerts: {', '.join(a['still_open'])}")
+
+
+def _report(
+    args: argparse.Namespace, client: redis.Redis, manifest: Manifest, model_dir: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    status = read_status(client, manifest)
+    written = []
+    if status["latest"] is None:
+        print("no window judged yet: no histograms")
+    else:
+        written.append(_histograms(manifest, status["latest"], status["open_alerts"], out))
+    thumbs = [
+        json.loads(x)
+        for x in client.lrange(DriftKeys(manifest.short_sha).out_of_range, 0, STRIP_LEN - 1)
+    ]
+    strip = _strip(thumbs, model_dir / "samples", out)
+    if strip is None:
+        print("no out-of-range inputs and no bundle samples: no strip")
+    else:
+        written.append(strip)
+    for path in written:
+        print(f"wrote {path}")
+
+
+def _histograms(
+    manifest: Manifest, latest: dict[str, Any], open_alerts: dict[str, str], out: Path
+) -> Path:
+    """Reference vs current shares per bin for the drifting features (else the top three)."""
+    import matplotlib.pyplot as plt
+
+    features = [f for f in latest["features"] if feature_state(f, open_alerts) == "alert"]
+    title = "features with an open alert"
+    if not features:
+        features, title = latest["features"][:3], "no open alert: largest PSI"
+    fig, axes = plt.subplots(len(features), 1, figsize=(9, 2.6 * len(features)), squeeze=False)
+    for ax, f in zip(axes[:, 0], features, strict=True):
+        ref = manifest.reference.features[f["name"]]
+        ref_share = np.asarray(ref.counts, np.float64) / max(1, sum(ref.counts))
+        cur_share = np.asarray(f["counts"], np.float64) / max(1, sum(f["counts"]))
+        x = np.arange(len(ref_share))
+        ax.bar(x - 0.2, ref_share, 0.4, label=f"reference ({sum(ref.counts)})")
+        ax.bar(x + 0.2, cur_share, 0.4, label=f"window {latest['window']['id']} ({f['n']})")
+        ax.set_xticks(x, _bin_labels(ref, manifest.labels), fontsize=7, rotation=20)
+        ax.set_ylabel("share")
+        ax.set_title(f"{f['name']}: PSI {f['psi']:.2f}, {f['summary']}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{manifest.name}: {title}", fontsize=10)
+    fig.tight_layout()
+    path = out / "histograms.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bin_labels(ref: FeatureReference, labels: tuple[str, ...]) -> list[str]:
+    """Readable bin names: class names, or value ranges."""
+    if ref.categorical:
+        return [labels[i] if i < len(labels) else str(i) for i in range(len(ref.counts))]
+    edges = ref.edges
+    names = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        if lo == -np.inf:
+            names.append(f"< {hi:.3g}")
+        elif hi == np.inf:
+            names.append(f">= {lo:.3g}")
+        else:
+            names.append(f"{lo:.3g}..{hi:.3g}")
+    return names
+
+
+def _strip(thumbs: list[dict[str, Any]], samples_dir: Path, out: Path) -> Path | None:
+    """Recent out-of-range inputs (top row) beside random training samples (bottom row)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    samples = sorted(p for p in samples_dir.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    samples = random.sample(samples, min(STRIP_LEN, len(samples)))
+    if not thumbs and not samples:
+        return None
+    fig, axes = plt.subplots(2, STRIP_LEN, figsize=(1.6 * STRIP_LEN, 4.2), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, t in zip(axes[0], thumbs, strict=False):
+        ax.imshow(Image.open(io.BytesIO(base64.b64decode(t["jpeg_b64"]))).convert("RGB"))
+        ax.set_title("\n".join(t["features"][:3]), fontsize=7)
+    for ax, p in zip(axes[1], samples, strict=False):
+        with Image.open(p) as im:
+            ax.imshow(im.convert("RGB"))
+        ax.set_title(p.parent.name if p.parent != samples_dir else p.stem, fontsize=7)
+    axes[0, 0].text(
+        -0.1,
+        0.5,
+        "recent out-of-range",
+        transform=axes[0, 0].transAxes,
+        rotation=90,
+        va="center",
+        ha="right",
+        fontsize=8,
+    )
+    axes[1, 0].text(
+        -0.1,
+        0.5,
+        "training samples",
+        transform=axes[1, 0].transAxes,
+        rotation=90,
+        va="center",
+        ha="right",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    path = out / "out_of_range.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
