@@ -4,20 +4,27 @@ Run pinned to one core, as recorded in docs/benchmarks.md::
 
     taskset -c 0 .venv/bin/python bench/preprocess.py
 
+The batch rows also count page faults per call; glibc's allocator settings decide them, e.g.
+``MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456`` keeps freed batch buffers
+in the process (see docs/benchmarks.md).
+
 Every figure is measured in this run: the baselines (plain ``cv2.imdecode``; the textbook
-``(x * scale - mean) / std``) sit beside the imgq path, so the ratios hold on any machine.
+``(x * scale - mean) / std``; Pillow's header probe, which ``probe_image`` falls back to) sit
+beside the imgq path, so the ratios hold on any machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import resource
 import time
 from collections.abc import Callable
 
 import cv2
 import numpy as np
 
-from shared.decode import decode_image
+from shared.decode import _probe_pillow, decode_image, probe_image
 from shared.imagestats import image_features
 from shared.preprocess import PreprocessSpec, normalise_batch, preprocess_batch, resize_image
 
@@ -26,17 +33,21 @@ STD = (0.229, 0.224, 0.225)
 BATCH = 32
 
 
-def _jpeg_640x480(seed: int = 0) -> bytes:
-    """A photo-like 640x480 JPEG (smooth colour field, shapes, sensor noise), quality 90."""
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A photo-like RGB image: smooth colour field, filled circles, sensor noise."""
     rng = np.random.default_rng(seed)
-    img = cv2.resize(rng.integers(30, 230, (6, 8, 3), dtype=np.uint8), (640, 480),
+    img = cv2.resize(rng.integers(30, 230, (6, 8, 3), dtype=np.uint8), (width, height),
                      interpolation=cv2.INTER_CUBIC)  # fmt: skip
     for _ in range(12):
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        cv2.circle(img, (int(rng.integers(0, 640)), int(rng.integers(0, 480))),
-                   int(rng.integers(10, 90)), colour, -1)  # fmt: skip
-    img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
-    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        cv2.circle(img, (int(rng.integers(0, width)), int(rng.integers(0, height))),
+                   int(rng.integers(width // 64 + 1, width // 7 + 2)), colour, -1)  # fmt: skip
+    return np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+
+
+def _jpeg_640x480(seed: int = 0) -> bytes:
+    """A photo-like 640x480 JPEG, quality 90."""
+    return cv2.imencode(".jpg", _photo(480, 640, seed), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
 
 
 def _per_s(fn: Callable[[], object], images_per_call: int, seconds: float) -> float:
@@ -52,6 +63,15 @@ def _per_s(fn: Callable[[], object], images_per_call: int, seconds: float) -> fl
             fn()
         best = min(best, (time.perf_counter() - start) / calls)
     return images_per_call / best
+
+
+def _page_faults(fn: Callable[[], object]) -> int:
+    """Minor page faults of one call of ``fn``: memory the kernel had to map (and zero) anew
+    because the allocator gave freed blocks back to it."""
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def main() -> None:
@@ -80,10 +100,20 @@ def main() -> None:
         def batch(spec: PreprocessSpec = spec) -> object:
             return preprocess_batch([decode_image(jpeg) for _ in range(BATCH)], spec)
 
-        for label, fn, n in (("per image", one, 1), (f"batch {BATCH}", batch, BATCH)):
+        def batch_streamed(spec: PreprocessSpec = spec) -> object:
+            # The same bytes as batch(): each frame is resized as soon as it is decoded, so only
+            # one full-size frame is alive at a time instead of 32 (29 MB).
+            resized = [resize_image(decode_image(jpeg), spec) for _ in range(BATCH)]
+            return normalise_batch(np.stack(resized), spec)
+
+        for label, fn, n in (
+            ("per image", one, 1),
+            (f"batch {BATCH}, decode all then preprocess_batch", batch, BATCH),
+            (f"batch {BATCH}, resize_image after each decode", batch_streamed, BATCH),
+        ):
             per_s = _per_s(fn, n, s)
-            rows.append((f"decode+resize+normalise {side}, {label}", per_s,
-                         f"{per_s / base:.2f}x imdecode"))  # fmt: skip
+            note = f"{per_s / base:.2f}x imdecode, {_page_faults(fn):,} page faults/call"
+            rows.append((f"decode+resize+normalise {side}, {label}", per_s, note))
 
     spec = PreprocessSpec(height=224, width=224, mean=MEAN, std=STD)
     one_img = resize_image(rgb, spec)[None]
@@ -101,6 +131,30 @@ def main() -> None:
         ("image_features of the 640x480 image", feats,
          f"{1e3 / feats:.3f} ms/image = {100 * dec / feats:.0f}% of decode_image"),
     ]  # fmt: skip
+
+    # Sample-data-sized inputs (128x128, ~10 kB): here the header probe used to cost more than
+    # OpenCV's decode. The baseline is the Pillow probe that probe_image falls back to.
+    small = _photo(128, 128, seed=1)
+    small_files = {
+        "JPEG": cv2.imencode(".jpg", small[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(),
+        "PNG": cv2.imencode(".png", small[..., ::-1])[1].tobytes(),
+    }
+    for fmt, data in small_files.items():
+        buf = np.frombuffer(data, np.uint8)
+        pillow = _per_s(functools.partial(_probe_pillow, data), 1, s)
+        probe = _per_s(functools.partial(probe_image, data), 1, s)
+        small_base = _per_s(functools.partial(cv2.imdecode, buf, cv2.IMREAD_COLOR), 1, s)
+        small_dec = _per_s(functools.partial(decode_image, data), 1, s)
+        rows += [
+            (f"128x128 {fmt} ({len(data) / 1e3:.0f} kB): baseline Pillow header probe", pillow,
+             f"{1e3 / pillow:.3f} ms"),
+            (f"128x128 {fmt}: probe_image", probe, f"{probe / pillow:.0f}x Pillow probe"),
+            (f"128x128 {fmt}: cv2.imdecode alone", small_base, f"{1e3 / small_base:.3f} ms"),
+            (f"128x128 {fmt}: decode_image", small_dec, f"{small_dec / small_base:.2f}x imdecode"),
+        ]  # fmt: skip
+    small_feats = _per_s(lambda: image_features(small, len(small_files["JPEG"])), 1, s)
+    rows.append(("image_features of a 128x128 image", small_feats,
+                 f"{1e3 / small_feats:.3f} ms/image"))  # fmt: skip
     width = max(len(name) for name, _, _ in rows)
     print(f"{'measurement':<{width}}  {'images/s':>9}  note")
     for name, per_s, note in rows:

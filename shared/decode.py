@@ -1,11 +1,13 @@
 """Encoded bytes -> RGB uint8 array, with every limit checked on the header before any pixel work.
 
-The order of work is the defence against hostile input: :func:`probe_image` opens the bytes with
-Pillow, which reads only the header, and rejects empty, oversized, unknown, animated, tiny, huge
-(decompression bombs) and absurdly shaped images *before* a single pixel is decoded. Only then does
-:func:`decode_image` decode, with OpenCV where it is correct and fast (the hot path: baseline JPEG,
-PNG, WebP, BMP, TIFF without alpha) and with Pillow where OpenCV falls short (alpha, palettes,
-CMYK, GIF). Every refusal is an :class:`~shared.errors.InvalidImage` with a reason code.
+The order of work is the defence against hostile input: :func:`probe_image` reads only the header
+(PNG and JPEG headers parsed straight from the bytes, every other format or any header that parser
+does not fully understand by Pillow, which opens lazily) and rejects empty, oversized, unknown,
+animated, tiny, huge (decompression bombs) and absurdly shaped images *before* a single pixel is
+decoded. Only then does :func:`decode_image` decode, with OpenCV where it is correct and fast (the
+hot path: baseline JPEG, PNG, WebP, BMP, TIFF without alpha) and with Pillow where OpenCV falls
+short (alpha, palettes, CMYK, GIF). Every refusal is an :class:`~shared.errors.InvalidImage` with
+a reason code.
 """
 
 from __future__ import annotations
@@ -44,6 +46,35 @@ _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+#: Pillow's mode for each PNG (bit depth, colour type); 16-bit gray+alpha is RGBA there.
+_PNG_MODES = {
+    (1, 0): "1", (2, 0): "L", (4, 0): "L", (8, 0): "L", (16, 0): "I;16",
+    (8, 2): "RGB", (16, 2): "RGB",
+    (1, 3): "P", (2, 3): "P", (4, 3): "P", (8, 3): "P",
+    (8, 4): "LA", (16, 4): "RGBA",
+    (8, 6): "RGBA", (16, 6): "RGBA",
+}  # fmt: skip
+#: PNG chunks before IDAT that the fast probe leaves to Pillow: a second IHDR, an early IEND,
+#: compressed or text metadata Pillow decodes (and may refuse), and APNG animation control.
+_PNG_PILLOW_CHUNKS = frozenset(
+    {b"IHDR", b"IEND", b"iCCP", b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"acTL", b"fcTL", b"fdAT"}
+)
+#: Shortest body of the fixed-size PNG chunks Pillow parses (shorter ones make it raise).
+_PNG_MIN_LENGTHS = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9}
+_PNG_CHUNK_HEAD = struct.Struct(">I4s")
+_PNG_IHDR = struct.Struct(">IIBBBBB")
+
+#: JPEG start-of-frame markers (all SOFn but DHT 0xC4, JPG 0xC8 and DAC 0xCC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+#: Segments Pillow skips or stores unparsed: DHT, DAC, DNL, DRI, EXP, COM.
+_JPEG_SKIPPED = frozenset({0xC4, 0xCC, 0xDC, 0xDD, 0xDF, 0xFE})
+#: Pillow's JPEG mode for each component count.
+_JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
+#: (APPn marker, payload prefix, shortest payload Pillow parses without raising).
+_JPEG_APP_MIN_LENGTHS = ((0xE0, b"JFIF", 7), (0xE2, b"ICC_PROFILE\0", 14), (0xEE, b"Adobe", 7))
+_JPEG_SEGMENT_HEAD = struct.Struct(">HH")
+_JPEG_SOF_HEAD = struct.Struct(">BHHB")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,6 +182,10 @@ def decode_base64(text: str | bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> b
 def probe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ImageInfo:
     """Read an encoded image's header and check every limit, without decoding pixels.
 
+    PNG and JPEG headers are parsed from the bytes (microseconds); other formats, and any PNG or
+    JPEG header the fast parser does not fully understand, are read by Pillow. Both give the same
+    :class:`ImageInfo` for the same file.
+
     Raises:
         InvalidImage: ``empty``, ``too_many_bytes``, ``undecodable`` (not an image Pillow knows),
             ``truncated`` or ``corrupt`` (a known format whose header is cut or damaged),
@@ -171,19 +206,7 @@ def probe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ImageInfo
         raise InvalidImage(
             "too_many_bytes", f"{len(data)} bytes is over the limit of {limits.max_bytes} bytes"
         )
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            frames = int(getattr(im, "n_frames", 1)) if getattr(im, "is_animated", False) else 1
-            info = ImageInfo(format=str(im.format), width=width, height=height, frames=frames,
-                             mode=im.mode)  # fmt: skip
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImage("too_many_pixels", _first_line(exc)) from None
-    except UnidentifiedImageError:
-        raise _unreadable_header(data, "") from None
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError, Warning) as exc:
-        # Warning: Pillow warns about damaged metadata; where warnings are errors, it is damage.
-        raise _unreadable_header(data, _first_line(exc)) from None
+    info = _probe_fast(data) or _probe_pillow(data)
     _check_limits(info, limits)
     return info
 
@@ -223,6 +246,134 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
             "unsupported", f"{info.format} {info.mode} decoded to {rgb.dtype} {rgb.shape}"
         )
     return np.ascontiguousarray(rgb)
+
+
+def _probe_pillow(data: bytes) -> ImageInfo:
+    """The general header reader: Pillow opens lazily and reads only the header."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            frames = int(getattr(im, "n_frames", 1)) if getattr(im, "is_animated", False) else 1
+            return ImageInfo(format=str(im.format), width=width, height=height, frames=frames,
+                             mode=im.mode)  # fmt: skip
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage("too_many_pixels", _first_line(exc)) from None
+    except UnidentifiedImageError:
+        raise _unreadable_header(data, "") from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, Warning) as exc:
+        # Warning: Pillow warns about damaged metadata; where warnings are errors, it is damage.
+        raise _unreadable_header(data, _first_line(exc)) from None
+
+
+def _probe_fast(data: bytes) -> ImageInfo | None:
+    """The header of a well-formed PNG or JPEG, parsed from the bytes in a few microseconds.
+
+    ``Image.open`` builds a file object and a plugin instance per call: 20-60 us on an idle core,
+    ~0.9 ms in a profiled worker (more than OpenCV's decode of a small JPEG), so the two formats
+    of nearly all traffic are read here, 4-6x faster. The result is exactly what Pillow
+    reports (tests compare both on many files); anything this parser does not fully understand
+    -- a damaged or unusual header, APNG, MPO, text/ICC/EXIF chunks of a PNG, or a size that
+    Pillow would treat as a decompression bomb -- returns ``None``, and Pillow decides.
+    """
+    if data.startswith(_PNG_SIGNATURE):
+        info = _probe_png(data)
+    elif data.startswith(b"\xff\xd8\xff"):
+        info = _probe_jpeg(data)
+    else:
+        return None
+    if info is None or info.width == 0 or info.height == 0:
+        return None
+    bomb = Image.MAX_IMAGE_PIXELS
+    return None if bomb is not None and info.width * info.height > bomb else info
+
+
+def _probe_png(data: bytes) -> ImageInfo | None:
+    """Mode and size from IHDR, after checking every chunk up to the first IDAT as Pillow does
+    (CRC, minimum length); ``None`` at the first chunk it leaves to Pillow."""
+    width = height = 0
+    mode = ""
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = _PNG_CHUNK_HEAD.unpack_from(data, pos)
+        if kind == b"IDAT":
+            return ImageInfo("PNG", width, height, 1, mode) if mode else None
+        end = pos + 12 + length
+        if end > len(data) or not kind.isalpha():
+            return None
+        body = memoryview(data)[pos + 4 : end - 4]
+        if zlib.crc32(body) != int.from_bytes(data[end - 4 : end], "big"):
+            return None
+        if pos == len(_PNG_SIGNATURE):
+            if kind != b"IHDR" or length != 13:
+                return None
+            width, height, depth, colour, _, filter_method, _ = _PNG_IHDR.unpack_from(data, pos + 8)
+            mode = _PNG_MODES.get((depth, colour), "")
+            if not mode or filter_method:
+                return None
+        elif kind in _PNG_PILLOW_CHUNKS or length < _png_min_length(kind, mode):
+            return None
+        pos = end
+    return None
+
+
+def _png_min_length(kind: bytes, mode: str) -> int:
+    """Shortest body of a chunk that Pillow parses without raising (0 for chunks it skips)."""
+    if kind == b"tRNS":
+        return 6 if mode == "RGB" else 2 if mode in ("1", "L", "I;16") else 0
+    return _PNG_MIN_LENGTHS.get(kind, 0)
+
+
+def _probe_jpeg(data: bytes) -> ImageInfo | None:
+    """Mode and size from the SOFn segment, walking the marker segments up to the first scan
+    (SOS) and checking each the way Pillow does; ``None`` at the first thing it leaves to
+    Pillow (junk between segments, an unusual marker, a second frame header, MPO)."""
+    info = None
+    pos = 2
+    while pos + 4 <= len(data):
+        marker, length = _JPEG_SEGMENT_HEAD.unpack_from(data, pos)
+        start, end = pos + 4, pos + 2 + length
+        if length < 2 or end > len(data) or marker >> 8 != 0xFF:
+            return None
+        marker &= 0xFF
+        if marker == 0xDA:  # start of scan: the header is complete
+            return info
+        if marker in _JPEG_SOF:
+            if info is not None or length < 8:
+                return None
+            bits, height, width, layers = _JPEG_SOF_HEAD.unpack_from(data, start)
+            mode = _JPEG_MODES.get(layers)
+            if bits != 8 or mode is None or length != 8 + 3 * layers:
+                return None
+            info = ImageInfo("JPEG", width, height, 1, mode)
+        elif marker == 0xDB:
+            if not _jpeg_dqt_fits(data, start, end):
+                return None
+        elif 0xE0 <= marker <= 0xEF:
+            if not _jpeg_app_plain(data, marker, start, end):
+                return None
+        elif marker not in _JPEG_SKIPPED:
+            return None
+        pos = end
+    return None
+
+
+def _jpeg_dqt_fits(data: bytes, start: int, end: int) -> bool:
+    """True when the quantisation tables (64 values of 1 or 2 bytes each) fill the segment."""
+    while start < end:
+        start += 65 if data[start] < 16 else 129
+    return start == end
+
+
+def _jpeg_app_plain(data: bytes, marker: int, start: int, end: int) -> bool:
+    """False for an APPn segment that Pillow would read differently or fail on: an MPF index
+    (Pillow may open the file as a multi-frame MPO), or a JFIF, ICC or Adobe header too short
+    for Pillow to parse."""
+    if marker == 0xE2 and data.startswith(b"MPF\0", start, end):
+        return False
+    for app, prefix, min_length in _JPEG_APP_MIN_LENGTHS:
+        if marker == app and data.startswith(prefix, start, end):
+            return end - start >= min_length
+    return True
 
 
 def _check_limits(info: ImageInfo, limits: DecodeLimits) -> None:

@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from shared.decode import (
     DEFAULT_LIMITS,
     DecodeLimits,
     ImageInfo,
+    _probe_fast,
+    _probe_pillow,
     decode_base64,
     decode_image,
     probe_image,
@@ -174,9 +176,9 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG whose IHDR claims a huge size; its tiny IDAT never fills it."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+def _png_header_only(width: int, height: int, depth: int = 8, colour: int = 2) -> bytes:
+    """A PNG whose IHDR claims any size and pixel layout; its tiny IDAT never fills it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + _png_chunk(b"IHDR", ihdr)
@@ -266,6 +268,150 @@ def test_pixel_bomb_is_refused_before_allocation() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+def _png_with_chunks(png: bytes, *chunks: bytes) -> bytes:
+    """``png`` with extra chunks inserted right after its IHDR."""
+    return png[:33] + b"".join(chunks) + png[33:]
+
+
+def _png_text() -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "made by a test")
+    return _pil(RGB, "PNG", pnginfo=info)
+
+
+def _mpo() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(RGB).save(buf, "MPO", save_all=True, append_images=[Image.fromarray(255 - RGB)])
+    return buf.getvalue()
+
+
+def _exif_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _pil(RGB, "JPEG", exif=exif.tobytes())
+
+
+def _sof_length_off(jpeg: bytes) -> bytes:
+    """``jpeg`` with one stray byte at the end of its frame header (SOF0) segment."""
+    i = jpeg.find(b"\xff\xc0")
+    length = int.from_bytes(jpeg[i + 2 : i + 4], "big")
+    return (
+        jpeg[: i + 2]
+        + (length + 1).to_bytes(2, "big")
+        + jpeg[i + 4 : i + 2 + length]
+        + b"\1"
+        + (jpeg[i + 2 + length :])
+    )
+
+
+# The (bit depth, colour type) pairs the PNG standard allows; Pillow reads each of them.
+_PILLOW_PNG_LAYOUTS = {(1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (8, 2), (16, 2), (1, 3), (2, 3),
+                       (4, 3), (8, 3), (8, 4), (16, 4), (8, 6), (16, 6)}  # fmt: skip
+
+_GAMA_SRGB_CHRM = (
+    _png_chunk(b"gAMA", struct.pack(">I", 45455)),
+    _png_chunk(b"sRGB", b"\0"),
+    _png_chunk(b"cHRM", bytes(32)),
+    _png_chunk(b"bKGD", bytes(6)),  # a chunk Pillow does not parse
+)
+
+# encode, and whether the fast parser reads it itself (True) or leaves it to Pillow (False)
+PROBE_FILES: dict[str, tuple[Callable[[], bytes], bool]] = {
+    **{
+        f"case_{name}": (encode, name.startswith(("png_", "jpeg_")))
+        for name, (encode, _, _) in CASES.items()
+    },
+    "png_1bit": (lambda: _pil(RGB, "PNG", "1"), True),
+    "png_4bit_palette": (lambda: _pil(RGB, "PNG", "P", bits=4), True),
+    "png_dpi_phys": (lambda: _pil(RGB, "PNG", dpi=(300, 300)), True),
+    "png_gama_srgb_chrm": (lambda: _png_with_chunks(_cv(".png", BGR), *_GAMA_SRGB_CHRM), True),
+    "png_rgb_trns": (lambda: _pil(RGB, "PNG", transparency=(200, 30, 40)), True),
+    "png_text_chunk": (_png_text, False),
+    "png_short_gama": (
+        lambda: _png_with_chunks(_cv(".png", BGR), _png_chunk(b"gAMA", b"\0\1")),
+        False,
+    ),
+    "png_bad_ancillary_crc": (
+        lambda: _flip_byte(_png_with_chunks(_cv(".png", BGR), *_GAMA_SRGB_CHRM), 33 + 15),
+        False,
+    ),
+    "apng_two_frames": (lambda: _animated("PNG"), False),
+    "png_50000x50000_header": (lambda: _png_header_only(50_000, 50_000), False),
+    "png_9000x9000_header": (lambda: _png_header_only(9_000, 9_000), True),
+    "jpeg_exif_orientation": (_exif_jpeg, True),
+    "jpeg_comment": (lambda: _pil(RGB, "JPEG", comment=b"made by a test"), True),
+    "jpeg_icc_profile": (lambda: _pil(RGB, "JPEG", icc_profile=b"\0" * 300), True),
+    "jpeg_restart_interval": (lambda: _cv(".jpg", BGR, (cv2.IMWRITE_JPEG_RST_INTERVAL, 2)), True),
+    "jpeg_optimized_huffman": (lambda: _cv(".jpg", BGR, (cv2.IMWRITE_JPEG_OPTIMIZE, 1)), True),
+    **{
+        f"png_header_depth{depth}_colour{colour}": (
+            lambda depth=depth, colour=colour: _png_header_only(48, 32, depth, colour),
+            (depth, colour) in _PILLOW_PNG_LAYOUTS,
+        )
+        for depth in (1, 2, 4, 8, 16)
+        for colour in (0, 2, 3, 4, 6)
+    },
+    "jpeg_mpo_two_frames": (_mpo, False),
+    "jpeg_sof_length_off": (lambda: _sof_length_off(_JPEG), False),
+    "jpeg_junk_before_frame": (lambda: _JPEG[:2] + b"\xff\xff" + _JPEG[2:], False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROBE_FILES))
+def test_fast_probe_agrees_with_pillow(name: str) -> None:
+    """The fast PNG/JPEG header parser gives exactly Pillow's ImageInfo, or defers to Pillow."""
+    make, fast_reads_it = PROBE_FILES[name]
+    data = make()
+    fast = _probe_fast(data)
+    assert (fast is not None) == fast_reads_it, fast
+    if fast is not None:
+        assert fast == _probe_pillow(data)
+
+
+def _pillow_outcome(data: bytes) -> ImageInfo | str:
+    """Pillow's ImageInfo for ``data``, or the reason it refuses the header."""
+    try:
+        return _probe_pillow(data)
+    except InvalidImage as exc:
+        return exc.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.sampled_from(
+        [
+            "png_rgb",
+            "png_palette_transparent",
+            "png_gray16",
+            "jpeg_rgb",
+            "jpeg_cmyk",
+            "jpeg_progressive",
+        ]
+    ),  # fmt: skip
+    edits=st.lists(st.tuples(st.integers(0, 400), st.integers(1, 255)), min_size=1, max_size=3),
+    cut=st.one_of(st.just(0), st.integers(1, 5000)),
+)
+def test_fast_probe_never_accepts_what_pillow_reads_otherwise(
+    base: str, edits: list[tuple[int, int]], cut: int
+) -> None:
+    """Damaged headers (bytes flipped near the start, data cut short): the fast parser defers
+    to Pillow or gives Pillow's own answer; it never accepts a header Pillow reads otherwise."""
+    data = bytearray(CASES[base][0]())
+    for pos, xor in edits:
+        data[pos % len(data)] ^= xor
+    damaged = bytes(data[: max(8, len(data) - cut)])
+    fast = _probe_fast(damaged)
+    assert fast is None or fast == _pillow_outcome(damaged)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_fast_probe_defers_or_agrees_on_bad_input(case: str) -> None:
+    """On every kind of bad input the fast parser defers to Pillow or gives Pillow's answer."""
+    data = BAD_INPUTS[case][0]()
+    fast = _probe_fast(data)
+    assert fast is None or fast == _pillow_outcome(data)
 
 
 def test_limits_are_settings() -> None:

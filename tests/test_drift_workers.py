@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import redis
 
-from bench.drift import EXPECTED, SHIFTS, shift_image
+from imgq.shifts import EXPECTED, SHIFTS, shift_image
 from shared.decode import decode_image
 from shared.imagestats import build_reference, image_features, output_features
 from shared.manifest import load_manifest, save_manifest

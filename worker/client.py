@@ -458,7 +458,7 @@ def _image_files(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-class _ProgressBar:
+class ProgressBar:
     """A one-line progress bar on stderr, redrawn at most ten times a second."""
 
     def __init__(self, total: int, width: int = 30) -> None:
@@ -517,7 +517,7 @@ def classify_main(args: argparse.Namespace) -> int:
                 pending = [client.classify(files[0].read_bytes(), top_k=args.top_k)]
             else:
                 pending = client.classify_many(_read_all(files), top_k=args.top_k)
-            bar = _ProgressBar(len(files)) if len(files) > 1 else None
+            bar = ProgressBar(len(files)) if len(files) > 1 else None
             outcomes = client.results(pending, args.timeout, progress=bar)
         except (OSError, OperationalError) as exc:
             print(f"imgq classify: {exc}", file=sys.stderr)

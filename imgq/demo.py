@@ -1,0 +1,247 @@
+"""`imgq demo`: the whole product, end to end, on this machine.
+
+sample data -> training (live progress, curves, parity) -> a local Redis (or IMGQ_BROKER_URL)
+-> worker processes -> single-image tasks with a progress bar -> a summary -> a stream of darkened,
+low-resolution images -> the drift alert -> `imgq drift report` figures -> everything stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+@contextlib.contextmanager
+def _broker(out: Path) -> Iterator[str]:
+    """IMGQ_BROKER_URL when it is set, else a private redis-server we start and stop."""
+    url = os.environ.get("IMGQ_BROKER_URL")
+    if url:
+        print("using the Redis named by IMGQ_BROKER_URL")
+        yield url
+        return
+    from imgq.localredis import LocalRedis
+
+    server = LocalRedis(out / "redis").start()
+    print(f"started redis-server on 127.0.0.1:{server.port} (data in {server.data_dir})")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        print("stopped redis-server")
+
+
+@contextlib.contextmanager
+def _workers(n: int, bundle: Path, url: str, queue: str, out: Path) -> Iterator[list[Path]]:
+    """Start `n` `imgq worker` processes, each in its own process group; stop them all after."""
+    env = dict(
+        os.environ,
+        IMGQ_BROKER_URL=url,
+        IMGQ_RESULT_BACKEND=url,
+        IMGQ_MODEL=str(bundle),
+        IMGQ_QUEUE=queue,
+        IMGQ_METRICS_PORT="0",
+        IMGQ_DRIFT_WINDOW="200",
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    try:
+        for i in range(n):
+            log = out / f"worker{i + 1}.log"
+            logs.append(log)
+            cmd = [sys.executable, "-m", "imgq.cli", "worker", "--hostname", f"demo{i + 1}@%h"]
+            with open(log, "wb") as f:
+                procs.append(
+                    subprocess.Popen(
+                        cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+        yield logs
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        print(f"stopped {len(procs)} workers")
+
+
+def _wait_for_workers(app: object, n: int, timeout_s: float, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        replies = app.control.ping(timeout=1.0)  # type: ignore[attr-defined]
+        if len(replies) >= n:
+            names = sorted(name for reply in replies for name in reply)
+            print(f"{len(replies)} workers answer ping: {', '.join(names)}")
+            return
+    tails = "\n".join(p.read_text(errors="replace")[-2000:] for p in logs if p.exists())
+    raise SystemExit(f"workers did not come up within {timeout_s:.0f} s; their logs:\n{tails}")
+
+
+def _files_with_labels(data_dir: Path) -> list[tuple[Path, str]]:
+    return [
+        (f, cls.name)
+        for cls in sorted(p for p in data_dir.iterdir() if p.is_dir())
+        for f in sorted(cls.iterdir())
+        if f.is_file()
+    ]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def _wait_for_alert(url: str, manifest: Any, timeout_s: float) -> dict[str, Any] | None:
+    """The first open drift alert of this model, polled until ``timeout_s``: windows are
+    judged by the workers in the background, a moment after they close."""
+    import redis
+
+    from worker.drift_review import list_alerts
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            alerts = list_alerts(client, manifest, include_all=False)
+            if alerts:
+                return alerts[0]
+            time.sleep(0.5)
+        return None
+    finally:
+        client.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit code."""
+    from imgq.shifts import shift_image
+    from shared.manifest import load_manifest
+    from trainer.sample_data import generate
+    from trainer.train import train_bundle
+    from worker.client import ImgqClient, ProgressBar
+
+    started = time.monotonic()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir, holdout_dir, bundle = out / "data" / "train", out / "data" / "holdout", out / "model"
+    report_dir = out / "drift-report"
+    for stale in (out / "data", bundle, report_dir, out / "redis"):  # a second run starts clean
+        shutil.rmtree(stale, ignore_errors=True)
+
+    _say("1/6 sample data")
+    generate(data_dir, classes=4, per_class=args.per_class, size=128, seed=0)
+    per_holdout = max(1, -(-args.tasks // 4))
+    generate(holdout_dir, classes=4, per_class=per_holdout, size=128, seed=12345)
+    print(f"training images in {data_dir}; held-out images in {holdout_dir}")
+
+    _say("2/6 training (early stopping on validation loss, best weights restored)")
+    train_bundle(data_dir, bundle, epochs=args.epochs, progress=True)
+    manifest = load_manifest(bundle)
+    print(json.dumps({"training": manifest.training, "parity": manifest.parity}, indent=2))
+    print(f"training curves: {bundle / 'training_curves.png'}")
+
+    queue = "imgq-demo"
+    with _broker(out) as url:
+        client = ImgqClient(url, url, queue=queue)
+        _say(f"3/6 starting {args.workers} workers")
+        with _workers(args.workers, bundle, url, queue, out) as logs:
+            _wait_for_workers(client.app, args.workers, 120, logs)
+
+            _say(f"4/6 classifying {args.tasks} held-out images, one task each")
+            files = _files_with_labels(holdout_dir)[: args.tasks]
+            payloads = [f.read_bytes() for f, _ in files]
+            t0 = time.monotonic()
+            pending = client.classify_many(payloads, top_k=1)
+            results = client.results(pending, 300, progress=ProgressBar(len(pending)))
+            elapsed = time.monotonic() - t0
+            ok = [r for r in results if isinstance(r, dict)]
+            correct = sum(
+                r["label"] == label
+                for r, (_, label) in zip(results, files, strict=True)
+                if isinstance(r, dict)
+            )
+            # enqueue -> answer computed: time in the queue + the batch's preprocess + inference
+            latencies = [sum(v or 0.0 for v in r["timings_ms"].values()) for r in ok]
+            batches = [r["batch_size"] for r in ok]
+            summary = {
+                "tasks": len(results),
+                "succeeded": len(ok),
+                "accuracy": round(correct / max(1, len(ok)), 4),
+                "tasks_per_s": round(len(results) / elapsed, 1),
+                "latency_p50_ms": round(_percentile(latencies, 50), 1),
+                "latency_p99_ms": round(_percentile(latencies, 99), 1),
+                "mean_batch_size": round(sum(batches) / max(1, len(batches)), 2),
+            }
+            print("SUMMARY " + json.dumps(summary))
+
+            _say(f"5/6 a darker, lower-resolution camera: {args.drift_tasks} more tasks")
+            shifted = [
+                shift_image("darken", shift_image("low_resolution", p))
+                for p in itertools.islice(itertools.cycle(payloads), args.drift_tasks)
+            ]
+            pending = client.classify_many(shifted)
+            drifted = client.results(pending, 300, progress=ProgressBar(len(pending)))
+            flagged = sum(
+                bool(r.get("drift", {}).get("out_of_range")) for r in drifted if isinstance(r, dict)
+            )
+            print(f"{flagged}/{len(drifted)} answers flagged out of the training range")
+            alert = _wait_for_alert(url, manifest, timeout_s=60)
+            if alert is None:
+                print("no drift alert was raised", file=sys.stderr)
+                return 1
+            print("DRIFT ALERT " + json.dumps(alert))
+            subprocess.run(
+                [sys.executable, "-m", "imgq.cli", "drift", "alerts", "--model", str(bundle)],
+                env=dict(os.environ, IMGQ_BROKER_URL=url),
+                check=True,
+            )
+
+            _say("6/6 drift report")
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "imgq.cli",
+                    "drift",
+                    "report",
+                    "--model",
+                    str(bundle),
+                    "--out",
+                    str(report_dir),
+                ],
+                env=dict(os.environ, IMGQ_BROKER_URL=url),
+                check=True,
+            )
+    _say(f"done in {time.monotonic() - started:.0f} s; what it wrote:")
+    for path in (
+        data_dir,
+        holdout_dir,
+        bundle,
+        bundle / "training_curves.png",
+        bundle / "confusion_matrix.png",
+        report_dir,
+        *logs,
+    ):
+        print(f"  {path}")
+    return 0
