@@ -7,7 +7,9 @@ A :class:`BatchRunner` thread repeats one cycle:
    ``max_wait_ms`` for more only when that is set (it pays on a GPU, not on a CPU);
 2. per message: parse, check expiry, validate the arguments, decode the image and compute its
    drift statistics — a problem here ends only that task;
-3. one ``preprocess_batch`` of the good images and one ``bundle.predict`` — if that fails,
+3. one ``normalise_batch`` of the good images (each resized right after its decode: the same
+   bytes as ``preprocess_batch``, without holding every full-size frame) and one
+   ``bundle.predict`` — if that fails,
    every task of the batch fails visibly;
 4. one Redis pipeline: every result (``SET EX`` + ``PUBLISH``, as Celery's Redis backend does),
    then the acks (the in-flight entries), one message of Celery task events for the whole batch
@@ -42,7 +44,7 @@ from celery.utils.time import utcoffset
 from shared.decode import decode_base64, decode_image
 from shared.errors import ImgqError, InvalidTask
 from shared.imagestats import image_features
-from shared.preprocess import preprocess_batch
+from shared.preprocess import normalise_batch, resize_image
 from worker.intake import Intake, LeaseLost
 from worker.messages import (
     TASK_NAME,
@@ -165,6 +167,7 @@ class BatchRunner:
         self.events = events
         manifest = bundle.manifest
         self._labels = manifest.labels
+        self._spec = manifest.preprocess
         self._model = {"name": manifest.name, "sha256": manifest.model_sha256}
         self._wait_s = settings.wait_ms_for(bundle.provider) / 1000.0
         same_redis = settings.result_backend == settings.broker_url
@@ -272,6 +275,8 @@ class BatchRunner:
                 rgb = decode_image(data, limits)
                 if self.drift is not None:
                     features.append(image_features(rgb, len(data)))
+                # Resize while the decoded frame is hot in cache; the big frame is freed at once.
+                model_input = resize_image(rgb, self._spec)
             except ImgqError as exc:
                 out.fail(req, exc)
                 continue
@@ -280,7 +285,7 @@ class BatchRunner:
                 out.fail(req, exc)
                 continue
             good.append(_Good(req, top_k, request_id, queue_ms))
-            images.append(rgb)
+            images.append(model_input)
         if good:
             self._infer(out, good, images, features, t0)
         done = len(out.records) + len(out.dead)
@@ -300,7 +305,7 @@ class BatchRunner:
     ) -> None:
         """One model call for the good images; on failure every one of them fails."""
         try:
-            batch = preprocess_batch(images, self.bundle.manifest.preprocess)
+            batch = normalise_batch(np.stack(images), self._spec)
             t1 = time.perf_counter()
             probs = self.bundle.predict(batch)
             t2 = time.perf_counter()
