@@ -206,19 +206,20 @@ def test_prometheus_scrapes_every_worker_replica() -> None:
     assert _config(BASE)["services"]["worker"]["environment"]["IMGQ_METRICS_PORT"] == "9808"
 
 
-def _documented_variables() -> list[tuple[str, str, str]]:
-    """Rows `| IMGQ_X | default | meaning |` of docs/operations.md's configuration reference."""
-    text = (ROOT / "docs" / "operations.md").read_text()
+def _documented_variables(doc: str) -> list[tuple[str, str, str]]:
+    """Rows `| `IMGQ_X` | default | meaning |` of a document's configuration reference section."""
+    text = (ROOT / doc).read_text()
     section = text.split("\n## Configuration reference\n", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(IMGQ_\w+)` \| (.*?) \| (.*?) \|$", section, re.MULTILINE)
     return [(name, default, meaning) for name, default, meaning in rows]
 
 
-def test_configuration_reference_matches_settings() -> None:
-    """docs/operations.md lists every IMGQ_* variable with the default and meaning that
-    worker/settings.py defines, in its order (the message shows the table to paste)."""
+@pytest.mark.parametrize("doc", ["docs/operations.md", "README.md"])
+def test_configuration_reference_matches_settings(doc: str) -> None:
+    """The README and docs/operations.md list every IMGQ_* variable with the default and meaning
+    that worker/settings.py defines, in its order (the message shows the table to paste)."""
     expected = [(name, default, meaning) for name, (default, meaning) in ENV_VARS.items()]
     table = "\n".join(f"| `{n}` | {d} | {m} |" for n, d, m in expected)
-    assert _documented_variables() == expected, (
-        f"regenerate the table in docs/operations.md:\n{table}"
+    assert _documented_variables(doc) == expected, (
+        f"regenerate the table in {doc}:\n{table}"
     )
