@@ -1,0 +1,158 @@
+"""The labelled files of a data folder, their stratified split, and their pixels, via ``shared/``.
+
+Every image is read from its file and decoded by :func:`shared.decode.decode_image` and resized
+by :func:`shared.preprocess.resize_image` exactly once; training then normalises batches of those
+uint8 arrays with :func:`shared.preprocess.normalise_batch`. So a training tensor is, byte for
+byte, the tensor a worker makes from the same file with
+``preprocess_batch([decode_image(data)], spec)``.
+
+No TensorFlow in this module: ``imgq verify`` uses :func:`list_labelled_files` in the worker's
+environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from shared.decode import decode_image
+from shared.errors import InvalidImage
+from shared.imagestats import image_features
+from shared.preprocess import PreprocessSpec, resize_image
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Dataset",
+    "Split",
+    "list_labelled_files",
+    "load_dataset",
+    "stratified_split",
+]
+
+#: File name endings taken as images (case-insensitive); other files are ignored.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def list_labelled_files(data_dir: str | Path) -> tuple[list[Path], list[str]]:
+    """The image files of a folder with one sub-folder per class, and each file's class name.
+
+    The layout is Keras' ``image_dataset_from_directory`` one: ``data_dir/<class>/<image>``.
+    Classes and files are sorted by name, so the order (and a seeded split) is reproducible.
+
+    Raises:
+        ValueError: ``data_dir`` is not a folder, or a class folder holds no image.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder; expected one sub-folder of images per class")
+    files: list[Path] = []
+    labels: list[str] = []
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders; put each class's images in its own")
+    for folder in classes:
+        found = sorted(
+            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not found:
+            raise ValueError(
+                f"class folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)}); "
+                "remove it or add images"
+            )
+        files += found
+        labels += [folder.name] * len(found)
+    return files, labels
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Row indices of the training, validation and test parts."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def stratified_split(y: np.ndarray, *, val_split: float, test_split: float, seed: int) -> Split:
+    """Split rows so every class keeps its share in each part, reproducibly for ``seed``.
+
+    Each class gives ``round(n * test_split)`` rows (at least one) to the test part and
+    ``round(n * val_split)`` (at least one) to validation; the rest train.
+
+    >>> s = stratified_split(np.repeat([0, 1], 10), val_split=0.2, test_split=0.2, seed=0)
+    >>> len(s.train), len(s.val), len(s.test)
+    (12, 4, 4)
+    >>> np.bincount(np.repeat([0, 1], 10)[s.val]).tolist()
+    [2, 2]
+    """
+    if not (0 < val_split < 1 and 0 < test_split < 1 and val_split + test_split < 1):
+        raise ValueError(
+            f"val_split and test_split must each be in (0, 1) with a sum below 1, got "
+            f"{val_split} and {test_split}"
+        )
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for k in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == k))
+        n_test = max(1, round(len(rows) * test_split))
+        n_val = max(1, round(len(rows) * val_split))
+        if len(rows) - n_test - n_val < 1:
+            raise ValueError(
+                f"class {k} has only {len(rows)} images: too few for a training, a validation "
+                "and a test part; add images or lower --val-split/--test-split"
+            )
+        parts["test"].append(rows[:n_test])
+        parts["val"].append(rows[n_test : n_test + n_val])
+        parts["train"].append(rows[n_test + n_val :])
+    return Split(**{name: np.sort(np.concatenate(rows)) for name, rows in parts.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A data folder loaded once through ``shared/``.
+
+    Attributes:
+        files: Image files, sorted by class then name.
+        y: Class index of each file (into ``class_names``).
+        class_names: Class folder names, sorted.
+        images: (N, H, W, 3) RGB uint8, resized by ``shared.preprocess.resize_image``.
+        features: (N, F) ``shared.imagestats.image_features`` of the full-size decoded images.
+    """
+
+    files: list[Path]
+    y: np.ndarray
+    class_names: tuple[str, ...]
+    images: np.ndarray
+    features: np.ndarray
+
+
+def load_dataset(data_dir: str | Path, spec: PreprocessSpec) -> Dataset:
+    """Decode every image of ``data_dir`` once, keep it resized to ``spec``'s size.
+
+    Raises:
+        ValueError: the folder layout is wrong, there are fewer than 2 classes, or a file cannot
+            be decoded (the message names it, with the decoder's reason).
+    """
+    files, labels = list_labelled_files(data_dir)
+    class_names = tuple(sorted(set(labels)))
+    if len(class_names) < 2:
+        raise ValueError(f"{data_dir} has {len(class_names)} class folder; a classifier needs >= 2")
+    images = np.empty((len(files), spec.height, spec.width, 3), np.uint8)
+    features = []
+    for i, path in enumerate(files):
+        data = path.read_bytes()
+        try:
+            rgb = decode_image(data)
+        except InvalidImage as exc:
+            raise ValueError(f"cannot train on {path}: {exc}; fix or remove the file") from exc
+        features.append(image_features(rgb, len(data)))
+        images[i] = resize_image(rgb, spec)
+    return Dataset(
+        files=files,
+        y=np.asarray([class_names.index(label) for label in labels], dtype=np.int64),
+        class_names=class_names,
+        images=images,
+        features=np.stack(features),
+    )

@@ -1,0 +1,347 @@
+"""Load a model bundle for serving: manifest, model hash, onnxruntime session, golden-set check.
+
+A worker trusts nothing about a bundle it did not check itself: the model file must hash to the
+manifest's sha256, the ONNX input must be the tensor the manifest's preprocessing makes, and the
+bundle's golden images, decoded and preprocessed by ``shared/`` and run on *this process's*
+execution provider, must give the probabilities Keras gave them at export. Any mismatch is a
+:class:`~shared.errors.BundleError` that says what differs and how to fix it.
+
+No TensorFlow here: this module is the whole of what a worker needs to run a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from shared.decode import decode_image
+from shared.errors import BundleError, ImgqError
+from shared.manifest import Manifest, load_manifest, sha256_file
+from shared.preprocess import preprocess_batch
+
+__all__ = ["DEVICES", "ModelBundle", "choose_providers", "verify_main"]
+
+#: Values of ``device``: ``auto`` takes CUDA when onnxruntime can use it, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+#: Images per onnxruntime call when `imgq verify` checks a data folder.
+_VERIFY_BATCH = 64
+
+
+def choose_providers(device: str, available: Sequence[str]) -> list[str]:
+    """The onnxruntime providers for ``device``, given the providers this installation has.
+
+    Args:
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        available: ``onnxruntime.get_available_providers()``.
+
+    Returns:
+        Provider names in priority order; CUDA keeps the CPU behind it for unsupported ops.
+
+    Raises:
+        BundleError: ``device="cuda"`` where onnxruntime has no CUDA provider.
+
+    >>> choose_providers("auto", ["CPUExecutionProvider"])
+    ['CPUExecutionProvider']
+    >>> choose_providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    ['CUDAExecutionProvider', 'CPUExecutionProvider']
+    """
+    if device not in DEVICES:
+        raise BundleError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu" or (device == "auto" and _CUDA not in available):
+        return [_CPU]
+    if _CUDA not in available:
+        raise BundleError(
+            f"device 'cuda' asked for, but onnxruntime {ort.__version__} offers only "
+            f"{list(available)}: install onnxruntime-gpu (imgq[gpu]) in place of onnxruntime, "
+            "or run with --device cpu"
+        )
+    return [_CUDA, _CPU]
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    """One inference at a time per session, with a fixed, small thread pool."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1 if threads is None else threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning intra-op threads burn a core while waiting for the next batch, which starves the
+    # other worker processes and the decode work on the same machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _provider_options(providers: list[str]) -> list[dict[str, str]]:
+    # The CUDA provider uses TF32 matmuls/convolutions by default on Ampere and newer; their ~1e-3
+    # relative error would break the 1e-4 parity promise of the golden set, so keep full float32.
+    return [{"use_tf32": "0"} if p == _CUDA else {} for p in providers]
+
+
+class ModelBundle:
+    """A checked model bundle with its onnxruntime session, ready to serve.
+
+    Build it with :meth:`load`. One per process: the session is not shared between processes.
+
+    Attributes:
+        directory: The bundle folder.
+        manifest: Its validated manifest.
+        provider: The execution provider that runs the model, e.g. ``"CPUExecutionProvider"``.
+
+    Example:
+
+    ```python
+    bundle = ModelBundle.load("model/", device="auto", threads=1)
+    probs = bundle.classify_images([rgb])          # (1, K) float32
+    label = bundle.manifest.labels[int(probs[0].argmax())]
+    ```
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.provider: str = session.get_providers()[0]
+        self._session = session
+        self._output_names = [manifest.output_name]
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        check_golden: bool = True,
+    ) -> ModelBundle:
+        """Load and check a bundle written by ``imgq train``.
+
+        Args:
+            directory: The bundle folder (``manifest.json``, the ONNX file, ``golden/``).
+            device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+                Defaults to ``"auto"``.
+            threads: onnxruntime intra-op threads; size it so that workers x threads does not
+                exceed the cores. Defaults to 1.
+            check_golden: Re-run the golden set on this provider (:meth:`check_golden`).
+                Defaults to True.
+
+        Raises:
+            ManifestError: the manifest is missing or invalid.
+            BundleError: the model file's hash, its input or output, the device or the golden
+                set do not match the manifest.
+        """
+        directory = Path(directory)
+        manifest = load_manifest(directory)
+        model_path = directory / manifest.model_file
+        if not model_path.is_file():
+            raise BundleError(f"model file {model_path} named by the manifest does not exist")
+        actual = sha256_file(model_path)
+        if actual != manifest.model_sha256:
+            raise BundleError(
+                f"{model_path} has sha256 {actual}, but the manifest expects "
+                f"{manifest.model_sha256}: the model file was replaced or damaged; restore the "
+                "bundle as `imgq train` wrote it, or re-export it"
+            )
+        providers = choose_providers(device, ort.get_available_providers())
+        session = ort.InferenceSession(
+            str(model_path),
+            sess_options=_session_options(threads),
+            providers=providers,
+            provider_options=_provider_options(providers),
+        )
+        if device == "cuda" and session.get_providers()[0] != _CUDA:
+            raise BundleError(
+                "device 'cuda' asked for, but onnxruntime could not start the CUDA provider "
+                "(see its log above: missing CUDA/cuDNN libraries or no GPU); run with "
+                "--device cpu or fix the CUDA installation"
+            )
+        _check_signature(session, manifest)
+        bundle = cls(directory, manifest, session)
+        if check_golden:
+            bundle.check_golden()
+        return bundle
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a preprocessed batch, in one onnxruntime call.
+
+        Args:
+            batch: The model input tensor, as :func:`shared.preprocess.preprocess_batch` makes it.
+
+        Returns:
+            An (N, K) float32 array; row ``i`` sums to 1 over ``manifest.labels``.
+        """
+        (probs,) = self._session.run(self._output_names, {self.manifest.input_name: batch})
+        return np.asarray(probs, dtype=np.float32)
+
+    def classify_images(self, rgb_images: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities for decoded RGB uint8 images of any sizes (the manifest's preprocessing,
+        then :meth:`predict`)."""
+        return self.predict(preprocess_batch(rgb_images, self.manifest.preprocess))
+
+    def check_golden(self, atol: float = 1e-4) -> dict[str, Any]:
+        """Re-run the bundle's golden images through the served path and compare with Keras.
+
+        Each golden file is decoded and preprocessed by ``shared/`` exactly as a task's image is,
+        and run on this bundle's provider, so a wrong provider build, a changed preprocessing or
+        a damaged file shows up before the worker serves anything.
+
+        Args:
+            atol: Largest allowed absolute difference of any probability. Defaults to 1e-4.
+
+        Returns:
+            ``{"n": images checked, "max_abs_diff": float, "top1_agree": images whose top-1
+            label matches, "provider": provider name}``.
+
+        Raises:
+            BundleError: a golden file is missing or undecodable, a top-1 label differs, or a
+                probability differs by more than ``atol``; the message names the files.
+        """
+        golden = self.manifest.golden
+        if not golden:
+            return {"n": 0, "max_abs_diff": 0.0, "top1_agree": 0, "provider": self.provider}
+        images = []
+        for g in golden:
+            path = self.directory / g.file
+            try:
+                images.append(decode_image(path.read_bytes()))
+            except (OSError, ImgqError) as exc:
+                raise BundleError(f"golden image {path} cannot be read: {exc}") from exc
+        served = self.classify_images(images)
+        expected = np.asarray([g.probs for g in golden], dtype=np.float32)
+        diff = np.abs(served - expected).max(axis=1)
+        agree = served.argmax(axis=1) == expected.argmax(axis=1)
+        labels = self.manifest.labels
+        problems = [
+            f"{g.file}: expected {labels[int(expected[i].argmax())]} "
+            f"{expected[i].max():.6f}, served {labels[int(served[i].argmax())]} "
+            f"{served[i].max():.6f}, max |diff| {diff[i]:.2e}"
+            for i, g in enumerate(golden)
+            if not agree[i] or diff[i] > atol
+        ]
+        if problems:
+            raise BundleError(
+                f"the served path ({self.provider}) does not reproduce the golden set "
+                f"(tolerance {atol:g}) on {len(problems)} of {len(golden)} images: "
+                + "; ".join(problems)
+                + ". The model file, its preprocessing or the execution provider differs from "
+                "the one the bundle was exported with"
+            )
+        return {
+            "n": len(golden),
+            "max_abs_diff": float(diff.max()),
+            "top1_agree": int(agree.sum()),
+            "provider": self.provider,
+        }
+
+
+def _check_signature(session: ort.InferenceSession, manifest: Manifest) -> None:
+    """The ONNX graph's input and output must be the ones the manifest describes."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    expected_shape = list(manifest.preprocess.input_shape)
+    if len(inputs) != 1 or inputs[0].name != manifest.input_name:
+        raise BundleError(
+            f"the model's inputs are {[i.name for i in inputs]}, the manifest names one input "
+            f"{manifest.input_name!r}: the manifest belongs to another model; re-export the bundle"
+        )
+    shape = list(inputs[0].shape)
+    fixed = [d if isinstance(d, int) else None for d in shape]
+    if len(shape) != len(expected_shape) or fixed[1:] != expected_shape[1:] or fixed[0] is not None:
+        raise BundleError(
+            f"the model's input {inputs[0].name!r} has shape {shape}, the manifest's "
+            f"preprocessing makes {expected_shape} ({manifest.preprocess.layout}, "
+            f"{manifest.preprocess.height}x{manifest.preprocess.width}, dynamic batch): "
+            "re-export the model or fix the manifest's preprocess section"
+        )
+    names = [o.name for o in outputs]
+    if manifest.output_name not in names:
+        raise BundleError(
+            f"the model's outputs are {names}, the manifest expects {manifest.output_name!r}"
+        )
+    width = outputs[names.index(manifest.output_name)].shape[-1]
+    if isinstance(width, int) and width != len(manifest.labels):
+        raise BundleError(
+            f"the model outputs {width} classes, the manifest has {len(manifest.labels)} labels "
+            f"{list(manifest.labels)}"
+        )
+
+
+def _accuracy_on_folder(bundle: ModelBundle, data_dir: Path) -> int:
+    """Print the served path's accuracy on a labelled folder; return the number of problems."""
+    from trainer.dataset import list_labelled_files  # no TensorFlow in that module
+
+    try:
+        files, labels = list_labelled_files(data_dir)
+    except (OSError, ValueError) as exc:
+        print(f"FAIL  {exc}")
+        return 1
+    known = bundle.manifest.labels
+    unknown = sorted(set(labels) - set(known))
+    if unknown:
+        print(
+            f"FAIL  class folders {unknown} in {data_dir} are not labels of the model {list(known)}"
+        )
+        return 1
+    truth = np.asarray([known.index(label) for label in labels])
+    predicted = np.full(len(files), -1, dtype=np.int64)  # -1: the file could not be decoded
+    bad = 0
+    for start in range(0, len(files), _VERIFY_BATCH):
+        chunk = files[start : start + _VERIFY_BATCH]
+        images, rows = [], []
+        for i, path in enumerate(chunk):
+            try:
+                images.append(decode_image(path.read_bytes()))
+                rows.append(start + i)
+            except ImgqError as exc:
+                print(f"FAIL  {path}: {exc}")
+                bad += 1
+        if images:
+            predicted[rows] = bundle.classify_images(images).argmax(axis=1)
+    correct = predicted == truth
+    print(f"ok    accuracy on {data_dir}: {correct.mean():.4f} ({int(correct.sum())}/{len(files)})")
+    for k, label in enumerate(known):
+        mask = truth == k
+        if mask.any():
+            print(f"        {label:<16} {correct[mask].mean():.4f} ({int(mask.sum())} files)")
+    return bad
+
+
+def verify_main(args: argparse.Namespace) -> int:
+    """`imgq verify MODEL_DIR [DATA_DIR] [--device D]`: check a bundle without TensorFlow.
+
+    Prints each check (manifest, model hash, input, provider, golden set) and, with ``DATA_DIR``
+    (one sub-folder per class), the served path's accuracy on those files. Exit status 1 when any
+    check fails.
+    """
+    try:
+        bundle = ModelBundle.load(args.model_dir, device=args.device, check_golden=False)
+        m = bundle.manifest
+        print(
+            f"ok    manifest {Path(args.model_dir) / 'manifest.json'}: {m.name}, "
+            f"{len(m.labels)} labels {list(m.labels)}"
+        )
+        print(f"ok    {m.model_file} sha256 {m.model_sha256}")
+        print(
+            f"ok    input {m.input_name!r} {list(m.preprocess.input_shape)} matches the "
+            f"preprocessing ({m.preprocess.height}x{m.preprocess.width} "
+            f"{m.preprocess.color_order} {m.preprocess.resize_mode}/{m.preprocess.interpolation})"
+        )
+        print(f"ok    provider {bundle.provider}")
+        golden = bundle.check_golden()
+        print(
+            f"ok    golden set: {golden['n']} images, top-1 agree {golden['top1_agree']}"
+            f"/{golden['n']}, max |diff| {golden['max_abs_diff']:.2e}"
+        )
+        if m.parity:
+            print(f"      parity at export: {m.parity}")
+    except ImgqError as exc:
+        print(f"FAIL  {exc}")
+        return 1
+    if args.data_dir and _accuracy_on_folder(bundle, Path(args.data_dir)):
+        return 1
+    return 0
