@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
-def _handler(target: str):  # type: ignore[no-untyped-def]
+def _handler(target: str) -> Callable[[argparse.Namespace], int]:
     """Resolve "module:function" lazily, when the subcommand runs."""
 
     def run(args: argparse.Namespace) -> int:

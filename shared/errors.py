@@ -4,7 +4,7 @@
     ├── InvalidImage(reason, detail)   one image cannot be served; fails only its own task
     ├── InvalidTask(reason, detail)    the task's arguments or message are unusable
     ├── ManifestError                  a model bundle's manifest is missing, invalid or mismatching
-    ├── BundleError                    the bundle's files disagree with its manifest (hash, shape, golden set)
+    ├── BundleError                    bundle files disagree with the manifest (hash, shape, golden)
     └── ParityError                    the exported model does not reproduce the trained one
 
 ``InvalidImage`` and ``InvalidTask`` carry a machine-readable ``reason`` code; their message starts

@@ -95,8 +95,12 @@ class Manifest:
             problems.append(f"labels needs at least 2 classes, got {list(self.labels)!r}")
         if len(set(self.labels)) != len(self.labels):
             problems.append(f"labels must be unique, got {list(self.labels)!r}")
-        if len(self.model_sha256) != 64 or not all(c in "0123456789abcdef" for c in self.model_sha256):
-            problems.append(f"model_sha256 must be 64 lowercase hex digits, got {self.model_sha256!r}")
+        if len(self.model_sha256) != 64 or not all(
+            c in "0123456789abcdef" for c in self.model_sha256
+        ):
+            problems.append(
+                f"model_sha256 must be 64 lowercase hex digits, got {self.model_sha256!r}"
+            )
         expected = self.preprocess.input_shape
         shape = tuple(self.input_shape)
         if len(shape) != 4 or tuple(shape[1:]) != expected[1:]:

@@ -46,7 +46,7 @@ def test_light_imports_do_not_load_tensorflow(module: str) -> None:
 
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_second() -> None:
-    """The README's first code block is exactly the demo and the test command; .ci/run calls the latter."""
+    """The README's first code block is the demo and the test command; .ci/run runs the latter."""
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"```[a-z]*\n(.*?)```", readme, re.S)
     assert block is not None

@@ -220,6 +220,4 @@ def test_configuration_reference_matches_settings(doc: str) -> None:
     that worker/settings.py defines, in its order (the message shows the table to paste)."""
     expected = [(name, default, meaning) for name, (default, meaning) in ENV_VARS.items()]
     table = "\n".join(f"| `{n}` | {d} | {m} |" for n, d, m in expected)
-    assert _documented_variables(doc) == expected, (
-        f"regenerate the table in {doc}:\n{table}"
-    )
+    assert _documented_variables(doc) == expected, f"regenerate the table in {doc}:\n{table}"

@@ -9,8 +9,6 @@ import signal
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imgq.localredis import free_port
 from tests.hostile import b64, good_png
-from tests.tinymodel import make_tiny_bundle
-from tests.workerproc import REDELIVERY_BOUND_S, Worker, Workers
+from tests.workerproc import REDELIVERY_BOUND_S, Worker
 from worker.client import ImgqClient
 from worker.messages import TASK_NAME
 
@@ -37,23 +34,10 @@ MIN_DOWN_S = 2.0
 PRODUCER_ERROR_LIMIT_S = 15.0
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
-
-
 @pytest.fixture
 def app(redis_server) -> Celery:
     """A plain Celery app of another service: JSON, nothing of imgq's."""
     return Celery("service", broker=redis_server.url, backend=redis_server.url)
-
-
-@pytest.fixture
-def workers(redis_server, bundle_dir: Path, tmp_path: Path) -> Iterator[Workers]:
-    """Start workers with ``workers.start(name, **env)``; all are killed after the test."""
-    fleet = Workers(bundle_dir, redis_server.url, tmp_path)
-    yield fleet
-    fleet.kill_all()
 
 
 class Published:

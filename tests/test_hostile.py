@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,8 @@ from tests.hostile import (
     image_payloads,
     json_body,
 )
-from tests.tinymodel import COLOURS, colour_image, make_tiny_bundle
-from tests.workerproc import Workers, wait_all
+from tests.tinymodel import COLOURS, colour_image
+from tests.workerproc import wait_all
 from worker.batching import BatchRunner, dead_letter_key
 from worker.bundle import ModelBundle
 from worker.intake import Intake
@@ -53,11 +52,6 @@ from worker.settings import WorkerSettings
 #: The exceptions a task may fail with on purpose; anything else reaching a result is a bug.
 _DELIBERATE = {"InvalidImage", "InvalidTask"}
 _PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
 
 
 # -- the catalogue ---------------------------------------------------------------------------------
@@ -284,14 +278,6 @@ def test_regression_issue_7_deeply_nested_json_is_malformed() -> None:
 
 
 # -- the whole catalogue through a real worker -----------------------------------------------------
-
-
-@pytest.fixture
-def workers(redis_server, bundle_dir: Path, tmp_path: Path) -> Iterator[Workers]:
-    """Start workers with ``workers.start(name, **env)``; all are killed after the test."""
-    fleet = Workers(bundle_dir, redis_server.url, tmp_path)
-    yield fleet
-    fleet.kill_all()
 
 
 def _check_record(case: Hostile, record: dict[str, Any]) -> None:

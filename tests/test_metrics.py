@@ -9,7 +9,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,25 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imgq.localredis import free_port
 from shared.manifest import load_manifest
-from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
-from tests.workerproc import Workers, wait_all
+from tests.tinymodel import COLOURS, colour_image, encode_png
+from tests.workerproc import wait_all
 from worker.client import ImgqClient
 
 pytestmark = pytest.mark.integration
 
 MAX_BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
-
-
-@pytest.fixture
-def workers(redis_server, bundle_dir, tmp_path) -> Iterator[Workers]:
-    started = Workers(bundle_dir, redis_server.url, tmp_path)
-    yield started
-    started.kill_all()
 
 
 @pytest.fixture

@@ -5,33 +5,19 @@ bench/scaling.py, not here."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from imgq.localredis import free_port
 from tests.test_metrics import scrape_metrics
-from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
-from tests.workerproc import Workers, wait_all
+from tests.tinymodel import COLOURS, colour_image, encode_png
+from tests.workerproc import wait_all
 from worker.client import ImgqClient
 
 pytestmark = pytest.mark.integration
 
 N_WORKERS = 3
 N_TASKS = 600
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
-
-
-@pytest.fixture
-def workers(redis_server, bundle_dir, tmp_path) -> Iterator[Workers]:
-    started = Workers(bundle_dir, redis_server.url, tmp_path)
-    yield started
-    started.kill_all()
 
 
 def _served(port: int) -> float:

@@ -21,18 +21,13 @@ from celery import Celery
 from shared.decode import decode_image
 from shared.errors import InvalidImage, InvalidTask
 from shared.manifest import load_manifest, save_manifest
-from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
+from tests.tinymodel import COLOURS, colour_image, encode_png
 from tests.workerproc import REDELIVERY_BOUND_S, Workers, send_many, wait_all
 from worker.bundle import ModelBundle
 from worker.intake import WORKERS_KEY
 from worker.messages import TASK_NAME
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("tiny") / "bundle")
 
 
 @pytest.fixture
