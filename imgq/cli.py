@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train on DATA_DIR (one sub-folder per class) and export")
     s.add_argument("data_dir")
     s.add_argument("--out", required=True, help="bundle folder to write")
-    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--image-size", type=int, default=32)
     s.add_argument("--arch", choices=["small", "mobilenetv2"], default="small")
-    s.add_argument("--epochs", type=int, default=30)
-    s.add_argument("--patience", type=int, default=4)
+    s.add_argument("--epochs", type=int, default=40)
+    s.add_argument("--patience", type=int, default=8)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--val-split", type=float, default=0.15)
     s.add_argument("--test-split", type=float, default=0.15)
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", type=int, default=1000)
     s.add_argument("--drift-tasks", type=int, default=400)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--epochs", type=int, default=40)
     s.set_defaults(func=_handler("imgq.demo:main"))
     return p
 
