@@ -17,6 +17,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from shared.preprocess import check_rgb_image
+
 __all__ = [
     "IMAGE_FEATURES",
     "OUTPUT_FEATURES",
@@ -182,16 +184,7 @@ def image_features(rgb: np.ndarray, encoded_bytes: int) -> np.ndarray:
     >>> f["brightness"], f["bright_fraction"], f["sharpness"], f["aspect"], f["bytes_per_pixel"]
     (1.0, 1.0, 0.0, 2.0, 0.25)
     """
-    if (
-        not isinstance(rgb, np.ndarray)
-        or rgb.ndim != 3
-        or rgb.shape[2] != 3
-        or rgb.dtype != np.uint8
-    ):
-        raise ValueError(
-            "image_features needs an (height, width, 3) RGB uint8 array, got "
-            f"{getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}"
-        )
+    check_rgb_image(rgb)
     height, width = rgb.shape[:2]
     small = _fixed_copy(rgb)
     luma = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)

@@ -21,6 +21,7 @@ __all__ = [
     "normalise_batch",
     "preprocess_batch",
     "compute_mean_std",
+    "check_rgb_image",
 ]
 
 ResizeMode = Literal["stretch", "center_crop"]
@@ -155,7 +156,7 @@ def resize_image(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     >>> out.shape, int(out.min())
     ((32, 32, 3), 255)
     """
-    _check_image(rgb)
+    check_rgb_image(rgb)
     h, w = rgb.shape[:2]
     th, tw = spec.height, spec.width
     if spec.resize_mode == "center_crop":
@@ -292,7 +293,7 @@ def compute_mean_std(
     """
     hist = np.zeros((3, 256), np.int64)
     for rgb in images_uint8_iterable:
-        _check_image(rgb)
+        check_rgb_image(rgb)
         for c in range(3):
             hist[c] += np.bincount(rgb[..., c].ravel(), minlength=256)
     n = int(hist[0].sum())
@@ -326,8 +327,14 @@ def _source_channels(spec: PreprocessSpec) -> tuple[int, int, int]:
     return (2, 1, 0) if spec.color_order == "BGR" else (0, 1, 2)
 
 
-def _check_image(rgb: np.ndarray) -> None:
-    """Refuse anything but a non-empty (H, W, 3) uint8 array, naming what was given."""
+def check_rgb_image(rgb: np.ndarray) -> None:
+    """Refuse anything but a non-empty (H, W, 3) uint8 array, naming what was given.
+
+    >>> check_rgb_image(np.zeros((2, 2, 3), np.uint8))
+    >>> check_rgb_image(np.zeros((2, 2), np.uint8))
+    Traceback (most recent call last):
+    ValueError: expected an (height, width, 3) RGB uint8 array, got uint8 (2, 2)
+    """
     if (
         not isinstance(rgb, np.ndarray)
         or rgb.ndim != 3
