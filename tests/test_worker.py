@@ -142,9 +142,9 @@ def test_sigkill_mid_load_loses_nothing(client, workers, redis_server) -> None:
     results = send_many(client, [images[i % 40] for i in range(3000)])
     # w1 starts alone and is frozen at a moment when it holds messages (between two batches its
     # in-flight hash is empty, and Redis deletes an empty hash); then w2 joins the same queue.
+    # The freeze loop runs from w1's start: an idle machine drains 3,000 tasks in seconds.
     w1 = workers("w1", IMGQ_MAX_BATCH="8")
-    w1.wait_ready(client)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while True:
         os.kill(w1.process.pid, signal.SIGSTOP)
         held_keys = [k for k in r.keys(f"imgq:inflight:{w1.name}:*") if r.hlen(k)]
@@ -153,6 +153,7 @@ def test_sigkill_mid_load_loses_nothing(client, workers, redis_server) -> None:
             break
         os.kill(w1.process.pid, signal.SIGCONT)
         assert time.monotonic() < deadline, "w1 never held messages"
+        time.sleep(0.002)
     held = r.hlen(inflight)
     w2 = workers("w2", IMGQ_MAX_BATCH="8")
     w2.wait_ready(client)
