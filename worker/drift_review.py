@@ -324,26 +324,11 @@ def _strip(thumbs: list[dict[str, Any]], samples_dir: Path, out: Path) -> Path |
         with Image.open(p) as im:
             ax.imshow(im.convert("RGB"))
         ax.set_title(p.parent.name if p.parent != samples_dir else p.stem, fontsize=7)
-    axes[0, 0].text(
-        -0.1,
-        0.5,
-        "recent out-of-range",
-        transform=axes[0, 0].transAxes,
-        rotation=90,
-        va="center",
-        ha="right",
-        fontsize=8,
-    )
-    axes[1, 0].text(
-        -0.1,
-        0.5,
-        "training samples",
-        transform=axes[1, 0].transAxes,
-        rotation=90,
-        va="center",
-        ha="right",
-        fontsize=8,
-    )
+    for row, label in enumerate(("recent out-of-range", "training samples")):
+        axes[row, 0].text(
+            -0.1, 0.5, label, transform=axes[row, 0].transAxes, rotation=90,
+            va="center", ha="right", fontsize=8,
+        )  # fmt: skip
     fig.tight_layout()
     path = out / "out_of_range.png"
     fig.savefig(path, dpi=110)
