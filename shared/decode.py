@@ -21,6 +21,7 @@ import zlib
 
 import cv2
 import numpy as np
+import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shared.errors import InvalidImage
@@ -28,6 +29,7 @@ from shared.errors import InvalidImage
 __all__ = [
     "DecodeLimits",
     "DEFAULT_LIMITS",
+    "b64decode_strict",
     "ImageInfo",
     "decode_image",
     "decode_base64",
@@ -145,6 +147,24 @@ class ImageInfo:
     mode: str
 
 
+def b64decode_strict(text: str | bytes) -> bytes:
+    """Standard base64 (RFC 4648, no line breaks) to bytes, exactly as
+    ``base64.b64decode(text, validate=True)`` decodes it, errors included.
+
+    Every task carries its image as base64 inside a base64 message body: the standard library
+    decodes that at ~100 MB/s on this machine, a fifth of a small model's cost per image;
+    pybase64's SIMD decoder is 25x faster. It is stricter (it refuses surplus padding), so
+    whatever it refuses goes to the standard library, which decides and words the error.
+
+    >>> b64decode_strict("aW1n"), b64decode_strict("aW1n=")
+    (b'img', b'img')
+    """
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return base64.b64decode(text, validate=True)
+
+
 def decode_base64(text: str | bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> bytes:
     """Decode the standard base64 (RFC 4648, no line breaks) of an encoded image.
 
@@ -171,7 +191,7 @@ def decode_base64(text: str | bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> b
             f"{limits.max_bytes} bytes",
         )
     try:
-        data = base64.b64decode(text, validate=True)
+        data = b64decode_strict(text)
     except (binascii.Error, ValueError) as exc:
         raise InvalidImage("bad_base64", f"not valid base64: {_first_line(exc)}") from None
     if not data:

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -36,21 +37,30 @@ def _queued(url: str, queue: str = "imgq") -> list[bytes]:
     return list(reversed(redis.Redis.from_url(url).lrange(queue, 0, -1)))
 
 
-def _without_volatile(raw: bytes) -> bytes:
-    """A raw message with its per-task values (ids, delivery tag, times) replaced by 'X'."""
+def _without_volatile(raw: bytes) -> Any:
+    """A raw message, parsed, with its per-task values (ids, delivery tag, times) replaced by
+    'X' wherever they occur."""
     message = json.loads(raw)
     headers, properties = message["headers"], message["properties"]
-    volatile = [headers["id"], properties["delivery_tag"], json.dumps(headers[SENT_AT_HEADER])]
+    volatile = {headers["id"], properties["delivery_tag"], headers[SENT_AT_HEADER]}
     if headers["expires"]:
-        volatile.append(headers["expires"])
-    for value in volatile:
-        raw = raw.replace(value.encode(), b"X")
-    return raw
+        volatile.add(headers["expires"])
+
+    def replace(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: replace(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [replace(v) for v in value]
+        return "X" if isinstance(value, (str, float)) and value in volatile else value
+
+    return replace(message)
 
 
 def test_client_imports_with_only_celery_and_redis() -> None:
-    """worker.client imports and builds messages with numpy, OpenCV, onnxruntime, TF unavailable."""
-    blocked = ["numpy", "cv2", "onnxruntime", "tensorflow", "keras", "PIL", "scipy", "shared"]
+    """worker.client imports and builds messages with numpy, OpenCV, onnxruntime, TF unavailable,
+    and without its optional accelerators (pybase64, orjson)."""
+    blocked = ["numpy", "cv2", "onnxruntime", "tensorflow", "keras", "PIL", "scipy", "shared",
+               "pybase64", "orjson"]  # fmt: skip
     code = f"""
 import sys
 class Block:
@@ -60,17 +70,21 @@ class Block:
 sys.meta_path.insert(0, Block())
 from worker.client import ImgqClient, _MessageTemplate
 client = ImgqClient("redis://127.0.0.1:1/0")
-_MessageTemplate(client.app, "imgq.classify", "imgq", 1, None).fill(b"abc")
+_, message = _MessageTemplate(client.app, "imgq.classify", "imgq", 1, None).fill(b"abc")
 print(sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
+print(message.decode())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    modules, message = out.stdout.splitlines()
+    assert modules == "[]"
+    body = json.loads(base64.b64decode(json.loads(message)["body"]))
+    assert base64.b64decode(body[1]["image"]) == b"abc"
 
 
 @pytest.mark.parametrize("expires_s", [None, 30.0])
 def test_bulk_message_equals_send_task_message(redis_server: LocalRedis, expires_s: float) -> None:
-    """classify_many's raw message is send_task's, byte for byte, apart from ids and times."""
+    """classify_many's raw message is send_task's, as JSON, apart from ids and times."""
     image = encode_png(colour_image(COLOURS[0]))
     with ImgqClient(redis_server.url) as client:
         single = client.classify(image, top_k=2, expires_s=expires_s)

