@@ -20,6 +20,17 @@ def _handler(target: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _infer_batch(raw: str) -> int:
+    from worker.settings import parse_infer_batch  # light: no numpy, no OpenCV
+
+    try:
+        return parse_infer_batch(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} {exc}; give a number of images or auto"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser; no imports beyond the standard library."""
     p = argparse.ArgumentParser(
@@ -63,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", help="queue name (IMGQ_QUEUE, default imgq)")
     s.add_argument("--concurrency", type=int, help="batch runner threads (IMGQ_CONCURRENCY)")
     s.add_argument("--max-batch", type=int, help="largest batch (IMGQ_MAX_BATCH)")
+    s.add_argument(
+        "--infer-batch",
+        type=_infer_batch,
+        help="images per onnxruntime call, or auto (IMGQ_INFER_BATCH, default auto)",
+    )
     s.add_argument("--max-wait-ms", type=float, help="wait for a fuller batch (IMGQ_MAX_WAIT_MS)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(IMGQ_DEVICE)")
     s.add_argument("--threads", type=int, help="onnxruntime intra-op threads (IMGQ_THREADS)")

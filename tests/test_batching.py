@@ -53,8 +53,9 @@ class FakeDrift:
         self.replies: list[Any] = []
         self.thumbnails: list[list[str]] = []
 
-    def out_of_range(self, features_row: np.ndarray) -> list[str]:
-        return ["width"] if features_row[IMAGE_FEATURES.index("width")] > 100 else []
+    def out_of_range(self, image_features: np.ndarray) -> list[list[str]]:
+        wide = image_features[:, IMAGE_FEATURES.index("width")] > 100
+        return [["width"] if w else [] for w in wide]
 
     def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
         self.added.append((image_features, probs))

@@ -113,6 +113,31 @@ def test_predict_returns_probabilities(tiny_bundle: Path) -> None:
     assert [LABELS[i] for i in probs.argmax(axis=1)] == ["blue", "red"]
 
 
+def test_predict_in_calls_of_infer_batch_gives_the_same_rows(tiny_bundle: Path) -> None:
+    """A batch split into model calls of infer_batch images (last call short) gives the rows of
+    one call, in order; the calls really are that size."""
+    bundle = ModelBundle.load(tiny_bundle, device="cpu")
+    batch = np.random.default_rng(2).standard_normal((11, SIZE, SIZE, 3), dtype=np.float32)
+    whole = bundle.predict(batch)
+    sizes: list[int] = []
+    run = bundle._run
+    bundle._run = lambda x: (sizes.append(len(x)), run(x))[1]  # type: ignore[method-assign]
+    bundle.infer_batch = 4
+    np.testing.assert_allclose(bundle.predict(batch), whole, atol=1e-6)
+    assert sizes == [4, 4, 3]
+
+
+def test_calibration_measures_every_size_and_picks_one(tiny_bundle: Path) -> None:
+    """Calibration times each power of two up to max_batch, and max_batch itself, and uses a
+    size within 5% of the fastest per image."""
+    bundle = ModelBundle.load(tiny_bundle, device="cpu")
+    ms = bundle.calibrate_infer_batch(12, budget_s=0.3)
+    assert sorted(ms) == [1, 2, 4, 8, 12]
+    assert all(t > 0 for t in ms.values())
+    assert bundle.infer_batch in ms
+    assert ms[bundle.infer_batch] <= min(ms.values()) * 1.05
+
+
 def test_session_threads_and_spinning(tiny_bundle: Path) -> None:
     """The session runs with the requested intra-op threads, one inter-op thread, no spinning."""
     bundle = ModelBundle.load(tiny_bundle, device="cpu", threads=2)

@@ -32,8 +32,11 @@ def test_environment_is_parsed_into_typed_fields(tmp_path) -> None:
         "IMGQ_DRIFT": "off",
         "IMGQ_MAX_PIXELS": "1000000",
         "IMGQ_LEASE_TTL_S": "3",
+        "IMGQ_INFER_BATCH": "4",
     }
     s = WorkerSettings.from_env(env)
+    assert s.infer_batch == 4
+    assert WorkerSettings.from_env({"IMGQ_INFER_BATCH": "Auto"}).infer_batch == 0
     assert s.result_backend == "redis://results:6379/2"
     assert s.model_dir == tmp_path
     assert (s.max_batch, s.max_wait_ms, s.drift_enabled, s.lease_ttl_s) == (8, 2.5, False, 3.0)
@@ -57,6 +60,7 @@ def test_overrides_win_and_none_is_ignored() -> None:
             "max_batch (IMGQ_MAX_BATCH) must be an integer in 1..4096, got 0",
         ),
         ({"IMGQ_DEVICE": "tpu"}, "device (IMGQ_DEVICE) must be one of auto, cpu, cuda, got 'tpu'"),
+        ({"IMGQ_INFER_BATCH": "big"}, "IMGQ_INFER_BATCH='big' is not an integer"),
         ({"IMGQ_DRIFT": "maybe"}, "IMGQ_DRIFT='maybe' is not a boolean"),
         ({"IMGQ_MAX_WAIT_MS": "-1"}, "max_wait_ms (IMGQ_MAX_WAIT_MS) must be a number in 0..5000"),
         ({"IMGQ_QUEUE": "a b"}, "queue (IMGQ_QUEUE) must be a non-empty name without spaces"),

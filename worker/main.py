@@ -61,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
             queue=args.queue,
             concurrency=args.concurrency,
             max_batch=args.max_batch,
+            infer_batch=getattr(args, "infer_batch", None),
             max_wait_ms=args.max_wait_ms,
             device=args.device,
             threads=args.threads,

@@ -21,7 +21,7 @@ from worker.logs import LOG_FORMATS, mask_url
 if TYPE_CHECKING:
     from shared.decode import DecodeLimits
 
-__all__ = ["DEVICES", "ENV_VARS", "WorkerSettings"]
+__all__ = ["DEVICES", "ENV_VARS", "WorkerSettings", "parse_infer_batch"]
 
 DEVICES = ("auto", "cpu", "cuda")
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -49,6 +49,13 @@ def _parse_int(raw: str) -> int:
         return int(raw)
     except ValueError:
         raise ValueError("is not an integer") from None
+
+
+def parse_infer_batch(raw: str) -> int:
+    """``auto`` (0: measured at start) or a positive number of images per model call."""
+    if raw.strip().lower() == "auto":
+        return 0
+    return _parse_int(raw)
 
 
 def _parse_float(raw: str) -> float:
@@ -81,7 +88,11 @@ _VARS: tuple[_Var, ...] = (
     _Var("IMGQ_QUEUE", "queue", str, "imgq", "queue the worker serves"),
     _Var("IMGQ_CONCURRENCY", "concurrency", _parse_int, "1",
          "batch runner threads per worker process"),
-    _Var("IMGQ_MAX_BATCH", "max_batch", _parse_int, "32", "most tasks per model call"),
+    _Var("IMGQ_MAX_BATCH", "max_batch", _parse_int, "32",
+         "most tasks taken from the queue, served and stored together"),
+    _Var("IMGQ_INFER_BATCH", "infer_batch", parse_infer_batch, "auto",
+         "most images per onnxruntime call (a batch is split into calls of this size); auto "
+         "measures the size that costs least per image at start on CPU, the whole batch on CUDA"),
     _Var("IMGQ_MAX_WAIT_MS", "max_wait_ms", _parse_float, "0 on CPU, 2 on CUDA",
          "how long a partial batch waits for more tasks; waiting pays only on a GPU"),
     _Var("IMGQ_DEVICE", "device", str, "auto",
@@ -133,7 +144,9 @@ class WorkerSettings:
         model_dir: The model bundle folder; ``None`` only for processes that do not serve.
         queue: The queue name (a Redis list of that name).
         concurrency: Batch runner threads per process.
-        max_batch: Most tasks per model call.
+        max_batch: Most tasks taken, served and stored together.
+        infer_batch: Most images per onnxruntime call; 0 measures the cheapest size at start
+            on CPU (``ModelBundle.calibrate_infer_batch``) and uses the whole batch on CUDA.
         max_wait_ms: How long a partial batch waits for more; ``None`` picks by device
             (:meth:`wait_ms_for`).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
@@ -156,6 +169,7 @@ class WorkerSettings:
     queue: str = "imgq"
     concurrency: int = 1
     max_batch: int = 32
+    infer_batch: int = 0
     max_wait_ms: float | None = None
     device: str = "auto"
     threads: int = 1
@@ -219,6 +233,7 @@ class WorkerSettings:
             else f"{name('queue')} must be a non-empty name without spaces, got {self.queue!r}",
             number("concurrency", 1, 64),
             number("max_batch", 1, 4096),
+            number("infer_batch", 0, 4096),
             None if self.max_wait_ms is None else number("max_wait_ms", 0, 5000, integer=False),
             choice("device", DEVICES),
             number("threads", 1, 256),
