@@ -21,6 +21,7 @@ from shared.preprocess import check_rgb_image
 
 __all__ = [
     "IMAGE_FEATURES",
+    "IMAGE_FEATURES_VERSION",
     "OUTPUT_FEATURES",
     "FeatureReference",
     "ReferenceStats",
@@ -30,6 +31,10 @@ __all__ = [
     "bin_counts",
     "out_of_range",
 ]
+
+#: Version of :func:`image_features`' definitions; raise it whenever a value it computes for the
+#: same image changes (2: pixel features on a 64 x 64 copy instead of 96 x 96).
+IMAGE_FEATURES_VERSION = 2
 
 #: Per-image input features, in column order of :func:`image_features`.
 IMAGE_FEATURES: tuple[str, ...] = (
@@ -130,15 +135,21 @@ class FeatureReference:
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceStats:
-    """Reference histograms of all features, keyed by feature name, as stored in the manifest."""
+    """Reference histograms of all features, keyed by feature name, as stored in the manifest.
+
+    ``image_features_version`` is the :data:`IMAGE_FEATURES_VERSION` of the code that computed
+    them: image statistics from another version are not comparable (1: no version stored).
+    """
 
     features: dict[str, FeatureReference]
     n_images: int
+    image_features_version: int = IMAGE_FEATURES_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored in the manifest's ``reference`` section."""
         return {
             "n_images": self.n_images,
+            "image_features_version": self.image_features_version,
             "features": {name: f.to_dict() for name, f in self.features.items()},
         }
 
@@ -151,11 +162,14 @@ class ReferenceStats:
         for name, f in features.items():
             if f.name != name:
                 raise ValueError(f"reference feature stored under {name!r} is named {f.name!r}")
-        return cls(features=features, n_images=int(data["n_images"]))
+        version = int(data.get("image_features_version", 1))
+        return cls(
+            features=features, n_images=int(data["n_images"]), image_features_version=version
+        )
 
 
 #: Side of the fixed-size copy the pixel features are computed on.
-_COPY_SIDE_PX = 96
+_COPY_SIDE_PX = 64
 #: Largest uint8 luminance counted as dark (< 0.1 of full scale) and smallest counted as bright
 #: (> 0.9 of full scale).
 _DARK_MAX = 25
@@ -165,9 +179,11 @@ _BRIGHT_MIN = 230
 def image_features(rgb: np.ndarray, encoded_bytes: int) -> np.ndarray:
     """The :data:`IMAGE_FEATURES` of one decoded RGB uint8 image (original size), float64.
 
-    Pixel features are computed on a fixed ``96 x 96`` resampled copy, so they cost about the
-    same for every image (~0.2 ms for 640 x 480, under 0.1 ms for 128 x 128, on one core) and
-    sharpness is comparable across source resolutions; size features come from the original.
+    Pixel features are computed on a fixed ``64 x 64`` resampled copy, so their cost is bounded
+    (on one core here: ~0.09 ms for the ~140 x 140 sample images, ~0.23 ms for 640 x 480, where
+    the decode alone takes ~4 ms) and sharpness is comparable across source resolutions; size
+    features come from the original. A 96 x 96 copy cost twice as much and detected no shift of
+    ``bench/drift.py`` better.
     Every feature is invariant to a horizontal flip. Sharpness is ``log1p`` of the variance of
     the Laplacian of luminance (0..255 scale) on the copy: it falls with blur and with upscaled
     low-resolution content.
@@ -350,7 +366,7 @@ def _fixed_copy(rgb: np.ndarray) -> np.ndarray:
 
     A large image is resized bilinearly to twice the side, then averaged over exact 2 x 2
     blocks (OpenCV's fast ``INTER_AREA`` case): ~0.13 ms for 640 x 480. A fractional
-    ``INTER_AREA`` costs ~2 ms there and still ~0.1 ms for 128 x 128, so an image up to twice
+    ``INTER_AREA`` costs ~1 ms there and still ~0.1 ms for 128 x 128, so an image up to twice
     the side is resized bilinearly in one step, which at ratios up to 2 still weighs every
     source pixel (at exactly 2 it *is* the 2 x 2 block mean): ~0.03 ms.
     """

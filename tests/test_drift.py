@@ -20,7 +20,13 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from shared.errors import ManifestError
-from shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES, ReferenceStats, bin_counts
+from shared.imagestats import (
+    IMAGE_FEATURES,
+    OUTPUT_FEATURES,
+    ReferenceStats,
+    bin_counts,
+    out_of_range,
+)
 from shared.manifest import Manifest
 from tests.drift_synthetic import (
     BRIGHTNESS,
@@ -112,6 +118,15 @@ def test_holm_stops_at_the_first_failure() -> None:
     thresholds, significant = holm([0.004, 0.03, 0.03, 0.04], alpha=0.05)
     assert thresholds.tolist() == pytest.approx([0.0125, 0.05 / 3, 0.025, 0.05])
     assert significant.tolist() == [True, False, False, False]
+
+
+def test_feature_result_dict_has_every_field_and_the_verdict(reference: ReferenceStats) -> None:
+    """The JSON form of a verdict (alerts, logs, `imgq drift status`) carries every field."""
+    result = judge(reference, all_features(*traffic(np.random.default_rng(3), 100)))[0]
+    fields = {f.name for f in dataclasses.fields(FeatureResult)}
+    assert result.to_dict() == {f: getattr(result, f) for f in fields} | {
+        "drifting": result.drifting
+    }
 
 
 def test_same_distribution_raises_no_alert() -> None:
@@ -277,6 +292,24 @@ def test_recorder_bins_equal_shared_bin_counts_at_the_edges(
         assert window.counts[name].tolist() == expected[name].tolist(), name
 
 
+def test_recorder_out_of_range_equals_shared_row_by_row(
+    make_recorder: Callable[..., DriftRecorder], reference: ReferenceStats
+) -> None:
+    """The recorder's one-comparison-per-batch check names exactly the features that
+    shared.imagestats.out_of_range names for each row: at the limits, beyond them, and NaN."""
+    recorder = make_recorder()
+    low = np.array([reference.features[n].low for n in IMAGE_FEATURES])
+    high = np.array([reference.features[n].high for n in IMAGE_FEATURES])
+    rng = np.random.default_rng(5)
+    rows = [low, high, np.nextafter(low, -np.inf), np.nextafter(high, np.inf)]
+    rows += [np.where(rng.random(len(low)) < 0.3, np.nan, (low + high) / 2) for _ in range(4)]
+    rows += [low + (high - low) * rng.uniform(-0.2, 1.2, len(low)) for _ in range(40)]
+    features = np.vstack(rows)
+    expected = [out_of_range(reference, row, IMAGE_FEATURES) for row in features]
+    assert recorder.out_of_range(features) == expected
+    assert any(expected) and not all(expected)
+
+
 def test_exactly_one_of_two_workers_closes_a_full_window(
     make_recorder: Callable[..., DriftRecorder], redis_server: Any, manifest: Manifest
 ) -> None:
@@ -389,9 +422,9 @@ def test_out_of_range_and_thumbnails(
     """An extreme feature is named; its thumbnail is stored small, as JPEG, and rate-limited."""
     recorder = make_recorder(thumbnails_per_s=0.001)
     row = np.full(len(IMAGE_FEATURES), 0.5)
-    assert recorder.out_of_range(row) == []
+    assert recorder.out_of_range(row[None]) == [[]]
     row[BRIGHTNESS] = 5.0
-    assert recorder.out_of_range(row) == ["brightness"]
+    assert recorder.out_of_range(row[None]) == [["brightness"]]
     rgb = np.zeros((300, 150, 3), np.uint8)
     pipe = recorder.redis.pipeline()
     assert recorder.add_out_of_range_thumbnail(pipe, rgb, ["brightness"])
@@ -412,6 +445,19 @@ def test_recorder_refuses_a_reference_without_drift_features(
     bad = dataclasses.replace(manifest, reference=partial)
     with pytest.raises(ManifestError, match=r"lack \['predicted_class', 'confidence', 'margin'\]"):
         DriftRecorder(client, bad, window_size=100, window_s=60.0)
+
+
+def test_recorder_refuses_a_reference_of_other_image_statistics(
+    client: redis.Redis, manifest: Manifest
+) -> None:
+    """A reference computed by another version of the image statistics (an old bundle's manifest
+    stores none: version 1) is refused with the fix, instead of alerting on every window."""
+    stored = manifest.reference.to_dict()
+    del stored["image_features_version"]
+    old = dataclasses.replace(manifest, reference=ReferenceStats.from_dict(stored))
+    assert old.reference.image_features_version == 1
+    with pytest.raises(ManifestError, match="image statistics version 1; this imgq computes "):
+        DriftRecorder(client, old, window_size=100, window_s=60.0)
 
 
 def test_recorder_refuses_bad_settings(client: redis.Redis, manifest: Manifest) -> None:

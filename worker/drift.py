@@ -47,9 +47,9 @@ from scipy.special import chdtrc
 from shared.errors import ManifestError
 from shared.imagestats import (
     IMAGE_FEATURES,
+    IMAGE_FEATURES_VERSION,
     OUTPUT_FEATURES,
     ReferenceStats,
-    out_of_range,
     output_features,
 )
 from shared.manifest import Manifest
@@ -279,7 +279,23 @@ class FeatureResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for alerts, logs and ``imgq drift status``."""
-        return dataclasses.asdict(self) | {"drifting": self.drifting}
+        # Spelled out: dataclasses.asdict deep-copies every field and was a fifth of a window's
+        # evaluation.
+        return {
+            "name": self.name,
+            "n": self.n,
+            "statistic": self.statistic,
+            "dof": self.dof,
+            "p_value": self.p_value,
+            "p_threshold": self.p_threshold,
+            "significant": self.significant,
+            "psi": self.psi,
+            "psi_floor": self.psi_floor,
+            "reference": self.reference,
+            "current": self.current,
+            "summary": self.summary,
+            "drifting": self.drifting,
+        }
 
 
 def evaluate_window(
@@ -632,6 +648,14 @@ class DriftRecorder:
                 f"the manifest's reference statistics lack {missing}; re-export the bundle with "
                 "`imgq train` of this imgq version"
             )
+        version = manifest.reference.image_features_version
+        if version != IMAGE_FEATURES_VERSION:
+            raise ManifestError(
+                f"the manifest's reference statistics were computed by image statistics version "
+                f"{version}; this imgq computes version {IMAGE_FEATURES_VERSION}, whose values "
+                "differ, so every window would look drifted: re-export the bundle with `imgq "
+                "train` of this imgq version, or serve without drift statistics (IMGQ_DRIFT=false)"
+            )
         self.redis = redis_client
         self.manifest = manifest
         self.keys = DriftKeys(manifest.short_sha)
@@ -658,15 +682,23 @@ class DriftRecorder:
         self._output_sum_fields = [
             (i, f"sum:{n}") for i, n in enumerate(OUTPUT_FEATURES) if not ref[n].categorical
         ]
+        image_refs = [ref[n] for n in IMAGE_FEATURES]
+        self._low = np.array([f.low for f in image_refs], np.float64)
+        self._high = np.array([f.high for f in image_refs], np.float64)
+        self._can_be_out = np.array([not f.categorical for f in image_refs])
         self._requests: queue.Queue[str | None] = queue.Queue()
         self._tick_s = min(self.window_s / 4, 5.0)
         self._thread = threading.Thread(target=self._run, name="imgq-drift", daemon=True)
         self._thread.start()
 
-    def out_of_range(self, features_row: np.ndarray) -> list[str]:
-        """Image features of one image outside the training range (the task result's
-        ``drift.out_of_range``)."""
-        return out_of_range(self.manifest.reference, features_row, IMAGE_FEATURES)
+    def out_of_range(self, image_features: np.ndarray) -> list[list[str]]:
+        """Per image of an (N, len(IMAGE_FEATURES)) batch, its features outside the training
+        range (the task result's ``drift.out_of_range``): the same names as
+        :func:`shared.imagestats.out_of_range` gives row by row, in one comparison per batch."""
+        outside = ~((image_features >= self._low) & (image_features <= self._high))
+        outside &= self._can_be_out
+        names = IMAGE_FEATURES
+        return [[names[j] for j in np.flatnonzero(row)] if row.any() else [] for row in outside]
 
     def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
         """Queue this batch's counts on ``pipe`` (the batch's pipeline) as one EVAL.
