@@ -42,7 +42,7 @@ def measure(
         redis0, own0, t0 = _tree_cpu_s([redis_pid]), time.process_time(), time.monotonic()
         result = drain(
             url, client, images, args.tasks,
-            lambda: imgq_workers(url, bundle, client, options, work, **env),
+            lambda: imgq_workers(url, bundle, client, options, work, env=env),
         )  # fmt: skip
         elapsed_s = time.monotonic() - t0
     result["workers"] = n_workers

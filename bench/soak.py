@@ -87,7 +87,9 @@ def soak(args: argparse.Namespace, work: Path) -> int:
     try:
         with (
             ImgqClient(server.url) as client,
-            imgq_workers(server.url, bundle, client, args, work, IMGQ_METRICS_PORT="0") as fleet,
+            imgq_workers(
+                server.url, bundle, client, args, work, env={"IMGQ_METRICS_PORT": "0"}
+            ) as fleet,
         ):
             return _run(args, client, fleet, images, redis.Redis.from_url(server.url))
     finally:

@@ -1,6 +1,6 @@
 """Throughput of imgq against a plain Celery worker and against no queue at all (issue 4).
 
-For each model — the default sample model (``small`` CNN at 64x64, trained briefly by
+For each model — the default sample model (``small`` CNN at 32x32, trained briefly by
 ``trainer.train.train_bundle``) and MobileNetV2 at 224x224 (random weights exported with the
 trainer's ``export_onnx``: throughput does not depend on the weights, and training it here would
 take most of an hour) — it measures on this machine's cores:
@@ -227,6 +227,13 @@ def _tree_cpu_s(pids: Sequence[int]) -> float:
     return sum(ticks.get(pid, 0) for pid in members) / _CLK_TCK
 
 
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid``, with those of its children that have exited (Redis's
+    forked append-only-file rewrites)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / _CLK_TCK
+
+
 class Workers:
     """Worker processes started for one measurement; stopped (SIGTERM, then SIGKILL) on exit."""
 
@@ -314,8 +321,9 @@ def imgq_workers(
     client: ImgqClient,
     args: argparse.Namespace,
     log_dir: Path,
+    *,
     profile_dir: Path | None = None,
-    **env: str,
+    env: dict[str, str] | None = None,
 ) -> Workers:
     """(b): ``args.workers`` `imgq worker` processes on the client's queue."""
     names = [f"imgq{i}@bench" for i in range(args.workers)]
@@ -344,7 +352,7 @@ def imgq_workers(
         else:
             out = profile_dir / f"{name.split('@')[0]}.prof"
             commands.append([sys.executable, __file__, "profile-worker", str(out), "--", *options])
-    return Workers(commands, names, _worker_env(url, **env), log_dir, client)
+    return Workers(commands, names, _worker_env(url, **(env or {})), log_dir, client)
 
 
 def naive_workers(
@@ -422,16 +430,21 @@ def drain(
     r.delete(client.queue, parked)
     pending = client.classify_many(_cycle(images, n))
     r.rename(client.queue, parked)
+    redis_pid = int(r.info("server")["process_id"])
     with start() as workers:
         cpu0 = _tree_cpu_s(workers.pids)
+        redis0, self0 = _process_cpu_s(redis_pid), time.process_time()
         released = time.time()
         r.rename(parked, client.queue)
         outcomes = workers.results(pending, timeout_s=60 + n / 20)
         cpu_s = _tree_cpu_s(workers.pids) - cpu0
+        redis_s, self_s = _process_cpu_s(redis_pid) - redis0, time.process_time() - self0
         last = max(_done_times(client, pending))
         result = {
             "rate": n / (last - released),
             "cpu_ms_per_task": cpu_s / n * 1000,
+            "redis_cpu_ms_per_task": redis_s / n * 1000,
+            "poller_cpu_ms_per_task": self_s / n * 1000,
             "startup_s": workers.startup_s,
             "failures": _failures(outcomes),
             "mean_batch": statistics.mean(
@@ -525,15 +538,20 @@ def bench_model(
             keep=lambda rate: [paced(client, images, s * rate, args.paced_s) for s in (0.5, 0.9)],
         )
         say(f"    {out['imgq']}")
-        say("(b) imgq drain without drift statistics")
-        out["imgq_no_drift"] = drain(
-            url,
-            client,
-            images,
-            args.tasks,
-            lambda: imgq_workers(url, bundle, client, args, work, IMGQ_DRIFT="false"),
-        )
-        say(f"    {out['imgq_no_drift']}")
+        # Drift's cost is a few percent: alternate drains without and with it, so that the
+        # machine's drift in speed falls on both alike, and compare medians.
+        out["drift_off"], out["drift_on"] = [], [out["imgq"]]
+        for i in range(args.drift_pairs):
+            for key, drift in (("drift_off", "false"), ("drift_on", "true")):
+                if key == "drift_on" and i == args.drift_pairs - 1:
+                    continue  # the drain above was the first of the drains with drift statistics
+                say(f"(b) imgq drain, drift statistics {'on' if drift == 'true' else 'off'}")
+
+                def start(drift: str = drift) -> Workers:
+                    return imgq_workers(url, bundle, client, args, work, env={"IMGQ_DRIFT": drift})
+
+                out[key].append(drain(url, client, images, args.tasks, start))
+                say(f"    {out[key][-1]}")
         if args.profile:
             profile_dir = work / f"profile-{name}"
             profile_dir.mkdir(exist_ok=True)
@@ -543,7 +561,7 @@ def bench_model(
                 client,
                 images,
                 args.tasks,
-                lambda: imgq_workers(url, bundle, client, args, work, profile_dir),
+                lambda: imgq_workers(url, bundle, client, args, work, profile_dir=profile_dir),
             )
             print_profile(profile_dir)
     return out
@@ -563,35 +581,54 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         """Tasks/s the worker processes could reach with ``args.workers`` cores to themselves."""
         return float(args.workers * 1000 / m["cpu_ms_per_task"])
 
+    def row(label: str, m: dict[str, Any], batch: str) -> str:
+        return (
+            f"| {label} | {m['rate']:.0f} | {m['cpu_ms_per_task']:.2f} | {cap(m):.0f} | "
+            f"{m.get('redis_cpu_ms_per_task', float('nan')):.2f} | "
+            f"{m.get('poller_cpu_ms_per_task', float('nan')):.2f} | {m['startup_s']:.1f} | "
+            f"{batch} | {m['loadavg_1m']:.2f} |"
+        )
+
+    def median_cpu(drains: list[dict[str, Any]]) -> float:
+        return statistics.median(d["cpu_ms_per_task"] for d in drains)
+
     for name in args.models:
         m = results[name]
-        lim, naive, imgq, nod = m["limit"], m["naive"], m["imgq"], m["imgq_no_drift"]
+        lim, naive, imgq = m["limit"], m["naive"], m["imgq"]
+        on, off = m["drift_on"], m["drift_off"]
+        drift_ms = median_cpu(on) - median_cpu(off)
         lines += [
             f"**{name}** ({m['bundle']})",
             "",
-            "| | drain tasks/s | worker CPU ms/task | CPU-bound tasks/s | start-up s | "
-            "mean batch | load 1m |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-            f"| (a) naive Celery, prefork {args.workers} | {naive['rate']:.0f} | "
-            f"{naive['cpu_ms_per_task']:.2f} | {cap(naive):.0f} | {naive['startup_s']:.1f} | 1 | "
-            f"{naive['loadavg_1m']:.2f} |",
-            f"| (b) imgq, {args.workers} x {args.concurrency} thread | {imgq['rate']:.0f} | "
-            f"{imgq['cpu_ms_per_task']:.2f} | {cap(imgq):.0f} | {imgq['startup_s']:.1f} | "
-            f"{imgq['mean_batch']:.1f} | {imgq['loadavg_1m']:.2f} |",
-            f"| (b) imgq, drift statistics off | {nod['rate']:.0f} | {nod['cpu_ms_per_task']:.2f} "
-            f"| {cap(nod):.0f} | {nod['startup_s']:.1f} | {nod['mean_batch']:.1f} | "
-            f"{nod['loadavg_1m']:.2f} |",
+            "| | drain tasks/s | worker CPU ms/task | CPU-bound tasks/s | Redis CPU ms/task | "
+            "bench poller CPU ms/task | start-up s | mean batch | load 1m |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            row(f"(a) naive Celery, prefork {args.workers}", naive, "1"),
+            row(
+                f"(b) imgq, {args.workers} x {args.concurrency} thread",
+                imgq,
+                f"{imgq['mean_batch']:.1f}",
+            ),
+            *[
+                row(f"(b) imgq, drift on, run {i + 2}", d, f"{d['mean_batch']:.1f}")
+                for i, d in enumerate(on[1:])
+            ],
+            *[
+                row(f"(b) imgq, drift off, run {i + 1}", d, f"{d['mean_batch']:.1f}")
+                for i, d in enumerate(off)
+            ],
             f"| (c) in-process, {args.workers} x 1 thread | {lim['rate']:.0f} | "
-            f"{lim['cpu_ms_per_task']:.2f} (per image) | {cap(lim):.0f} | - | 1 | - |",
+            f"{lim['cpu_ms_per_task']:.2f} (per image) | {cap(lim):.0f} | - | - | - | 1 | - |",
             "",
             f"- measured: (b)/(a) = **{imgq['rate'] / naive['rate']:.2f}x**; (b)/(c) = "
             f"**{imgq['rate'] / lim['rate']:.0%}**; CPU-bound: (b)/(a) = "
             f"**{cap(imgq) / cap(naive):.2f}x**, (b)/(c) = **{cap(imgq) / cap(lim):.0%}**",
             f"- framework CPU per task (b) - (c) = "
             f"{imgq['cpu_ms_per_task'] - lim['cpu_ms_per_task']:.2f} ms, (a) - (c) = "
-            f"{naive['cpu_ms_per_task'] - lim['cpu_ms_per_task']:.2f} ms; drift statistics cost "
-            f"{imgq['cpu_ms_per_task'] - nod['cpu_ms_per_task']:.2f} ms/task "
-            f"({(imgq['cpu_ms_per_task'] / nod['cpu_ms_per_task'] - 1):.0%})",
+            f"{naive['cpu_ms_per_task'] - lim['cpu_ms_per_task']:.2f} ms",
+            f"- drift statistics: median worker CPU {median_cpu(on):.3f} ms/task with, "
+            f"{median_cpu(off):.3f} without ({len(on)} and {len(off)} drains): "
+            f"**{drift_ms:+.3f} ms/task ({drift_ms / median_cpu(off):+.1%})**",
             f"- one full batch ({args.max_batch}) decode + preprocess + infer, 1 thread: "
             f"{lim['full_batch_ms']:.1f} ms -> p99 target at 50% load: "
             f"{args.max_wait_ms + 3 * lim['full_batch_ms']:.0f} ms",
@@ -667,6 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--profile", action="store_true", help="add a profiled drain of imgq")
     p.add_argument(
+        "--drift-pairs",
+        type=int,
+        default=3,
+        help="drains without and with drift statistics, alternating, for drift's cost",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="1,000 tasks, 5 s paced levels, 40 images per class, 3 epochs",
@@ -679,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.tasks, args.paced_s, args.per_class, args.train_epochs = 1000, 5.0, 40, 3
+        args.drift_pairs = 1
     args.naive_tasks = args.naive_tasks or args.tasks
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - {"small", "mobilenetv2"}
