@@ -131,6 +131,18 @@ def test_results_reads_celery_result_records(redis_server: LocalRedis) -> None:
     assert seen == [(3, 4)]
 
 
+def test_results_finds_tasks_that_finish_out_of_order(redis_server: LocalRedis) -> None:
+    """Results behind more than a poll's worth of unfinished older tasks (another queue, a
+    redelivery) are still collected; only the unfinished ones time out."""
+    with ImgqClient(redis_server.url) as client:
+        ids = [f"t-{i}" for i in range(700)]
+        for i in ids[400:]:
+            client.app.backend.store_result(i, {"label": i}, states.SUCCESS)
+        outcomes = client.results([client.app.AsyncResult(i) for i in ids], timeout_s=0.3)
+    assert all(isinstance(o, ResultTimeout) for o in outcomes[:400])
+    assert outcomes[400:] == [{"label": i} for i in ids[400:]]
+
+
 def test_bad_arguments_are_refused_before_enqueueing(redis_server: LocalRedis) -> None:
     """A str image or a bad top_k raises at once and enqueues nothing."""
     with ImgqClient(redis_server.url) as client:
