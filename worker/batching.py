@@ -286,8 +286,7 @@ class BatchRunner:
                 image_b64, top_k, request_id = validate_kwargs(req.kwargs, len(self._labels))
                 data = decode_base64(image_b64, limits)
                 rgb = decode_image(data, limits)
-                if self.drift is not None:
-                    features.append(image_features(rgb, len(data)))
+                stats = image_features(rgb, len(data)) if self.drift is not None else None
                 # Resize while the decoded frame is hot in cache; the big frame is freed at once.
                 model_input = resize_image(rgb, self._spec)
             except ImgqError as exc:
@@ -299,6 +298,8 @@ class BatchRunner:
                 continue
             good.append(_Good(req, top_k, request_id, queue_ms))
             images.append(model_input)
+            if stats is not None:  # one row per inferred image, in the same order
+                features.append(stats)
         if good:
             self._infer(out, good, images, features, t0)
         done = len(out.records) + len(out.dead)

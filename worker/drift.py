@@ -672,7 +672,10 @@ class DriftRecorder:
         # Every bin of every feature numbered once, in ALL_FEATURES order, with its hash field
         # name: the hot path counts a batch with one bincount over these numbers.
         n_bins = np.array([len(ref[n].counts) for n in ALL_FEATURES])
-        self._edges = [np.asarray(ref[n].edges) for n in ALL_FEATURES]
+        # Edges as one matrix, rows padded with +inf: a batch is binned in one comparison.
+        self._edges = np.full((len(ALL_FEATURES), int(n_bins.max()) + 1), np.inf)
+        for j, n in enumerate(ALL_FEATURES):
+            self._edges[j, : len(ref[n].edges)] = ref[n].edges
         self._first_bin = np.concatenate([[0], np.cumsum(n_bins)[:-1]])
         self._last_bin = n_bins - 1
         self._fields = [
@@ -695,10 +698,14 @@ class DriftRecorder:
         """Per image of an (N, len(IMAGE_FEATURES)) batch, its features outside the training
         range (the task result's ``drift.out_of_range``): the same names as
         :func:`shared.imagestats.out_of_range` gives row by row, in one comparison per batch."""
-        outside = ~((image_features >= self._low) & (image_features <= self._high))
+        outside: np.ndarray = ~((image_features >= self._low) & (image_features <= self._high))
         outside &= self._can_be_out
         names = IMAGE_FEATURES
-        return [[names[j] for j in np.flatnonzero(row)] if row.any() else [] for row in outside]
+        rows_out: list[bool] = outside.any(axis=1).tolist()  # type: ignore[assignment]
+        return [
+            [names[j] for j in np.flatnonzero(row)] if any_out else []
+            for row, any_out in zip(outside, rows_out, strict=True)
+        ]
 
     def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
         """Queue this batch's counts on ``pipe`` (the batch's pipeline) as one EVAL.
@@ -717,19 +724,20 @@ class DriftRecorder:
             [self._bin_numbers(image_features, 0), self._bin_numbers(outputs, len(IMAGE_FEATURES))]
         )
         counts = np.bincount(bins, minlength=len(self._fields))
-        increments: list[str | int] = []
-        for b, count in zip(
-            np.flatnonzero(counts).tolist(), counts[counts > 0].tolist(), strict=True
-        ):
-            increments += (self._fields[b], count)
+        nonzero = np.flatnonzero(counts)
+        fields = self._fields
+        increments = [
+            item
+            for b, count in zip(nonzero.tolist(), counts[nonzero].tolist(), strict=True)
+            for item in (fields[b], count)
+        ]
         floats: list[str] = []
         for values, sum_fields in (
             (image_features, self._sum_fields),
             (outputs, self._output_sum_fields),
         ):
-            sums = np.nansum(np.where(np.isfinite(values), values, np.nan), axis=0)
-            for i, field in sum_fields:
-                floats += (field, repr(float(sums[i])))
+            sums = np.where(np.isfinite(values), values, 0.0).sum(axis=0).tolist()
+            floats += [item for i, field in sum_fields for item in (field, repr(sums[i]))]
         index = len(pipe)
         pipe.eval(
             _ADD_LUA,
@@ -746,11 +754,11 @@ class DriftRecorder:
         """Global bin number of every value of ``values``, whose columns are ``ALL_FEATURES``
         from ``first_feature`` on. The same bins as :func:`shared.imagestats.bin_counts`
         (``[edge_i, edge_i+1)``, beyond the ends into the outer bins) in one pass per column
-        instead of several numpy calls per feature: 6x faster on a batch of one."""
+        in one comparison for the whole batch: how many edges each value is not below (as
+        ``searchsorted(side="right")`` counts; NaN is below none, so it lands in the last bin,
+        where numpy sorts it), less one."""
         features = slice(first_feature, first_feature + values.shape[1])
-        idx = np.empty(values.shape, np.intp)
-        for j, edges in enumerate(self._edges[features]):
-            idx[:, j] = np.searchsorted(edges, values[:, j], side="right")
+        idx = (~(values[:, :, None] < self._edges[None, features])).sum(axis=2)
         np.clip(idx - 1, 0, self._last_bin[features], out=idx)
         idx += self._first_bin[features]
         return idx.ravel()
