@@ -85,7 +85,7 @@ RETRY_POLICY = {"max_retries": 2, "interval_start": 0.5, "interval_step": 0.5,
 PUSH_CHUNK_TASKS = 500
 PUSH_CHUNK_BYTES = 8 << 20
 #: Result keys per ``MGET`` in :meth:`ImgqClient.results`: the oldest pending first, then more.
-POLL_HEAD = 256
+POLL_HEAD = 64
 MGET_CHUNK = 1000
 #: Poll interval of :meth:`ImgqClient.results`: it starts short so a quick answer is seen at
 #: once, and grows while nothing arrives so a long wait costs little.
