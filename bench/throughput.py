@@ -45,6 +45,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -70,7 +71,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def sample_images(work: Path, per_class: int) -> tuple[Path, list[bytes]]:
-    """The sample data set (made once per work folder) and its encoded files."""
+    """The sample data set (made once per work folder) and its encoded files, shuffled."""
     from trainer.dataset import list_labelled_files
     from trainer.sample_data import generate
 
@@ -78,6 +79,9 @@ def sample_images(work: Path, per_class: int) -> tuple[Path, list[bytes]]:
     if not data_dir.is_dir():
         generate(data_dir, classes=4, per_class=per_class, size=128, seed=0)
     files, _ = list_labelled_files(data_dir)
+    # Mixed classes, as traffic arrives: in folder order every drift window would hold one or two
+    # classes and raise a class-mix alert.
+    random.Random(0).shuffle(files)
     return data_dir, [f.read_bytes() for f in files]
 
 
