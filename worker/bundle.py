@@ -12,7 +12,7 @@ No TensorFlow here: this module is the whole of what a worker needs to run a mod
 from __future__ import annotations
 
 import argparse
-import math
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,9 +204,10 @@ class ModelBundle:
         sample CNN costs 0.38 ms per image in calls of 1 and 0.29 ms in calls of 32. The worker
         still takes up to ``max_batch`` messages per round trip to Redis and stores their results
         in one; only the model call is split. The sizes tried are the powers of two up to
-        ``max_batch`` and ``max_batch`` itself, on random input, interleaved over three rounds
-        (the best of each is kept, so that a noisy neighbour on a shared core does not decide).
-        A size within 5% of the fastest loses to a bigger one: fewer calls, less overhead.
+        ``max_batch`` and ``max_batch`` itself, on random input, interleaved over five rounds,
+        timed in this process's CPU time (other processes on the cores, such as a second worker
+        measuring at the same moment, do not count), median per size. A size within 5% of the
+        fastest loses to a bigger one: fewer calls, less overhead.
 
         Args:
             max_batch: The worker's largest batch.
@@ -225,22 +226,23 @@ class ModelBundle:
         inputs = {n: rng.standard_normal((n, *shape), dtype=np.float32) for n in sizes}
         for x in inputs.values():  # the first call of a shape allocates
             self._run(x)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         self._run(inputs[sizes[-1]])
-        per_image_s = max((time.perf_counter() - t0) / sizes[-1], 1e-7)
-        rounds = 3
+        per_image_s = max((time.process_time() - t0) / sizes[-1], 1e-7)
+        rounds = 5
         images = min(_CALIBRATE_MAX_IMAGES, budget_s / (rounds * len(sizes) * per_image_s))
-        best_s = dict.fromkeys(sizes, math.inf)
+        samples: dict[int, list[float]] = {n: [] for n in sizes}
         for _ in range(rounds):
             for n in sizes:
                 calls = max(1, round(images / n))
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 for _ in range(calls):
                     self._run(inputs[n])
-                best_s[n] = min(best_s[n], (time.perf_counter() - t0) / (calls * n))
-        fastest = min(best_s.values())
-        self.infer_batch = max(n for n in sizes if best_s[n] <= fastest * 1.05)
-        return {n: round(t * 1000, 4) for n, t in best_s.items()}
+                samples[n].append((time.process_time() - t0) / (calls * n))
+        cost_s = {n: statistics.median(s) for n, s in samples.items()}
+        fastest = min(cost_s.values())
+        self.infer_batch = max(n for n in sizes if cost_s[n] <= fastest * 1.05)
+        return {n: round(t * 1000, 4) for n, t in cost_s.items()}
 
     def classify_images(self, rgb_images: Sequence[np.ndarray]) -> np.ndarray:
         """Probabilities for decoded RGB uint8 images of any sizes (the manifest's preprocessing,
