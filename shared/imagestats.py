@@ -30,6 +30,7 @@ __all__ = [
     "build_reference",
     "bin_counts",
     "out_of_range",
+    "out_of_range_rows",
 ]
 
 #: Version of :func:`image_features`' definitions; raise it whenever a value it computes for the
@@ -349,15 +350,32 @@ def out_of_range(reference: ReferenceStats, row: np.ndarray, names: Sequence[str
     >>> out_of_range(ref, np.array([50.0]), ["x"]), out_of_range(ref, np.array([500.0]), ["x"])
     ([], ['x'])
     """
-    row = np.asarray(row, np.float64).ravel()
-    if len(row) != len(names):
-        raise ValueError(f"out_of_range got {len(row)} values for {len(names)} names")
-    out = []
-    for name, value in zip(names, row, strict=True):
-        f = _feature(reference, name)
-        if not f.categorical and not f.low <= value <= f.high:
-            out.append(name)
-    return out
+    return out_of_range_rows(reference, np.asarray(row, np.float64).ravel()[None], names)[0]
+
+
+def out_of_range_rows(
+    reference: ReferenceStats, values: np.ndarray, names: Sequence[str]
+) -> list[list[str]]:
+    """:func:`out_of_range` of every row of an (N, F) feature matrix (columns in ``names``
+    order), in one comparison: the worker checks a whole batch at once.
+
+    >>> ref = build_reference(np.arange(100.0)[:, None], ["x"])
+    >>> out_of_range_rows(ref, np.array([[50.0], [np.nan], [500.0]]), ["x"])
+    [[], ['x'], ['x']]
+    """
+    values = np.asarray(values, np.float64)
+    if values.ndim != 2 or values.shape[1] != len(names):
+        raise ValueError(f"out_of_range got values of shape {values.shape} for {len(names)} names")
+    features = [_feature(reference, name) for name in names]
+    low = np.array([f.low for f in features], np.float64)
+    high = np.array([f.high for f in features], np.float64)
+    outside = ~((values >= low) & (values <= high))
+    outside &= np.array([not f.categorical for f in features])
+    rows_out: list[bool] = outside.any(axis=1).tolist()  # type: ignore[assignment]
+    return [
+        [names[j] for j in np.flatnonzero(row).tolist()] if any_out else []
+        for row, any_out in zip(outside, rows_out, strict=True)
+    ]
 
 
 def _fixed_copy(rgb: np.ndarray) -> np.ndarray:

@@ -50,6 +50,7 @@ from shared.imagestats import (
     IMAGE_FEATURES_VERSION,
     OUTPUT_FEATURES,
     ReferenceStats,
+    out_of_range_rows,
     output_features,
 )
 from shared.manifest import Manifest
@@ -685,10 +686,6 @@ class DriftRecorder:
         self._output_sum_fields = [
             (i, f"sum:{n}") for i, n in enumerate(OUTPUT_FEATURES) if not ref[n].categorical
         ]
-        image_refs = [ref[n] for n in IMAGE_FEATURES]
-        self._low = np.array([f.low for f in image_refs], np.float64)
-        self._high = np.array([f.high for f in image_refs], np.float64)
-        self._can_be_out = np.array([not f.categorical for f in image_refs])
         self._requests: queue.Queue[str | None] = queue.Queue()
         self._tick_s = min(self.window_s / 4, 5.0)
         self._thread = threading.Thread(target=self._run, name="imgq-drift", daemon=True)
@@ -696,16 +693,8 @@ class DriftRecorder:
 
     def out_of_range(self, image_features: np.ndarray) -> list[list[str]]:
         """Per image of an (N, len(IMAGE_FEATURES)) batch, its features outside the training
-        range (the task result's ``drift.out_of_range``): the same names as
-        :func:`shared.imagestats.out_of_range` gives row by row, in one comparison per batch."""
-        outside: np.ndarray = ~((image_features >= self._low) & (image_features <= self._high))
-        outside &= self._can_be_out
-        names = IMAGE_FEATURES
-        rows_out: list[bool] = outside.any(axis=1).tolist()  # type: ignore[assignment]
-        return [
-            [names[j] for j in np.flatnonzero(row)] if any_out else []
-            for row, any_out in zip(outside, rows_out, strict=True)
-        ]
+        range (the task result's ``drift.out_of_range``)."""
+        return out_of_range_rows(self.manifest.reference, image_features, IMAGE_FEATURES)
 
     def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
         """Queue this batch's counts on ``pipe`` (the batch's pipeline) as one EVAL.
