@@ -32,8 +32,9 @@ from shared.imagestats import (
     ReferenceStats,
     bin_counts,
     build_reference,
-    image_features,
+    decoded_image_features,
 )
+from shared.preprocess import PreprocessSpec
 from trainer.sample_data import CLASS_NAMES, generate
 from worker.drift import Window, evaluate_window
 
@@ -46,8 +47,10 @@ def _files(data_dir: Path, classes: int) -> list[tuple[Path, int]]:
     ]
 
 
-def _features(payloads: list[bytes]) -> np.ndarray:
-    return np.array([image_features(decode_image(b), len(b)) for b in payloads])
+def _features(payloads: list[bytes], spec: PreprocessSpec) -> np.ndarray:
+    """Image features as a worker serving a model with ``spec``'s input computes them."""
+    images = [decode_image(b) for b in payloads]
+    return decoded_image_features(images, [len(b) for b in payloads], spec)
 
 
 def _alerts(
@@ -72,7 +75,15 @@ def main() -> int:
     p.add_argument("--alpha", type=float, default=0.001, help="family-wise, per window")
     p.add_argument("--psi-floor", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="model input side: the pixel features are of the model's input (`imgq train`'s "
+        "default is 32)",
+    )
     args = p.parse_args()
+    spec = PreprocessSpec(height=args.image_size, width=args.image_size)
     sizes = [int(s) for s in args.sizes.split(",")]
     classes = 4
     rng = np.random.default_rng(args.seed)
@@ -89,7 +100,7 @@ def main() -> int:
         )
         ref_files = _files(ref_dir, classes)
         ref_values = np.column_stack(
-            [_features([f.read_bytes() for f, _ in ref_files]), [k for _, k in ref_files]]
+            [_features([f.read_bytes() for f, _ in ref_files], spec), [k for _, k in ref_files]]
         )
         reference = build_reference(ref_values, names, categorical={"predicted_class": classes})
         traffic_dir = generate(
@@ -102,20 +113,23 @@ def main() -> int:
         files = _files(traffic_dir, classes)
         payloads = [f.read_bytes() for f, _ in files]
         labels = np.array([k for _, k in files])
-    pool = np.column_stack([_features(payloads), labels])
+    pool = np.column_stack([_features(payloads, spec), labels])
     # The shifted pools: the first `shifted_per_class` traffic images of each class.
     subset = np.flatnonzero(np.arange(len(files)) % args.per_class < args.shifted_per_class)
     pools: dict[str, np.ndarray] = {}
     for name in SHIFTS:
         shifted = [shift_image(name, payloads[i]) for i in subset]
-        pools[name] = np.column_stack([_features(shifted), labels[subset]])
+        pools[name] = np.column_stack([_features(shifted, spec), labels[subset]])
     for name in BENIGN:  # the whole traffic: false-alarm windows must not overlap much
-        pools[name] = np.column_stack([_features([shift_image(name, b) for b in payloads]), labels])
+        pools[name] = np.column_stack(
+            [_features([shift_image(name, b) for b in payloads], spec), labels]
+        )
     pools["class_mix"] = pool[labels == 0]
     prep_s = time.perf_counter() - start
     print(
         f"reference: {len(ref_files)} images (seed {1000 + args.seed}); traffic: {len(files)} "
-        f"images (seed {2000 + args.seed}), {len(subset)} per shifted pool; "
+        f"images (seed {2000 + args.seed}), {len(subset)} per shifted pool; model input "
+        f"{args.image_size}x{args.image_size}; "
         f"alpha={args.alpha}, psi_floor={args.psi_floor}; prepared in {prep_s:.0f} s\n"
     )
 

@@ -109,7 +109,7 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
         IMAGE_FEATURES,
         OUTPUT_FEATURES,
         build_reference,
-        image_features,
+        decoded_image_features,
         output_features,
     )
     from shared.manifest import Manifest, save_manifest, sha256_file
@@ -129,9 +129,7 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
     images = [decode_image(data) for data in encoded]
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     probs = session.run([OUTPUT_NAME], {INPUT_NAME: preprocess_batch(images, spec)})[0]
-    feats = np.asarray(
-        [image_features(rgb, len(d)) for rgb, d in zip(images, encoded, strict=True)]
-    )
+    feats = decoded_image_features(images, [len(d) for d in encoded], spec)
     reference = build_reference(
         np.hstack([feats, output_features(probs)]),
         IMAGE_FEATURES + OUTPUT_FEATURES,

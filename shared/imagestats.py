@@ -2,9 +2,9 @@
 
 The trainer computes :func:`image_features` on every training image and stores
 :func:`build_reference` of them in the manifest; the worker computes the same features on every
-image it serves (from the already decoded array, no second decode) and adds
-:func:`bin_counts` of them into Redis. Counts on fixed bins merge by addition, so the counts of
-any number of workers sum to the counts of their combined traffic.
+image it serves (from the batch of model inputs it already made: no second decode, no second
+resize) and adds :func:`bin_counts` of them into Redis. Counts on fixed bins merge by
+addition, so the counts of any number of workers sum to the counts of their combined traffic.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from shared.preprocess import check_rgb_image
+from shared.preprocess import PreprocessSpec, resize_image
 
 __all__ = [
     "IMAGE_FEATURES",
@@ -26,6 +26,7 @@ __all__ = [
     "FeatureReference",
     "ReferenceStats",
     "image_features",
+    "decoded_image_features",
     "output_features",
     "build_reference",
     "bin_counts",
@@ -34,8 +35,9 @@ __all__ = [
 ]
 
 #: Version of :func:`image_features`' definitions; raise it whenever a value it computes for the
-#: same image changes (2: pixel features on a 64 x 64 copy instead of 96 x 96).
-IMAGE_FEATURES_VERSION = 2
+#: same image changes (2: pixel features on a 64 x 64 copy instead of 96 x 96; 3: on the model's
+#: input, as the model sees the image, with sharpness over rows 1 to H-2).
+IMAGE_FEATURES_VERSION = 3
 
 #: Per-image input features, in column order of :func:`image_features`.
 IMAGE_FEATURES: tuple[str, ...] = (
@@ -47,7 +49,7 @@ IMAGE_FEATURES: tuple[str, ...] = (
     "saturation",  # mean HSV saturation, 0..1
     "dark_fraction",  # share of pixels with luminance < 0.1
     "bright_fraction",  # share of pixels with luminance > 0.9
-    "sharpness",  # log1p of Laplacian variance of luminance on a fixed-size copy
+    "sharpness",  # log1p of Laplacian variance of luminance at the model's input size
     "width",  # original width, pixels
     "height",  # original height, pixels
     "aspect",  # width / height
@@ -169,69 +171,114 @@ class ReferenceStats:
         )
 
 
-#: Side of the fixed-size copy the pixel features are computed on.
-_COPY_SIDE_PX = 64
 #: Largest uint8 luminance counted as dark (< 0.1 of full scale) and smallest counted as bright
 #: (> 0.9 of full scale).
 _DARK_MAX = 25
 _BRIGHT_MIN = 230
+#: Most pixels per image whose uint8 sums fit OpenCV's int32 row sums (255 * pixels < 2**31).
+_INT32_SUM_MAX_PX = (2**31 - 1) // 255
+#: Most pixels :func:`image_features` handles in one pass (~100 MB of float64 temporaries).
+_CHUNK_PX = 1 << 22
 
 
-def image_features(rgb: np.ndarray, encoded_bytes: int) -> np.ndarray:
-    """The :data:`IMAGE_FEATURES` of one decoded RGB uint8 image (original size), float64.
+def image_features(inputs: np.ndarray, originals: np.ndarray) -> np.ndarray:
+    """The :data:`IMAGE_FEATURES` of a batch of images, as an (N, F) float64 array.
 
-    Pixel features are computed on a fixed ``64 x 64`` resampled copy, so their cost is bounded
-    (on one core here: ~0.09 ms for the ~140 x 140 sample images, ~0.23 ms for 640 x 480, where
-    the decode alone takes ~4 ms) and sharpness is comparable across source resolutions; size
-    features come from the original. A 96 x 96 copy cost twice as much and detected no shift of
-    ``bench/drift.py`` better.
-    Every feature is invariant to a horizontal flip. Sharpness is ``log1p`` of the variance of
-    the Laplacian of luminance (0..255 scale) on the copy: it falls with blur and with upscaled
-    low-resolution content.
+    Pixel features describe what the model sees: ``inputs`` are the images as
+    :func:`shared.preprocess.resize_image` made them for the model (the trainer's reference and
+    the worker use the same arrays they feed the model, so the features cost no resize of their
+    own), before colour order and normalisation. Blur or lost resolution that survives the resize
+    to the model's size shows in ``sharpness``; what the resize erases cannot hurt the model
+    either. Size and compression come from the original (``originals``).
+
+    The whole batch is one tall image for each OpenCV call (a call costs 5-10 µs here whatever its
+    size), and every sum is exact in integers or float64, so an image's features do not depend on
+    its batch-mates: one image alone gives the same bytes. Sharpness is ``log1p`` of the variance
+    of the Laplacian of luminance (0..255 scale) over each image's rows 1 to H-2 (the outer rows
+    would see the neighbouring image in the tall stack). Every feature is invariant to a
+    horizontal flip.
 
     Args:
-        rgb: ``(height, width, 3)`` uint8 array from :func:`shared.decode.decode_image`.
-        encoded_bytes: Length of the encoded payload, for ``bytes_per_pixel``.
+        inputs: ``(N, H, W, 3)`` RGB uint8 model inputs, ``H, W >= 3``.
+        originals: ``(N, 3)`` width, height and encoded byte length of each original image.
 
     Returns:
-        A ``(len(IMAGE_FEATURES),)`` float64 array in :data:`IMAGE_FEATURES` order.
+        An ``(N, len(IMAGE_FEATURES))`` float64 array, columns in :data:`IMAGE_FEATURES` order.
 
-    >>> white = np.full((40, 80, 3), 255, np.uint8)
-    >>> f = dict(zip(IMAGE_FEATURES, image_features(white, 800).tolist()))
+    >>> white = np.full((1, 32, 32, 3), 255, np.uint8)
+    >>> f = dict(zip(IMAGE_FEATURES, image_features(white, np.array([[80, 40, 800]]))[0].tolist()))
     >>> f["brightness"], f["bright_fraction"], f["sharpness"], f["aspect"], f["bytes_per_pixel"]
     (1.0, 1.0, 0.0, 2.0, 0.25)
     """
-    check_rgb_image(rgb)
-    height, width = rgb.shape[:2]
-    small = _fixed_copy(rgb)
-    luma = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    luma_mean, luma_std = cv2.meanStdDev(luma)
-    mean_r, mean_g, mean_b, _ = cv2.mean(small)
-    saturation = cv2.mean(cv2.cvtColor(small, cv2.COLOR_RGB2HSV))[1]
-    n = luma.size
-    # int16 holds the Laplacian of uint8 exactly, and its integer sums give the variance exactly
-    # at a fifth of cv2.meanStdDev's cost.
-    lap = cv2.Laplacian(luma, cv2.CV_16S)
-    lap_var = cv2.norm(lap, cv2.NORM_L2SQR) / n - (cv2.sumElems(lap)[0] / n) ** 2
-    return np.array(
+    inputs, originals = _check_batch(inputs, originals)
+    n, h, w, _ = inputs.shape
+    if n == 0:
+        return np.empty((0, len(IMAGE_FEATURES)))
+    px = h * w
+    chunk = max(1, _CHUNK_PX // px)
+    if n > chunk:  # bounded temporaries for a whole training set; the values do not change
+        return np.concatenate(
+            [
+                image_features(inputs[i : i + chunk], originals[i : i + chunk])
+                for i in range(0, n, chunk)
+            ]
+        )
+    tall = inputs.reshape(n * h, w, 3)
+    luma = cv2.cvtColor(tall, cv2.COLOR_RGB2GRAY)
+    rows = luma.reshape(n, px)
+    luma_f = rows.astype(np.float64)
+    luma_sum = _row_sums(rows)
+    luma_mean = luma_sum / px
+    luma_var = np.einsum("ij,ij->i", luma_f, luma_f) / px - luma_mean * luma_mean
+    red, green, blue = cv2.split(tall)
+    saturation = cv2.extractChannel(cv2.cvtColor(tall, cv2.COLOR_RGB2HSV), 1)
+    # int16 holds the Laplacian of uint8 exactly; float64 sums of its squares stay exact.
+    lap = cv2.Laplacian(luma, cv2.CV_16S).reshape(n, h, w)[:, 1:-1].reshape(n, -1)
+    lap_f = lap.astype(np.float64)
+    m = lap_f.shape[1]
+    lap_var = np.einsum("ij,ij->i", lap_f, lap_f) / m - (lap_f.sum(axis=1) / m) ** 2
+    width, height, encoded = originals.T
+    return np.column_stack(
         [
-            luma_mean[0, 0] / 255.0,
-            luma_std[0, 0] / 255.0,
-            mean_r / 255.0,
-            mean_g / 255.0,
-            mean_b / 255.0,
-            saturation / 255.0,
-            # Integer thresholds: luma < 0.1 * 255 and luma > 0.9 * 255 on uint8 values.
-            np.count_nonzero(luma <= _DARK_MAX) / n,
-            np.count_nonzero(luma >= _BRIGHT_MIN) / n,
-            math.log1p(lap_var),
+            luma_mean / 255.0,
+            np.sqrt(np.maximum(luma_var, 0.0)) / 255.0,
+            _row_sums(red.reshape(n, px)) / px / 255.0,
+            _row_sums(green.reshape(n, px)) / px / 255.0,
+            _row_sums(blue.reshape(n, px)) / px / 255.0,
+            _row_sums(saturation.reshape(n, px)) / px / 255.0,
+            # Integer thresholds: luma < 0.1 * 255 and luma > 0.9 * 255 on uint8 values; the
+            # comparison masks are 255 where true. (OpenCV takes a scalar; its stubs do not say.)
+            _row_sums(cv2.compare(rows, _DARK_MAX, cv2.CMP_LE)) / 255.0 / px,  # type: ignore[call-overload]
+            _row_sums(cv2.compare(rows, _BRIGHT_MIN, cv2.CMP_GE)) / 255.0 / px,  # type: ignore[call-overload]
+            np.log1p(np.maximum(lap_var, 0.0)),
             width,
             height,
             width / height,
-            encoded_bytes / (width * height),
-        ],
-        np.float64,
+            encoded / (width * height),
+        ]
     )
+
+
+def decoded_image_features(
+    images: Sequence[np.ndarray], encoded_bytes: Sequence[int], spec: PreprocessSpec
+) -> np.ndarray:
+    """:func:`image_features` of decoded originals, each resized as the model's ``spec`` says:
+    for callers that hold full-size images (benchmarks, tests, reference builders).
+
+    >>> spec = PreprocessSpec(height=8, width=8)
+    >>> decoded_image_features([np.zeros((20, 10, 3), np.uint8)], [50], spec)[0, -4:].tolist()
+    [10.0, 20.0, 0.5, 0.25]
+    """
+    if len(images) != len(encoded_bytes):
+        raise ValueError(f"{len(images)} images but {len(encoded_bytes)} encoded lengths")
+    originals = np.array(
+        [(rgb.shape[1], rgb.shape[0], b) for rgb, b in zip(images, encoded_bytes, strict=True)],
+        np.float64,
+    ).reshape(-1, 3)
+    inputs = np.empty((len(images), spec.height, spec.width, 3), np.uint8)
+    for i, rgb in enumerate(images):
+        inputs[i] = resize_image(rgb, spec)
+    return image_features(inputs, originals)
 
 
 def output_features(probs: np.ndarray) -> np.ndarray:
@@ -378,21 +425,31 @@ def out_of_range_rows(
     ]
 
 
-def _fixed_copy(rgb: np.ndarray) -> np.ndarray:
-    """The image resampled to ``_COPY_SIDE_PX`` square, symmetrically (a flipped image gives a
-    flipped copy).
+def _check_batch(inputs: np.ndarray, originals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`image_features`' arguments, validated: a contiguous uint8 batch and float64 sizes."""
+    if not isinstance(inputs, np.ndarray) or inputs.ndim != 4 or inputs.shape[3] != 3:
+        raise ValueError(
+            "image_features needs an (N, H, W, 3) uint8 array of model inputs, got "
+            f"{getattr(inputs, 'shape', type(inputs).__name__)}"
+        )
+    if inputs.dtype != np.uint8:
+        raise ValueError(f"image_features needs uint8 pixels, got {inputs.dtype}")
+    if inputs.shape[1] < 3 or inputs.shape[2] < 3:
+        raise ValueError(f"image_features needs images of at least 3 x 3, got {inputs.shape}")
+    originals = np.asarray(originals, np.float64)
+    if originals.shape != (inputs.shape[0], 3) or not (originals > 0).all():
+        raise ValueError(
+            f"image_features needs ({inputs.shape[0]}, 3) positive original widths, heights and "
+            f"encoded lengths, got shape {originals.shape}"
+        )
+    return np.ascontiguousarray(inputs), originals
 
-    A large image is resized bilinearly to twice the side, then averaged over exact 2 x 2
-    blocks (OpenCV's fast ``INTER_AREA`` case): ~0.13 ms for 640 x 480. A fractional
-    ``INTER_AREA`` costs ~1 ms there and still ~0.1 ms for 128 x 128, so an image up to twice
-    the side is resized bilinearly in one step, which at ratios up to 2 still weighs every
-    source pixel (at exactly 2 it *is* the 2 x 2 block mean): ~0.03 ms.
-    """
-    side = _COPY_SIDE_PX
-    if rgb.shape[0] > 2 * side or rgb.shape[1] > 2 * side:
-        rgb = cv2.resize(rgb, (2 * side, 2 * side), interpolation=cv2.INTER_LINEAR)
-        return cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)
-    return cv2.resize(rgb, (side, side), interpolation=cv2.INTER_LINEAR)
+
+def _row_sums(rows: np.ndarray) -> np.ndarray:
+    """Sum of each row of a 2-D uint8 array, as float64 (exact: integer sums)."""
+    if rows.shape[1] <= _INT32_SUM_MAX_PX:
+        return cv2.reduce(rows, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[:, 0].astype(np.float64)
+    return rows.sum(axis=1, dtype=np.int64).astype(np.float64)
 
 
 def _quantile_edges(col: np.ndarray, n_bins: int) -> np.ndarray:

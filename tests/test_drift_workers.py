@@ -20,7 +20,7 @@ import redis
 
 from imgq.shifts import EXPECTED, SHIFTS, shift_image
 from shared.decode import decode_image
-from shared.imagestats import build_reference, image_features, output_features
+from shared.imagestats import build_reference, decoded_image_features, output_features
 from shared.manifest import load_manifest, save_manifest
 from shared.preprocess import preprocess_batch
 from tests.workerproc import Workers
@@ -51,7 +51,7 @@ def drift_bundle(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
     probs = session.run(
         [manifest.output_name], {manifest.input_name: preprocess_batch(images, manifest.preprocess)}
     )[0]
-    features = [image_features(rgb, len(b)) for rgb, b in zip(images, payloads, strict=True)]
+    features = decoded_image_features(images, [len(b) for b in payloads], manifest.preprocess)
     reference = build_reference(
         np.hstack([features, output_features(probs)]),
         ALL_FEATURES,

@@ -23,7 +23,7 @@ from shared.imagestats import (
     IMAGE_FEATURES,
     OUTPUT_FEATURES,
     build_reference,
-    image_features,
+    decoded_image_features,
     output_features,
 )
 from shared.manifest import GoldenImage, Manifest, save_manifest, sha256_file
@@ -109,9 +109,7 @@ def make_tiny_bundle(
     ]
     images = [decode_image(data) for data in encoded]
     probs = session.run(["probs"], {"input": preprocess_batch(images, spec)})[0]
-    feats = np.asarray(
-        [image_features(rgb, len(data)) for rgb, data in zip(images, encoded, strict=True)]
-    )
+    feats = decoded_image_features(images, [len(data) for data in encoded], spec)
 
     reference = build_reference(
         np.hstack([feats, output_features(probs)]),

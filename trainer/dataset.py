@@ -118,7 +118,8 @@ class Dataset:
         y: Class index of each file (into ``class_names``).
         class_names: Class folder names, sorted.
         images: (N, H, W, 3) RGB uint8, resized by ``shared.preprocess.resize_image``.
-        features: (N, F) ``shared.imagestats.image_features`` of the full-size decoded images.
+        features: (N, F) ``shared.imagestats.image_features`` of ``images`` (and of the
+            originals' sizes), as the worker computes them on what it serves.
     """
 
     files: list[Path]
@@ -140,19 +141,19 @@ def load_dataset(data_dir: str | Path, spec: PreprocessSpec) -> Dataset:
     if len(class_names) < 2:
         raise ValueError(f"{data_dir} has {len(class_names)} class folder; a classifier needs >= 2")
     images = np.empty((len(files), spec.height, spec.width, 3), np.uint8)
-    features = []
+    originals = np.empty((len(files), 3), np.float64)  # width, height, encoded bytes
     for i, path in enumerate(files):
         data = path.read_bytes()
         try:
             rgb = decode_image(data)
         except InvalidImage as exc:
             raise ValueError(f"cannot train on {path}: {exc}; fix or remove the file") from exc
-        features.append(image_features(rgb, len(data)))
+        originals[i] = rgb.shape[1], rgb.shape[0], len(data)
         images[i] = resize_image(rgb, spec)
     return Dataset(
         files=files,
         y=np.asarray([class_names.index(label) for label in labels], dtype=np.int64),
         class_names=class_names,
         images=images,
-        features=np.stack(features),
+        features=image_features(images, originals),
     )

@@ -5,12 +5,12 @@ A :class:`BatchRunner` thread repeats one cycle:
 1. take up to ``max_batch`` messages from the queue (one atomic Lua call; they are now in this
    worker's in-flight hash) — when the model is free it takes what is queued, and waits up to
    ``max_wait_ms`` for more only when that is set (it pays on a GPU, not on a CPU);
-2. per message: parse, check expiry, validate the arguments, decode the image and compute its
-   drift statistics — a problem here ends only that task;
+2. per message: parse, check expiry, validate the arguments, decode the image and resize it
+   for the model — a problem here ends only that task;
 3. one ``normalise_batch`` of the good images (each resized right after its decode: the same
    bytes as ``preprocess_batch``, without holding every full-size frame) and one
-   ``bundle.predict`` — if that fails,
-   every task of the batch fails visibly;
+   ``bundle.predict`` — if that fails, every task of the batch fails visibly; then the drift
+   statistics of the whole batch of model inputs at once;
 4. one Redis pipeline: every result (``SET EX`` + ``PUBLISH``, as Celery's Redis backend does,
    in one script call for the batch),
    then the acks (the in-flight entries), one message of Celery task events for the whole batch
@@ -251,7 +251,7 @@ class BatchRunner:
         out = _Outcome(picked_at)
         good: list[_Good] = []
         images: list[np.ndarray] = []
-        features: list[np.ndarray] = []
+        originals: list[tuple[int, int, int]] = []  # width, height, encoded bytes
         for raw in raws:
             try:
                 if len(raw) > self._max_message_bytes:
@@ -286,7 +286,6 @@ class BatchRunner:
                 image_b64, top_k, request_id = validate_kwargs(req.kwargs, len(self._labels))
                 data = decode_base64(image_b64, limits)
                 rgb = decode_image(data, limits)
-                stats = image_features(rgb, len(data)) if self.drift is not None else None
                 # Resize while the decoded frame is hot in cache; the big frame is freed at once.
                 model_input = resize_image(rgb, self._spec)
             except ImgqError as exc:
@@ -298,10 +297,9 @@ class BatchRunner:
                 continue
             good.append(_Good(req, top_k, request_id, queue_ms))
             images.append(model_input)
-            if stats is not None:  # one row per inferred image, in the same order
-                features.append(stats)
+            originals.append((rgb.shape[1], rgb.shape[0], len(data)))
         if good:
-            self._infer(out, good, images, features, t0)
+            self._infer(out, good, images, originals, t0)
         done = len(out.records) + len(out.dead)
         if done != len(raws):
             raise RuntimeError(
@@ -314,12 +312,13 @@ class BatchRunner:
         out: _Outcome,
         good: list[_Good],
         images: list[np.ndarray],
-        features: list[np.ndarray],
+        originals: list[tuple[int, int, int]],
         t0: float,
     ) -> None:
         """One model call for the good images; on failure every one of them fails."""
         try:
-            batch = normalise_batch(np.stack(images), self._spec)
+            stacked = np.stack(images)
+            batch = normalise_batch(stacked, self._spec)
             t1 = time.perf_counter()
             probs = self.bundle.predict(batch)
             t2 = time.perf_counter()
@@ -338,9 +337,7 @@ class BatchRunner:
         self.metrics.images.inc(n)
         self.metrics.preprocess.observe(t1 - t0)
         self.metrics.inference.observe(t2 - t1)
-        feats = np.asarray(features) if self.drift is not None else None
-        out.features, out.probs = feats, probs
-        outside = self.drift.out_of_range(feats) if feats is not None and self.drift else None
+        outside = self._drift_statistics(out, stacked, originals, probs)
         preprocess_ms, infer_ms = round((t1 - t0) * 1000, 3), round((t2 - t1) * 1000, 3)
         order = np.argsort(-probs, axis=1)
         for i, g in enumerate(good):
@@ -361,6 +358,27 @@ class BatchRunner:
                 if outside[i] and out.thumbnail is None:
                     out.thumbnail = (images[i], outside[i])
             out.add(g.request, "SUCCESS", result, "success", "")
+
+    def _drift_statistics(
+        self,
+        out: _Outcome,
+        stacked: np.ndarray,
+        originals: list[tuple[int, int, int]],
+        probs: np.ndarray,
+    ) -> list[list[str]] | None:
+        """The batch's image features (kept on ``out`` for the drift counts) and each image's
+        out-of-range features; None without drift statistics. Statistics are an extra: if they
+        fail, the batch's answers are still served, without them."""
+        if self.drift is None:
+            return None
+        try:
+            out.features = image_features(stacked, np.asarray(originals, np.float64))
+            out.probs = probs
+            return self.drift.out_of_range(out.features)
+        except Exception:
+            logger.exception("drift statistics failed; the batch is served without them")
+            out.features = out.probs = None
+            return None
 
     def _store(self, out: _Outcome, fields: list[str]) -> None:
         """Results, then acks, then drift counts, in one round trip (two when results live in
