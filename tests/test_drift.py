@@ -43,11 +43,11 @@ from worker.drift import (
     DriftRecorder,
     FeatureResult,
     Window,
+    WindowLayout,
     alert_transitions,
     chi2_homogeneity,
     evaluate_window,
     holm,
-    parse_window,
     psi,
 )
 from worker.metrics import WorkerMetrics
@@ -183,15 +183,24 @@ def test_alert_transitions_deduplicate_and_clear(reference: ReferenceStats) -> N
     assert alert_transitions({"brightness"}, normal) == ([], ["brightness"])
 
 
-def test_parse_window_reads_the_redis_hash(reference: ReferenceStats) -> None:
-    """Counts, sums, size and span come back from the hash's fields."""
-    raw = {b"n": b"3", b"t0": b"10.5", b"t1": b"12.0", b"brightness:2": b"3",
-           b"predicted_class:1": b"3", b"sum:brightness": b"1.5"}  # fmt: skip
-    window = parse_window(reference, 9, raw)
+def test_window_layout_reads_the_redis_string(reference: ReferenceStats) -> None:
+    """Counts, sums, size and span come back from their i64 slots; unwritten slots are 0."""
+    layout = WindowLayout(reference)
+    assert layout.names == list(ALL_FEATURES)
+    slots = np.zeros(layout.size, np.int64)
+    slots[:3] = 3, 10_500_000, 12_000_000
+    slots[layout.first_bin["brightness"] + 2] = 3
+    slots[layout.first_bin["predicted_class"] + 1] = 3
+    slots[layout.sum_slots["brightness"]] = 1_500_000
+    window = layout.parse(9, slots.astype(">i8").tobytes())
     assert (window.id, window.n_images, window.start_s, window.end_s) == (9, 3, 10.5, 12.0)
     assert window.counts["brightness"][2] == 3 and window.counts["brightness"].sum() == 3
     assert window.counts["predicted_class"].tolist() == [0, 3, 0, 0]
-    assert window.sums == {"brightness": 1.5}
+    assert window.sums["brightness"] == 1.5 and window.sums["contrast"] == 0.0
+    assert "predicted_class" not in window.sums
+    short = layout.parse(9, slots[:4].astype(">i8").tobytes())  # a trailing slot never written
+    assert short.n_images == 3 and short.counts["predicted_class"].sum() == 0
+    assert layout.parse(9, None).n_images == 0
 
 
 # ----------------------------------------------------------------------------- Redis
@@ -249,13 +258,13 @@ def send(recorder: DriftRecorder, features: np.ndarray, probs: np.ndarray) -> in
 def test_recorder_sums_batches_into_the_open_window(
     make_recorder: Callable[..., DriftRecorder], reference: ReferenceStats
 ) -> None:
-    """Two batches: the hash holds the summed bin counts, sums, and the image count."""
+    """Two batches: the window holds the summed bin counts, sums, and the image count."""
     recorder = make_recorder()
     rng = np.random.default_rng(7)
     (f1, p1), (f2, p2) = traffic(rng, 8), traffic(rng, 5)
     assert send(recorder, f1, p1) == 8
     assert send(recorder, f2, p2) == 13
-    window = parse_window(reference, 0, recorder.redis.hgetall(recorder.keys.open))
+    window = WindowLayout(reference).parse(0, recorder.redis.get(recorder.keys.open))
     expected = bin_counts(reference, all_features(np.vstack([f1, f2]), np.vstack([p1, p2])),
                           ALL_FEATURES)  # fmt: skip
     for name in ALL_FEATURES:
@@ -286,7 +295,7 @@ def test_recorder_bins_equal_shared_bin_counts_at_the_edges(
     )
     probs = np.tile([0.25, 0.25, 0.25, 0.25], (len(features), 1))
     send(recorder, features, probs)
-    window = parse_window(reference, 0, recorder.redis.hgetall(recorder.keys.open))
+    window = WindowLayout(reference).parse(0, recorder.redis.get(recorder.keys.open))
     expected = bin_counts(reference, all_features(features, probs), ALL_FEATURES)
     for name in ALL_FEATURES:
         assert window.counts[name].tolist() == expected[name].tolist(), name
@@ -333,7 +342,7 @@ def test_exactly_one_of_two_workers_closes_a_full_window(
         for t in threads:
             t.join()
         assert sorted(closed, key=str) == [1, None]
-        assert first.redis.hget(first.keys.window(1), "n") == b"120"
+        assert first.detector.layout.parse(1, first.redis.get(first.keys.window(1))).n_images == 120
         assert first.redis.ttl(first.keys.window(1)) > 0
         assert send(second, *traffic(np.random.default_rng(9), 4)) == 4
     finally:
@@ -373,7 +382,7 @@ def test_time_closer_waits_for_the_minimum_count(
     recorder = make_recorder(window_size=10_000, window_s=0.2, min_window_size=20)
     send(recorder, *traffic(np.random.default_rng(12), 5))
     assert recorder.close_window(min_images=20, min_age_s=0.0) is None
-    assert recorder.redis.hget(recorder.keys.open, "n") == b"5"
+    assert recorder.detector.layout.parse(0, recorder.redis.get(recorder.keys.open)).n_images == 5
 
 
 def test_alerts_are_deduplicated_cleared_logged_and_counted(

@@ -4,8 +4,8 @@ compares each closed window with the training reference, and de-duplicated alert
 The three parts, and where they run::
 
     hot path (per batch)       DriftRecorder.add_to_pipeline: bin counts of the batch, summed
-                               locally with numpy, go into the model's *open window* hash with ONE
-                               EVAL inside the batch's pipeline (no extra round trip)
+                               locally with numpy, go into the model's *open window* with ONE
+                               EVAL (one BITFIELD) inside the batch's pipeline (no extra round trip)
     background thread          DriftRecorder closes the open window when it is full (count) or old
                                (time) with an atomic Lua RENAME, so exactly one worker closes it,
                                then DriftDetector.evaluate judges it
@@ -18,8 +18,9 @@ per feature, a chi-square test of homogeneity between the reference counts and t
 Holm's correction across features, and a PSI floor so that a large window does not alert on a
 difference too small to matter. Alert = significant after correction AND PSI >= the floor.
 
-Redis keys, all under ``imgq:drift:<sha12>:`` (see :class:`DriftKeys`): ``open`` (hash: the open
-window), ``seq`` (window ids), ``win:<id>`` (closed windows, expire after a day), ``latest`` (JSON:
+Redis keys, all under ``imgq:drift:<sha12>:`` (see :class:`DriftKeys`): ``open`` (string of i64
+slots, :class:`WindowLayout`: the open window), ``seq`` (window ids), ``win:<id>`` (closed
+windows, expire after a day), ``latest`` (JSON:
 the last evaluated window's statistics), ``alerts`` (stream of alert and clear events),
 ``open_alerts`` (hash: feature -> id of its open alert), ``acked`` (hash: alert id -> time), and
 ``out_of_range`` (list: recent out-of-range thumbnails for the report).
@@ -35,7 +36,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,7 +67,7 @@ __all__ = [
     "psi",
     "chi2_homogeneity",
     "holm",
-    "parse_window",
+    "WindowLayout",
     "evaluate_window",
     "alert_transitions",
 ]
@@ -75,6 +76,11 @@ log = logging.getLogger("imgq.drift")
 
 #: Every feature a window counts: the image features, then the model-output features.
 ALL_FEATURES: tuple[str, ...] = IMAGE_FEATURES + OUTPUT_FEATURES
+
+#: A window's sums are stored as integers: this many per unit (exact to 1e-6 per batch).
+SUM_SCALE = 1_000_000
+#: Slots of a window's Redis string (see :class:`WindowLayout`).
+_N_SLOT, _T0_SLOT, _T1_SLOT, _FIRST_BIN_SLOT = 0, 1, 2, 3
 
 #: Largest side of a stored out-of-range thumbnail, pixels.
 THUMBNAIL_PX = 64
@@ -214,30 +220,62 @@ class Window:
         }
 
 
-def parse_window(reference: ReferenceStats, window_id: int, raw: Mapping[Any, Any]) -> Window:
-    """Build a :class:`Window` from the ``HGETALL`` of a window hash.
+class WindowLayout:
+    """Where each number of a window lives in its Redis string: signed 64-bit slots, addressed as
+    ``BITFIELD key INCRBY i64 #slot`` does.
 
-    Fields are ``n``, ``t0``, ``t1``, ``<feature>:<bin>`` (count) and ``sum:<feature>``.
+    Slot 0 is the image count, 1 and 2 the server time (µs) of the first and last batch, then the
+    bins of every feature in :data:`ALL_FEATURES` order (those the reference has), then the sums
+    of the continuous features in fixed point (:data:`SUM_SCALE` per unit), for the current mean.
+    Every worker derives the same layout from the same reference. One ``BITFIELD`` of a batch's
+    ~150 increments costs Redis a fraction of what ~150 ``HINCRBY`` on a hash did (~0.7 ms per
+    batch, on the cores the workers share).
+
+    >>> from shared.imagestats import build_reference
+    >>> layout = WindowLayout(build_reference(np.arange(40.0)[:, None], ["brightness"], n_bins=4))
+    >>> layout.first_bin, layout.sum_slots, layout.size
+    ({'brightness': 3}, {'brightness': 7}, 8)
+    >>> raw = np.array([5, 2_000_000, 3_500_000, 1, 0, 4, 0, 2_500_000], ">i8").tobytes()
+    >>> w = layout.parse(9, raw)
+    >>> w.n_images, w.start_s, w.end_s, w.counts["brightness"].tolist(), w.sums["brightness"]
+    (5, 2.0, 3.5, [1, 0, 4, 0], 2.5)
     """
-    fields = {_text(k): _text(v) for k, v in raw.items()}
-    counts = {
-        name: np.zeros(len(ref.counts), dtype=np.int64) for name, ref in reference.features.items()
-    }
-    sums: dict[str, float] = {}
-    for key, value in fields.items():
-        head, _, tail = key.partition(":")
-        if head == "sum":
-            sums[tail] = float(value)
-        elif tail and head in counts:
-            counts[head][int(tail)] = int(value)
-    return Window(
-        id=window_id,
-        n_images=int(fields.get("n", 0)),
-        start_s=float(fields.get("t0", 0.0)),
-        end_s=float(fields.get("t1", 0.0)),
-        counts=counts,
-        sums=sums,
-    )
+
+    def __init__(self, reference: ReferenceStats) -> None:
+        features = reference.features
+        self.names = [n for n in ALL_FEATURES if n in features]
+        self.first_bin: dict[str, int] = {}
+        slot = _FIRST_BIN_SLOT
+        for name in self.names:
+            self.first_bin[name] = slot
+            slot += len(features[name].counts)
+        self.sum_slots: dict[str, int] = {}
+        for name in self.names:
+            if not features[name].categorical:
+                self.sum_slots[name] = slot
+                slot += 1
+        self.size = slot
+        self._n_bins = {name: len(features[name].counts) for name in self.names}
+
+    def parse(self, window_id: int, raw: bytes | None) -> Window:
+        """The :class:`Window` stored in ``raw`` (the ``GET`` of a window's key; slots never
+        written read as 0, a missing key as an empty window)."""
+        values = np.zeros(self.size, np.int64)
+        stored = np.frombuffer(raw or b"", ">i8")[: self.size]
+        values[: len(stored)] = stored
+        counts = {
+            name: values[first : first + self._n_bins[name]].copy()
+            for name, first in self.first_bin.items()
+        }
+        sums = {name: float(values[slot]) / SUM_SCALE for name, slot in self.sum_slots.items()}
+        return Window(
+            id=window_id,
+            n_images=int(values[_N_SLOT]),
+            start_s=float(values[_T0_SLOT]) / 1e6,
+            end_s=float(values[_T1_SLOT]) / 1e6,
+            counts=counts,
+            sums=sums,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,36 +458,38 @@ class DriftKeys:
         return f"{self.window_prefix}{window_id}"
 
 
-# Adds one batch to the open window: integer increments, then float increments (sums); records
-# the server time of the first and last batch; returns the window's new image count.
-# KEYS: the open window. ARGV: images in the batch, "field count ..." pairs, "field sum ..." pairs.
+# Adds one batch to the open window (a string of i64 slots, see WindowLayout): the image count,
+# then "slot increment ..." pairs (bin counts and fixed-point sums) in one BITFIELD; records the
+# server time of the first and last batch (µs); returns the window's new image count.
+# KEYS: the open window. ARGV: images in the batch, "slot increment ..." pairs.
 _ADD_LUA = """
 local key = KEYS[1]
-for field, count in string.gmatch(ARGV[2], '(%S+) (%S+)') do
-  redis.call('HINCRBY', key, field, count)
-end
-for field, sum in string.gmatch(ARGV[3], '(%S+) (%S+)') do
-  redis.call('HINCRBYFLOAT', key, field, sum)
-end
+local head = redis.call('BITFIELD', key, 'INCRBY', 'i64', '#0', ARGV[1], 'GET', 'i64', '#1')
 local t = redis.call('TIME')
-local now = t[1] .. '.' .. string.format('%06d', t[2])
-redis.call('HSETNX', key, 't0', now)
-redis.call('HSET', key, 't1', now)
-return redis.call('HINCRBY', key, 'n', ARGV[1])
+local now = t[1] .. string.format('%06d', t[2])
+local ops = {'SET', 'i64', '#2', now}
+if head[2] == 0 then
+  ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'i64'; ops[#ops + 1] = '#1'; ops[#ops + 1] = now
+end
+for slot, inc in string.gmatch(ARGV[2], '(%d+) (%-?%d+)') do
+  ops[#ops + 1] = 'INCRBY'; ops[#ops + 1] = 'i64'; ops[#ops + 1] = '#' .. slot
+  ops[#ops + 1] = inc
+end
+redis.call('BITFIELD', key, unpack(ops))
+return head[1]
 """
 
 # Closes the open window if it is still full (and, for the time closer, old enough): the RENAME
 # is atomic, so when several workers see the window full at once exactly one closes it; batches
-# that arrive after it start a new open hash. Returns the new window id, or 0.
+# that arrive after it start a new open window. Returns the new window id, or 0.
 _CLOSE_LUA = """
-local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
-if n < tonumber(ARGV[1]) then return 0 end
+local head = redis.call('BITFIELD', KEYS[1], 'GET', 'i64', '#0', 'GET', 'i64', '#1')
+if head[1] < tonumber(ARGV[1]) then return 0 end
 local min_age = tonumber(ARGV[2])
 if min_age > 0 then
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-  local t0 = tonumber(redis.call('HGET', KEYS[1], 't0') or now)
-  if now - t0 < min_age then return 0 end
+  local age_s = tonumber(t[1]) + tonumber(t[2]) / 1e6 - head[2] / 1e6
+  if age_s < min_age then return 0 end
 end
 local id = redis.call('INCR', KEYS[2])
 local closed = ARGV[3] .. id
@@ -490,6 +530,7 @@ class DriftDetector:
         self.alpha = alpha
         self.psi_floor = psi_floor
         self.metrics = metrics or process_metrics()
+        self.layout = WindowLayout(manifest.reference)
 
     def evaluate(self, window_id: int) -> dict[str, Any] | None:
         """Judge closed window ``window_id``: store its statistics as the latest, open alerts
@@ -498,12 +539,12 @@ class DriftDetector:
         Returns:
             The new alert (as stored and logged), or None when nothing new drifted.
         """
-        raw = self.redis.hgetall(self.keys.window(window_id))
-        if not raw:
+        raw = self.redis.get(self.keys.window(window_id))
+        if not isinstance(raw, bytes) or not raw:  # bytes: clients here never decode responses
             log.warning("drift window %s of %s is gone (expired?)", window_id, self.keys.prefix)
             return None
         reference = self.manifest.reference
-        window = parse_window(reference, window_id, raw)
+        window = self.layout.parse(window_id, raw)
         results = evaluate_window(
             reference,
             window,
@@ -670,22 +711,23 @@ class DriftRecorder:
         self._thumbnail_interval_s = 1.0 / thumbnails_per_s
         self._last_thumbnail_s = -math.inf
         ref = manifest.reference.features
-        # Every bin of every feature numbered once, in ALL_FEATURES order, with its hash field
-        # name: the hot path counts a batch with one bincount over these numbers.
+        layout = self.detector.layout
+        # Every bin of every feature numbered by its slot in the window's Redis string: the hot
+        # path counts a batch with one bincount over these numbers.
         n_bins = np.array([len(ref[n].counts) for n in ALL_FEATURES])
         # Edges as one matrix, rows padded with +inf: a batch is binned in one comparison.
         self._edges = np.full((len(ALL_FEATURES), int(n_bins.max()) + 1), np.inf)
         for j, n in enumerate(ALL_FEATURES):
             self._edges[j, : len(ref[n].edges)] = ref[n].edges
-        self._first_bin = np.concatenate([[0], np.cumsum(n_bins)[:-1]])
+        self._first_bin = np.array([layout.first_bin[n] for n in ALL_FEATURES])
         self._last_bin = n_bins - 1
-        self._fields = [
-            f"{n}:{b}" for n, k in zip(ALL_FEATURES, n_bins, strict=True) for b in range(k)
-        ]
-        self._sum_fields = [(i, f"sum:{n}") for i, n in enumerate(IMAGE_FEATURES)]
-        self._output_sum_fields = [
-            (i, f"sum:{n}") for i, n in enumerate(OUTPUT_FEATURES) if not ref[n].categorical
-        ]
+        self._n_slots = layout.size
+        self._image_sum_slots = np.array([layout.sum_slots[n] for n in IMAGE_FEATURES])
+        continuous_outputs = [i for i, n in enumerate(OUTPUT_FEATURES) if not ref[n].categorical]
+        self._output_sum_columns = np.array(continuous_outputs)
+        self._output_sum_slots = np.array(
+            [layout.sum_slots[OUTPUT_FEATURES[i]] for i in continuous_outputs]
+        )
         self._requests: queue.Queue[str | None] = queue.Queue()
         self._tick_s = min(self.window_s / 4, 5.0)
         self._thread = threading.Thread(target=self._run, name="imgq-drift", daemon=True)
@@ -712,24 +754,17 @@ class DriftRecorder:
         bins = np.concatenate(
             [self._bin_numbers(image_features, 0), self._bin_numbers(outputs, len(IMAGE_FEATURES))]
         )
-        counts = np.bincount(bins, minlength=len(self._fields))
-        nonzero = np.flatnonzero(counts)
-        fields = self._fields
-        # "field count field count ...": one argument instead of ~2 per bin, which redis-py
-        # would encode one by one (~1 ms per batch of 32).
-        increments = " ".join(
-            f"{fields[b]} {count}"
-            for b, count in zip(nonzero.tolist(), counts[nonzero].tolist(), strict=True)
-        )
-        floats: list[str] = []
-        for values, sum_fields in (
-            (image_features, self._sum_fields),
-            (outputs, self._output_sum_fields),
-        ):
-            sums = np.where(np.isfinite(values), values, 0.0).sum(axis=0).tolist()
-            floats += [f"{field} {sums[i]!r}" for i, field in sum_fields]
+        increments = np.bincount(bins, minlength=self._n_slots)
+        sums = _finite_sums(image_features) * SUM_SCALE
+        increments[self._image_sum_slots] = np.rint(sums)
+        sums = _finite_sums(outputs[:, self._output_sum_columns]) * SUM_SCALE
+        increments[self._output_sum_slots] = np.rint(sums)
+        slots = np.flatnonzero(increments)
+        # "slot increment slot increment ...": one argument instead of ~2 per slot, which
+        # redis-py would encode one by one (~1 ms per batch of 32).
+        pairs = np.column_stack([slots, increments[slots]]).ravel().tolist()
         index = len(pipe)
-        pipe.eval(_ADD_LUA, 1, self.keys.open, len(image_features), increments, " ".join(floats))
+        pipe.eval(_ADD_LUA, 1, self.keys.open, len(image_features), " ".join(map(str, pairs)))
         return index
 
     def _bin_numbers(self, values: np.ndarray, first_feature: int) -> np.ndarray:
@@ -829,6 +864,11 @@ class DriftRecorder:
                 log.warning("drift: Redis unavailable; will retry", exc_info=True)
             except Exception:  # a bug here must not kill the thread and stop drift detection
                 log.exception("drift: evaluating a window failed")
+
+
+def _finite_sums(values: np.ndarray) -> np.ndarray:
+    """Column sums with NaN and infinities counted as 0 (they are counted in the last bin)."""
+    return np.where(np.isfinite(values), values, 0.0).sum(axis=0)
 
 
 def _alert_feature(r: FeatureResult) -> dict[str, Any]:

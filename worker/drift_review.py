@@ -56,12 +56,12 @@ def read_status(client: redis.Redis, manifest: Manifest) -> dict[str, Any]:
     keys = DriftKeys(manifest.short_sha)
     pipe = client.pipeline(transaction=False)
     pipe.get(keys.latest)
-    pipe.hget(keys.open, "n")
+    pipe.execute_command("BITFIELD", keys.open, "GET", "i64", "#0")  # the image count
     pipe.hgetall(keys.open_alerts)
     latest, open_n, open_alerts = pipe.execute()
     return {
         "latest": json.loads(latest) if latest else None,
-        "open_window_images": int(open_n or 0),
+        "open_window_images": int(open_n[0]),
         "open_alerts": {k.decode(): v.decode() for k, v in open_alerts.items()},
     }
 
