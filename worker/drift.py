@@ -120,13 +120,23 @@ def psi(
     >>> round(psi([500, 500], [900, 100]), 3)
     0.876
     """
-    p = np.asarray(ref_counts, dtype=np.float64) + smoothing
-    q = np.asarray(cur_counts, dtype=np.float64) + smoothing
+    p = np.asarray(ref_counts, dtype=np.float64)
+    q = np.asarray(cur_counts, dtype=np.float64)
     if p.shape != q.shape:
         raise ValueError(f"histograms differ in bins: {p.shape[0]} reference vs {q.shape[0]}")
-    p /= p.sum()
-    q /= q.sum()
-    return float(np.sum((q - p) * np.log(q / p)))
+    return float(_psi_rows(p[None], q[None], np.ones((1, p.size), bool), smoothing)[0])
+
+
+def _psi_rows(ref: np.ndarray, cur: np.ndarray, real: np.ndarray, smoothing: float) -> np.ndarray:
+    """:func:`psi` of every row pair of two (F, B) count matrices whose rows are padded with
+    zeros: ``real`` marks the bins that exist (only they get the pseudo-count)."""
+    p = np.where(real, ref + smoothing, 0.0)
+    q = np.where(real, cur + smoothing, 0.0)
+    p /= p.sum(axis=1, keepdims=True)
+    q /= q.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(real, (q - p) * np.log(q / p), 0.0)
+    return terms.sum(axis=1)
 
 
 def chi2_homogeneity(
@@ -149,15 +159,30 @@ def chi2_homogeneity(
     True
     """
     table = np.array([ref_counts, cur_counts], dtype=np.float64)
-    table = table[:, table.sum(axis=0) > 0]
-    rows = table.sum(axis=1, keepdims=True)
-    if table.shape[1] < 2 or (rows == 0).any():
-        return 0.0, 0, 1.0
-    # The same as scipy.stats.chi2_contingency(table, correction=False), 100x faster.
-    expected = rows * table.sum(axis=0) / rows.sum()
-    statistic = float(((table - expected) ** 2 / expected).sum())
-    dof = table.shape[1] - 1
-    return statistic, dof, float(chdtrc(dof, statistic))  # the chi-square survival function
+    statistic, dof, p_value = _chi2_rows(table[:1], table[1:])
+    return float(statistic[0]), int(dof[0]), float(p_value[0])
+
+
+def _chi2_rows(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`chi2_homogeneity` of every row pair of two (F, B) count matrices, in one pass: a
+    window's features are judged together. Rows may be padded with zeros (bins empty in both
+    are dropped anyway)."""
+    column = ref + cur
+    occupied = column > 0
+    n_ref = ref.sum(axis=1, keepdims=True)
+    n_cur = cur.sum(axis=1, keepdims=True)
+    dof = occupied.sum(axis=1) - 1
+    valid = (dof >= 1) & (n_ref[:, 0] > 0) & (n_cur[:, 0] > 0)
+    # The same as scipy.stats.chi2_contingency(table, correction=False) per row, 100x faster.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        e_ref = n_ref * column / (n_ref + n_cur)
+        e_cur = n_cur * column / (n_ref + n_cur)
+        terms = (ref - e_ref) ** 2 / e_ref + (cur - e_cur) ** 2 / e_cur
+    statistic = np.where(valid, np.where(occupied, terms, 0.0).sum(axis=1), 0.0)
+    dof = np.where(valid, dof, 0)
+    # chdtrc is the chi-square survival function.
+    p_value = np.where(valid, chdtrc(np.maximum(dof, 1), statistic), 1.0)
+    return statistic, dof, p_value
 
 
 def holm(p_values: Sequence[float] | np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -362,25 +387,39 @@ def evaluate_window(
         One :class:`FeatureResult` per feature, the largest PSI first.
     """
     names = [n for n in reference.features if n in window.counts]
-    tested = [chi2_homogeneity(reference.features[n].counts, window.counts[n]) for n in names]
-    thresholds, significant = holm([t[2] for t in tested], alpha)
+    n_bins = np.array([len(reference.features[n].counts) for n in names])
+    # All features as rows of zero-padded matrices: the tests of a window in one numpy pass.
+    real = np.arange(int(n_bins.max(initial=1)))[None, :] < n_bins[:, None]
+    ref_counts = np.zeros(real.shape)
+    cur_counts = np.zeros(real.shape)
+    for i, name in enumerate(names):
+        ref_counts[i, : n_bins[i]] = reference.features[name].counts
+        cur_counts[i, : n_bins[i]] = window.counts[name]
+    statistic, dof, p_value = _chi2_rows(ref_counts, cur_counts)
+    thresholds, significant = holm(p_value, alpha)
+    n_values = cur_counts.sum(axis=1).astype(int).tolist()
+    psis = np.where(n_values, _psi_rows(ref_counts, cur_counts, real, 0.5), 0.0).tolist()
     results = []
     for i, name in enumerate(names):
-        ref, cur = reference.features[name], window.counts[name]
-        n = int(cur.sum())
+        ref = reference.features[name]
         ref_value, cur_value, summary = _summary(
-            ref.categorical, ref.mean, ref.counts, cur, window.sums.get(name), labels
+            ref.categorical,
+            ref.mean,
+            ref.counts,
+            window.counts[name],
+            window.sums.get(name),
+            labels,
         )
         results.append(
             FeatureResult(
                 name=name,
-                n=n,
-                statistic=tested[i][0],
-                dof=tested[i][1],
-                p_value=tested[i][2],
+                n=n_values[i],
+                statistic=float(statistic[i]),
+                dof=int(dof[i]),
+                p_value=float(p_value[i]),
                 p_threshold=float(thresholds[i]),
                 significant=bool(significant[i]),
-                psi=psi(ref.counts, cur) if n else 0.0,
+                psi=psis[i],
                 psi_floor=psi_floor,
                 reference=ref_value,
                 current=cur_value,
