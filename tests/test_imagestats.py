@@ -95,6 +95,26 @@ def test_an_image_gets_the_same_features_alone_or_in_any_batch(
     monkeypatch.setattr("shared.imagestats._CHUNK_PX", 3 * 32 * 32)  # chunks of 3 images
     assert np.array_equal(image_features(inputs, originals), batch)
     assert image_features(inputs[:0], originals[:0]).shape == (0, len(IMAGE_FEATURES))
+    # Inputs over 64 pixels a side are block-averaged first: still independent of the batch.
+    big = np.stack([resize_image(s, PreprocessSpec(height=100, width=140)) for s in scenes])
+    big_batch = image_features(big, originals)
+    for i in range(len(scenes)):
+        assert np.array_equal(image_features(big[i : i + 1], originals[i : i + 1])[0], big_batch[i])
+
+
+def test_large_inputs_are_reduced_to_block_means() -> None:
+    """224 x 224 (MobileNetV2) is measured as its 4 x 4 block means, 56 x 56: the same values
+    as OpenCV's area resize of each image alone; 100 x 140 as 3 x 3 blocks of the centre."""
+    spec = PreprocessSpec(height=224, width=224)
+    inputs = np.stack([resize_image(s, spec) for s in SCENES])
+    sizes = np.tile([160, 120, 5000], (len(SCENES), 1))
+    reduced = np.stack([cv2.resize(x, (56, 56), interpolation=cv2.INTER_AREA) for x in inputs])
+    np.testing.assert_array_equal(image_features(inputs, sizes), image_features(reduced, sizes))
+    odd = np.stack([resize_image(s, PreprocessSpec(height=100, width=140)) for s in SCENES])
+    centre = np.stack(
+        [cv2.resize(x[0:99, 1:139], (46, 33), interpolation=cv2.INTER_AREA) for x in odd]
+    )
+    np.testing.assert_array_equal(image_features(odd, sizes), image_features(centre, sizes))
 
 
 def test_darkening_lowers_brightness() -> None:
