@@ -4,6 +4,7 @@ fail alone, a failing model fails its whole batch visibly, expired tasks are rev
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,28 @@ def test_drift_gets_features_and_its_reply(redis_server, client, manifest) -> No
     assert drift.thumbnails == [["width"]]
     assert normal.get(timeout=5)["drift"] == {"out_of_range": []}
     assert wide.get(timeout=5)["drift"] == {"out_of_range": ["width"]}
+
+
+def test_a_failing_drift_update_costs_no_result(redis_server, client, manifest, caplog) -> None:
+    """Drift counts that Redis refuses (here a key of the wrong type) are logged, once; the
+    batch's results and acks are stored and the worker goes on serving."""
+    r = redis.Redis.from_url(redis_server.url)
+    r.delete("drift-count")
+    r.rpush("drift-count", "not a counter")  # INCRBY on a list: WRONGTYPE
+    drift = FakeDrift()
+    runner = _runner(redis_server, client, FakeBundle(manifest), drift=drift)
+    try:
+        for _ in range(2):
+            results = [_send(client, image=GOOD) for _ in range(3)]
+            with caplog.at_level(logging.ERROR, logger="worker.batching"):
+                assert runner.run_once() == 3
+            assert [res.get(timeout=5)["label"] for res in results] == ["b"] * 3
+            assert r.hlen(runner.intake.inflight_key) == 0  # acknowledged
+        assert drift.replies == []  # the refused update was not taken for a window count
+        logged = [rec for rec in caplog.records if "drift counts not stored" in rec.getMessage()]
+        assert len(logged) == 1 and "WRONGTYPE" in logged[0].getMessage()
+    finally:
+        r.delete("drift-count")
 
 
 def test_results_expire(redis_server, client, manifest) -> None:

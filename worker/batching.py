@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import threading
 import time
@@ -177,6 +178,7 @@ class BatchRunner:
         self.backend = backend
         self.metrics = metrics
         self.drift = drift
+        self._drift_error_logged_s = -math.inf
         self.events = events
         manifest = bundle.manifest
         self._labels = manifest.labels
@@ -427,14 +429,31 @@ class BatchRunner:
         self.intake.ack(pipe, fields)
         if self.events is not None:
             self.events.add_to_pipeline(pipe, out)
-        drift_reply = None
+        drift_first = drift_reply = None
         if self.drift is not None and out.features is not None and out.probs is not None:
+            drift_first = len(pipe)
             drift_reply = self.drift.add_to_pipeline(pipe, out.features, out.probs)
             if out.thumbnail is not None:
                 self.drift.add_out_of_range_thumbnail(pipe, *out.thumbnail)
-        replies = pipe.execute()
-        if drift_reply is not None and self.drift is not None:
+        replies = pipe.execute(raise_on_error=False)
+        errors = [r for r in replies[:drift_first] if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        drift_errors = [
+            r for r in replies[drift_first or len(replies) :] if isinstance(r, Exception)
+        ]
+        if drift_errors:
+            # Drift statistics are an extra: the results and acks are stored; say so and go on.
+            self._log_drift_error(drift_errors[0])
+        elif drift_reply is not None and self.drift is not None:
             self.drift.after_pipeline(replies[drift_reply])
+
+    def _log_drift_error(self, exc: Exception) -> None:
+        """Log a failed drift update at most once a minute (it fails every batch until fixed)."""
+        now = time.monotonic()
+        if now - self._drift_error_logged_s >= 60.0:
+            self._drift_error_logged_s = now
+            logger.error("drift counts not stored (results are): %s", exc)
 
 
 class TaskEvents:

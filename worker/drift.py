@@ -18,8 +18,8 @@ per feature, a chi-square test of homogeneity between the reference counts and t
 Holm's correction across features, and a PSI floor so that a large window does not alert on a
 difference too small to matter. Alert = significant after correction AND PSI >= the floor.
 
-Redis keys, all under ``imgq:drift:<sha12>:`` (see :class:`DriftKeys`): ``open`` (string of i64
-slots, :class:`WindowLayout`: the open window), ``seq`` (window ids), ``win:<id>`` (closed
+Redis keys, all under ``imgq:drift:<sha12>:`` (see :class:`DriftKeys`): ``window`` (string of
+i64 slots, :class:`WindowLayout`: the open window), ``seq`` (window ids), ``window:<id>`` (closed
 windows, expire after a day), ``latest`` (JSON:
 the last evaluated window's statistics), ``alerts`` (stream of alert and clear events),
 ``open_alerts`` (hash: feature -> id of its open alert), ``acked`` (hash: alert id -> time), and
@@ -477,15 +477,17 @@ class DriftKeys:
     """The Redis keys of one model's drift state (one place, shared by workers and review).
 
     >>> DriftKeys("0123456789ab").window(7)
-    'imgq:drift:0123456789ab:win:7'
+    'imgq:drift:0123456789ab:window:7'
     """
 
     def __init__(self, short_sha: str) -> None:
         prefix = f"imgq:drift:{short_sha}:"
         self.prefix = prefix
-        self.open = prefix + "open"
+        # Windows are strings of i64 slots (WindowLayout); older imgq kept hashes under
+        # "open" and "win:<id>", hence the new names.
+        self.open = prefix + "window"
         self.seq = prefix + "seq"
-        self.window_prefix = prefix + "win:"
+        self.window_prefix = prefix + "window:"
         self.latest = prefix + "latest"
         self.alerts = prefix + "alerts"
         self.open_alerts = prefix + "open_alerts"
