@@ -243,14 +243,14 @@ class Workers:
         self,
         commands: list[list[str]],
         names: list[str],
-        env: dict[str, str],
+        envs: list[dict[str, str]],
         log_dir: Path,
         client: ImgqClient,
     ) -> None:
         self.names, self.client = names, client
         started = time.monotonic()
         self.procs = []
-        for name, cmd in zip(names, commands, strict=True):
+        for name, cmd, env in zip(names, commands, envs, strict=True):
             log = (log_dir / f"{name.split('@')[0]}.log").open("ab")
             self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=ROOT))
         self._wait_for_ping()
@@ -326,9 +326,12 @@ def imgq_workers(
     *,
     profile_dir: Path | None = None,
     env: dict[str, str] | None = None,
+    envs: Sequence[dict[str, str]] | None = None,
 ) -> Workers:
-    """(b): ``args.workers`` `imgq worker` processes on the client's queue."""
-    names = [f"imgq{i}@bench" for i in range(args.workers)]
+    """(b): ``args.workers`` `imgq worker` processes on the client's queue; with ``envs``, one
+    process per entry, each with its own extra environment."""
+    envs = list(envs) if envs is not None else [env or {}] * args.workers
+    names = [f"imgq{i}@bench" for i in range(len(envs))]
     commands = []
     for name in names:
         options = [
@@ -354,7 +357,7 @@ def imgq_workers(
         else:
             out = profile_dir / f"{name.split('@')[0]}.prof"
             commands.append([sys.executable, __file__, "profile-worker", str(out), "--", *options])
-    return Workers(commands, names, _worker_env(url, **(env or {})), log_dir, client)
+    return Workers(commands, names, [_worker_env(url, **e) for e in envs], log_dir, client)
 
 
 def naive_workers(
@@ -375,7 +378,7 @@ def naive_workers(
         "--hostname",
         "naive@bench",
     ]
-    return Workers([cmd], ["naive@bench"], _worker_env(url), log_dir, client)
+    return Workers([cmd], ["naive@bench"], [_worker_env(url)], log_dir, client)
 
 
 # -- measurements ----------------------------------------------------------------------------------
@@ -434,12 +437,13 @@ def drain(
     r.rename(client.queue, parked)
     redis_pid = int(r.info("server")["process_id"])
     with start() as workers:
-        cpu0 = _tree_cpu_s(workers.pids)
+        cpu0 = [_tree_cpu_s([pid]) for pid in workers.pids]
         redis0, self0 = _process_cpu_s(redis_pid), time.process_time()
         released = time.time()
         r.rename(parked, client.queue)
         outcomes = workers.results(pending, timeout_s=60 + n / 20)
-        cpu_s = _tree_cpu_s(workers.pids) - cpu0
+        worker_cpu_s = [_tree_cpu_s([pid]) - c for pid, c in zip(workers.pids, cpu0, strict=True)]
+        cpu_s = sum(worker_cpu_s)
         redis_s, self_s = _process_cpu_s(redis_pid) - redis0, time.process_time() - self0
         last = max(_done_times(client, pending))
         result = {
@@ -453,10 +457,46 @@ def drain(
                 o.get("batch_size", 1) for o in outcomes if isinstance(o, dict)
             ),
             "loadavg_1m": os.getloadavg()[0],
+            "worker_cpu_s": worker_cpu_s,
+            # Results with a "drift" entry came from a worker with drift statistics on.
+            "drift_tasks": sum(isinstance(o, dict) and "drift" in o for o in outcomes),
         }
         if keep is not None:
             result["paced"] = keep(result["rate"])
     return result
+
+
+def drift_ab(
+    url: str,
+    bundle: Path,
+    client: ImgqClient,
+    images: Sequence[bytes],
+    args: argparse.Namespace,
+    work: Path,
+) -> dict[str, Any]:
+    """Drift statistics' cost side by side: one worker with them and one without drain one queue
+    at the same time, so both see the same machine (this VM's speed drifts by tens of percent
+    between consecutive drains, more than the cost measured); CPU per task of each."""
+    envs = [{"IMGQ_DRIFT": "true"}, {"IMGQ_DRIFT": "false"}]
+    d = drain(
+        url,
+        client,
+        images,
+        args.drift_ab_tasks,
+        lambda: imgq_workers(url, bundle, client, args, work, envs=envs),
+    )
+    on_tasks, off_tasks = d["drift_tasks"], args.drift_ab_tasks - d["failures"] - d["drift_tasks"]
+    on_ms = d["worker_cpu_s"][0] / max(1, on_tasks) * 1000
+    off_ms = d["worker_cpu_s"][1] / max(1, off_tasks) * 1000
+    return {
+        "on_tasks": on_tasks,
+        "off_tasks": off_tasks,
+        "on_cpu_ms_per_task": on_ms,
+        "off_cpu_ms_per_task": off_ms,
+        "cost": on_ms / off_ms - 1,
+        "failures": d["failures"],
+        "loadavg_1m": d["loadavg_1m"],
+    }
 
 
 def paced(client: ImgqClient, images: Sequence[bytes], rate: float, duration_s: float) -> dict:
@@ -564,6 +604,11 @@ def bench_model(
 
                 out[key].append(drain(url, client, images, args.tasks, start))
                 say(f"    {out[key][-1]}")
+        out["drift_ab"] = []
+        for _ in range(args.drift_ab):
+            say("(b) drift statistics side by side: one worker with, one without")
+            out["drift_ab"].append(drift_ab(url, bundle, client, images, args, work))
+            say(f"    {out['drift_ab'][-1]}")
         if args.profile:
             profile_dir = work / f"profile-{name}"
             profile_dir.mkdir(exist_ok=True)
@@ -609,6 +654,20 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     def median_cpu(drains: list[dict[str, Any]]) -> float:
         return statistics.median(d["cpu_ms_per_task"] for d in drains)
 
+    def ab_lines(rounds: list[dict[str, Any]]) -> list[str]:
+        if not rounds:
+            return []
+        each = ", ".join(
+            f"{a['on_cpu_ms_per_task']:.3f} vs {a['off_cpu_ms_per_task']:.3f} ({a['cost']:+.1%})"
+            for a in rounds
+        )
+        cost = statistics.median(a["cost"] for a in rounds)
+        return [
+            f"- drift statistics, side by side (one worker with, one without, one queue, "
+            f"{len(rounds)} drains; worker CPU ms/task with vs without): {each}; "
+            f"**median {cost:+.1%}**"
+        ]
+
     for name in args.models:
         m = results[name]
         lim, naive, imgq = m["limit"], m["naive"], m["imgq"]
@@ -647,9 +706,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"- framework CPU per task (b) - (c) = "
             f"{imgq['cpu_ms_per_task'] - lim['cpu_ms_per_task']:.2f} ms, (a) - (c) = "
             f"{naive['cpu_ms_per_task'] - lim['cpu_ms_per_task']:.2f} ms",
-            f"- drift statistics: median worker CPU {median_cpu(on):.3f} ms/task with, "
-            f"{median_cpu(off):.3f} without ({len(on)} and {len(off)} drains): "
-            f"**{drift_ms:+.3f} ms/task ({drift_ms / median_cpu(off):+.1%})**",
+            f"- drift statistics, consecutive drains: median worker CPU {median_cpu(on):.3f} "
+            f"ms/task with, {median_cpu(off):.3f} without ({len(on)} and {len(off)} drains): "
+            f"{drift_ms:+.3f} ms/task ({drift_ms / median_cpu(off):+.1%})",
+            *ab_lines(m.get("drift_ab", [])),
             f"- one full batch ({args.max_batch}) decode + preprocess + infer, 1 thread: "
             f"{lim['full_batch_ms']:.1f} ms -> p99 target at 50% load: "
             f"{args.max_wait_ms + 3 * lim['full_batch_ms']:.0f} ms",
@@ -731,6 +791,13 @@ def main(argv: list[str] | None = None) -> int:
         help="drains without and with drift statistics, alternating, for drift's cost",
     )
     p.add_argument(
+        "--drift-ab",
+        type=int,
+        default=5,
+        help="drains by one worker with and one without drift statistics at once, for its cost",
+    )
+    p.add_argument("--drift-ab-tasks", type=int, default=2000, help="tasks per side-by-side drain")
+    p.add_argument(
         "--quick",
         action="store_true",
         help="1,000 tasks, 5 s paced levels, 40 images per class, 3 epochs",
@@ -743,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.tasks, args.paced_s, args.per_class, args.train_epochs = 1000, 5.0, 40, 3
-        args.drift_pairs = 1
+        args.drift_pairs, args.drift_ab, args.drift_ab_tasks = 1, 1, 1000
     args.naive_tasks = args.naive_tasks or args.tasks
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - {"small", "mobilenetv2"}
