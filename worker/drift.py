@@ -763,12 +763,11 @@ class DriftRecorder:
         self._first_bin = np.array([layout.first_bin[n] for n in ALL_FEATURES])
         self._last_bin = n_bins - 1
         self._n_slots = layout.size
-        self._image_sum_slots = np.array([layout.sum_slots[n] for n in IMAGE_FEATURES])
-        continuous_outputs = [i for i, n in enumerate(OUTPUT_FEATURES) if not ref[n].categorical]
-        self._output_sum_columns = np.array(continuous_outputs)
-        self._output_sum_slots = np.array(
-            [layout.sum_slots[OUTPUT_FEATURES[i]] for i in continuous_outputs]
+        # Columns of [image features | output features] that have a sum, and its slot.
+        self._sum_columns = np.array(
+            [j for j, n in enumerate(ALL_FEATURES) if n in layout.sum_slots]
         )
+        self._sum_slots = np.array([layout.sum_slots[ALL_FEATURES[j]] for j in self._sum_columns])
         self._requests: queue.Queue[str | None] = queue.Queue()
         self._tick_s = min(self.window_s / 4, 5.0)
         self._thread = threading.Thread(target=self._run, name="imgq-drift", daemon=True)
@@ -784,22 +783,21 @@ class DriftRecorder:
 
         Args:
             pipe: The redis-py pipeline that also stores the batch's results.
-            image_features: (N, len(IMAGE_FEATURES)) features of the batch's decoded images.
-            probs: (M, K) probabilities of the images that were inferred.
+            image_features: (N, len(IMAGE_FEATURES)) features of the batch's inferred images.
+            probs: (N, K) their probabilities, in the same order.
 
         Returns:
             Index, in ``pipe.execute()``'s reply list, of the open window's new image count; pass
             that reply to :meth:`after_pipeline`.
         """
-        outputs = output_features(probs) if len(probs) else np.empty((0, len(OUTPUT_FEATURES)))
-        bins = np.concatenate(
-            [self._bin_numbers(image_features, 0), self._bin_numbers(outputs, len(IMAGE_FEATURES))]
+        values = (
+            np.hstack([image_features, output_features(probs)])
+            if len(probs)
+            else np.empty((0, len(ALL_FEATURES)))
         )
-        increments = np.bincount(bins, minlength=self._n_slots)
-        sums = _finite_sums(image_features) * SUM_SCALE
-        increments[self._image_sum_slots] = np.rint(sums)
-        sums = _finite_sums(outputs[:, self._output_sum_columns]) * SUM_SCALE
-        increments[self._output_sum_slots] = np.rint(sums)
+        increments = np.bincount(self._bin_numbers(values), minlength=self._n_slots)
+        finite = np.where(np.isfinite(values), values, 0.0)  # NaN is counted in the last bin
+        increments[self._sum_slots] = np.rint(finite[:, self._sum_columns].sum(axis=0) * SUM_SCALE)
         slots = np.flatnonzero(increments)
         # "slot increment slot increment ...": one argument instead of ~2 per slot, which
         # redis-py would encode one by one (~1 ms per batch of 32).
@@ -808,17 +806,15 @@ class DriftRecorder:
         pipe.eval(_ADD_LUA, 1, self.keys.open, len(image_features), " ".join(map(str, pairs)))
         return index
 
-    def _bin_numbers(self, values: np.ndarray, first_feature: int) -> np.ndarray:
-        """Global bin number of every value of ``values``, whose columns are ``ALL_FEATURES``
-        from ``first_feature`` on. The same bins as :func:`shared.imagestats.bin_counts`
-        (``[edge_i, edge_i+1)``, beyond the ends into the outer bins) in one pass per column
-        in one comparison for the whole batch: how many edges each value is not below (as
-        ``searchsorted(side="right")`` counts; NaN is below none, so it lands in the last bin,
-        where numpy sorts it), less one."""
-        features = slice(first_feature, first_feature + values.shape[1])
-        idx = (~(values[:, :, None] < self._edges[None, features])).sum(axis=2)
-        np.clip(idx - 1, 0, self._last_bin[features], out=idx)
-        idx += self._first_bin[features]
+    def _bin_numbers(self, values: np.ndarray) -> np.ndarray:
+        """Slot of the bin of every value of ``values``, whose columns are ``ALL_FEATURES``. The
+        same bins as :func:`shared.imagestats.bin_counts` (``[edge_i, edge_i+1)``, beyond the
+        ends into the outer bins) in one comparison for the whole batch: how many edges each
+        value is not below (as ``searchsorted(side="right")`` counts; NaN is below none, so it
+        lands in the last bin, where numpy sorts it), less one."""
+        idx = (~(values[:, :, None] < self._edges[None])).sum(axis=2)
+        np.clip(idx - 1, 0, self._last_bin, out=idx)
+        idx += self._first_bin
         return idx.ravel()
 
     def add_out_of_range_thumbnail(self, pipe: Any, rgb: np.ndarray, features: list[str]) -> bool:
@@ -905,11 +901,6 @@ class DriftRecorder:
                 log.warning("drift: Redis unavailable; will retry", exc_info=True)
             except Exception:  # a bug here must not kill the thread and stop drift detection
                 log.exception("drift: evaluating a window failed")
-
-
-def _finite_sums(values: np.ndarray) -> np.ndarray:
-    """Column sums with NaN and infinities counted as 0 (they are counted in the last bin)."""
-    return np.where(np.isfinite(values), values, 0.0).sum(axis=0)
 
 
 def _alert_feature(r: FeatureResult) -> dict[str, Any]:
