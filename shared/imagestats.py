@@ -236,17 +236,15 @@ def image_features(inputs: np.ndarray, originals: np.ndarray) -> np.ndarray:
     tall = inputs.reshape(n * h, w, 3)
     luma = cv2.cvtColor(tall, cv2.COLOR_RGB2GRAY)
     rows = luma.reshape(n, px)
-    luma_f = rows.astype(np.float64)
-    luma_sum = _row_sums(rows)
-    luma_mean = luma_sum / px
-    luma_var = np.einsum("ij,ij->i", luma_f, luma_f) / px - luma_mean * luma_mean
+    luma_mean = _row_sums(rows) / px
+    luma_var = _row_squares(rows) / px - luma_mean * luma_mean
     red, green, blue = cv2.split(tall)
     saturation = cv2.extractChannel(cv2.cvtColor(tall, cv2.COLOR_RGB2HSV), 1)
     # int16 holds the Laplacian of uint8 exactly; float64 sums of its squares stay exact.
     lap = cv2.Laplacian(luma, cv2.CV_16S).reshape(n, h, w)[:, 1:-1].reshape(n, -1)
     lap_f = lap.astype(np.float64)
     m = lap_f.shape[1]
-    lap_var = np.einsum("ij,ij->i", lap_f, lap_f) / m - (lap_f.sum(axis=1) / m) ** 2
+    lap_var = _row_squares(lap_f) / m - (lap_f.sum(axis=1) / m) ** 2
     width, height, encoded = originals.T
     return np.column_stack(
         [
@@ -468,6 +466,14 @@ def _block_means(inputs: np.ndarray) -> np.ndarray:
     hk, wk = (h - h % k) // k, (w - w % k) // k
     tall = inputs.reshape(n * hk * k, wk * k, 3)
     return cv2.resize(tall, (wk, n * hk), interpolation=cv2.INTER_AREA).reshape(n, hk, wk, 3)
+
+
+def _row_squares(rows: np.ndarray) -> np.ndarray:
+    """Sum of squares of each row of a 2-D integer-valued array, as float64: a batched matrix
+    product (3x faster than ``einsum`` here), exact because every partial sum is an integer
+    below 2**53 (at most 64 x 64 values of at most 1020**2)."""
+    f = rows.astype(np.float64, copy=False)
+    return np.matmul(f[:, None, :], f[:, :, None])[:, 0, 0]
 
 
 def _row_sums(rows: np.ndarray) -> np.ndarray:
