@@ -473,11 +473,16 @@ def drift_ab(
     images: Sequence[bytes],
     args: argparse.Namespace,
     work: Path,
+    on_first: bool = True,
 ) -> dict[str, Any]:
     """Drift statistics' cost side by side: one worker with them and one without drain one queue
     at the same time, so both see the same machine (this VM's speed drifts by tens of percent
-    between consecutive drains, more than the cost measured); CPU per task of each."""
+    between consecutive drains, more than the cost measured); CPU per task of each.
+    ``on_first=False`` starts the worker without drift first (alternate it between rounds)."""
     envs = [{"IMGQ_DRIFT": "true"}, {"IMGQ_DRIFT": "false"}]
+    if not on_first:
+        envs.reverse()
+    on, off = (0, 1) if on_first else (1, 0)
     d = drain(
         url,
         client,
@@ -486,8 +491,8 @@ def drift_ab(
         lambda: imgq_workers(url, bundle, client, args, work, envs=envs),
     )
     on_tasks, off_tasks = d["drift_tasks"], args.drift_ab_tasks - d["failures"] - d["drift_tasks"]
-    on_ms = d["worker_cpu_s"][0] / max(1, on_tasks) * 1000
-    off_ms = d["worker_cpu_s"][1] / max(1, off_tasks) * 1000
+    on_ms = d["worker_cpu_s"][on] / max(1, on_tasks) * 1000
+    off_ms = d["worker_cpu_s"][off] / max(1, off_tasks) * 1000
     return {
         "on_tasks": on_tasks,
         "off_tasks": off_tasks,
@@ -605,9 +610,11 @@ def bench_model(
                 out[key].append(drain(url, client, images, args.tasks, start))
                 say(f"    {out[key][-1]}")
         out["drift_ab"] = []
-        for _ in range(args.drift_ab):
+        for i in range(args.drift_ab):
             say("(b) drift statistics side by side: one worker with, one without")
-            out["drift_ab"].append(drift_ab(url, bundle, client, images, args, work))
+            out["drift_ab"].append(
+                drift_ab(url, bundle, client, images, args, work, on_first=i % 2 == 0)
+            )
             say(f"    {out['drift_ab'][-1]}")
         if args.profile:
             profile_dir = work / f"profile-{name}"
@@ -793,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--drift-ab",
         type=int,
-        default=5,
+        default=6,
         help="drains by one worker with and one without drift statistics at once, for its cost",
     )
     p.add_argument("--drift-ab-tasks", type=int, default=2000, help="tasks per side-by-side drain")
