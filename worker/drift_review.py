@@ -24,7 +24,7 @@ import redis
 from shared.errors import ImgqError
 from shared.imagestats import FeatureReference
 from shared.manifest import Manifest, load_manifest
-from worker.drift import DriftKeys
+from worker.drift import DriftKeys, WindowLayout
 from worker.logs import mask_url
 from worker.settings import WorkerSettings
 
@@ -56,12 +56,12 @@ def read_status(client: redis.Redis, manifest: Manifest) -> dict[str, Any]:
     keys = DriftKeys(manifest.short_sha)
     pipe = client.pipeline(transaction=False)
     pipe.get(keys.latest)
-    pipe.execute_command("BITFIELD", keys.open, "GET", "i64", "#0")  # the image count
+    pipe.get(keys.open)
     pipe.hgetall(keys.open_alerts)
-    latest, open_n, open_alerts = pipe.execute()
+    latest, open_window, open_alerts = pipe.execute()
     return {
         "latest": json.loads(latest) if latest else None,
-        "open_window_images": int(open_n[0]),
+        "open_window_images": WindowLayout(manifest.reference).parse(0, open_window).n_images,
         "open_alerts": {k.decode(): v.decode() for k, v in open_alerts.items()},
     }
 
