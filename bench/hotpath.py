@@ -39,7 +39,7 @@ from imgq.localredis import LocalRedis
 from worker.bundle import ModelBundle
 from worker.client import ImgqClient
 from worker.drift import DriftDetector, DriftRecorder
-from worker.intake import Intake
+from worker.intake import Intake, Lane
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
@@ -53,7 +53,7 @@ _METHODS = (
     (DriftRecorder, "add_to_pipeline", "drift: bin counts (EVAL queued)"),
     (DriftDetector, "evaluate", "drift: window verdicts"),
     (batching.BatchRunner, "_store_once", "Redis pipeline (results, acks, events, drift)"),
-    (batching.Intake, "take", "bulk take (Lua)"),
+    (Lane, "take", "bulk take (LMOVE transaction)"),
 )
 
 Timings = dict[str, float]
@@ -97,7 +97,7 @@ def drain_once(
         )
         events = batching.TaskEvents(client.app, "hotpath@bench", 0)
         runner = batching.BatchRunner(
-            settings, bundle, r, intake, client.app.backend,
+            settings, bundle, r, intake.lanes[0], client.app.backend,
             WorkerMetrics(CollectorRegistry()), recorder, events,
         )  # fmt: skip
         totals.clear()

@@ -133,7 +133,7 @@ def _run(
         collect(*in_flight.popleft())
     elapsed_s = time.monotonic() - started
     end_rss = report("end")
-    left = r.llen(client.queue) + sum(r.hlen(k) for k in r.keys("imgq:inflight:*"))
+    left = r.llen(client.queue) + sum(r.llen(k) for k in r.keys("imgq:inflight:*"))
     done, lost, wrong = totals["done"], totals["lost"], totals["wrong"]
     growth = [e - w for e, w in zip(end_rss, warm_rss, strict=True)]
     print(f"{done} tasks in {elapsed_s:.0f} s ({done / elapsed_s:.0f} tasks/s)")

@@ -99,7 +99,7 @@ def _runner(redis_server, client, bundle, *, drift=None, **settings: Any) -> Bat
     intake = Intake(r, "imgq", "test-worker", lease_ttl_s=30)
     intake.renew_lease()
     metrics = WorkerMetrics(CollectorRegistry())
-    return BatchRunner(s, bundle, r, intake, client.backend, metrics, drift)
+    return BatchRunner(s, bundle, r, intake.lanes[0], client.backend, metrics, drift)
 
 
 def _send(client: Celery, **kwargs: Any) -> Any:
@@ -182,7 +182,7 @@ def test_exactly_one_outcome_per_message(redis_server, client, manifest) -> None
     with pytest.raises(InvalidTask, match="^content_refused: "):
         pickled.get(timeout=5)
     assert r.lrange(dead_letter_key("imgq"), 0, -1) == [b"\x00garbage"]
-    assert r.hlen(runner.intake.inflight_key) == 0
+    assert r.llen(runner.lane.key) == 0
     assert _count(runner, "dead_letter", "malformed_message") == 1
 
 
@@ -235,7 +235,7 @@ def test_a_failing_drift_update_costs_no_result(redis_server, client, manifest, 
             with caplog.at_level(logging.ERROR, logger="worker.batching"):
                 assert runner.run_once() == 3
             assert [res.get(timeout=5)["label"] for res in results] == ["b"] * 3
-            assert r.hlen(runner.intake.inflight_key) == 0  # acknowledged
+            assert r.llen(runner.lane.key) == 0  # acknowledged
         assert drift.replies == []  # the refused update was not taken for a window count
         logged = [rec for rec in caplog.records if "drift counts not stored" in rec.getMessage()]
         assert len(logged) == 1 and "WRONGTYPE" in logged[0].getMessage()

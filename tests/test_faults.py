@@ -65,7 +65,7 @@ class Published:
 
 
 def _inflight_key(r: redis.Redis, worker: Worker, timeout_s: float = 30.0) -> str:
-    """The worker's in-flight hash (it exists from the worker's first take)."""
+    """The worker's in-flight list (one batch thread: one list; it exists while it holds)."""
     deadline = time.monotonic() + timeout_s
     while not (keys := r.keys(f"imgq:inflight:{worker.name}:*")):
         assert time.monotonic() < deadline, "the worker took no message"
@@ -81,7 +81,7 @@ def _freeze_holding_messages(r: redis.Redis, worker: Worker, inflight: str) -> i
         # One round trip first: Redis serves in a later turn of its event loop any command the
         # frozen process had already sent (an ack in flight), so the count below is final.
         r.ping()
-        held = int(r.hlen(inflight))
+        held = int(r.llen(inflight))
         if held:
             return held
         os.kill(worker.process.pid, signal.SIGCONT)

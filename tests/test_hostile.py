@@ -232,7 +232,7 @@ def runner(bundle_dir: Path) -> BatchRunner:
     intake = Intake(client, "imgq", "hypothesis", lease_ttl_s=10)
     bundle = ModelBundle.load(bundle_dir, device="cpu")
     metrics = WorkerMetrics(CollectorRegistry())
-    return BatchRunner(settings, bundle, client, intake, None, metrics)
+    return BatchRunner(settings, bundle, client, intake.lanes[0], None, metrics)
 
 
 @_PROPERTY

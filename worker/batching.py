@@ -2,9 +2,10 @@
 
 A :class:`BatchRunner` thread repeats one cycle:
 
-1. take up to ``max_batch`` messages from the queue (one atomic Lua call; they are now in this
-   worker's in-flight hash) — when the model is free it takes what is queued, and waits up to
-   ``max_wait_ms`` for more only when that is set (it pays on a GPU, not on a CPU);
+1. take up to ``max_batch`` messages from the queue (one transaction; they are now in this
+   runner's in-flight list, its :class:`~worker.intake.Lane`) — when the model is free it takes
+   what is queued, and waits up to ``max_wait_ms`` for more only when that is set (it pays on
+   a GPU, not on a CPU);
 2. per message: parse, check expiry, validate the arguments, decode the image and resize it
    for the model — a problem here ends only that task;
 3. one ``normalise_batch`` of the good images (each resized right after its decode: the same
@@ -12,9 +13,9 @@ A :class:`BatchRunner` thread repeats one cycle:
    ``bundle.predict`` — if that fails, every task of the batch fails visibly; then the drift
    statistics of the whole batch of model inputs at once;
 4. one Redis pipeline: every result (``SET EX`` + ``PUBLISH``, as Celery's Redis backend does,
-   in one script call for the batch),
-   then the acks (the in-flight entries), one message of Celery task events for the whole batch
-   so that Flower shows every task (:class:`TaskEvents`), then the drift counts.
+   in one script call for the batch), then the ack (deleting the in-flight list), one message
+   of Celery task events for the whole batch so that Flower shows every task
+   (:class:`TaskEvents`), then the drift counts.
 
 Exactly one outcome per message: a stored result, or the dead-letter list for a message that
 does not even carry a task id. Nothing on the per-image path logs or talks to Redis.
@@ -46,7 +47,7 @@ from shared.decode import decode_base64, decode_image
 from shared.errors import ImgqError, InvalidTask
 from shared.imagestats import image_features
 from shared.preprocess import normalise_batch, resize_image
-from worker.intake import Intake, LeaseLost
+from worker.intake import Lane, LeaseLost
 from worker.messages import (
     TASK_NAME,
     TaskRequest,
@@ -147,8 +148,8 @@ class BatchRunner:
     Args:
         settings: The worker's settings (queue, batch size, wait, limits, result expiry).
         bundle: A loaded ``worker.bundle.ModelBundle`` (``manifest``, ``provider``, ``predict``).
-        redis_client: Client of the broker's Redis (queue, in-flight hash, drift counts).
-        intake: This process's :class:`~worker.intake.Intake` on ``settings.queue``.
+        redis_client: Client of the broker's Redis (queue, in-flight list, drift counts).
+        lane: This runner's in-flight list (:class:`~worker.intake.Lane`) on ``settings.queue``.
         backend: The Celery app's result backend: its key names and JSON encoding are used,
             and its Redis client when results live in another Redis than the queue.
         metrics: Where to count.
@@ -165,7 +166,7 @@ class BatchRunner:
         settings: WorkerSettings,
         bundle: Any,
         redis_client: redis.Redis,
-        intake: Intake,
+        lane: Lane,
         backend: Any,
         metrics: WorkerMetrics,
         drift: Drift | None = None,
@@ -174,7 +175,7 @@ class BatchRunner:
         self.settings = settings
         self.bundle = bundle
         self.redis = redis_client
-        self.intake = intake
+        self.lane = lane
         self.backend = backend
         self.metrics = metrics
         self.drift = drift
@@ -216,28 +217,26 @@ class BatchRunner:
     def run_once(self) -> int:
         """One cycle: take a batch (or wait briefly for one), serve it. Returns its size."""
         self.last_progress_s = time.monotonic()
-        fields, raws = self.intake.take(self.settings.max_batch)
+        raws = self.lane.take(self.settings.max_batch)
         if not raws:
-            self.intake.wait(self._idle_wait_s)
+            self.lane.wait(self._idle_wait_s)
             return 0
         if self._wait_s > 0:
-            self._fill(fields, raws)
+            self._fill(raws)
         outcome = self.serve(raws)
-        self._store(outcome, fields)
+        self._store(outcome)
         return len(raws)
 
-    def _fill(self, fields: list[str], raws: list[bytes]) -> None:
+    def _fill(self, raws: list[bytes]) -> None:
         """Wait up to ``max_wait_ms`` for more messages while the batch is not full. A Redis
         problem here ends the wait: the messages in hand are served (and their store retried)."""
         deadline = time.monotonic() + self._wait_s
         try:
             while len(raws) < self.settings.max_batch:
                 remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0 or not self.intake.wait(remaining_s):
+                if remaining_s <= 0 or not self.lane.wait(remaining_s):
                     return
-                more_fields, more = self.intake.take(self.settings.max_batch - len(raws))
-                fields += more_fields
-                raws += more
+                raws += self.lane.take(self.settings.max_batch - len(raws))
         except (LeaseLost, redis.ConnectionError, redis.TimeoutError):
             return
 
@@ -382,15 +381,15 @@ class BatchRunner:
             out.features = out.probs = None
             return None
 
-    def _store(self, out: _Outcome, fields: list[str]) -> None:
+    def _store(self, out: _Outcome) -> None:
         """Results, then acks, then drift counts, in one round trip (two when results live in
         another Redis). Retried while Redis is unreachable: until the acks are written the
-        messages stay in the in-flight hash, so a worker that dies meanwhile loses nothing."""
+        messages stay in the in-flight list, so a worker that dies meanwhile loses nothing."""
         backoff_s = 0.1
         while True:
             try:
-                self._store_once(out, fields)
-                self.intake.settled(fields)
+                self._store_once(out)
+                self.lane.settled()
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if self._stop.is_set():
@@ -408,13 +407,14 @@ class BatchRunner:
             self.metrics.tasks.labels(outcome, reason).inc(count)
         if logger.isEnabledFor(logging.DEBUG):
             outcomes = {f"{o}:{r}": n for (o, r), n in out.counts.items()}
-            logger.debug("batch stored", extra={"tasks": len(fields), "outcomes": outcomes})
+            tasks = sum(out.counts.values())
+            logger.debug("batch stored", extra={"tasks": tasks, "outcomes": outcomes})
         if out.dead:
             logger.warning(
                 "%d unreadable messages (no task id) moved to %s", len(out.dead), self._dead_key
             )
 
-    def _store_once(self, out: _Outcome, fields: list[str]) -> None:
+    def _store_once(self, out: _Outcome) -> None:
         pipe = self._results_redis.pipeline(transaction=False)
         if out.records:
             keys = [self.backend.get_key_for_task(task_id) for task_id, _ in out.records]
@@ -426,7 +426,7 @@ class BatchRunner:
         if out.dead:
             pipe.lpush(self._dead_key, *out.dead)
             pipe.ltrim(self._dead_key, 0, DEAD_LETTER_CAP - 1)
-        self.intake.ack(pipe, fields)
+        self.lane.ack(pipe)
         if self.events is not None:
             self.events.add_to_pipeline(pipe, out)
         drift_first = drift_reply = None

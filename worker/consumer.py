@@ -93,7 +93,13 @@ class BulkService:
         self.redis = redis.Redis.from_url(
             settings.broker_url, socket_timeout=_SOCKET_TIMEOUT_S, health_check_interval=30
         )
-        self.intake = Intake(self.redis, settings.queue, self.worker_id, settings.lease_ttl_s)
+        self.intake = Intake(
+            self.redis,
+            settings.queue,
+            self.worker_id,
+            settings.lease_ttl_s,
+            runners=settings.concurrency,
+        )
         self.metrics = process_metrics()
         self.metrics.model_info.labels(
             manifest.name, manifest.model_sha256, self.bundle.provider
@@ -117,13 +123,13 @@ class BulkService:
                 settings,
                 self.bundle,
                 self.redis,
-                self.intake,
+                lane,
                 app.backend,
                 self.metrics,
                 self.drift,
                 events,
             )  # fmt: skip
-            for _ in range(settings.concurrency)
+            for lane in self.intake.lanes
         ]
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -228,7 +234,7 @@ class BulkService:
                     )  # fmt: skip
                 if now >= next_restore:
                     next_restore = now + settings.restore_interval_s
-                    moved = self.intake.restore_dead() + self.intake.recover_orphans()
+                    moved = self.intake.restore_dead()
                     if moved:
                         logger.warning("redelivered %d messages of dead workers", moved)
             except redis.RedisError as exc:
