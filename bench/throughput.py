@@ -65,6 +65,9 @@ from worker.client import ImgqClient
 
 ROOT = Path(__file__).resolve().parents[1]
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: The drain's wait for results: tasks per confirmed chunk, seconds between looks.
+_WAIT_CHUNK = 200
+_WAIT_POLL_S = 0.02
 
 
 # -- models and images -----------------------------------------------------------------------------
@@ -272,6 +275,34 @@ class Workers:
         self.stop()
         raise RuntimeError(f"workers {sorted(set(self.names) - answered)} did not answer a ping")
 
+    def wait_stored(self, pending: Sequence[Any], timeout_s: float) -> None:
+        """Wait until every task of ``pending`` has a stored result, at almost no CPU: the
+        drain's measure must not compete with the workers for the cores. ``client.results``
+        parses every result as it arrives (0.11-0.13 ms of CPU per task on the small model,
+        ~10% of what a worker spends); this asks Redis only whether the newest key of the
+        oldest unfinished chunk exists, every few milliseconds, and confirms a chunk with one
+        ``EXISTS`` of all its keys. Results are read afterwards (:meth:`results`)."""
+        backend = self.client.app.backend
+        r = backend.client
+        keys = [backend.get_key_for_task(t.id) for t in pending]
+        deadline = time.monotonic() + timeout_s
+        next_check = time.monotonic() + 5.0
+        start = 0
+        while start < len(keys):
+            chunk = keys[start : start + _WAIT_CHUNK]
+            if r.exists(chunk[-1]) and r.exists(*chunk) == len(chunk):
+                start += len(chunk)
+                continue
+            now = time.monotonic()
+            if now > deadline:
+                return
+            if now > next_check:
+                next_check = now + 5.0
+                dead = [p.pid for p in self.procs if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"workers {dead} died with tasks unfinished")
+            time.sleep(_WAIT_POLL_S)
+
     def results(self, pending: Sequence[Any], timeout_s: float) -> list[Any]:
         """``client.results``, in slices, failing early when a worker has died."""
         deadline = time.monotonic() + timeout_s
@@ -441,10 +472,11 @@ def drain(
         redis0, self0 = _process_cpu_s(redis_pid), time.process_time()
         released = time.time()
         r.rename(parked, client.queue)
-        outcomes = workers.results(pending, timeout_s=60 + n / 20)
+        workers.wait_stored(pending, timeout_s=60 + n / 20)
         worker_cpu_s = [_tree_cpu_s([pid]) - c for pid, c in zip(workers.pids, cpu0, strict=True)]
         cpu_s = sum(worker_cpu_s)
         redis_s, self_s = _process_cpu_s(redis_pid) - redis0, time.process_time() - self0
+        outcomes = workers.results(pending, timeout_s=30)
         last = max(_done_times(client, pending))
         result = {
             "rate": n / (last - released),
