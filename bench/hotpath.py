@@ -12,6 +12,11 @@ within the drift of this machine's speed from one drain to the next.
     .venv/bin/python bench/hotpath.py --work-dir /tmp/tp-s10
     .venv/bin/python bench/hotpath.py --model /tmp/tp-s10/model-mobilenetv2-224 --tasks 1000
 
+``--interleaved DRAINS`` measures drift's cost paired instead: one drain with drift statistics
+on for every other batch, each batch timed by the thread's CPU clock (plus the recorder
+thread's window verdicts). Consecutive batches see the machine at the same speed, so the
+comparison holds to a few tenths of a percent where separate drains differ by tens of percent.
+
 The model is bench/throughput.py's ``small`` sample model unless ``--model`` names a bundle.
 This is the profile behind docs/benchmarks.md's "where the time goes"; ``bench/throughput.py
 --profile`` gives cProfile's view of whole worker processes (start-up included).
@@ -30,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import redis
 from prometheus_client import CollectorRegistry
 from throughput import sample_images, small_bundle
@@ -58,6 +64,7 @@ _METHODS = (
 
 Timings = dict[str, float]
 _WHOLE = "whole loop (window verdicts included)"
+_PROCESS = "whole process, every thread (process CPU)"
 
 
 def _timed(name: str, fn: Callable[..., Any], totals: Timings) -> Callable[..., Any]:
@@ -81,8 +88,10 @@ def instrument(totals: Timings) -> None:
 
 def drain_once(
     url: str, bundle: ModelBundle, images: list[bytes], n: int, drift: bool, totals: Timings
-) -> float:
-    """Serve ``n`` tasks in this thread; returns the thread CPU seconds of the whole loop."""
+) -> tuple[float, float]:
+    """Serve ``n`` tasks in this thread; returns the CPU seconds of the whole loop in this thread
+    and in the whole process (every thread: the drift thread's verdicts, and any helper thread
+    a library starts, which the thread clock cannot see)."""
     r = redis.Redis.from_url(url)
     queue = "hotpath"
     with ImgqClient(url, queue=queue) as client:
@@ -101,13 +110,59 @@ def drain_once(
             WorkerMetrics(CollectorRegistry()), recorder, events,
         )  # fmt: skip
         totals.clear()
-        t0 = time.thread_time()
+        t0, p0 = time.thread_time(), time.process_time()
         while r.llen(queue):
             runner.run_once()
         loop_s = time.thread_time() - t0
         if recorder is not None:
             recorder.close()  # windows still being judged are finished (and counted) first
-    return loop_s
+        process_s = time.process_time() - p0
+    return loop_s, process_s
+
+
+def interleaved_drain(
+    url: str, bundle: ModelBundle, images: list[bytes], n: int, totals: Timings
+) -> dict[bool | str, list[float]]:
+    """Serve ``n`` tasks with drift statistics on for every other batch: the paired measure of
+    their cost. Consecutive batches are ~30 ms apart, so both kinds see the machine at the same
+    speed, which separate drains (or two workers on two cores) do not on this VM.
+
+    Returns:
+        Per kind (drift on: True), ``[thread CPU seconds, tasks]``; the window verdicts, which
+        run in the recorder's thread, are added to the drift batches. ``"process"``: the
+        process's CPU seconds (every thread) over the drain, and its tasks.
+    """
+    r = redis.Redis.from_url(url)
+    queue = "hotpath"
+    sums: dict[bool | str, list[float]] = {False: [0.0, 0.0], True: [0.0, 0.0]}
+    with ImgqClient(url, queue=queue) as client:
+        client.classify_many(images[i % len(images)] for i in range(n))
+        settings = WorkerSettings(broker_url=url, queue=queue, drift_enabled=True)
+        intake = Intake(r, queue, "hotpath-interleaved", lease_ttl_s=60)
+        intake.renew_lease()
+        recorder = DriftRecorder(
+            r, bundle.manifest, window_size=settings.drift_window, window_s=300
+        )
+        events = batching.TaskEvents(client.app, "hotpath@bench", 0)
+        runner = batching.BatchRunner(
+            settings, bundle, r, intake.lanes[0], client.app.backend,
+            WorkerMetrics(CollectorRegistry()), recorder, events,
+        )  # fmt: skip
+        totals.clear()
+        drift = False
+        p0 = time.process_time()
+        while r.llen(queue):
+            runner.drift = recorder if drift else None
+            t0 = time.thread_time()
+            served = runner.run_once()
+            sums[drift][0] += time.thread_time() - t0
+            sums[drift][1] += served
+            drift = not drift
+        recorder.close()
+        sums[True][0] += totals["drift: window verdicts"]
+        # Every thread of the process: what the thread clocks above cannot see shows here.
+        sums["process"] = [time.process_time() - p0, float(n)]
+    return sums
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="a bundle to serve instead of the small sample model")
     p.add_argument("--tasks", type=int, default=3000, help="tasks per drain")
     p.add_argument("--rounds", type=int, default=3, help="drains without and with drift each")
+    p.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="DRAINS",
+        help="instead: DRAINS drains with drift statistics on for every other batch",
+    )
     args = p.parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="imgq-hotpath-"))
     data_dir, images = sample_images(work, 100)
@@ -124,16 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     bundle.calibrate_infer_batch(32)
     gc.collect()
     gc.freeze()  # as the worker does after start-up
+    cv2.setNumThreads(1)  # as `imgq worker` runs OpenCV (worker/main.py)
     totals: Timings = defaultdict(float)
     instrument(totals)
+    if args.interleaved:
+        return report_interleaved(work, bundle, images, args, totals)
     runs: dict[bool, list[Timings]] = {False: [], True: []}
     with LocalRedis(work / "redis-hotpath") as server:
         for _ in range(args.rounds):
             for drift in (False, True):
-                loop_s = drain_once(server.url, bundle, images, args.tasks, drift, totals)
+                loop_s, process_s = drain_once(
+                    server.url, bundle, images, args.tasks, drift, totals
+                )
                 # The window verdicts run in the recorder's own thread: add them to the loop.
                 whole_s = loop_s + totals["drift: window verdicts"]
-                runs[drift].append({_WHOLE: whole_s, **totals})
+                runs[drift].append({_WHOLE: whole_s, _PROCESS: process_s, **totals})
                 us = whole_s / args.tasks * 1e6
                 print(f"drift {'on ' if drift else 'off'}: {us:.0f} us/task", flush=True)
     stages = list(runs[True][0])
@@ -147,9 +214,37 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|")
     for stage in stages:
         print(f"| {stage} | {median_us(False, stage):.1f} | {median_us(True, stage):.1f} |")
-    off, on = median_us(False, _WHOLE), median_us(True, _WHOLE)
-    print(f"\ndrift statistics: {on - off:+.1f} µs per task ({(on - off) / off:+.1%} of the loop "
-          "without them)")  # fmt: skip
+    for stage, what in ((_WHOLE, "the loop"), (_PROCESS, "the process")):
+        off, on = median_us(False, stage), median_us(True, stage)
+        print(f"\ndrift statistics by {what}: {on - off:+.1f} µs per task ({(on - off) / off:+.1%} "
+              f"of {what} without them)")  # fmt: skip
+    return 0
+
+
+def report_interleaved(
+    work: Path, bundle: ModelBundle, images: list[bytes], args: argparse.Namespace, totals: Timings
+) -> int:
+    """Print drift's cost per drain of ``--interleaved`` and over all of them."""
+    costs = []
+    total: dict[bool | str, list[float]] = {False: [0.0, 0.0], True: [0.0, 0.0]}
+    with LocalRedis(work / "redis-hotpath") as server:
+        for i in range(args.interleaved):
+            sums = interleaved_drain(server.url, bundle, images, args.tasks, totals)
+            on_us, off_us = (sums[k][0] / max(1.0, sums[k][1]) * 1e6 for k in (True, False))
+            costs.append(on_us / off_us - 1)
+            for k in (False, True):
+                total[k] = [a + b for a, b in zip(total[k], sums[k], strict=True)]
+            seen_us = (sums[True][0] + sums[False][0]) / args.tasks * 1e6
+            process_us = sums["process"][0] / args.tasks * 1e6
+            print(f"drain {i + 1}: drift on {on_us:.0f} µs/task ({sums[True][1]:.0f} tasks), "
+                  f"off {off_us:.0f} ({sums[False][1]:.0f}): {costs[-1]:+.1%}; process CPU "
+                  f"{process_us:.0f} µs/task, threads timed {seen_us:.0f}", flush=True)  # fmt: skip
+    on_us, off_us = (total[k][0] / total[k][1] * 1e6 for k in (True, False))
+    print(f"\n{args.interleaved} drains of {args.tasks} tasks, drift statistics on for every "
+          f"other batch: {on_us:.0f} vs {off_us:.0f} µs of thread CPU per task, "
+          f"{on_us - off_us:+.0f} µs ({on_us / off_us - 1:+.1%}); per drain median "
+          f"{statistics.median(costs):+.1%}, range {min(costs):+.1%} to "
+          f"{max(costs):+.1%}")  # fmt: skip
     return 0
 
 

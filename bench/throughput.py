@@ -160,10 +160,13 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
 
 def _limit_share(bundle_dir: str, images: Sequence[bytes]) -> tuple[float, float]:
     """Wall and CPU seconds of decode + preprocess + inference, one image at a time."""
+    import cv2
+
     from shared.decode import decode_image
     from shared.preprocess import preprocess_batch
     from worker.bundle import ModelBundle
 
+    cv2.setNumThreads(1)  # as `imgq worker` runs OpenCV (worker/main.py)
     bundle = ModelBundle.load(bundle_dir, device="cpu", threads=1, check_golden=False)
     spec = bundle.manifest.preprocess
     for data in images[:20]:  # warm up

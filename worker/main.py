@@ -39,6 +39,17 @@ def _keep_batch_buffers() -> None:
         pass
 
 
+def _opencv_in_calling_thread() -> None:
+    """Run OpenCV's calls in the thread that makes them, as everything else in a worker does
+    (its parallelism is processes x batch threads). OpenCV's own thread pool split the drift
+    statistics' calls on a batch's tall image across a second core and spun it: the process
+    spent 1,085 µs of CPU per batch of 32 in ``image_features`` against 526 µs single-threaded,
+    for no gain in time (measured with both, same machine)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _keep_our_logging(**kwargs: Any) -> None:
     """Connected to Celery's ``setup_logging`` signal: having a receiver tells Celery to leave
     the (JSON) logging configured by :func:`main` alone."""
@@ -72,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_format, args.loglevel)
     _keep_batch_buffers()
+    _opencv_in_calling_thread()
     signals.setup_logging.connect(_keep_our_logging, weak=False)
     logger.info("settings", extra={"settings": settings.describe()})
     try:
