@@ -63,6 +63,7 @@ _METHODS = (
 )
 
 Timings = dict[str, float]
+_QUEUE = "hotpath"
 _WHOLE = "whole loop (window verdicts included)"
 _PROCESS = "whole process, every thread (process CPU)"
 
@@ -86,6 +87,29 @@ def instrument(totals: Timings) -> None:
         setattr(cls, method, _timed(name, getattr(cls, method), totals))
 
 
+def _loaded_runner(
+    client: ImgqClient, bundle: ModelBundle, images: list[bytes], n: int, drift: bool
+) -> tuple[batching.BatchRunner, DriftRecorder | None]:
+    """``n`` sample-image tasks queued, and a batch runner on them as a worker has it."""
+    url = client.broker_url
+    r = redis.Redis.from_url(url)
+    client.classify_many(images[i % len(images)] for i in range(n))
+    settings = WorkerSettings(broker_url=url, queue=_QUEUE, drift_enabled=drift)
+    intake = Intake(r, _QUEUE, f"hotpath-{drift}", lease_ttl_s=60)
+    intake.renew_lease()
+    recorder = (
+        DriftRecorder(r, bundle.manifest, window_size=settings.drift_window, window_s=300)
+        if drift
+        else None
+    )
+    events = batching.TaskEvents(client.app, "hotpath@bench", 0)
+    runner = batching.BatchRunner(
+        settings, bundle, r, intake.lanes[0], client.app.backend,
+        WorkerMetrics(CollectorRegistry()), recorder, events,
+    )  # fmt: skip
+    return runner, recorder
+
+
 def drain_once(
     url: str, bundle: ModelBundle, images: list[bytes], n: int, drift: bool, totals: Timings
 ) -> tuple[float, float]:
@@ -93,25 +117,11 @@ def drain_once(
     and in the whole process (every thread: the drift thread's verdicts, and any helper thread
     a library starts, which the thread clock cannot see)."""
     r = redis.Redis.from_url(url)
-    queue = "hotpath"
-    with ImgqClient(url, queue=queue) as client:
-        client.classify_many(images[i % len(images)] for i in range(n))
-        settings = WorkerSettings(broker_url=url, queue=queue, drift_enabled=drift)
-        intake = Intake(r, queue, f"hotpath-{drift}", lease_ttl_s=60)
-        intake.renew_lease()
-        recorder = (
-            DriftRecorder(r, bundle.manifest, window_size=settings.drift_window, window_s=300)
-            if drift
-            else None
-        )
-        events = batching.TaskEvents(client.app, "hotpath@bench", 0)
-        runner = batching.BatchRunner(
-            settings, bundle, r, intake.lanes[0], client.app.backend,
-            WorkerMetrics(CollectorRegistry()), recorder, events,
-        )  # fmt: skip
+    with ImgqClient(url, queue=_QUEUE) as client:
+        runner, recorder = _loaded_runner(client, bundle, images, n, drift)
         totals.clear()
         t0, p0 = time.thread_time(), time.process_time()
-        while r.llen(queue):
+        while r.llen(_QUEUE):
             runner.run_once()
         loop_s = time.thread_time() - t0
         if recorder is not None:
@@ -133,25 +143,14 @@ def interleaved_drain(
         process's CPU seconds (every thread) over the drain, and its tasks.
     """
     r = redis.Redis.from_url(url)
-    queue = "hotpath"
     sums: dict[bool | str, list[float]] = {False: [0.0, 0.0], True: [0.0, 0.0]}
-    with ImgqClient(url, queue=queue) as client:
-        client.classify_many(images[i % len(images)] for i in range(n))
-        settings = WorkerSettings(broker_url=url, queue=queue, drift_enabled=True)
-        intake = Intake(r, queue, "hotpath-interleaved", lease_ttl_s=60)
-        intake.renew_lease()
-        recorder = DriftRecorder(
-            r, bundle.manifest, window_size=settings.drift_window, window_s=300
-        )
-        events = batching.TaskEvents(client.app, "hotpath@bench", 0)
-        runner = batching.BatchRunner(
-            settings, bundle, r, intake.lanes[0], client.app.backend,
-            WorkerMetrics(CollectorRegistry()), recorder, events,
-        )  # fmt: skip
+    with ImgqClient(url, queue=_QUEUE) as client:
+        runner, recorder = _loaded_runner(client, bundle, images, n, drift=True)
+        assert recorder is not None
         totals.clear()
         drift = False
         p0 = time.process_time()
-        while r.llen(queue):
+        while r.llen(_QUEUE):
             runner.drift = recorder if drift else None
             t0 = time.thread_time()
             served = runner.run_once()
