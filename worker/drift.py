@@ -50,8 +50,8 @@ from shared.imagestats import (
     IMAGE_FEATURES,
     IMAGE_FEATURES_VERSION,
     OUTPUT_FEATURES,
+    RangeCheck,
     ReferenceStats,
-    out_of_range_rows,
     output_features,
 )
 from shared.manifest import Manifest
@@ -768,6 +768,7 @@ class DriftRecorder:
             [j for j, n in enumerate(ALL_FEATURES) if n in layout.sum_slots]
         )
         self._sum_slots = np.array([layout.sum_slots[ALL_FEATURES[j]] for j in self._sum_columns])
+        self._range_check = RangeCheck(manifest.reference, IMAGE_FEATURES)
         self._requests: queue.Queue[str | None] = queue.Queue()
         self._tick_s = min(self.window_s / 4, 5.0)
         self._thread = threading.Thread(target=self._run, name="imgq-drift", daemon=True)
@@ -776,7 +777,7 @@ class DriftRecorder:
     def out_of_range(self, image_features: np.ndarray) -> list[list[str]]:
         """Per image of an (N, len(IMAGE_FEATURES)) batch, its features outside the training
         range (the task result's ``drift.out_of_range``)."""
-        return out_of_range_rows(self.manifest.reference, image_features, IMAGE_FEATURES)
+        return self._range_check(image_features)
 
     def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
         """Queue this batch's counts on ``pipe`` (the batch's pipeline) as one EVAL.
