@@ -77,6 +77,18 @@ def test_take_on_empty_queue_returns_nothing(r) -> None:
     assert not r.exists(intake.lanes[0].key)
 
 
+def test_take_after_emptying_the_queue_takes_what_arrived(r) -> None:
+    """A take that emptied the queue makes the next one size itself to the queue's length: it
+    still takes everything that arrived since, up to max_n, oldest first."""
+    _enqueue(r, b"m1")
+    lane = _intake(r, "w1").lanes[0]
+    assert lane.take(4) == [b"m1"]
+    assert lane.take(4) == []
+    _enqueue(r, b"m2", b"m3", b"m4", b"m5", b"m6")
+    assert lane.take(4) == [b"m2", b"m3", b"m4", b"m5"]
+    assert lane.take(4) == [b"m6"]
+
+
 def test_ack_empties_the_lane_and_only_that_lane(r) -> None:
     """An ack deletes what its runner holds; another runner's lane of the same worker stays."""
     _enqueue(r, b"m1", b"m2", b"m3")

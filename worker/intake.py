@@ -212,6 +212,7 @@ class Lane:
         self.key = lane_key(intake.worker_id, index)
         self.held = 0
         self.unsure = False
+        self._short = False  # the last take found fewer messages than it asked for
 
     def take(self, max_n: int) -> list[bytes]:
         """Move up to ``max_n`` messages, oldest first, from the queue into this lane, atomically.
@@ -226,6 +227,12 @@ class Lane:
         self.intake.check_lease()
         self._settle_unknown()
         queue = self.intake.queue
+        if self._short and max_n > 1:
+            # The last take emptied the queue: ask how much is there rather than send max_n
+            # LMOVEs, most of them for nothing (~10 µs of client CPU each).
+            max_n = min(max_n, int(self.intake.redis.llen(queue)))
+            if not max_n:
+                return []
         pipe = self.intake.redis.pipeline(transaction=True)
         pipe.hset(LANES_KEY, self.key, queue)  # registered before it can hold anything
         for _ in range(max_n):
@@ -237,6 +244,7 @@ class Lane:
             raise
         messages = [m for m in replies[1:] if m is not None]
         self.held += len(messages)
+        self._short = len(messages) < max_n
         return messages
 
     def wait(self, timeout_s: float) -> bool:
