@@ -544,9 +544,9 @@ def paced(client: ImgqClient, images: Sequence[bytes], rate: float, duration_s: 
     """Open-loop load: task ``i`` is enqueued at ``start + i / rate`` whatever the workers do.
 
     The garbage collector's objects are frozen first: a full collection in this process (its
-    thousands of pending results) paused the sender ~100 ms near the end of each 10 s level,
+    thousands of pending results) paused the sender ~100 ms near the end of a 10 s level,
     after it had taken the send time of the tasks in hand, which showed as a latency spike of
-    the workers in every run (p99 at 50% load 63-77 ms with it, 36-38 ms without)."""
+    the workers (docs/benchmarks.md, Throughput)."""
     n = max(1, int(rate * duration_s))
     source = _cycle(images, n)
     pending: list[Any] = []
