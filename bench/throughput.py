@@ -284,7 +284,7 @@ class Workers:
         drain's measure must not compete with the workers for the cores. ``client.results``
         parses every result as it arrives (0.11-0.13 ms of CPU per task on the small model,
         ~10% of what a worker spends); this asks Redis only whether the newest key of the
-        oldest unfinished chunk exists, every few milliseconds, and confirms a chunk with one
+        oldest unfinished chunk exists, every 20 ms, and confirms a chunk with one
         ``EXISTS`` of all its keys. Results are read afterwards (:meth:`results`)."""
         backend = self.client.app.backend
         r = backend.client
