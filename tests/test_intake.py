@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from worker.intake import LANES_KEY, Intake, LeaseLost
 
@@ -187,6 +189,35 @@ def test_a_lost_take_reply_before_the_next_take(r) -> None:
         lane.take(2)
     assert lane.take(3) == [b"m1", b"m2", b"m3"]
     assert lane.held == 3 and not lane.unsure
+
+
+def test_a_take_retried_by_redis_py_after_a_lost_reply_loses_nothing(
+    redis_server, r, monkeypatch
+) -> None:
+    """A client with retries (redis-py's default for ``Redis(host=...)``; none with ``from_url``)
+    re-runs a transaction whose reply was lost to a connection error: the first attempt's
+    messages are already in the lane when the retry runs. The take returns them too, so the
+    ack that deletes the lane deletes only served messages."""
+    _enqueue(r, b"m1", b"m2", b"m3", b"m4", b"m5")
+    retrying = redis.Redis.from_url(redis_server.url, retry=Retry(NoBackoff(), 3))
+    lane = _intake(retrying, "w1").lanes[0]
+    transaction = redis.client.Pipeline._execute_transaction
+    failures = [redis.ConnectionError("reset (after Redis ran the transaction)")]
+
+    def first_reply_lost(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        replies = transaction(self, *args, **kwargs)
+        if failures:
+            raise failures.pop()
+        return replies
+
+    monkeypatch.setattr(redis.client.Pipeline, "_execute_transaction", first_reply_lost)
+    taken = lane.take(2)
+    monkeypatch.undo()
+    assert not failures, "the lost reply was not retried by redis-py"
+    assert taken == [b"m1", b"m2", b"m3", b"m4"]
+    assert lane.held == 4 and r.llen(lane.key) == 4
+    _ack(retrying, lane.intake)
+    assert r.lrange("q", 0, -1) == [b"m5"]
 
 
 def test_release_gives_everything_back(r) -> None:

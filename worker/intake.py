@@ -21,8 +21,10 @@ batch takes. A worker does not take while its own lease may have expired (it kno
 renewed it), so that the others would not give back at once what it just took.
 
 A take whose reply is lost to a connection error (after Redis ran it) leaves messages in the
-lane that the runner does not know of; the lane's next take or ack first gives those back to the
-queue (:meth:`Lane.take`), so an ack never deletes a message nobody served.
+lane that the runner does not know of: if the error reaches the runner, the lane's next take or
+ack first gives those back to the queue; if redis-py retries the transaction itself (a client
+with retries), the retry returns them with its own. Either way an ack never deletes a message
+nobody served.
 
 A stalled worker whose lease expires loses its messages to the others; if it later wakes up and
 stores results, the duplicates carry the same answer, which at-least-once delivery allows.
@@ -218,7 +220,9 @@ class Lane:
         """Move up to ``max_n`` messages, oldest first, from the queue into this lane, atomically.
 
         Returns:
-            The messages, oldest first; empty when the queue is empty.
+            The messages, oldest first; empty when the queue is empty. After a lost reply that
+            redis-py retried, also those its first attempt moved (so possibly more than
+            ``max_n``).
 
         Raises:
             LeaseLost: this worker's lease may have expired.
@@ -235,6 +239,10 @@ class Lane:
                 return []
         pipe = self.intake.redis.pipeline(transaction=True)
         pipe.hset(LANES_KEY, self.key, queue)  # registered before it can hold anything
+        # What the lane holds beyond `held`: nothing, unless redis-py retried this transaction
+        # after a lost reply (it does, on connection errors) and the first attempt's messages
+        # are already here. They are served with this batch, so the ack deletes nothing unknown.
+        pipe.lrange(self.key, 0, -self.held - 1)
         for _ in range(max_n):
             pipe.lmove(queue, self.key, "RIGHT", "LEFT")
         try:
@@ -242,9 +250,10 @@ class Lane:
         except (redis.ConnectionError, redis.TimeoutError):
             self.unsure = True
             raise
-        messages = [m for m in replies[1:] if m is not None]
+        moved = [m for m in replies[2:] if m is not None]
+        messages = replies[1][::-1] + moved  # the lane is newest first
         self.held += len(messages)
-        self._short = len(messages) < max_n
+        self._short = len(moved) < max_n
         return messages
 
     def wait(self, timeout_s: float) -> bool:
