@@ -180,8 +180,8 @@ def test_a_lost_take_reply_is_given_back_and_never_acked(r) -> None:
 
 
 def test_a_lost_take_reply_before_the_next_take(r) -> None:
-    """After a lost reply with nothing held, the next take gives the unknown messages back first
-    and then takes them again, oldest first."""
+    """After a lost reply with nothing held, the next take serves the unknown messages with its
+    own, oldest first."""
     _enqueue(r, b"m1", b"m2", b"m3")
     intake = _intake(r, "w1")
     lane = intake.lanes[0]

@@ -21,9 +21,10 @@ batch takes. A worker does not take while its own lease may have expired (it kno
 renewed it), so that the others would not give back at once what it just took.
 
 A take whose reply is lost to a connection error (after Redis ran it) leaves messages in the
-lane that the runner does not know of: if the error reaches the runner, the lane's next take or
-ack first gives those back to the queue; if redis-py retries the transaction itself (a client
-with retries), the retry returns them with its own. Either way an ack never deletes a message
+lane that the runner does not know of. Every take also reads the lane beyond what the runner
+holds and serves those with its own (whether the error reached the runner or redis-py retried
+the transaction itself); an ack that comes first (the batch in hand after a failed extra take)
+gives them back to the queue before its ``DEL``. Either way an ack never deletes a message
 nobody served.
 
 A stalled worker whose lease expires loses its messages to the others; if it later wakes up and
@@ -206,7 +207,8 @@ class Lane:
         key: The list's Redis key.
         held: How many messages the runner took and has not acked (the right end of the list).
         unsure: A take's outcome is unknown (its reply was lost): the list may hold more than
-            ``held``; the next take or ack gives the extra back to the queue first.
+            ``held``; the next take serves the extra with its own, or the next ack gives it
+            back to the queue first.
     """
 
     def __init__(self, intake: Intake, index: int) -> None:
@@ -229,7 +231,6 @@ class Lane:
             redis.ConnectionError, redis.TimeoutError: the outcome is unknown (see ``unsure``).
         """
         self.intake.check_lease()
-        self._settle_unknown()
         queue = self.intake.queue
         if self._short and max_n > 1:
             # The last take emptied the queue: ask how much is there rather than send max_n
@@ -239,9 +240,9 @@ class Lane:
                 return []
         pipe = self.intake.redis.pipeline(transaction=True)
         pipe.hset(LANES_KEY, self.key, queue)  # registered before it can hold anything
-        # What the lane holds beyond `held`: nothing, unless redis-py retried this transaction
-        # after a lost reply (it does, on connection errors) and the first attempt's messages
-        # are already here. They are served with this batch, so the ack deletes nothing unknown.
+        # What the lane holds beyond `held`: nothing, unless an earlier take's reply was lost
+        # (its error reached us: `unsure`; or redis-py retried this very transaction). Those
+        # messages are served with this batch, so the ack deletes nothing unknown.
         pipe.lrange(self.key, 0, -self.held - 1)
         for _ in range(max_n):
             pipe.lmove(queue, self.key, "RIGHT", "LEFT")
@@ -253,6 +254,7 @@ class Lane:
         moved = [m for m in replies[2:] if m is not None]
         messages = replies[1][::-1] + moved  # the lane is newest first
         self.held += len(messages)
+        self.unsure = False
         self._short = len(moved) < max_n
         return messages
 
