@@ -77,7 +77,7 @@ def _inflight_key(r: redis.Redis, worker: Worker, timeout_s: float = 30.0) -> st
 def _freeze_holding_messages(r: redis.Redis, worker: Worker, inflight: str) -> int:
     """SIGSTOP the worker at a moment when it holds unacknowledged messages; how many."""
     while True:
-        os.kill(worker.process.pid, signal.SIGSTOP)
+        worker.freeze()
         # One round trip first: Redis serves in a later turn of its event loop any command the
         # frozen process had already sent (an ack in flight), so the count below is final.
         r.ping()

@@ -146,7 +146,7 @@ def test_sigkill_mid_load_loses_nothing(client, workers, redis_server) -> None:
     w1 = workers("w1", IMGQ_MAX_BATCH="8")
     deadline = time.monotonic() + 60
     while True:
-        os.kill(w1.process.pid, signal.SIGSTOP)
+        w1.freeze()
         held_keys = [k for k in r.keys(f"imgq:inflight:{w1.name}:*") if r.llen(k)]
         if held_keys:
             (inflight,) = held_keys

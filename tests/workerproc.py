@@ -76,6 +76,25 @@ class Worker:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout_s)
 
+    def freeze(self) -> None:
+        """SIGSTOP, and wait until every thread has stopped: ``kill`` returns before the signal
+        takes effect, and a thread still running on the other core could send one more command
+        (an ack seen landing 10 ms after the freeze)."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        deadline = time.monotonic() + 5.0
+        while True:
+            states = []
+            for task in tasks.iterdir():
+                try:
+                    states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+                except (OSError, IndexError):
+                    continue  # a thread that just ended
+            if all(state in "tT" for state in states):
+                return
+            assert time.monotonic() < deadline, f"worker {self.name} did not stop: {states}"
+            time.sleep(0.0005)
+
     def kill(self) -> None:
         """SIGKILL, and reap the process."""
         if self.process.poll() is None:
