@@ -106,6 +106,11 @@ _VARS: tuple[_Var, ...] = (
          "redelivered within IMGQ_LEASE_TTL_S + IMGQ_RESTORE_INTERVAL_S"),
     _Var("IMGQ_RESTORE_INTERVAL_S", "restore_interval_s", _parse_float, "2",
          "how often each worker looks for dead workers' tasks"),
+    _Var("IMGQ_MAX_DELIVERIES", "max_deliveries", _parse_int, "3",
+         "a message handed out this many times without a stored result (its workers died or "
+         "hung) ends in FAILURE redelivered_too_often and goes to the dead letters"),
+    _Var("IMGQ_IDLE_POLL_MS", "idle_poll_ms", _parse_float, "20",
+         "longest pause between two looks at an empty queue (the wait reads, never writes)"),
     _Var("IMGQ_MAX_BYTES", "max_bytes", _parse_int, "20971520",
          "largest encoded image accepted, in bytes"),
     _Var("IMGQ_MAX_PIXELS", "max_pixels", _parse_int, "40000000",
@@ -113,6 +118,16 @@ _VARS: tuple[_Var, ...] = (
     _Var("IMGQ_MAX_ASPECT", "max_aspect", _parse_float, "20",
          "largest long side / short side accepted"),
     _Var("IMGQ_MIN_SIDE_PX", "min_side_px", _parse_int, "8", "shortest side accepted, pixels"),
+    _Var("IMGQ_BATCH_PIXELS", "batch_pixels", _parse_int, "100000000",
+         "most decoded pixels per batch; the rest of a batch of huge images goes back to the "
+         "head of the queue and is served next"),
+    _Var("IMGQ_DEAD_LETTER_MAX_BYTES", "dead_letter_max_bytes", _parse_int, "67108864",
+         "most bytes of raw messages the dead letters keep per queue (oldest bodies dropped "
+         "first; their entries stay)"),
+    _Var("IMGQ_DEAD_LETTER_MAX_ENTRIES", "dead_letter_max_entries", _parse_int, "10000",
+         "most dead-letter entries kept per queue (oldest dropped)"),
+    _Var("IMGQ_DEAD_LETTER_TTL_S", "dead_letter_ttl_s", _parse_int, "604800",
+         "seconds a dead-letter entry and its message are kept"),
     _Var("IMGQ_METRICS_PORT", "metrics_port", _parse_int, "9808",
          "Prometheus metrics port; 0 turns the endpoint off"),
     _Var("IMGQ_DRIFT_WINDOW", "drift_window", _parse_int, "200", "images per drift window"),
@@ -154,7 +169,14 @@ class WorkerSettings:
         result_expires_s: Seconds a stored result is kept.
         lease_ttl_s: Lease lifetime; a worker silent this long is presumed dead.
         restore_interval_s: Seconds between looks for dead workers' messages.
+        max_deliveries: Deliveries without a stored result after which a message is a poison
+            pill (FAILURE ``redelivered_too_often``, dead letters).
+        idle_poll_ms: Longest pause between two looks at an empty queue.
         decode_limits: Byte, pixel, aspect and size limits of images.
+        batch_pixels: Most decoded pixels per batch.
+        dead_letter_max_bytes: Most bytes of raw messages kept in a queue's dead letters.
+        dead_letter_max_entries: Most dead-letter entries kept per queue.
+        dead_letter_ttl_s: Seconds a dead-letter entry is kept.
         metrics_port: Prometheus port, 0 = off.
         drift_window: Images per drift window.
         drift_window_s: Seconds before a drift window closes anyway.
@@ -176,7 +198,13 @@ class WorkerSettings:
     result_expires_s: int = 86400
     lease_ttl_s: float = 10.0
     restore_interval_s: float = 2.0
+    max_deliveries: int = 3
+    idle_poll_ms: float = 20.0
     decode_limits: DecodeLimits = dataclasses.field(default_factory=_default_limits)
+    batch_pixels: int = 100_000_000
+    dead_letter_max_bytes: int = 64 * 2**20
+    dead_letter_max_entries: int = 10_000
+    dead_letter_ttl_s: int = 7 * 86400
     metrics_port: int = 9808
     drift_window: int = 200
     drift_window_s: float = 300.0
@@ -240,6 +268,12 @@ class WorkerSettings:
             number("result_expires_s", 1, 10 * 365 * 86400),
             number("lease_ttl_s", 1, 3600, integer=False),
             number("restore_interval_s", 0.1, 3600, integer=False),
+            number("max_deliveries", 1, 1000),
+            number("idle_poll_ms", 1, 1000, integer=False),
+            number("batch_pixels", self.decode_limits.max_pixels, 10**11),
+            number("dead_letter_max_bytes", 0, 2**40),
+            number("dead_letter_max_entries", 1, 10**7),
+            number("dead_letter_ttl_s", 60, 365 * 86400),
             number("metrics_port", 0, 65535),
             number("drift_window", 10, 10_000_000),
             number("drift_window_s", 1, 30 * 86400, integer=False),
@@ -297,6 +331,13 @@ class WorkerSettings:
             values["decode_limits"] = DecodeLimits(**limits)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message that can carry a valid task: the image's base64 inside a JSON
+        body that kombu base64-encodes again (x 16/9), plus 256 KiB of headers. A worker never
+        reads a longer message (``worker/intake.py``)."""
+        return self.decode_limits.max_bytes * 16 // 9 + 256 * 1024
 
     def wait_ms_for(self, provider: str) -> float:
         """``max_wait_ms``, or its default for the execution provider that runs the model: 2 ms
