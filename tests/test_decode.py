@@ -16,18 +16,20 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from shared.decode import (
     DEFAULT_LIMITS,
     DecodeLimits,
     ImageInfo,
+    _decode_pillow,
     _probe_fast,
     _probe_pillow,
     decode_base64,
     decode_image,
     probe_image,
 )
+from shared.decode import _over_white as _over_white_in_bands
 from shared.errors import IMAGE_REASONS, InvalidImage
 
 # Four flat colour quadrants: lossy codecs reproduce them closely, lossless ones exactly.
@@ -165,6 +167,155 @@ def test_jpeg_exif_orientation_is_applied(orientation: int, turn: int) -> None:
     want = np.rot90(RGB, turn)
     assert rgb.shape == want.shape
     assert np.abs(rgb.astype(np.int16) - want).mean() < 5
+
+
+def _over_white_formula(rgba: np.ndarray) -> np.ndarray:
+    """The alpha rule as first written: whole-frame uint16 arithmetic, rounding to nearest."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    mixed = rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127
+    return (mixed // 255).astype(np.uint8)
+
+
+def _decode_pillow_whole_frame(data: bytes) -> np.ndarray:
+    """The Pillow path before it worked in bands: every conversion on the whole frame."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        upright = ImageOps.exif_transpose(im)
+        if upright.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in upright.info:
+            return _over_white_formula(np.asarray(upright.convert("RGBA")))
+        if upright.mode.startswith("I;16"):
+            return np.repeat((np.asarray(upright) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+        return np.asarray(upright.convert("RGB"))
+
+
+def test_over_white_is_exact_for_every_colour_and_alpha() -> None:
+    """shared.decode._over_white gives the formula's value for all 256 x 256 (colour, alpha)."""
+    colour, alpha = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    rgba = np.dstack([colour, 255 - colour, colour[:, ::-1], alpha])
+    assert np.array_equal(_over_white_in_bands(rgba), _over_white_formula(rgba))
+
+
+@pytest.mark.parametrize("band_pixels", [2**18, 100])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (1, 333), (333, 1), (7, 13), (9, 100), (11, 101), (601, 437), (3, 2**18 + 3)]
+)
+def test_over_white_matches_the_formula_on_any_shape_and_band_size(
+    shape: tuple[int, int], band_pixels: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random RGBA of odd shapes (one row, one column, bands ending mid-frame) match exactly."""
+    monkeypatch.setattr("shared.decode._BAND_PIXELS", band_pixels)
+    rgba = np.random.default_rng(shape[0] * shape[1]).integers(0, 256, (*shape, 4), np.uint8)
+    want = _over_white_formula(rgba)
+    assert np.array_equal(_over_white_in_bands(rgba), want)
+    out = np.zeros_like(want)
+    assert _over_white_in_bands(rgba, out) is out and np.array_equal(out, want)
+    strided = np.repeat(rgba, 2, axis=1)[:, ::2]  # not C-contiguous
+    assert np.array_equal(_over_white_in_bands(strided), want)
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def _grad(h: int = 23, w: int = 37) -> np.ndarray:
+    """Every pixel different: odd sizes so that bands end mid-frame."""
+    y, x = np.mgrid[:h, :w]
+    return np.dstack([x * 7 % 256, y * 11 % 256, (x * y) % 256, (x + 3 * y) * 5 % 256]).astype(
+        np.uint8
+    )
+
+
+_G = _grad()
+_GRAY16 = (_G[..., 0].astype(np.uint16) << 8) | _G[..., 1]
+
+# Images for _decode_pillow in every mode it converts (some would normally go to OpenCV).
+PILLOW_PATH: dict[str, Callable[[], bytes]] = {
+    "png_rgba": lambda: _cv(".png", _G),
+    "png_rgba16": lambda: _cv(".png", _G.astype(np.uint16) * 257 + 3),
+    "png_gray_alpha": lambda: _pil(_G[..., [0, 3]], "PNG"),
+    "png_rgb_transparent_colour": lambda: _pil(
+        _G[..., :3], "PNG", transparency=tuple(_G[0, 0, :3].tolist())
+    ),
+    "png_gray_transparent_value": lambda: _pil(_G[..., 0], "PNG", transparency=int(_G[0, 1, 0])),
+    "png_gray16": lambda: _cv(".png", _GRAY16),
+    "png_gray16_transparent_value": lambda: _pil(_GRAY16, "PNG", transparency=int(_GRAY16[0, 1])),
+    "png_bilevel": lambda: _pil(_G[..., 0], "PNG", "1"),
+    "png_palette": lambda: _pil(_G[..., :3], "PNG", "P"),
+    "png_palette_one_transparent": lambda: _pil(_G[..., :3], "PNG", "P", transparency=3),
+    "png_palette_alphas": lambda: _pil(
+        _G[..., :3], "PNG", "P", transparency=bytes(range(0, 256, 3))
+    ),
+    "png_rgba_exif_rotated": lambda: _pil(_G, "PNG", exif=_exif(6)),
+    "jpeg_exif_rotated": lambda: _pil(_G[..., :3], "JPEG", quality=90, exif=_exif(8)),
+    "jpeg_cmyk": lambda: _pil(_G[..., :3], "JPEG", "CMYK", quality=90),
+    "gif": lambda: _pil(_G[..., :3], "GIF"),
+    "gif_transparent": lambda: _pil(_G[..., :3], "GIF", "P", transparency=5),
+    "bmp_palette": lambda: _pil(_G[..., :3], "BMP", "P"),
+    "tiff_rgba": lambda: _pil(_G, "TIFF"),
+    "webp_rgba": lambda: _pil(_G, "WEBP", lossless=True, exact=True),
+}
+
+
+@pytest.mark.parametrize("band_pixels", [2**18, 50])
+@pytest.mark.parametrize("case", sorted(PILLOW_PATH))
+def test_pillow_path_in_bands_equals_the_whole_frame_conversion(
+    case: str, band_pixels: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (a 167 kB 40-megapixel RGBA PNG took 1.1 GB and 3 s): converting in bands of
+    rows gives exactly the pixels of the former whole-frame conversion, in every Pillow mode."""
+    monkeypatch.setattr("shared.decode._BAND_PIXELS", band_pixels)
+    data = PILLOW_PATH[case]()
+    want = _decode_pillow_whole_frame(data)
+    got = _decode_pillow(data)
+    assert got.dtype == np.uint8 and got.flags["C_CONTIGUOUS"]
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_large_flat_rgba_png_decodes_without_full_frame_temporaries() -> None:
+    """A 10-megapixel RGBA PNG of a few kB decodes with only the result and band buffers traced.
+
+    Pillow's own 40 MB frame is not traced (its allocator is not Python's), so the traced peak
+    is the 30 MB result plus a few MB: one more full-frame copy (``np.asarray`` of the RGBA
+    frame, 40 MB) or uint16 temporary (60 MB) would break the bound.
+    """
+    h, w = 2500, 4000
+    bgra = np.empty((h, w, 4), np.uint8)
+    bgra[..., :3] = (40, 30, 200)
+    bgra[..., 3] = np.arange(w) % 256
+    data = _cv(".png", bgra, (cv2.IMWRITE_PNG_COMPRESSION, 9))
+    del bgra
+    assert len(data) < 1_000_000
+    tracemalloc.start()
+    try:
+        rgb = decode_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    first_row = np.dstack([np.full((1, w, 3), (200, 30, 40), np.uint8), np.arange(w) % 256])
+    assert np.array_equal(rgb, np.broadcast_to(_over_white_formula(first_row), rgb.shape))
+    assert peak < rgb.nbytes + 16 * 2**20, f"traced peak {peak / 2**20:.0f} MB"
+
+
+def test_decode_uses_the_info_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With probe_image's result passed in, decode_image reads no header and gives the same
+    pixels; the limits are still checked on it."""
+    data = _cv(".png", np.dstack([BGR, _alpha()]))
+    info = probe_image(data)
+    want = decode_image(data)
+
+    def no_second_probe(_: bytes) -> None:
+        raise AssertionError("the header was probed again")
+
+    monkeypatch.setattr("shared.decode._probe_fast", no_second_probe)
+    monkeypatch.setattr("shared.decode._probe_pillow", no_second_probe)
+    assert np.array_equal(decode_image(data, DEFAULT_LIMITS, info), want)
+    assert np.array_equal(decode_image(data, info=info), want)
+    with pytest.raises(InvalidImage, match="too_many_pixels"):
+        decode_image(data, DecodeLimits(max_pixels=1000), info)
+    with pytest.raises(InvalidImage, match="too_many_bytes"):
+        decode_image(data, DecodeLimits(max_bytes=len(data) - 1), info)
 
 
 def test_probe_reads_the_header_only() -> None:
