@@ -1,0 +1,569 @@
+"""Dead letters an operator can use: bounded in bytes and age, each with its reason, and the raw
+message kept (for requeue) only within a byte budget.
+
+A message no worker can serve (unreadable, redelivered too often, too large) must leave the queue
+with a trace, but its sender may be hostile: the old list of whole messages reached 2.7 GB. So each
+dead letter is a small stream entry (reason, task id, length, sha1, the first
+:data:`HEAD_BYTES` bytes), and the raw message is kept beside it only while the queue's kept bodies
+fit ``max_body_bytes`` (the oldest bodies are dropped first; their entries stay). Everything
+expires after ``ttl_s``. The same raw message dead-lettered again within the TTL (a pipeline re-sent
+after a lost reply, a redelivery) adds no second entry.
+
+Keys, for queue ``Q`` (see :func:`dead_letter_keys`)::
+
+    imgq:dlq:Q                 stream, one entry per dead letter (fields: see DeadLetter)
+    imgq:dlq:Q:body:<entry id> the raw message, only when kept
+    imgq:dlq:Q:bodies          sorted set "<entry id>:<length>" -> entry ms: the kept bodies
+    imgq:dlq:Q:bytes           total length of the kept bodies
+    imgq:dlq:Q:seen:<sha1>     entry id of that raw message (de-duplication)
+
+An add is one Lua function, :data:`LUA_DEAD_LETTER`, so other scripts (the intake drops an
+oversized message inside its own script) can prepend it and call ``dead_letter(...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import string
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.client
+
+from shared.errors import ImgqError
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
+
+__all__ = [
+    "BODY_STATES", "DEAD_LETTER_REASONS", "HEAD_BYTES", "LUA_DEAD_LETTER", "BodyNotKept",
+    "DeadLetter", "DeadLetterKeys", "DeadLetterLimits", "DeadLetters", "UnknownDeadLetter",
+    "dead_letter_keys", "escape_bytes",
+]  # fmt: skip
+
+#: Bytes of the raw message each entry shows, enough to recognise a message or an attack.
+HEAD_BYTES = 200
+#: Longest ``detail`` kept, and longest ``task_id``/``worker``/``reason``, in bytes (cut on a
+#: UTF-8 character boundary): a malformed message's task id is whatever its sender wrote.
+DETAIL_BYTES = 500
+FIELD_BYTES = 200
+#: Reason codes the worker writes, each with what it means; others are allowed (same format).
+DEAD_LETTER_REASONS: dict[str, str] = {
+    "malformed_message": "the message is not a Celery protocol 2 task imgq can parse",
+    "content_refused": "the message is not JSON; imgq executes JSON messages only",
+    "redelivered_too_often": "delivered max_deliveries times without a stored result",
+    "message_too_large": "the message is larger than the worker accepts",
+    "internal_error": "the worker failed on the message itself",
+}
+#: What ``DeadLetter.body`` says: the raw message is kept, or why not.
+BODY_STATES: dict[str, str] = {
+    "kept": "the raw message is kept: `imgq dlq show ID --body FILE`, `imgq dlq requeue ID`",
+    "over_budget": "larger than the queue's byte budget (IMGQ_DEAD_LETTER_MAX_BYTES)",
+    "too_large": "the worker dropped the message unread because it was too large",
+    "not_kept": "the writer did not keep the message",
+    "evicted": "dropped for newer messages to fit the byte budget",
+    "expired": "older than the time to live (IMGQ_DEAD_LETTER_TTL_S)",
+}
+#: The worker's per-message delivery counter, reset by a requeue (key = prefix + sha1).
+DELIVERIES_PREFIX = "imgq:deliveries:"
+_REASON_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_ENTRY_ID_RE = re.compile(r"\d{1,20}-\d{1,20}")
+#: Entries and bodies one script call cleans up, so that no call blocks Redis for long.
+_CHUNK = 1000
+
+
+class UnknownDeadLetter(ImgqError):
+    """No dead letter of this queue has that id (never, or trimmed, requeued or purged)."""
+
+
+class BodyNotKept(ImgqError):
+    """The dead letter exists but its raw message is not kept; ``state`` says why."""
+
+    def __init__(self, message: str, state: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+# Lua 5.1 in Redis. Helpers are prefixed `dl_` so that a script that prepends this one keeps
+# its own names. Integers go through dl_int: tostring() prints large ones as 1e+12.
+_LUA_TEMPLATE = r"""
+local function dl_int(n) return string.format('%d', n) end
+local function dl_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function dl_fields(flat)
+  local f = {}
+  for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+  return f
+end
+local function dl_member(member)  -- "<entry id>:<length>" of the bodies sorted set
+  local id, len = string.match(member, '^(.*):(%d+)$$')
+  return id, tonumber(len)
+end
+local function dl_cut(text, n)  -- at most n bytes, not splitting a UTF-8 character
+  if #text <= n then return text end
+  while n > 0 and string.byte(text, n + 1) >= 128 and string.byte(text, n + 1) < 192 do
+    n = n - 1
+  end
+  return string.sub(text, 1, n)
+end
+-- Forget an entry's side keys (its body, its de-duplication key); the bytes it freed.
+local function dl_forget(stream, id, f)
+  local seen, freed = stream .. ':seen:' .. (f.sha1 or ''), 0
+  if redis.call('GET', seen) == id then redis.call('DEL', seen) end
+  if f.body == 'kept' then
+    redis.call('DEL', stream .. ':body:' .. id)
+    if redis.call('ZREM', stream .. ':bodies', id .. ':' .. f.length) == 1 then
+      freed = tonumber(f.length)
+    end
+  end
+  return freed
+end
+local function dl_unaccount(bytes_key, freed)  -- the kept bodies' total, less freed bytes
+  if freed > 0 and redis.call('DECRBY', bytes_key, dl_int(freed)) < 0 then
+    redis.call('SET', bytes_key, '0', 'KEEPTTL')
+  end
+end
+
+local function dead_letter(queue, body, length, sha1, head, reason, detail, task_id, worker,
+                           keep, ttl_s, max_entries, max_body_bytes)
+  local stream = 'imgq:dlq:' .. queue
+  local bodies, bytes_key = stream .. ':bodies', stream .. ':bytes'
+  ttl_s, max_entries = tonumber(ttl_s), tonumber(max_entries)
+  max_body_bytes = tonumber(max_body_bytes)
+  if body then
+    length, head = #body, head or body
+    if not sha1 or sha1 == '' then sha1 = redis.sha1hex(body) end
+  end
+  length, sha1 = tonumber(length) or 0, sha1 or ''
+  local seen = stream .. ':seen:' .. sha1
+  if sha1 ~= '' then
+    local existing = redis.call('GET', seen)
+    if existing and #redis.call('XRANGE', stream, existing, existing) > 0 then
+      return existing
+    end
+  end
+  local min_ms = dl_now_ms() - ttl_s * 1000
+  local total = tonumber(redis.call('GET', bytes_key) or '0')
+  -- Bodies older than the TTL: their keys have expired; take them out of the accounting.
+  local old = redis.call('ZRANGEBYSCORE', bodies, '-inf', '(' .. dl_int(min_ms), 'LIMIT', 0, $chunk)
+  for _, member in ipairs(old) do
+    local id, len = dl_member(member)
+    redis.call('DEL', stream .. ':body:' .. id)
+    redis.call('ZREM', bodies, member)
+    total = total - len
+  end
+  -- Exact trims (MINID ~ keeps whole radix-tree nodes of old entries): by age, then by count
+  -- with the side keys of the dropped entries (their de-duplication keys would pile up).
+  redis.call('XTRIM', stream, 'MINID', dl_int(min_ms))
+  local excess = math.min(redis.call('XLEN', stream) - max_entries + 1, $chunk)
+  if excess > 0 then
+    for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', excess)) do
+      total = total - dl_forget(stream, entry[1], dl_fields(entry[2]))
+      redis.call('XDEL', stream, entry[1])
+    end
+  end
+  local state = 'kept'
+  if keep ~= '1' and keep ~= 1 and keep ~= true then state = 'not_kept'
+  elseif length > max_body_bytes or max_body_bytes <= 0 then state = 'over_budget'
+  elseif not body then state = 'too_large'
+  end
+  while state == 'kept' and total + length > max_body_bytes do  -- evict the oldest bodies
+    local popped = redis.call('ZPOPMIN', bodies)
+    if #popped == 0 then total = 0 else
+      local id, len = dl_member(popped[1])
+      redis.call('DEL', stream .. ':body:' .. id)
+      total = total - len
+    end
+  end
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', dl_int(max_entries), '*',
+    'reason', dl_cut(reason, $field_bytes), 'detail', dl_cut(detail or '', $detail_bytes),
+    'task_id', dl_cut(task_id or '', $field_bytes), 'length', dl_int(length), 'sha1', sha1,
+    'head', string.sub(head or '', 1, $head_bytes), 'worker', dl_cut(worker or '', $field_bytes),
+    'body', state)
+  if state == 'kept' then
+    redis.call('SET', stream .. ':body:' .. id, body, 'EX', ttl_s)
+    redis.call('ZADD', bodies, string.match(id, '^(%d+)'), id .. ':' .. dl_int(length))
+    total = total + length
+  end
+  redis.call('SET', bytes_key, dl_int(math.max(total, 0)), 'EX', ttl_s)
+  redis.call('EXPIRE', stream, ttl_s)
+  redis.call('EXPIRE', bodies, ttl_s)
+  if sha1 ~= '' then redis.call('SET', seen, id, 'EX', ttl_s) end
+  return id
+end
+"""
+LUA_DEAD_LETTER = string.Template(_LUA_TEMPLATE).substitute(
+    chunk=_CHUNK, detail_bytes=DETAIL_BYTES, field_bytes=FIELD_BYTES, head_bytes=HEAD_BYTES
+)
+
+# ARGV: the parameters of dead_letter in order; an empty body with a length > 0 means "not sent".
+_ADD = (
+    LUA_DEAD_LETTER
+    + r"""
+local body = ARGV[2]
+if body == '' and ARGV[3] ~= '0' then body = false end
+return dead_letter(ARGV[1], body, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9],
+                   ARGV[10], ARGV[11], ARGV[12], ARGV[13])
+"""
+)
+
+# ARGV: queue, entry id, ttl_s. Returns {'ok', fields} | {'unknown'} | {'not_kept', state}.
+_REQUEUE = (
+    LUA_DEAD_LETTER
+    + f"""
+local queue, id = ARGV[1], ARGV[2]
+local stream = 'imgq:dlq:' .. queue
+local found = redis.call('XRANGE', stream, id, id)
+if #found == 0 then return {{'unknown'}} end
+local f = dl_fields(found[1][2])
+if f.body ~= 'kept' then return {{'not_kept', f.body}} end
+local body = redis.call('GET', stream .. ':body:' .. id)
+if not body then
+  local age_ms = dl_now_ms() - tonumber(string.match(id, '^(%d+)'))
+  return {{'not_kept', age_ms >= tonumber(ARGV[3]) * 1000 and 'expired' or 'evicted'}}
+end
+redis.call('LPUSH', queue, body)
+dl_unaccount(stream .. ':bytes', dl_forget(stream, id, f))
+redis.call('XDEL', stream, id)
+redis.call('DEL', '{DELIVERIES_PREFIX}' .. f.sha1)
+return {{'ok', found[1][2]}}
+"""
+)
+
+# ARGV: queue, newest entry id to delete ('+': all). Deletes a chunk of entries with their side
+# keys; once none is left, bodies whose entry is gone. Returns {entries deleted, more to do}.
+_PURGE_CHUNK = (
+    LUA_DEAD_LETTER
+    + f"""
+local stream = 'imgq:dlq:' .. ARGV[1]
+local bodies, bytes_key = stream .. ':bodies', stream .. ':bytes'
+local freed, more, swept = 0, 0, 0
+local entries = redis.call('XRANGE', stream, '-', ARGV[2], 'COUNT', {_CHUNK})
+for _, entry in ipairs(entries) do
+  freed = freed + dl_forget(stream, entry[1], dl_fields(entry[2]))
+  redis.call('XDEL', stream, entry[1])
+end
+if #entries == {_CHUNK} then more = 1 else
+  local last_ms = ARGV[2] == '+' and '+inf' or string.match(ARGV[2], '^(%d+)')
+  local orphans = redis.call('ZRANGEBYSCORE', bodies, '-inf', last_ms, 'LIMIT', 0, {_CHUNK})
+  for _, member in ipairs(orphans) do
+    local id, len = dl_member(member)
+    if #redis.call('XRANGE', stream, id, id) == 0 then
+      redis.call('DEL', stream .. ':body:' .. id)
+      redis.call('ZREM', bodies, member)
+      freed, swept = freed + len, swept + 1
+    end
+  end
+  if #orphans == {_CHUNK} and swept > 0 then more = 1 end
+end
+dl_unaccount(bytes_key, freed)
+if redis.call('XLEN', stream) == 0 then redis.call('DEL', stream) end
+if redis.call('ZCARD', bodies) == 0 then redis.call('DEL', bodies, bytes_key) end
+return {{#entries, more}}
+"""
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeadLetterLimits:
+    """How much a queue's dead letters may hold; the worker builds it from its settings.
+
+    Args:
+        max_entries: Most entries per queue; the oldest are dropped. Defaults to 10,000.
+        max_body_bytes: Most bytes of raw messages kept per queue; the oldest bodies are dropped
+            first and a larger message is never kept. 0 keeps none. Defaults to 64 MiB.
+        ttl_s: Seconds an entry and its message are kept. Defaults to 7 days.
+    """
+
+    max_entries: int = 10_000
+    max_body_bytes: int = 64 * 2**20
+    ttl_s: int = 7 * 86400  # 1 is allowed here, for tests; the worker's settings allow >= 60
+
+    def __post_init__(self) -> None:
+        for name, low, high in (
+            ("max_entries", 1, 10**7),
+            ("max_body_bytes", 0, 2**40),
+            ("ttl_s", 1, 365 * 86400),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> DeadLetterLimits:
+        """The limits of ``IMGQ_DEAD_LETTER_MAX_ENTRIES``, ``..._MAX_BYTES`` and ``..._TTL_S``."""
+        return cls(
+            max_entries=settings.dead_letter_max_entries,
+            max_body_bytes=settings.dead_letter_max_bytes,
+            ttl_s=settings.dead_letter_ttl_s,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetterKeys:
+    """The Redis key names of one queue's dead letters (module docstring: what each holds)."""
+
+    queue: str
+    stream: str
+    bodies: str
+    bytes: str
+
+    def body(self, entry_id: str) -> str:
+        """Key of the raw message of entry ``entry_id``."""
+        return f"{self.stream}:body:{entry_id}"
+
+    def seen(self, sha1: str) -> str:
+        """De-duplication key of a raw message by its sha1."""
+        return f"{self.stream}:seen:{sha1}"
+
+
+def dead_letter_keys(queue: str) -> DeadLetterKeys:
+    """The key names of ``queue``'s dead letters; the Lua scripts build the same names.
+
+    >>> keys = dead_letter_keys("imgq")
+    >>> keys.stream, keys.bytes, keys.body("1700000000000-0")
+    ('imgq:dlq:imgq', 'imgq:dlq:imgq:bytes', 'imgq:dlq:imgq:body:1700000000000-0')
+    """
+    stream = f"imgq:dlq:{queue}"
+    return DeadLetterKeys(queue, stream, f"{stream}:bodies", f"{stream}:bytes")
+
+
+def escape_bytes(data: bytes) -> str:
+    """Printable ASCII for any bytes, so a hostile message cannot drive a terminal.
+
+    >>> escape_bytes(b'{"id": 1}\\n\\x1b[2J\\xff')
+    '{"id": 1}\\\\n\\\\x1b[2J\\\\xff'
+    """
+    return repr(data)[2:-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """One dead letter as read back. ``body`` is ``kept`` or why not (:data:`BODY_STATES`);
+    ``head`` is the first :data:`HEAD_BYTES` bytes of the raw message, as they were."""
+
+    id: str
+    time_s: float
+    reason: str
+    detail: str
+    task_id: str | None
+    length: int
+    sha1: str
+    head: bytes
+    worker: str
+    body: str
+
+    @classmethod
+    def _from_fields(cls, entry_id: str, fields: dict[bytes, bytes], body: str) -> DeadLetter:
+        def text(name: str) -> str:
+            return fields.get(name.encode(), b"").decode("utf-8", "replace")
+
+        return cls(
+            id=entry_id,
+            time_s=int(entry_id.split("-")[0]) / 1000,
+            reason=text("reason"),
+            detail=text("detail"),
+            task_id=text("task_id") or None,
+            length=int(text("length") or 0),
+            sha1=text("sha1"),
+            head=fields.get(b"head", b""),
+            worker=text("worker"),
+            body=body,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; ``head`` as escaped printable text (:func:`escape_bytes`)."""
+        out = dataclasses.asdict(self)
+        out["head"] = escape_bytes(self.head)
+        out["time"] = datetime.fromtimestamp(self.time_s, UTC).isoformat(timespec="milliseconds")
+        return out
+
+
+def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _read(client: redis.Redis, queue: str, ttl_s: int, entries: list[Any]) -> list[DeadLetter]:
+    """Stream entries as DeadLetters. A stream entry cannot be edited, so a ``kept`` body whose
+    key is gone is said to be evicted or expired here, when read."""
+    keys = dead_letter_keys(queue)
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    for raw_id, _ in entries:
+        pipe.exists(keys.body(raw_id.decode()))
+    (now_s, now_us), *present = pipe.execute()
+    letters = []
+    for (raw_id, fields), kept in zip(entries, present, strict=True):
+        state = fields.get(b"body", b"").decode()
+        letter = DeadLetter._from_fields(raw_id.decode(), fields, state)
+        if state == "kept" and not kept:
+            expired = now_s + now_us / 1e6 - letter.time_s >= ttl_s
+            letter = dataclasses.replace(letter, body="expired" if expired else "evicted")
+        letters.append(letter)
+    return letters
+
+
+class DeadLetters:
+    """One queue's dead letters: add (the worker), list/show/requeue/purge (the operator).
+
+    Args:
+        redis_client: Client of the broker's Redis (replies as bytes, the default).
+        queue: The queue name; requeue pushes onto the list of that name.
+        limits: Entry count, byte budget and time to live.
+        worker: Id of the worker that writes, recorded in each entry.
+
+    Example:
+        >>> dl = DeadLetters(redis.Redis(), "imgq", worker="imgq@box7")  # doctest: +SKIP
+        >>> dl.add(raw, "malformed_message", "not JSON")  # doctest: +SKIP
+        >>> [d.reason for d in dl.list()]  # doctest: +SKIP
+        ['malformed_message']
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        queue: str,
+        limits: DeadLetterLimits = DeadLetterLimits(),  # noqa: B008 (frozen, shared safely)
+        worker: str = "",
+    ) -> None:
+        if not isinstance(queue, str) or not queue or any(c.isspace() for c in queue):
+            raise ValueError(f"queue must be a non-empty name without spaces, got {queue!r}")
+        self.redis, self.queue, self.limits, self.worker = redis_client, queue, limits, worker
+        self.keys = dead_letter_keys(queue)
+        self._add = redis_client.register_script(_ADD)
+        self._requeue = redis_client.register_script(_REQUEUE)
+        self._purge_chunk = redis_client.register_script(_PURGE_CHUNK)
+
+    def add(
+        self,
+        raw: bytes,
+        reason: str,
+        detail: str,
+        task_id: str | None = None,
+        *,
+        keep_body: bool = True,
+        pipe: redis.client.Pipeline | None = None,
+    ) -> None:
+        """Record ``raw`` as a dead letter, unless the same bytes were recorded within the TTL.
+
+        Args:
+            raw: The message exactly as it was in Redis.
+            reason: A reason code (:data:`DEAD_LETTER_REASONS`; lowercase, digits and ``_``).
+            detail: What went wrong, for the operator; cut to :data:`DETAIL_BYTES` bytes.
+            task_id: The task id, when the message revealed one; cut to :data:`FIELD_BYTES`.
+            keep_body: Keep the raw message (within the byte budget) so it can be requeued.
+            pipe: Queue the add on this pipeline (the one that stores a batch's results)
+                instead of running it now.
+        """
+        if not _REASON_RE.fullmatch(reason):
+            raise ValueError(
+                f"reason must be a code of lowercase letters, digits and _, got {reason!r}; "
+                f"known codes: {', '.join(DEAD_LETTER_REASONS)}"
+            )
+        # A body over the budget is never kept: do not send it to Redis at all.
+        send = keep_body and len(raw) <= self.limits.max_body_bytes
+        args: list[bytes | str | int] = [
+            self.queue, raw if send else b"", len(raw), hashlib.sha1(raw).hexdigest(),
+            raw[:HEAD_BYTES], reason, detail[:DETAIL_BYTES], task_id or "", self.worker,
+            "1" if keep_body else "0", self.limits.ttl_s, self.limits.max_entries,
+            self.limits.max_body_bytes,
+        ]  # fmt: skip
+        if pipe is not None:
+            pipe.eval(_ADD, 0, *args)
+        else:
+            self._add(keys=[], args=args)
+
+    def list(self, count: int = 20) -> list[DeadLetter]:
+        """The ``count`` newest dead letters, newest first."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        entries: Any = self.redis.xrevrange(self.keys.stream, "+", "-", count=count)
+        return _read(self.redis, self.queue, self.limits.ttl_s, entries)
+
+    def show(self, entry_id: str) -> tuple[DeadLetter, bytes | None]:
+        """One dead letter and its raw message (``None`` when not kept)."""
+        self._check_id(entry_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xrange(self.keys.stream, entry_id, entry_id)
+        pipe.get(self.keys.body(entry_id))
+        entries, body = pipe.execute()
+        if not entries:
+            raise self._unknown(entry_id)
+        letter = _read(self.redis, self.queue, self.limits.ttl_s, entries)[0]
+        return letter, body if letter.body == "kept" else None
+
+    def requeue(self, entry_id: str) -> DeadLetter:
+        """Push the kept raw message back onto the queue (``LPUSH``, as a Celery producer does),
+        and forget the dead letter, its de-duplication key and the worker's delivery count of
+        the message, so that it gets fresh deliveries. Atomic.
+
+        Raises:
+            UnknownDeadLetter: no such entry.
+            BodyNotKept: the raw message is not kept (``state`` says why).
+        """
+        self._check_id(entry_id)
+        reply = self._requeue(keys=[], args=[self.queue, entry_id, self.limits.ttl_s])
+        if reply[0] == b"unknown":
+            raise self._unknown(entry_id)
+        if reply[0] == b"not_kept":
+            state = reply[1].decode()
+            raise BodyNotKept(
+                f"dead letter {entry_id} of queue {self.queue!r} cannot be requeued: its message "
+                f"is not kept ({state}: {BODY_STATES.get(state, 'unknown state')}); the entry "
+                f"holds only its first {HEAD_BYTES} bytes, so resend the task from its source",
+                state,
+            )
+        return DeadLetter._from_fields(entry_id, _pairs(reply[1]), "kept")
+
+    def purge(self) -> int:
+        """Delete every dead letter of this queue and its kept message; how many entries.
+
+        Works in chunks (each atomic) up to the newest entry when it started, so that a long
+        purge neither blocks Redis nor deletes a dead letter added meanwhile.
+        """
+        newest: Any = self.redis.xrevrange(self.keys.stream, "+", "-", count=1)
+        last_id = newest[0][0].decode() if newest else "+"
+        deleted, more = 0, 1
+        while more:
+            n, more = self._purge_chunk(keys=[], args=[self.queue, last_id])
+            deleted += int(n)
+        return deleted
+
+    def stats(self) -> dict[str, Any]:
+        """Entries, kept bodies and their bytes, the oldest and newest entry times (Unix s), and
+        the limits."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xlen(self.keys.stream)
+        pipe.zcard(self.keys.bodies)
+        pipe.get(self.keys.bytes)
+        pipe.xrange(self.keys.stream, "-", "+", count=1)
+        pipe.xrevrange(self.keys.stream, "+", "-", count=1)
+        entries, bodies, kept_bytes, oldest, newest = pipe.execute()
+        times = [int(e[0][0].split(b"-")[0]) / 1000 if e else None for e in (oldest, newest)]
+        return {
+            "queue": self.queue,
+            "entries": int(entries),
+            "kept_bodies": int(bodies),
+            "kept_bytes": int(kept_bytes or 0),
+            "oldest_time_s": times[0],
+            "newest_time_s": times[1],
+            **dataclasses.asdict(self.limits),
+        }
+
+    def _check_id(self, entry_id: str) -> None:
+        if not isinstance(entry_id, str) or not _ENTRY_ID_RE.fullmatch(entry_id):
+            raise UnknownDeadLetter(
+                f"{entry_id!r} is not a dead-letter id (they look like 1700000000000-0); "
+                f"`imgq dlq list --queue {self.queue}` shows them"
+            )
+
+    def _unknown(self, entry_id: str) -> UnknownDeadLetter:
+        return UnknownDeadLetter(
+            f"queue {self.queue!r} has no dead letter {entry_id} (requeued, purged, trimmed or "
+            f"older than {self.limits.ttl_s} s); `imgq dlq list --queue {self.queue}` shows them"
+        )
