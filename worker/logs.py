@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging", "mask_url"]
 
@@ -24,7 +25,14 @@ _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asct
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``, for logs and printed settings.
+    """The URL with its passwords replaced by ``***``, for logs and printed settings.
+
+    Both places a Redis URL can carry a password are masked: the user part
+    (``redis://user:pw@host``) and a ``password`` query parameter (``?password=pw``, any case),
+    which redis-py reads too. Everything else stays as written, byte for byte, for the reader.
+    A password with an unencoded ``/``, ``?`` or ``#`` ends the user part early (Redis clients
+    misread such a URL too, and then log the connection error): the URL is then masked from its
+    scheme to its last ``@``. Never raises, even on what is not a URL.
 
     >>> mask_url("redis://:s3cret@redis.internal:6379/0")
     'redis://:***@redis.internal:6379/0'
@@ -32,15 +40,48 @@ def mask_url(url: str) -> str:
     'rediss://user:***@host/1'
     >>> mask_url("redis://127.0.0.1:6379/0")
     'redis://127.0.0.1:6379/0'
+    >>> mask_url("redis://redis:6379/0?password=s3cret")
+    'redis://redis:6379/0?password=***'
+    >>> mask_url("rediss://redis/0?ssl_cert_reqs=required&PassWord=s3cret&socket_timeout=5")
+    'rediss://redis/0?ssl_cert_reqs=required&PassWord=***&socket_timeout=5'
+    >>> mask_url("redis://:pa#ss@redis:6379/0")
+    'redis://***@redis:6379/0'
     """
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:{_MASK}@{host}"))
+    # Split by hand, as urlsplit does, so that what is not masked comes back byte for byte.
+    rest, hash_, fragment = url.partition("#")
+    rest, qmark, query = rest.partition("?")
+    scheme, sep, rest = rest.partition("://")
+    netloc, slash, path = rest.partition("/") if sep else ("", "", rest)
+    if sep and "@" in url and "@" not in netloc and ":" in netloc and not _is_host(netloc):
+        # "user:pa" or ":pa" before an "@" further on: the password held a "/", "?" or "#".
+        tail = mask_url(f"{scheme}://{url.rpartition('@')[2]}")
+        return tail.replace("://", f"://{_MASK}@", 1)
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:{_MASK}@{host}"
+    query = _mask_query(query)
+    fragment = _MASK if fragment else ""  # Redis URLs have none: it is a password's tail
+    return f"{scheme}{sep}{netloc}{slash}{path}{qmark}{query}{hash_}{fragment}"
+
+
+def _mask_query(query: str) -> str:
+    """``query`` with the value of every ``password`` parameter replaced by ``***``."""
+    pieces = re.split(r"([&;])", query)
+    for i in range(0, len(pieces), 2):
+        key, eq, value = pieces[i].partition("=")
+        if eq and value and unquote_plus(key).strip().lower() == "password":
+            pieces[i] = f"{key}={_MASK}"
+    return "".join(pieces)
+
+
+def _is_host(netloc: str) -> bool:
+    """Whether ``netloc`` (with no user part) reads as a host with, if any, a numeric port."""
+    try:
+        parts = urlsplit(f"//{netloc}")
+        parts.port  # noqa: B018 (raises ValueError when the "port" is not a number)
+    except ValueError:
+        return False
+    return bool(parts.hostname)
 
 
 class JsonFormatter(logging.Formatter):
