@@ -45,20 +45,21 @@ from imgq.localredis import LocalRedis
 from worker.bundle import ModelBundle
 from worker.client import ImgqClient
 from worker.drift import DriftDetector, DriftRecorder
+from worker.events import TaskEvents
 from worker.intake import Intake, Lane
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
 #: Module functions of worker/batching.py timed in place, in the order a task meets them.
-_FUNCTIONS = ("parse_message", "decode_base64", "decode_image", "image_features", "resize_image",
-              "normalise_batch", "json_dumps")  # fmt: skip
+_FUNCTIONS = ("parse_message", "decode_base64", "probe_image", "decode_image", "image_features",
+              "resize_image", "normalise_batch")  # fmt: skip
 #: Methods timed in place: (class, method, stage name).
 _METHODS = (
     (ModelBundle, "predict", "onnxruntime (predict)"),
     (DriftRecorder, "out_of_range", "drift: out-of-range check"),
-    (DriftRecorder, "add_to_pipeline", "drift: bin counts (EVAL queued)"),
+    (DriftRecorder, "window_counts", "drift: bin counts (for the settle script)"),
     (DriftDetector, "evaluate", "drift: window verdicts"),
-    (batching.BatchRunner, "_store_once", "Redis pipeline (results, acks, events, drift)"),
+    (batching.BatchRunner, "_store_once", "Redis round trip (settle script, events)"),
     (Lane, "take", "bulk take (LMOVE transaction)"),
 )
 
@@ -95,14 +96,16 @@ def _loaded_runner(
     r = redis.Redis.from_url(url)
     client.classify_many(images[i % len(images)] for i in range(n))
     settings = WorkerSettings(broker_url=url, queue=_QUEUE, drift_enabled=drift)
-    intake = Intake(r, _QUEUE, f"hotpath-{drift}", lease_ttl_s=60)
+    intake = Intake(
+        r, _QUEUE, f"hotpath-{drift}", lease_ttl_s=60, max_message_bytes=settings.max_message_bytes
+    )
     intake.renew_lease()
     recorder = (
         DriftRecorder(r, bundle.manifest, window_size=settings.drift_window, window_s=300)
         if drift
         else None
     )
-    events = batching.TaskEvents(client.app, "hotpath@bench", 0)
+    events = TaskEvents(client.app, "hotpath@bench", 0)
     runner = batching.BatchRunner(
         settings, bundle, r, intake.lanes[0], client.app.backend,
         WorkerMetrics(CollectorRegistry()), recorder, events,

@@ -117,6 +117,18 @@ class LocalRedis:
         if proc.stderr is not None:
             proc.stderr.close()  # else a ResourceWarning, an error under -W error
 
+    def kill(self) -> None:
+        """SIGKILL, as a host crash would: no save, no append-only flush beyond what the kernel
+        already has; idempotent."""
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
     def restart(self, down_s: float = 0.0) -> None:
         """Stop and start again on the same port and data folder; ``down_s`` seconds in between."""
         self.stop()

@@ -47,6 +47,12 @@ TASK_REASONS: dict[str, str] = {
     "unknown_argument": "an unexpected keyword argument was sent",
     "content_refused": "the message is not JSON; imgq executes JSON messages only",
     "malformed_message": "the message body cannot be parsed as a Celery protocol 2 task",
+    "message_too_large": "the message is longer than any valid task can be; it was not read",
+    "redelivered_too_often": (
+        "the message was handed out IMGQ_MAX_DELIVERIES times and never answered (its workers "
+        "died or hung on it): a poison pill, kept in the dead letters"
+    ),
+    "internal_error": "a bug in the worker refused the task; it is kept in the dead letters",
 }
 
 

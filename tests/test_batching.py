@@ -1,5 +1,6 @@
 """The batch runner with a fake model on a real redis-server: one outcome per message, bad images
-fail alone, a failing model fails its whole batch visibly, expired tasks are revoked."""
+fail alone, a failing model fails its whole batch visibly, expired tasks are revoked, a bug fails
+its batch without stopping the runner, the first stored result wins and drift counts once."""
 
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ from celery import Celery
 from celery.exceptions import TaskRevokedError
 from prometheus_client import CollectorRegistry
 
+from shared.decode import DecodeLimits
 from shared.errors import InvalidImage, InvalidTask
 from shared.imagestats import IMAGE_FEATURES
 from shared.manifest import load_manifest
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
-from worker.batching import BatchRunner, dead_letter_key
+from worker.batching import BatchRunner
+from worker.deadletters import DeadLetters
 from worker.intake import Intake
 from worker.messages import TASK_NAME
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
+from worker.settle import WindowCounts
 
 
 class FakeBundle:
@@ -47,7 +51,11 @@ class FakeBundle:
 
 
 class FakeDrift:
-    """Records what the runner hands to the drift recorder."""
+    """Records what the runner hands to the drift recorder; its window is a plain counter."""
+
+    lua_add_window = (
+        "local function add_window(key, n, pairs, ttl) return redis.call('INCRBY', key, n) end\n"
+    )
 
     def __init__(self) -> None:
         self.added: list[tuple[np.ndarray, np.ndarray]] = []
@@ -58,11 +66,9 @@ class FakeDrift:
         wide = image_features[:, IMAGE_FEATURES.index("width")] > 100
         return [["width"] if w else [] for w in wide]
 
-    def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
+    def window_counts(self, image_features: np.ndarray, probs: np.ndarray) -> WindowCounts:
         self.added.append((image_features, probs))
-        index = len(pipe)
-        pipe.incrby("drift-count", len(image_features))
-        return index
+        return WindowCounts("drift-count", len(image_features), "", 0)
 
     def add_out_of_range_thumbnail(self, pipe: Any, rgb: np.ndarray, features: list[str]) -> bool:
         self.thumbnails.append(features)
@@ -96,7 +102,7 @@ WIDE = _b64(encode_png(colour_image(COLOURS[0], size_px=120)))
 def _runner(redis_server, client, bundle, *, drift=None, **settings: Any) -> BatchRunner:
     s = WorkerSettings(broker_url=redis_server.url, queue="imgq", **settings)
     r = redis.Redis.from_url(redis_server.url)
-    intake = Intake(r, "imgq", "test-worker", lease_ttl_s=30)
+    intake = Intake(r, "imgq", "test-worker", lease_ttl_s=30, max_message_bytes=s.max_message_bytes)
     intake.renew_lease()
     metrics = WorkerMetrics(CollectorRegistry())
     return BatchRunner(s, bundle, r, intake.lanes[0], client.backend, metrics, drift)
@@ -181,8 +187,9 @@ def test_exactly_one_outcome_per_message(redis_server, client, manifest) -> None
         missing.get(timeout=5)
     with pytest.raises(InvalidTask, match="^content_refused: "):
         pickled.get(timeout=5)
-    assert r.lrange(dead_letter_key("imgq"), 0, -1) == [b"\x00garbage"]
-    assert r.llen(runner.lane.key) == 0
+    (entry,) = DeadLetters(r, "imgq").list()
+    assert (entry.reason, entry.head, entry.body) == ("malformed_message", b"\x00garbage", "kept")
+    assert r.keys("imgq:inflight:*") == []
     assert _count(runner, "dead_letter", "malformed_message") == 1
 
 
@@ -215,7 +222,7 @@ def test_drift_gets_features_and_its_reply(redis_server, client, manifest) -> No
     runner.run_once()
     ((features, probs),) = drift.added
     assert features.shape == (2, len(IMAGE_FEATURES)) and probs.shape == (2, 3)
-    assert drift.replies == [2]
+    assert drift.replies == [2]  # the window's count after the batch
     assert drift.thumbnails == [["width"]]
     assert normal.get(timeout=5)["drift"] == {"out_of_range": []}
     assert wide.get(timeout=5)["drift"] == {"out_of_range": ["width"]}
@@ -235,10 +242,10 @@ def test_a_failing_drift_update_costs_no_result(redis_server, client, manifest, 
             with caplog.at_level(logging.ERROR, logger="worker.batching"):
                 assert runner.run_once() == 3
             assert [res.get(timeout=5)["label"] for res in results] == ["b"] * 3
-            assert r.llen(runner.lane.key) == 0  # acknowledged
+            assert r.keys("imgq:inflight:*") == []  # acknowledged
         assert drift.replies == []  # the refused update was not taken for a window count
         logged = [rec for rec in caplog.records if "drift counts not stored" in rec.getMessage()]
-        assert len(logged) == 1 and "WRONGTYPE" in logged[0].getMessage()
+        assert len(logged) == 1
     finally:
         r.delete("drift-count")
 
@@ -270,3 +277,218 @@ def test_tinymodel_helpers_make_distinct_classes(tmp_path: Path) -> None:
     bundle = ModelBundle.load(make_tiny_bundle(tmp_path), device="cpu")
     images = [decode_image(encode_png(colour_image(c))) for c in COLOURS]
     assert bundle.classify_images(images).argmax(axis=1).tolist() == [0, 1, 2]
+
+
+def _published(redis_server, client) -> tuple[Any, list[bytes]]:
+    """Subscribe to every result key's channel; the records published are appended to a list."""
+    seen: list[bytes] = []
+    prefix = client.backend.task_keyprefix.decode()
+    pubsub = redis.Redis.from_url(redis_server.url).pubsub()
+    pubsub.psubscribe(**{f"{prefix}*": lambda m: seen.append(m["data"])})
+    thread = pubsub.run_in_thread(sleep_time=0.01, daemon=True)
+    return thread, seen
+
+
+def test_the_first_stored_result_wins(redis_server, client, manifest) -> None:
+    """A task whose result is already stored (another worker answered it first) keeps that
+    result, and nothing is published for it again (issue 14, item 6)."""
+    r = redis.Redis.from_url(redis_server.url)
+    first = _send(client, image=GOOD)
+    key = client.backend.get_key_for_task(first.id)
+    earlier = b'{"status": "SUCCESS", "result": {"label": "a"}, "task_id": "x"}'
+    r.set(key, earlier)
+    runner = _runner(redis_server, client, FakeBundle(manifest))
+    thread, seen = _published(redis_server, client)
+    try:
+        other = _send(client, image=GOOD)
+        assert runner.run_once() == 2
+        assert other.get(timeout=5)["label"] == "b"
+    finally:
+        thread.stop()
+        thread.join(5)
+    assert r.get(key) == earlier
+    assert [b'"label":"b"' in m for m in seen] == [True]  # only the new result was announced
+
+
+def test_a_resent_settle_counts_nothing_twice(redis_server, client, manifest, monkeypatch) -> None:
+    """The batch's round trip runs in Redis but its reply is lost: the runner sends it again.
+    Results are stored and published once, drift counts are added once, dead letters once
+    (issue 14, item 6: 5 images were counted as 10)."""
+    r = redis.Redis.from_url(redis_server.url)
+    r.delete("drift-count")
+    results = [_send(client, image=GOOD) for _ in range(5)]
+    r.lpush("imgq", b"\x00garbage")
+    drift = FakeDrift()
+    runner = _runner(redis_server, client, FakeBundle(manifest), drift=drift)
+    execute = redis.client.Pipeline.execute
+    lost = [redis.ConnectionError("reply lost after Redis ran it")]
+
+    def once_lost(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        settling = any(c[0][0] == "EVAL" for c in self.command_stack)
+        replies = execute(self, *args, **kwargs)
+        if lost and settling:
+            raise lost.pop()
+        return replies
+
+    thread, seen = _published(redis_server, client)
+    monkeypatch.setattr(redis.client.Pipeline, "execute", once_lost)
+    try:
+        assert runner.run_once() == 6
+    finally:
+        monkeypatch.undo()
+        thread.stop()
+        thread.join(5)
+    assert not lost, "the reply was never lost"
+    assert [res.get(timeout=5)["label"] for res in results] == ["b"] * 5
+    assert int(r.get("drift-count")) == 5
+    assert len(seen) == 5
+    assert len(DeadLetters(r, "imgq").list()) == 1
+    assert r.keys("imgq:inflight:*") == [] and r.hkeys("imgq:lanes") == []
+
+
+def test_a_redelivered_batch_counts_only_its_new_results(redis_server, client, manifest) -> None:
+    """Some tasks of a batch were answered already (a stalled worker woke up): only the others
+    are counted in the drift window, once even if that count is sent twice."""
+    r = redis.Redis.from_url(redis_server.url)
+    r.delete("drift-count")
+    results = [_send(client, image=GOOD) for _ in range(4)]
+    for res in results[:3]:
+        r.set(client.backend.get_key_for_task(res.id), b'{"status": "SUCCESS"}')
+    runner = _runner(redis_server, client, FakeBundle(manifest), drift=FakeDrift())
+    assert runner.run_once() == 4
+    assert int(r.get("drift-count")) == 1
+    assert results[3].get(timeout=5)["label"] == "b"
+
+
+def test_a_bug_fails_its_batch_keeps_it_and_the_runner_serves_on(
+    redis_server, client, manifest, monkeypatch
+) -> None:
+    """An unexpected exception while serving fails that batch's tasks with internal_error and
+    keeps each message in the dead letters for a requeue once fixed; it does not put them back
+    at the head of the queue, and the next batch is served (issue 14, item 1)."""
+    r = redis.Redis.from_url(redis_server.url)
+    victims = [_send(client, image=GOOD) for _ in range(2)]
+    runner = _runner(redis_server, client, FakeBundle(manifest), drift=FakeDrift())
+
+    def broken(*args: Any) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(runner, "_drift_statistics", broken)
+    assert runner.run_once() == 2
+    monkeypatch.undo()
+    for res in victims:
+        with pytest.raises(InvalidTask, match="^internal_error: ZeroDivisionError: a bug"):
+            res.get(timeout=5)
+    entries = DeadLetters(r, "imgq").list()
+    assert {e.task_id for e in entries} == {v.id for v in victims}
+    assert {(e.reason, e.body) for e in entries} == {("internal_error", "kept")}
+    assert r.llen("imgq") == 0
+    after = _send(client, image=GOOD)
+    assert runner.run_once() == 1 and after.get(timeout=5)["label"] == "b"
+
+
+def test_a_poison_pill_fails_and_is_kept(redis_server, client, manifest) -> None:
+    """A message the intake flags as delivered too often is not computed: FAILURE
+    redelivered_too_often, and its message kept in the dead letters."""
+    r = redis.Redis.from_url(redis_server.url)
+    pill = _send(client, image=GOOD)
+    r.rpush("imgq:poison:imgq", r.rpop("imgq"))
+    bundle = FakeBundle(manifest)
+    runner = _runner(redis_server, client, bundle)
+    assert runner.run_once() == 1
+    with pytest.raises(InvalidTask, match="^redelivered_too_often: "):
+        pill.get(timeout=5)
+    assert bundle.calls == []
+    (entry,) = DeadLetters(r, "imgq").list()
+    assert (entry.reason, entry.task_id, entry.body) == ("redelivered_too_often", pill.id, "kept")
+
+
+def test_a_batch_over_its_pixel_budget_is_served_in_parts(redis_server, client, manifest) -> None:
+    """Past IMGQ_BATCH_PIXELS of decoded images, the rest of the batch goes back to the head of
+    the queue (not counted as a delivery) and is served by the next batch, in order."""
+    r = redis.Redis.from_url(redis_server.url)
+    big = _b64(encode_png(colour_image(COLOURS[1], size_px=100)))  # 10,000 pixels each
+    results = [_send(client, image=big, request_id=i) for i in range(5)]
+    bundle = FakeBundle(manifest)
+    limits = DecodeLimits(max_pixels=10_000)
+    runner = _runner(redis_server, client, bundle, decode_limits=limits, batch_pixels=25_000)
+    assert runner.run_once() == 5  # took 5, served 2
+    assert bundle.calls == [2] and r.llen("imgq") == 3
+    while r.llen("imgq"):
+        runner.run_once()
+    assert bundle.calls == [2, 2, 1]
+    assert [res.get(timeout=5)["request_id"] for res in results] == [0, 1, 2, 3, 4]
+    assert r.keys("imgq:deliveries:*") == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"expires": 1_764_000_000_000},  # epoch milliseconds, as a JavaScript client sends
+        {"expires": "9999-12-31T23:59:59+00:00"},
+        {"expires": 1e308},
+        {"expires": "0001-01-01T00:00:00"},
+        {"imgq_sent_at": -1e20},
+    ],
+)
+def test_time_headers_that_cannot_be_formatted_fail_their_task_only(
+    redis_server, client, manifest, headers
+) -> None:
+    """Times a datetime cannot hold fail their own task with a reason (or are served when they
+    are valid); batch-mates are served and task events are built (issue 14, item 1: a header in
+    epoch milliseconds stopped every worker in turn)."""
+    from celery import Celery
+
+    from worker.events import TaskEvents
+
+    odd = client.send_task(TASK_NAME, kwargs={"image": GOOD}, queue="imgq", headers=headers)
+    mate = _send(client, image=GOOD)
+    runner = _runner(redis_server, client, FakeBundle(manifest))
+    runner.events = TaskEvents(Celery("events", broker=redis_server.url), "w@h", 0)
+    assert runner.run_once() == 2
+    assert mate.get(timeout=5)["label"] == "b"
+    try:
+        value = odd.get(timeout=5)
+    except InvalidTask as exc:
+        assert str(exc).startswith("malformed_message: a time header")
+    except TaskRevokedError:
+        assert headers.get("expires") == "0001-01-01T00:00:00"
+    else:
+        assert value["label"] == "b"
+
+
+def test_results_in_another_redis_are_stored_once_and_counted_once(
+    redis_server, manifest, monkeypatch
+) -> None:
+    """With results in another Redis database than the queue, the results are stored there
+    first-wins, the ack and the drift counts follow on the broker, and a re-sent broker round
+    trip counts nothing twice (the runner's high-water mark of batch numbers)."""
+    results_url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    client = Celery("client", broker=redis_server.url, backend=results_url)
+    broker = redis.Redis.from_url(redis_server.url)
+    broker.delete("drift-count")
+    sent = [_send(client, image=GOOD) for _ in range(3)]
+    s = WorkerSettings(broker_url=redis_server.url, result_backend=results_url, queue="imgq")
+    intake = Intake(broker, "imgq", "w-elsewhere", lease_ttl_s=30)
+    intake.renew_lease()
+    runner = BatchRunner(s, FakeBundle(manifest), broker, intake.lanes[0], client.backend,
+                         WorkerMetrics(CollectorRegistry()), FakeDrift())  # fmt: skip
+    execute = redis.client.Pipeline.execute
+    lost = [redis.ConnectionError("reply lost after Redis ran it")]
+
+    def broker_reply_lost(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        on_broker = self.connection_pool.connection_kwargs.get("db", 0) == 0
+        settling = any(c[0][0] == "EVAL" for c in self.command_stack)
+        replies = execute(self, *args, **kwargs)
+        if lost and on_broker and settling:
+            raise lost.pop()
+        return replies
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", broker_reply_lost)
+    assert runner.run_once() == 3
+    monkeypatch.undo()
+    assert not lost
+    assert [res.get(timeout=5)["label"] for res in sent] == ["b"] * 3
+    assert broker.keys("celery-task-meta-*") == []
+    assert int(broker.get("drift-count")) == 3
+    assert broker.keys("imgq:inflight:*") == []

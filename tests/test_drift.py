@@ -1,6 +1,7 @@
 """Drift: the statistics on count arrays (no Redis), then the recorder and detector on a real
 redis-server: counting, window closing (count, time, and the race between workers), alerts,
-de-duplication, clearing, thumbnails and metrics."""
+de-duplication, clearing, thumbnails, metrics, and the TTLs that keep a retired model's keys
+from piling up."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ from tests.drift_synthetic import (
     traffic,
 )
 from worker.drift import (
+    _ADD_LUA,
     ALL_FEATURES,
+    STATE_TTL_S,
     DriftDetector,
     DriftKeys,
     DriftRecorder,
@@ -375,14 +378,137 @@ def test_old_window_closes_on_time(make_recorder: Callable[..., DriftRecorder]) 
     assert latest["window"]["n_images"] == 25
 
 
-def test_time_closer_waits_for_the_minimum_count(
+def test_closer_without_drop_leaves_a_small_window_open(
     make_recorder: Callable[..., DriftRecorder],
 ) -> None:
-    """Too few images for a meaningful test: the old window stays open."""
-    recorder = make_recorder(window_size=10_000, window_s=0.2, min_window_size=20)
+    """Too few images for ``min_images``: close_window (without drop_smaller, as the full
+    closer calls it) leaves the window open, whatever its age."""
+    recorder = make_recorder(window_size=10_000, min_window_size=20)
     send(recorder, *traffic(np.random.default_rng(12), 5))
-    assert recorder.close_window(min_images=20, min_age_s=0.0) is None
+    assert recorder.close_window(min_images=20) is None
+    assert recorder.close_window(min_images=20, min_age_s=1e-6) is None
     assert recorder.detector.layout.parse(0, recorder.redis.get(recorder.keys.open)).n_images == 5
+    with pytest.raises(ValueError, match="drop_smaller needs a min_age_s > 0, got 0.0"):
+        recorder.close_window(min_images=20, drop_smaller=True)
+
+
+def test_small_old_window_is_dropped_unjudged(
+    make_recorder: Callable[..., DriftRecorder],
+    metrics: WorkerMetrics,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (keys piling up): a window that never reaches min_window_size no longer
+    lingers. Once older than window_s the time closer deletes it without judging it (no window
+    id, no latest, no window counted) and says so once at INFO, then at DEBUG; the next batch
+    starts a fresh window."""
+    recorder = make_recorder(window_size=10_000, window_s=0.2, min_window_size=20)
+    keys = recorder.keys
+
+    def dropped() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "event", "") == "drift_window_dropped"]
+
+    with caplog.at_level(logging.DEBUG, logger="imgq.drift"):
+        send(recorder, *traffic(np.random.default_rng(12), 5))
+        first = wait_for(dropped)[0]
+        assert first.levelno == logging.INFO and first.n_images == 5  # type: ignore[attr-defined]
+        assert "5 images after 0.2 s, fewer than the 20" in first.getMessage()
+        assert not recorder.redis.exists(keys.open, keys.seq, keys.latest)
+        assert send(recorder, *traffic(np.random.default_rng(13), 3)) == 3
+        assert wait_for(lambda: len(dropped()) == 2)
+        assert dropped()[1].levelno == logging.DEBUG
+    assert not recorder.redis.exists(keys.seq, keys.latest, keys.window(1))
+    assert not metrics.registry.get_sample_value("imgq_drift_windows_total", {"model": "shapes"})
+
+
+def assert_ttl(client: redis.Redis, key: str, ttl_s: int) -> None:
+    """``key`` exists and expires within ``ttl_s`` (and not much sooner: it was just set)."""
+    assert ttl_s - 5 <= client.ttl(key) <= ttl_s, (key, client.ttl(key))
+
+
+def test_batch_sets_the_ttl_of_the_open_window_and_thumbnails(
+    make_recorder: Callable[..., DriftRecorder],
+) -> None:
+    """Each batch refreshes the open window's TTL inside its one EVAL; a stored thumbnail
+    refreshes the list's. A model no longer served leaves nothing behind."""
+    recorder = make_recorder(state_ttl_s=1000, thumbnails_per_s=1000.0)
+    keys = recorder.keys
+    send(recorder, *traffic(np.random.default_rng(20), 8))
+    assert_ttl(recorder.redis, keys.open, 1000)
+    recorder.redis.expire(keys.open, 10)
+    send(recorder, *traffic(np.random.default_rng(21), 8))
+    assert_ttl(recorder.redis, keys.open, 1000)
+    pipe = recorder.redis.pipeline()
+    recorder.add_out_of_range_thumbnail(pipe, np.zeros((8, 8, 3), np.uint8), ["brightness"])
+    pipe.execute()
+    assert_ttl(recorder.redis, keys.out_of_range, 1000)
+
+
+def test_add_script_keeps_its_interface_without_a_ttl(client: redis.Redis) -> None:
+    """_ADD_LUA still takes (images, pairs) alone, as before the TTL; then, or with a TTL of 0,
+    the window's TTL is left as it was."""
+    assert client.eval(_ADD_LUA, 1, "imgq:test:window", 3, "5 2 6 1") == 3
+    assert client.eval(_ADD_LUA, 1, "imgq:test:window", 2, "5 1", 0) == 5
+    assert client.ttl("imgq:test:window") == -1
+    raw = np.frombuffer(client.get("imgq:test:window") or b"", ">i8")
+    assert raw[0] == 5 and raw[5:7].tolist() == [3, 1]
+
+
+def test_default_state_ttl_is_thirty_days(make_recorder: Callable[..., DriftRecorder]) -> None:
+    """Without state_ttl_s the open window lives 30 days after its last batch."""
+    recorder = make_recorder()
+    send(recorder, *traffic(np.random.default_rng(22), 4))
+    assert STATE_TTL_S == 30 * 86_400
+    assert_ttl(recorder.redis, recorder.keys.open, STATE_TTL_S)
+
+
+def test_judged_window_alert_clear_and_ack_set_ttls(
+    client: redis.Redis, make_recorder: Callable[..., DriftRecorder]
+) -> None:
+    """After a window is judged with an alert, then a clear, then an acknowledgement, every key
+    of the model has a TTL: closed windows window_ttl_s, the rest state_ttl_s, refreshed by
+    each close (an alert open for weeks stays while the model is served) and by the ack."""
+    recorder = make_recorder(window_size=100_000, state_ttl_s=1000, window_ttl_s=500)
+    keys = recorder.keys
+    rng = np.random.default_rng(23)
+    send(recorder, *traffic(rng, 200, brightness=0.15))
+    window_id = recorder.close_window(min_images=1)
+    assert window_id == 1 and recorder.detector.evaluate(window_id) is not None
+    assert_ttl(client, keys.window(1), 500)
+    for key in (keys.seq, keys.latest, keys.alerts, keys.open_alerts):
+        assert_ttl(client, key, 1000)
+    # Still drifting: no write to the alert keys, but the close keeps them alive.
+    for key in (keys.alerts, keys.open_alerts):
+        client.expire(key, 10)
+    send(recorder, *traffic(rng, 200, brightness=0.15))
+    assert recorder.close_window(min_images=1) == 2
+    assert recorder.detector.evaluate(2) is None
+    for key in (keys.seq, keys.latest, keys.alerts, keys.open_alerts):
+        assert_ttl(client, key, 1000)
+    send(recorder, *traffic(rng, 200))
+    assert recorder.close_window(min_images=1) == 3
+    assert recorder.detector.evaluate(3) is None
+    assert client.hlen(keys.open_alerts) == 0 and client.xlen(keys.alerts) == 2
+    client.expire(keys.seq, 10)
+    keys.ack(client, "1", "2024-01-01T00:00:00+00:00", ttl_s=2000)
+    assert client.hget(keys.acked, "1") == b"2024-01-01T00:00:00+00:00"
+    for key in (keys.acked, keys.seq, keys.latest, keys.alerts):
+        assert_ttl(client, key, 2000)
+    for key in client.scan_iter(keys.prefix + "*"):
+        assert client.ttl(key) > 0, key
+
+
+def test_keys_of_a_model_no_longer_served_expire(
+    make_recorder: Callable[..., DriftRecorder],
+) -> None:
+    """With a short state_ttl_s, a judged window's state and an open window vanish on their
+    own once the model stops being served."""
+    recorder = make_recorder(window_size=100_000, state_ttl_s=2, window_ttl_s=1)
+    send(recorder, *traffic(np.random.default_rng(24), 60, brightness=0.3))
+    window_id = recorder.close_window(min_images=1)
+    assert window_id is not None and recorder.detector.evaluate(window_id) is not None
+    send(recorder, *traffic(np.random.default_rng(25), 5))
+    assert recorder.redis.exists(recorder.keys.open, recorder.keys.alerts)
+    wait_for(lambda: not list(recorder.redis.scan_iter(recorder.keys.prefix + "*")), 10.0)
 
 
 def test_alerts_are_deduplicated_cleared_logged_and_counted(
@@ -475,3 +601,7 @@ def test_recorder_refuses_bad_settings(client: redis.Redis, manifest: Manifest) 
         DriftRecorder(client, manifest, window_size=0, window_s=60.0)
     with pytest.raises(ValueError, match="alpha must be in"):
         DriftRecorder(client, manifest, window_size=10, window_s=60.0, alpha=1.5)
+    with pytest.raises(ValueError, match=r"state_ttl_s must be an integer >= 1 \(seconds\), got 0"):
+        DriftRecorder(client, manifest, window_size=10, window_s=60.0, state_ttl_s=0)
+    with pytest.raises(ValueError, match="state_ttl_s must be an integer >= 1"):
+        DriftDetector(client, manifest, state_ttl_s=2.5)  # type: ignore[arg-type]

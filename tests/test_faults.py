@@ -3,13 +3,10 @@ deadline. Real redis-server, real `imgq worker` processes; nothing may be lost."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 import urllib.request
-from collections import defaultdict
-from typing import Any
 
 import pytest
 import redis
@@ -20,14 +17,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imgq.localredis import free_port
 from tests.hostile import b64, good_png
-from tests.workerproc import REDELIVERY_BOUND_S, Worker
+from tests.workerproc import (
+    REDELIVERY_BOUND_S,
+    Published,
+    freeze_holding_messages,
+    redelivery_s,
+)
 from worker.client import ImgqClient
 from worker.messages import TASK_NAME
 
 pytestmark = pytest.mark.integration
 
-#: Slack on the redelivery bound for this test's polling and a busy 2-core machine.
-REDELIVERY_SLACK_S = 1.0
+#: Slack on the redelivery bound for this test's polling and a busy (or slow) machine.
+REDELIVERY_SLACK_S = 3.0
 #: Redis stays down at least this long (longer while the producer's calls are failing).
 MIN_DOWN_S = 2.0
 #: Longest a producer may take to report that Redis is down (the client's own bound is ~2 s).
@@ -40,68 +42,15 @@ def app(redis_server) -> Celery:
     return Celery("service", broker=redis_server.url, backend=redis_server.url)
 
 
-class Published:
-    """Every result record the workers publish (Celery's Redis backend PUBLISHes each stored
-    result on its key), so duplicates from redelivery are seen, not overwritten."""
-
-    def __init__(self, app: Celery) -> None:
-        self.by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        prefix = app.backend.task_keyprefix.decode()
-        self._pubsub = redis.Redis.from_url(app.conf.result_backend).pubsub()
-        self._pubsub.psubscribe(**{f"{prefix}*": self._on_message})
-        self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True)
-
-    def _on_message(self, message: dict[str, Any]) -> None:
-        record = json.loads(message["data"])
-        self.by_task[record["task_id"]].append(record)
-
-    def duplicates(self) -> dict[str, list[dict[str, Any]]]:
-        return {t: records for t, records in list(self.by_task.items()) if len(records) > 1}
-
-    def close(self) -> None:
-        self._thread.stop()
-        self._thread.join(5)
-        self._pubsub.close()
-
-
-def _inflight_key(r: redis.Redis, worker: Worker, timeout_s: float = 30.0) -> str:
-    """The worker's in-flight list (one batch thread: one list; it exists while it holds)."""
-    deadline = time.monotonic() + timeout_s
-    while not (keys := r.keys(f"imgq:inflight:{worker.name}:*")):
-        assert time.monotonic() < deadline, "the worker took no message"
-        time.sleep(0.01)
-    (key,) = keys
-    return key.decode() if isinstance(key, bytes) else str(key)
-
-
-def _freeze_holding_messages(r: redis.Redis, worker: Worker, inflight: str) -> int:
-    """SIGSTOP the worker at a moment when it holds unacknowledged messages; how many."""
-    while True:
-        worker.freeze()
-        # One round trip first: Redis serves in a later turn of its event loop any command the
-        # frozen process had already sent (an ack in flight), so the count below is final.
-        r.ping()
-        held = int(r.llen(inflight))
-        if held:
-            return held
-        os.kill(worker.process.pid, signal.SIGCONT)
-
-
-def _redelivery_s(r: redis.Redis, inflight: str, since: float) -> float:
-    """Seconds from ``since`` until another worker has given the in-flight messages back."""
-    while r.exists(inflight):
-        assert time.monotonic() - since < REDELIVERY_BOUND_S + 10, "never redelivered"
-        time.sleep(0.01)
-    return time.monotonic() - since
-
-
 @pytest.mark.slow
 def test_sigkill_one_of_two_workers_with_2000_in_flight(redis_server, app, workers) -> None:
     """Two workers. Wave 1: one stalls holding messages (SIGSTOP); they are redelivered within
-    IMGQ_LEASE_TTL_S + IMGQ_RESTORE_INTERVAL_S; woken up, it stores its stale batch as well, and
-    those duplicates carry the same answer. Wave 2: 2,000 tasks are enqueued and the same worker
-    is SIGKILLed holding messages with most of them still queued: redelivered within the same
-    bound. Every task of both waves ends in SUCCESS with its right label."""
+    IMGQ_LEASE_TTL_S + IMGQ_RESTORE_INTERVAL_S; woken up, it stores its stale batch too, which
+    changes no stored answer and publishes nothing twice. Wave 2: 2,000 tasks are queued while
+    both are stopped, one is let go and SIGKILLed as soon as it holds messages (so most of the
+    wave is still queued, however fast the machine), and the other serves everything. Every
+    task ends in SUCCESS with its right label, each published once (issue 14, item 7: the
+    test used to depend on how fast the machine drained)."""
     r = redis.Redis.from_url(redis_server.url)
     w1 = workers.start("w1", IMGQ_MAX_BATCH="8")
     w2 = workers.start("w2", IMGQ_MAX_BATCH="8")
@@ -110,41 +59,38 @@ def test_sigkill_one_of_two_workers_with_2000_in_flight(redis_server, app, worke
     published = Published(app)
     try:
         with ImgqClient(redis_server.url) as client:
+            w1.freeze()
             wave_1 = client.classify_many([good_png(i) for i in range(1000)])
-            inflight = _inflight_key(r, w1)
-            held = _freeze_holding_messages(r, w1, inflight)
+            held = freeze_holding_messages(r, w1)
             stalled_at = time.monotonic()
-            stall_redelivery_s = _redelivery_s(r, inflight, stalled_at)
+            stall_redelivery_s = redelivery_s(r, w1, stalled_at)
             os.kill(w1.process.pid, signal.SIGCONT)
-            deadline = time.monotonic() + 30
-            while not published.duplicates():
-                assert time.monotonic() < deadline, "the woken worker stored nothing twice"
-                time.sleep(0.01)
 
+            w2.freeze()
+            w1.freeze()
             wave_2 = client.classify_many([good_png(i) for i in range(2000)])
-            inflight = _inflight_key(r, w1)
-            killed_held = _freeze_holding_messages(r, w1, inflight)
+            killed_held = freeze_holding_messages(r, w1)
             queued = r.llen("imgq")
-            assert queued > 500, "the load drained before the kill; send more tasks"
+            assert queued > 0, "nothing left queued at the kill"
             w1.kill()
-            kill_redelivery_s = _redelivery_s(r, inflight, time.monotonic())
+            killed_at = time.monotonic()
+            os.kill(w2.process.pid, signal.SIGCONT)
+            kill_redelivery_s = redelivery_s(r, w1, killed_at)
             outcomes = client.results(wave_1 + wave_2, timeout_s=120)
     finally:
         published.close()
     print(
         f"stall: {held} held, redelivered after {stall_redelivery_s:.2f} s; SIGKILL: "
         f"{killed_held} held, {queued} queued, redelivered after {kill_redelivery_s:.2f} s; "
-        f"bound {REDELIVERY_BOUND_S} s; {len(published.duplicates())} tasks answered twice"
+        f"bound {REDELIVERY_BOUND_S} s; {len(published.duplicates())} tasks published twice"
     )
     assert stall_redelivery_s <= REDELIVERY_BOUND_S + REDELIVERY_SLACK_S
     assert kill_redelivery_s <= REDELIVERY_BOUND_S + REDELIVERY_SLACK_S
     labels = ["abc"[i % 3] for i in range(1000)] + ["abc"[i % 3] for i in range(2000)]
     for outcome, label in zip(outcomes, labels, strict=True):
         assert isinstance(outcome, dict) and outcome["label"] == label, outcome
-    for task_id, copies in published.duplicates().items():
-        answers = {(c["status"], c["result"]["label"], c["result"]["score"]) for c in copies}
-        assert len(answers) == 1, (task_id, copies)
-    assert r.keys("imgq:inflight:*") == [] and r.llen("imgq:dead:imgq") == 0
+    assert published.duplicates() == {}
+    assert r.keys("imgq:inflight:*") == [] and not r.exists("imgq:dlq:imgq")
     assert w2.stop() == 0
 
 

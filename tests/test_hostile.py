@@ -42,9 +42,10 @@ from tests.hostile import (
 )
 from tests.tinymodel import COLOURS, colour_image
 from tests.workerproc import wait_all
-from worker.batching import BatchRunner, dead_letter_key
+from worker.batching import BatchRunner
 from worker.bundle import ModelBundle
-from worker.intake import Intake
+from worker.deadletters import DeadLetters
+from worker.intake import Intake, Taken
 from worker.messages import TASK_NAME, parse_message, validate_kwargs
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
@@ -242,7 +243,8 @@ def test_batch_of_random_messages_gets_one_outcome_each(
 ) -> None:
     """A batch of random messages: exactly one stored result per task id and one dead letter per
     message without one; every failure is InvalidImage or InvalidTask; results are JSON."""
-    out = runner.serve([raw for raw, _ in batch])
+    raws = [raw for raw, _ in batch]
+    out = runner.serve(Taken(raws, [False] * len(raws)))
     assert sorted(tid for tid, _ in out.records) == sorted(t for _, t in batch if t is not None)
     assert len(out.dead) == sum(t is None for _, t in batch)
     for task_id, meta in out.records:
@@ -317,9 +319,12 @@ def test_hostile_burst_fails_exactly_the_bad_ones(redis_server, workers, tmp_pat
         for task_id, label in good.items():
             assert records[task_id]["status"] == SUCCESS, records[task_id]
             assert records[task_id]["result"]["label"] == label
-        dead = [c.raw for c in cases if c.outcome == DEAD_LETTER]
-        assert r.lrange(dead_letter_key("imgq"), 0, -1) == dead[::-1]  # LPUSHed, newest first
-        r.delete(dead_letter_key("imgq"))
+        dead = {c.raw for c in cases if c.outcome == DEAD_LETTER}
+        letters = DeadLetters(r, "imgq")
+        entries = letters.list(100)
+        assert {letters.show(e.id)[1] for e in entries} == dead
+        assert {e.reason for e in entries} == {"malformed_message"}
+        letters.purge()
         if burst == 0:
             sizes = [records[task_id]["result"]["batch_size"] for task_id in good]
             assert max(sizes) > 1, "the burst did not share batches"

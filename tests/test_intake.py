@@ -1,18 +1,22 @@
-"""Intake on a real redis-server: atomic take into a runner's lane, ack, lease, redelivery of dead
-workers' messages, recovery from a lost reply."""
+"""Intake on a real redis-server: atomic take into a batch's lane, ack by identity, lease,
+redelivery of dead workers' messages with delivery counting, poison pills, bounded reads,
+recovery from a lost reply, and Redis coming back with older data."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Iterator
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from worker.intake import LANES_KEY, Intake, LeaseLost
+from worker.deadletters import DeadLetters
+from worker.intake import LANES_KEY, Intake, LeaseLost, deliveries_key, poison_key
+from worker.settle import Settler
+
+DEAD_LETTERS = (3600, 100, 1 << 20)
 
 
 @pytest.fixture
@@ -26,17 +30,29 @@ def _enqueue(r: redis.Redis, *messages: bytes, queue: str = "q") -> None:
         r.lpush(queue, m)
 
 
-def _intake(r: redis.Redis, worker_id: str, lease_ttl_s: float = 10.0, runners: int = 1) -> Intake:
-    intake = Intake(r, "q", worker_id, lease_ttl_s, runners=runners)
+def _intake(
+    r: redis.Redis,
+    worker_id: str,
+    lease_ttl_s: float = 10.0,
+    runners: int = 1,
+    max_message_bytes: int = 1 << 20,
+    max_deliveries: int = 3,
+) -> Intake:
+    intake = Intake(r, "q", worker_id, lease_ttl_s, runners=runners,
+                    max_message_bytes=max_message_bytes, max_deliveries=max_deliveries,
+                    dead_letters=DEAD_LETTERS)  # fmt: skip
     intake.renew_lease()
     return intake
 
 
 def _ack(r: redis.Redis, intake: Intake, lane: int = 0) -> None:
+    """The ack as a runner sends it: the settle script with no results."""
+    the_lane = intake.lanes[lane]
+    the_lane.prepare_ack()
     pipe = r.pipeline(transaction=False)
-    intake.lanes[lane].ack(pipe)
+    Settler(r, r, "q", intake.worker_id, 60, DEAD_LETTERS).settle(pipe, the_lane, [], [], None)
     pipe.execute()
-    intake.lanes[lane].settled()
+    the_lane.settled()
 
 
 @contextlib.contextmanager
@@ -61,11 +77,11 @@ def _wait_until(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no-
 
 
 def test_take_moves_oldest_first_into_the_lane(r) -> None:
-    """take moves the oldest messages into the runner's lane and registers the lane."""
+    """take moves the oldest messages into the batch's lane and registers the lane."""
     _enqueue(r, b"m1", b"m2", b"m3")
     intake = _intake(r, "w1")
     lane = intake.lanes[0]
-    assert lane.take(2) == [b"m1", b"m2"]
+    assert lane.take(2).messages == [b"m1", b"m2"]
     assert r.lrange("q", 0, -1) == [b"m3"]
     assert r.lrange(lane.key, 0, -1) == [b"m2", b"m1"]  # newest left, like the queue
     assert r.hget(LANES_KEY, lane.key) == b"q"
@@ -73,9 +89,10 @@ def test_take_moves_oldest_first_into_the_lane(r) -> None:
 
 
 def test_take_on_empty_queue_returns_nothing(r) -> None:
-    """An empty queue gives an empty list and leaves no lane behind."""
+    """An empty queue gives an empty take and leaves no lane behind."""
     intake = _intake(r, "w1")
-    assert intake.lanes[0].take(5) == []
+    taken = intake.lanes[0].take(5)
+    assert taken.messages == [] and taken.oversized == []
     assert not r.exists(intake.lanes[0].key)
 
 
@@ -84,11 +101,25 @@ def test_take_after_emptying_the_queue_takes_what_arrived(r) -> None:
     still takes everything that arrived since, up to max_n, oldest first."""
     _enqueue(r, b"m1")
     lane = _intake(r, "w1").lanes[0]
-    assert lane.take(4) == [b"m1"]
-    assert lane.take(4) == []
+    assert lane.take(4).messages == [b"m1"]
+    assert lane.take(4).messages == []
     _enqueue(r, b"m2", b"m3", b"m4", b"m5", b"m6")
-    assert lane.take(4) == [b"m2", b"m3", b"m4", b"m5"]
-    assert lane.take(4) == [b"m6"]
+    assert lane.take(4).messages == [b"m2", b"m3", b"m4", b"m5"]
+    assert lane.take(4).messages == [b"m6"]
+
+
+def test_each_batch_takes_into_a_new_lane(r) -> None:
+    """The ack deletes the batch's lane and unregisters it; the next batch has a new lane."""
+    _enqueue(r, b"m1", b"m2", b"m3")
+    intake = _intake(r, "w1")
+    lane = intake.lanes[0]
+    lane.take(2)
+    first = lane.key
+    _ack(r, intake)
+    assert not r.exists(first) and r.hkeys(LANES_KEY) == []
+    assert lane.key != first and lane.held == 0
+    assert lane.take(2).messages == [b"m3"]
+    assert r.lrange(lane.key, 0, -1) == [b"m3"]
 
 
 def test_ack_empties_the_lane_and_only_that_lane(r) -> None:
@@ -96,10 +127,10 @@ def test_ack_empties_the_lane_and_only_that_lane(r) -> None:
     _enqueue(r, b"m1", b"m2", b"m3")
     intake = _intake(r, "w1", runners=2)
     first, second = intake.lanes
-    assert first.take(2) == [b"m1", b"m2"]
-    assert second.take(2) == [b"m3"]
+    assert first.take(2).messages == [b"m1", b"m2"]
+    assert second.take(2).messages == [b"m3"]
     _ack(r, intake, 0)
-    assert not r.exists(first.key) and first.held == 0
+    assert first.held == 0
     assert r.lrange(second.key, 0, -1) == [b"m3"]
 
 
@@ -121,36 +152,61 @@ def test_no_take_once_the_lease_may_have_expired(r) -> None:
     with pytest.raises(LeaseLost):
         intake.lanes[0].take(1)
     intake.renew_lease()
-    assert intake.lanes[0].take(1) == [b"m1"]
+    assert intake.lanes[0].take(1).messages == [b"m1"]
 
 
-def test_wait_blocks_without_consuming(r) -> None:
-    """wait reports a waiting message without taking it or changing the order."""
+def test_queued_reads_without_consuming(r) -> None:
+    """queued reports a waiting message (in the queue or the poison list) without taking it."""
     intake = _intake(r, "w1")
-    assert intake.wait(0.05) is False
+    assert intake.queued() is False
     _enqueue(r, b"m1", b"m2")
-    assert intake.wait(1.0) is True
+    assert intake.queued() is True
     assert r.lrange("q", 0, -1) == [b"m2", b"m1"]
+    r.delete("q")
+    r.lpush(poison_key("q"), b"p")
+    assert intake.queued() is True
+
+
+def test_queued_works_on_a_redis_that_refuses_writes(r) -> None:
+    """The idle look is a read: a Redis at maxmemory with noeviction still answers it
+    (issue 14: an idle worker's BLMOVE was refused with OOM and ended the worker)."""
+    _enqueue(r, b"m1")
+    intake = _intake(r, "w1")
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            r.set("x", "1")
+        assert intake.queued() is True
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            intake.lanes[0].take(1)
+    finally:
+        r.config_set("maxmemory", 0)
+    assert intake.lanes[0].take(1).messages == [b"m1"]
 
 
 def test_expired_lease_redelivers_in_order(r) -> None:
-    """A worker whose lease expires gets its messages redelivered, in order, ahead of the rest."""
+    """A worker whose lease expires gets its messages redelivered, in order, ahead of the rest,
+    each counted as one delivery without a result."""
     _enqueue(r, b"m1", b"m2", b"m3", b"m4", b"m5", b"m6")
     dead = _intake(r, "dead", lease_ttl_s=1.0, runners=2)
     dead.lanes[0].take(2)
     dead.lanes[1].take(2)
     alive = _intake(r, "alive")
-    assert alive.restore_dead() == 0  # lease still valid: nothing moves
+    assert alive.restore_dead() == (0, 0)  # lease still valid: nothing moves
     _wait_until(lambda: not r.exists(dead.lease_key))
-    assert alive.restore_dead() == 4
+    assert alive.restore_dead() == (4, 0)
     assert not any(r.exists(lane.key) for lane in dead.lanes)
     assert r.hkeys(LANES_KEY) == []
     # Each lane goes back in its own order; every given-back message is served before m5, m6.
-    messages = alive.lanes[0].take(10)
+    messages = alive.lanes[0].take(10).messages
     assert sorted(messages[:4]) == [b"m1", b"m2", b"m3", b"m4"]
     assert messages.index(b"m1") < messages.index(b"m2")
     assert messages.index(b"m3") < messages.index(b"m4")
     assert messages[4:] == [b"m5", b"m6"]
+    for m in (b"m1", b"m4"):
+        assert r.get(deliveries_key(hashlib.sha1(m).hexdigest())) == b"1"
+    assert r.get(deliveries_key(hashlib.sha1(b"m5").hexdigest())) is None
 
 
 def test_restore_leaves_live_workers_alone(r) -> None:
@@ -158,8 +214,25 @@ def test_restore_leaves_live_workers_alone(r) -> None:
     _enqueue(r, b"m1")
     w1 = _intake(r, "w1")
     w1.lanes[0].take(1)
-    assert _intake(r, "w2").restore_dead() == 0
+    assert _intake(r, "w2").restore_dead() == (0, 0)
     assert r.llen(w1.lanes[0].key) == 1
+
+
+def test_a_message_that_kills_its_workers_becomes_a_poison_pill(r) -> None:
+    """Delivered max_deliveries times with its worker dying each time, a message goes to the
+    poison list instead of the queue; the next take brings it flagged (the runner then fails
+    it with redelivered_too_often), ahead of the queue."""
+    _enqueue(r, b"pill", b"m2")
+    alive = _intake(r, "alive")
+    for round_ in range(3):
+        victim = _intake(r, f"victim{round_}", lease_ttl_s=0.3)
+        assert victim.lanes[0].take(1).messages == [b"pill"]
+        _wait_until(lambda v=victim: not r.exists(v.lease_key))  # type: ignore[misc]
+        assert alive.restore_dead() == (1, 0)
+    assert r.lrange(poison_key("q"), 0, -1) == [b"pill"]
+    assert r.lrange("q", 0, -1) == [b"m2"]
+    taken = alive.lanes[0].take(5)
+    assert taken.messages == [b"pill", b"m2"] and taken.poisoned == [True, False]
 
 
 def test_a_lost_take_reply_is_given_back_and_never_acked(r) -> None:
@@ -169,60 +242,74 @@ def test_a_lost_take_reply_is_given_back_and_never_acked(r) -> None:
     _enqueue(r, b"m1", b"m2", b"m3", b"m4", b"m5")
     intake = _intake(r, "w1")
     lane = intake.lanes[0]
-    assert lane.take(2) == [b"m1", b"m2"]
+    assert lane.take(2).messages == [b"m1", b"m2"]
+    key = lane.key
     with _replies_lost(redis.ConnectionError("reset")), pytest.raises(redis.ConnectionError):
         lane.take(2)  # m3, m4 are now in the lane, unknown to the runner
     assert lane.unsure and lane.held == 2
     _ack(r, intake)
-    _ack(r, intake)  # a retried ack (its reply lost too) is harmless
-    assert not r.exists(lane.key)
+    assert not r.exists(key)
     assert r.lrange("q", 0, -1) == [b"m5", b"m4", b"m3"]  # m3 served next
 
 
 def test_a_lost_take_reply_before_the_next_take(r) -> None:
-    """After a lost reply with nothing held, the next take serves the unknown messages with its
-    own, oldest first."""
+    """After a lost reply with nothing held, the next take serves the unknown messages first,
+    oldest first, without counting them as deliveries."""
     _enqueue(r, b"m1", b"m2", b"m3")
     intake = _intake(r, "w1")
     lane = intake.lanes[0]
     with _replies_lost(redis.TimeoutError("timed out")), pytest.raises(redis.TimeoutError):
         lane.take(2)
-    assert lane.take(3) == [b"m1", b"m2", b"m3"]
-    assert lane.held == 3 and not lane.unsure
+    assert lane.take(3).messages == [b"m1", b"m2"]
+    assert lane.held == 2 and not lane.unsure
+    assert lane.take(3).messages == [b"m3"]
+    assert r.keys("imgq:deliveries:*") == []
 
 
-def test_a_take_retried_by_redis_py_after_a_lost_reply_loses_nothing(
-    redis_server, r, monkeypatch
-) -> None:
-    """A client with retries (redis-py's default for ``Redis(host=...)``; none with ``from_url``)
-    re-runs a transaction whose reply was lost to a connection error: the first attempt's
-    messages are already in the lane when the retry runs. The take returns them too, so the
-    ack that deletes the lane deletes only served messages."""
-    _enqueue(r, b"m1", b"m2", b"m3", b"m4", b"m5")
-    retrying = redis.Redis.from_url(redis_server.url, retry=Retry(NoBackoff(), 3))
-    lane = _intake(retrying, "w1").lanes[0]
-    transaction = redis.client.Pipeline._execute_transaction
-    failures = [redis.ConnectionError("reset (after Redis ran the transaction)")]
-
-    def first_reply_lost(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        replies = transaction(self, *args, **kwargs)
-        if failures:
-            raise failures.pop()
-        return replies
-
-    monkeypatch.setattr(redis.client.Pipeline, "_execute_transaction", first_reply_lost)
-    taken = lane.take(2)
-    monkeypatch.undo()
-    assert not failures, "the lost reply was not retried by redis-py"
-    assert taken == [b"m1", b"m2", b"m3", b"m4"]
-    assert lane.held == 4 and r.llen(lane.key) == 4
-    _ack(retrying, lane.intake)
-    assert r.lrange("q", 0, -1) == [b"m5"]
+def test_the_take_client_never_retries_by_itself(r) -> None:
+    """A take whose reply is lost is not re-run by redis-py (that would move more messages than
+    the runner knows of); the runner finds out and sorts out the lane."""
+    intake = _intake(r, "w1")
+    retry = intake.take_redis.connection_pool.connection_kwargs["retry"]
+    assert retry.get_retries() == 0
 
 
-def test_release_gives_everything_back(r) -> None:
-    """At shutdown all unacked messages of every lane return to the queue head; lease and
-    registration go."""
+def test_oversized_message_is_never_read_and_is_dead_lettered(r) -> None:
+    """A message over the limit is not read by the worker: its reply is refused at the cap,
+    Redis moves it to the dead letters (metadata only) and returns its ends; the messages around
+    it are served, in order (issue 14: 100 MiB messages were read whole)."""
+    limit = 64 * 1024
+    big = b'{"body": "' + b"A" * (8 * limit) + b'", "headers": {"task": "x", "id": "big-1"}}'
+    _enqueue(r, b"m1", big, b"m2")
+    intake = _intake(r, "w1", max_message_bytes=limit)
+    taken = intake.lanes[0].take(3)
+    assert taken.messages == [b"m1", b"m2"]
+    (over,) = taken.oversized
+    assert over.length == len(big) and over.sha1 == hashlib.sha1(big).hexdigest()
+    assert over.tail.endswith(b'"id": "big-1"}}') and over.head.startswith(b'{"body"')
+    (entry,) = DeadLetters(r, "q").list()
+    assert entry.reason == "message_too_large" and entry.length == len(big)
+    assert entry.body != "kept" and r.keys("imgq:dlq:q:body:*") == []
+    assert r.lrange(intake.lanes[0].key, 0, -1) == [b"m2", b"m1"]
+
+
+def test_a_batch_is_cut_at_one_message_limit_of_bytes(r) -> None:
+    """Large (valid) messages: a take reads at most one message limit of bytes (plus framing);
+    a reply past that is refused unread, Redis keeps the batch within the limit and gives the
+    rest back to the head of the queue in order, and the next take asks for fewer."""
+    limit = 400_000
+    messages = [bytes([65 + i]) * 300_000 for i in range(5)]
+    _enqueue(r, *messages)
+    lane = _intake(r, "w1", max_message_bytes=limit).lanes[0]
+    assert lane.take(5).messages == messages[:1]  # a second would pass 400 kB
+    assert r.lrange("q", 0, -1) == messages[::-1][:4]
+    assert lane.take(5).messages == messages[1:2]  # sized to fit: no refused reply
+    assert lane.held == 2
+
+
+def test_release_gives_everything_back_counted(r) -> None:
+    """At shutdown all unacked messages of every lane return to the queue head, counted as
+    deliveries without a result; lease and registrations go."""
     _enqueue(r, b"m1", b"m2", b"m3", b"m4")
     intake = _intake(r, "w1", runners=2)
     intake.lanes[0].take(2)
@@ -233,3 +320,38 @@ def test_release_gives_everything_back(r) -> None:
     assert r.lindex("q", -1) in (b"m1", b"m3")  # each lane's oldest ahead of its younger
     assert not r.exists(intake.lease_key) and r.hkeys(LANES_KEY) == []
     assert all(lane.held == 0 for lane in intake.lanes)
+    assert r.get(deliveries_key(hashlib.sha1(b"m1").hexdigest())) == b"1"
+
+
+def test_give_back_newest_serves_a_batch_in_parts(r) -> None:
+    """The newest messages of a batch go back to the queue head, in order, not counted."""
+    _enqueue(r, b"m1", b"m2", b"m3", b"m4", b"m5")
+    intake = _intake(r, "w1")
+    lane = intake.lanes[0]
+    assert lane.take(4).messages == [b"m1", b"m2", b"m3", b"m4"]
+    assert lane.give_back_newest(2) == 2
+    assert lane.held == 2
+    assert r.lrange("q", 0, -1) == [b"m5", b"m4", b"m3"]
+    _ack(r, intake)
+    assert r.keys("imgq:deliveries:*") == []
+
+
+def test_lanes_of_acked_batches_that_come_back_are_given_back(r) -> None:
+    """Redis restarted with older data can hold a lane of a batch this worker has since acked:
+    the worker's restore gives it back (ack by identity: nothing deletes it), while the lane of
+    the batch in hand is left alone (issue 14, item 3)."""
+    _enqueue(r, b"m1", b"m2", b"m3", b"m4")
+    intake = _intake(r, "w1")
+    lane = intake.lanes[0]
+    lane.take(2)
+    snapshot_key, snapshot = lane.key, r.lrange(lane.key, 0, -1)
+    _ack(r, intake)
+    lane.take(1)  # the batch in hand: m3
+    # What an older append-only file brings back: the acked batch's lane, registered.
+    r.rpush(snapshot_key, *snapshot)
+    r.hset(LANES_KEY, snapshot_key, "q")
+    assert intake.restore_dead() == (0, 2)
+    assert not r.exists(snapshot_key) and r.lrange(lane.key, 0, -1) == [b"m3"]
+    assert r.lrange("q", 0, -1) == [b"m4", b"m2", b"m1"]
+    _ack(r, intake)  # deletes m3 only
+    assert r.lrange("q", 0, -1) == [b"m4", b"m2", b"m1"]

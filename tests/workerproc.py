@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ from celery import Celery
 
 from worker.messages import TASK_NAME
 
-__all__ = ["LEASE_TTL_S", "RESTORE_INTERVAL_S", "REDELIVERY_BOUND_S", "Worker", "Workers",
-           "send_many", "wait_all"]  # fmt: skip
+__all__ = ["LEASE_TTL_S", "RESTORE_INTERVAL_S", "REDELIVERY_BOUND_S", "Published", "Worker",
+           "Workers", "freeze_holding_messages", "lanes_of", "redelivery_s", "send_many",
+           "wait_all"]  # fmt: skip
 
 #: Short lease settings so that tests see redelivery within seconds.
 LEASE_TTL_S = 2.0
@@ -146,3 +148,58 @@ def wait_all(
         missing = len(keys) - len(found)
         assert time.monotonic() < deadline, f"{missing} of {len(ids)} results missing"
         time.sleep(0.05)
+
+
+class Published:
+    """Every result record the workers publish (Celery's Redis backend PUBLISHes each stored
+    result on its key), so duplicates from redelivery are seen, not overwritten."""
+
+    def __init__(self, app: Celery) -> None:
+        self.by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        prefix = app.backend.task_keyprefix.decode()
+        self._pubsub = redis.Redis.from_url(app.conf.result_backend).pubsub()
+        self._pubsub.psubscribe(**{f"{prefix}*": self._on_message})
+        self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        record = json.loads(message["data"])
+        self.by_task[record["task_id"]].append(record)
+
+    def duplicates(self) -> dict[str, list[dict[str, Any]]]:
+        return {t: records for t, records in list(self.by_task.items()) if len(records) > 1}
+
+    def close(self) -> None:
+        self._thread.stop()
+        self._thread.join(5)
+        self._pubsub.close()
+
+
+def lanes_of(r: redis.Redis, worker: Worker) -> list[bytes]:
+    """The worker's registered in-flight lists (one per batch in hand)."""
+    prefix = f"imgq:inflight:{worker.name}:".encode()
+    return [k for k in r.hkeys("imgq:lanes") if k.startswith(prefix)]
+
+
+def freeze_holding_messages(r: redis.Redis, worker: Worker, timeout_s: float = 60.0) -> int:
+    """SIGSTOP the worker at a moment when it holds unacknowledged messages; how many. Call it
+    with the worker stopped (:meth:`Worker.freeze`) and its work queued: it lets the worker run
+    only until it has taken some, so the test does not depend on how fast the machine drains."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        os.kill(worker.process.pid, signal.SIGCONT)
+        worker.freeze()
+        # One round trip first: Redis serves in a later turn of its event loop any command the
+        # frozen process had already sent (an ack in flight), so the count below is final.
+        r.ping()
+        held = sum(int(r.llen(lane)) for lane in lanes_of(r, worker))
+        if held:
+            return held
+        assert time.monotonic() < deadline, f"{worker.name} never held a message"
+
+
+def redelivery_s(r: redis.Redis, worker: Worker, since: float) -> float:
+    """Seconds from ``since`` until another worker has given the worker's messages back."""
+    while any(r.llen(lane) for lane in lanes_of(r, worker)):
+        assert time.monotonic() - since < REDELIVERY_BOUND_S + 10, "never redelivered"
+        time.sleep(0.01)
+    return time.monotonic() - since

@@ -11,6 +11,8 @@ part in redelivery; the lease in ``worker/intake.py`` does.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from worker.messages import TASK_NAME
@@ -23,6 +25,8 @@ class ImgqCelery(Celery):
     """A Celery app that carries the worker's settings (read by the bulk consumer step)."""
 
     settings: WorkerSettings
+    #: The worker's ``worker.consumer.BulkService`` once built.
+    imgq_service: Any = None
 
 
 def make_app(settings: WorkerSettings) -> ImgqCelery:

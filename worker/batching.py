@@ -2,105 +2,71 @@
 
 A :class:`BatchRunner` thread repeats one cycle:
 
-1. take up to ``max_batch`` messages from the queue (one transaction; they are now in this
-   runner's in-flight list, its :class:`~worker.intake.Lane`) — when the model is free it takes
-   what is queued, and waits up to ``max_wait_ms`` for more only when that is set (it pays on
-   a GPU, not on a CPU);
-2. per message: parse, check expiry, validate the arguments, decode the image and resize it
-   for the model — a problem here ends only that task;
-3. one ``normalise_batch`` of the good images (each resized right after its decode: the same
-   bytes as ``preprocess_batch``, without holding every full-size frame) and one
-   ``bundle.predict`` — if that fails, every task of the batch fails visibly; then the drift
-   statistics of the whole batch of model inputs at once;
-4. one Redis pipeline: every result (``SET EX`` + ``PUBLISH``, as Celery's Redis backend does,
-   in one script call for the batch), then the ack (deleting the in-flight list), one message
-   of Celery task events for the whole batch so that Flower shows every task
-   (:class:`TaskEvents`), then the drift counts.
+1. take up to ``max_batch`` messages from the queue into this batch's in-flight list (its
+   :class:`~worker.intake.Lane`; one transaction, bounded in bytes) — when the model is free it
+   takes what is queued, and waits up to ``max_wait_ms`` for more only when that is set (it pays
+   on a GPU, not on a CPU); an idle runner looks again after a short pause that grows with the
+   idle time (reads only: a wait that wrote would be refused by a full Redis);
+2. per message: parse, poison-pill check, expiry, arguments, the image's header against the
+   batch's decoded-pixel budget, decode and resize for the model — a problem here ends only that
+   task; past the pixel budget the rest of the batch goes back to the head of the queue;
+3. one ``normalise_batch`` of the good images and one ``bundle.predict`` — if that fails, every
+   task of the batch fails visibly; then the drift statistics of the batch;
+4. one Redis round trip: the settle script (dead letters, results stored first-wins, the ack,
+   drift counts once; ``worker/settle.py``), then one message of Celery task events.
 
-Exactly one outcome per message: a stored result, or the dead-letter list for a message that
-does not even carry a task id. Nothing on the per-image path logs or talks to Redis.
+Exactly one outcome per message: a stored result, or a dead letter for a message that does not
+even carry a task id. An unexpected exception anywhere in a batch fails that batch's tasks
+(``internal_error``, kept in the dead letters for ``imgq dlq requeue``); it never puts them back
+at the head of the queue and never stops the runner. Redis errors of any kind (a lost
+connection, ``OOM``, ``READONLY``, ``LOADING``, ``NOPERM``) are outages: logged, backed off,
+retried. Nothing on the per-image path logs or talks to Redis.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import math
-import os
+import re
 import threading
 import time
-import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import pybase64
 import redis
-from celery import Celery
-from celery.events import Event
 from celery.exceptions import TaskRevokedError
-from celery.utils.time import utcoffset
 
-from shared.decode import decode_base64, decode_image
+from shared.decode import decode_base64, decode_image, probe_image
 from shared.errors import ImgqError, InvalidTask
 from shared.imagestats import image_features
 from shared.preprocess import normalise_batch, resize_image
-from worker.intake import Lane, LeaseLost
+from worker.events import TaskEvents
+from worker.intake import Lane, LeaseLost, Oversized, Taken
 from worker.messages import (
-    TASK_NAME,
     TaskRequest,
+    _task_id,
     exception_result,
-    json_dumps,
     parse_message,
     result_meta,
     validate_kwargs,
 )
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
+from worker.settle import DeadMessage, Drift, Settler, WindowCounts, once_token
 
-__all__ = ["BatchRunner", "DEAD_LETTER_CAP", "TaskEvents", "dead_letter_key"]
+__all__ = ["BatchRunner"]
 
 logger = logging.getLogger(__name__)
 
-#: Most raw messages kept in a queue's dead-letter list (oldest dropped).
-DEAD_LETTER_CAP = 1000
-_IDLE_WAIT_S = 1.0  # how long an idle runner blocks before it looks at its stop flag again
+_IDLE_WAIT_MIN_S = 0.0005  # first pause of an idle runner; it grows with the idle time
 _NO_LEASE_WAIT_S = 0.2
 _MAX_BACKOFF_S = 5.0
-_REPR_MAX_CHARS = 1024  # Celery's limit on argument and result reprs in events
-
-
-# KEYS: result keys. ARGV: expiry in seconds, then one value per key. What Celery's Redis
-# backend does per result (SET with expiry, then PUBLISH on the key for waiting AsyncResults), for
-# a whole batch in one command: 2N pipelined commands cost redis-py ~20 us each to pack and parse.
-_STORE_RESULTS = """
-for i, key in ipairs(KEYS) do
-  redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1])
-  redis.call('PUBLISH', key, ARGV[i + 1])
-end
-return #KEYS
-"""
-
-
-def dead_letter_key(queue: str) -> str:
-    """List of raw messages of ``queue`` that could not be read at all (no task id)."""
-    return f"imgq:dead:{queue}"
-
-
-class Drift(Protocol):
-    """What the batch runner needs from ``worker.drift.DriftRecorder``."""
-
-    def out_of_range(self, image_features: np.ndarray) -> list[list[str]]: ...
-
-    def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int: ...
-
-    def add_out_of_range_thumbnail(
-        self, pipe: Any, rgb: np.ndarray, features: list[str]
-    ) -> bool: ...
-
-    def after_pipeline(self, reply: Any) -> None: ...
+_LOG_EVERY_S = 10.0  # an outage or a bug that repeats every batch is logged this often
+#: A task id as kombu writes it in the headers, for a message too large to read.
+_ID_IN_HEADERS = re.compile(rb'[{,]\s*"id"\s*:\s*"([^"\\]{1,512})"')
 
 
 @dataclass
@@ -114,34 +80,57 @@ class _Good:
 
 
 @dataclass
-class _Outcome:
-    """What a batch produced: results to store, dead letters, and metric counts."""
+class Outcome:
+    """What a batch produced: results to store, dead letters, metric counts, drift inputs."""
 
     picked_at: float
     records: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: The request of each record, in the same order (for task events).
     requests: list[TaskRequest] = field(default_factory=list)
-    dead: list[bytes] = field(default_factory=list)
+    dead: list[DeadMessage] = field(default_factory=list)
     counts: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     features: np.ndarray | None = None
     probs: np.ndarray | None = None
+    #: The record index of each row of ``features``/``probs``.
+    rows: list[int] = field(default_factory=list)
     #: The first image of the batch outside the training range, and why (for the drift report).
     thumbnail: tuple[np.ndarray, list[str]] | None = None
+    #: How many of the newest messages go back to the queue (the decoded-pixel budget).
+    give_back: int = 0
 
-    def add(self, req: TaskRequest, state: str, result: Any, outcome: str, reason: str) -> None:
-        """One task's result record (``state`` and ``result`` as Celery stores them)."""
+    def add(self, req: TaskRequest, state: str, result: Any, outcome: str, reason: str) -> int:
+        """One task's result record (``state`` and ``result`` as Celery stores them); its index."""
         self.records.append((req.task_id, result_meta(req.task_id, state, result)))
         self.requests.append(req)
         self.counts[outcome, reason] += 1
+        return len(self.records) - 1
 
     def fail(self, req: TaskRequest, exc: BaseException) -> None:
         """The task fails with ``exc``; its reason code is the metric's ``reason``."""
         reason = getattr(exc, "reason", type(exc).__name__)
         self.add(req, "FAILURE", exception_result(exc), "failure", reason)
 
+    def dead_letter(
+        self, raw: bytes, exc: InvalidTask, task_id: str = "", keep_body: bool = True
+    ) -> None:
+        """The raw message goes to the dead letters with ``exc``'s reason."""
+        self.dead.append(
+            DeadMessage(
+                raw if keep_body else b"",
+                len(raw),
+                hashlib.sha1(raw).hexdigest(),
+                raw[:200],
+                exc.reason,
+                exc.detail,
+                task_id,
+            )  # fmt: skip
+        )
+        if not task_id:
+            self.counts["dead_letter", exc.reason] += 1
+
 
 class BatchRunner:
-    """Serves one queue: take a batch, run the model once, store every result in one round trip.
+    """Serves one queue: take a batch, run the model once, settle it in one round trip.
 
     Run :meth:`run` in a thread; :meth:`stop` makes it finish the batch in hand and return.
 
@@ -150,15 +139,16 @@ class BatchRunner:
         bundle: A loaded ``worker.bundle.ModelBundle`` (``manifest``, ``provider``, ``predict``).
         redis_client: Client of the broker's Redis (queue, in-flight list, drift counts).
         lane: This runner's in-flight list (:class:`~worker.intake.Lane`) on ``settings.queue``.
-        backend: The Celery app's result backend: its key names and JSON encoding are used,
-            and its Redis client when results live in another Redis than the queue.
+        backend: The Celery app's result backend: its key names are used, and its Redis client
+            when results live in another Redis than the queue.
         metrics: Where to count.
         drift: A ``worker.drift.DriftRecorder``, or None to skip drift statistics.
-        events: The worker's :class:`TaskEvents`, or None to send no task events.
+        events: The worker's :class:`~worker.events.TaskEvents`, or None to send none.
 
     Attributes:
-        last_progress_s: ``time.monotonic()`` of the last loop step; the lease is renewed only
-            while it keeps moving, so a stalled runner loses its lease and its messages.
+        last_progress_s: ``time.monotonic()`` of the last step (each image, each loop, each
+            retry); the lease is renewed only while it keeps moving, so a stalled runner loses
+            its lease and its messages, and a slow but working batch keeps them.
     """
 
     def __init__(
@@ -169,7 +159,7 @@ class BatchRunner:
         lane: Lane,
         backend: Any,
         metrics: WorkerMetrics,
-        drift: Drift | None = None,
+        drift: Any | None = None,
         events: TaskEvents | None = None,
     ) -> None:
         self.settings = settings
@@ -178,22 +168,24 @@ class BatchRunner:
         self.lane = lane
         self.backend = backend
         self.metrics = metrics
-        self.drift = drift
-        self._drift_error_logged_s = -math.inf
+        self.drift: Drift | None = drift
         self.events = events
         manifest = bundle.manifest
         self._labels = manifest.labels
         self._spec = manifest.preprocess
         self._model = {"name": manifest.name, "sha256": manifest.model_sha256}
         self._wait_s = settings.wait_ms_for(bundle.provider) / 1000.0
+        self._idle_poll_s = settings.idle_poll_ms / 1000.0
         same_redis = settings.result_backend == settings.broker_url
         self._results_redis: redis.Redis = redis_client if same_redis else backend.client
-        self._dead_key = dead_letter_key(settings.queue)
-        # The image is base64 in a JSON body that kombu base64-encodes again (x 16/9), plus headers.
-        self._max_message_bytes = settings.decode_limits.max_bytes * 16 // 9 + 256 * 1024
-        # An idle runner must still show progress well within the lease time.
-        self._idle_wait_s = min(_IDLE_WAIT_S, settings.lease_ttl_s / 4)
+        dead_letters = (settings.dead_letter_ttl_s, settings.dead_letter_max_entries,
+                        settings.dead_letter_max_bytes)  # fmt: skip
+        self.settler = Settler(redis_client, self._results_redis, settings.queue,
+                               lane.intake.worker_id, settings.result_expires_s, dead_letters,
+                               drift)  # fmt: skip
         self._stop = threading.Event()
+        self._logged_s: dict[str, float] = {}
+        self._last_busy_s = time.monotonic()
         self.last_progress_s = time.monotonic()
 
     def stop(self) -> None:
@@ -201,81 +193,100 @@ class BatchRunner:
         self._stop.set()
 
     def run(self) -> None:
-        """Serve until :meth:`stop`; Redis outages are logged and retried with back-off."""
+        """Serve until :meth:`stop`. Nothing a message or Redis does ends this loop."""
         backoff_s = 0.1
         while not self._stop.is_set():
             try:
                 self.run_once()
                 backoff_s = 0.1
+                continue
             except LeaseLost:
                 self._stop.wait(_NO_LEASE_WAIT_S)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                logger.warning("redis unavailable, retrying in %.1f s: %s", backoff_s, exc)
-                self._stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+                continue
+            except redis.RedisError as exc:
+                self._log_rarely("redis", "Redis refused or unreachable, retrying in %.1f s: %s",
+                                 backoff_s, exc)  # fmt: skip
+            except Exception:  # a bug outside any batch: keep serving, say so
+                self._log_rarely("bug", "batch runner step failed", exc_info=True)
+            self._stop.wait(backoff_s)
+            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+            self.last_progress_s = time.monotonic()
 
     def run_once(self) -> int:
-        """One cycle: take a batch (or wait briefly for one), serve it. Returns its size."""
-        self.last_progress_s = time.monotonic()
-        raws = self.lane.take(self.settings.max_batch)
-        if not raws:
-            self.lane.wait(self._idle_wait_s)
-            return 0
-        if self._wait_s > 0:
-            self._fill(raws)
-        outcome = self.serve(raws)
-        self._store(outcome)
-        return len(raws)
+        """One cycle: take a batch (or pause briefly when there is none), serve it, settle it.
 
-    def _fill(self, raws: list[bytes]) -> None:
-        """Wait up to ``max_wait_ms`` for more messages while the batch is not full. A Redis
-        problem here ends the wait: the messages in hand are served (and their store retried)."""
+        Returns:
+            How many messages were taken.
+        """
+        self.last_progress_s = now = time.monotonic()
+        taken = self.lane.take(self.settings.max_batch)
+        if not taken.messages and not taken.oversized:
+            idle_s = now - self._last_busy_s
+            self._stop.wait(min(self._idle_poll_s, max(_IDLE_WAIT_MIN_S, idle_s / 8)))
+            return 0
+        self._last_busy_s = now
+        if self._wait_s > 0:
+            self._fill(taken)
+        outcome = self.serve_safely(taken)
+        self._store(outcome)
+        return len(taken.messages) + len(taken.oversized)
+
+    def _fill(self, taken: Taken) -> None:
+        """Take more for up to ``max_wait_ms`` while the batch is not full. A Redis problem here
+        ends the wait: the messages in hand are served."""
         deadline = time.monotonic() + self._wait_s
         try:
-            while len(raws) < self.settings.max_batch:
+            while len(taken) < self.settings.max_batch:
+                more = self.lane.take(self.settings.max_batch - len(taken))
+                taken.extend(more)
                 remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0 or not self.lane.wait(remaining_s):
+                if remaining_s <= 0:
                     return
-                raws += self.lane.take(self.settings.max_batch - len(raws))
-        except (LeaseLost, redis.ConnectionError, redis.TimeoutError):
+                if not more.messages:
+                    self._stop.wait(min(_IDLE_WAIT_MIN_S, remaining_s))
+        except (LeaseLost, redis.RedisError):
             return
 
-    def serve(self, raws: Sequence[bytes]) -> _Outcome:
+    def serve_safely(self, taken: Taken) -> Outcome:
+        """:meth:`serve`, or, if it raises (a bug), every task of the batch failed with
+        ``internal_error`` and kept in the dead letters for a requeue once fixed."""
+        try:
+            return self.serve(taken)
+        except Exception as exc:
+            self._log_rarely("bug", "serving a batch of %d failed; failing its tasks",
+                             len(taken.messages), exc_info=True)  # fmt: skip
+            return self._fail_all(taken, exc)
+
+    def serve(self, taken: Taken) -> Outcome:
         """Everything between taking messages and storing results; no Redis, no logging per image.
 
         Returns:
-            One stored result or one dead letter per message.
+            One result or one dead letter per message, and what goes back to the queue.
         """
         picked_at = time.time()
         t0 = time.perf_counter()
         limits = self.settings.decode_limits
-        out = _Outcome(picked_at)
+        out = Outcome(picked_at)
         good: list[_Good] = []
         images: list[np.ndarray] = []
         originals: list[tuple[int, int, int]] = []  # width, height, encoded bytes
-        for raw in raws:
+        pixels = 0
+        raws = taken.messages
+        for i, raw in enumerate(raws):
+            self.last_progress_s = time.monotonic()
             try:
-                if len(raw) > self._max_message_bytes:
-                    raise InvalidTask(
-                        "malformed_message",
-                        f"message of {len(raw)} bytes is over the {self._max_message_bytes} a "
-                        "valid task can have; not parsed",
-                    )
                 req = parse_message(raw, self.settings.queue)
             except InvalidTask as exc:
-                out.dead.append(raw)
-                out.counts["dead_letter", exc.reason] += 1
-                continue
-            except Exception:  # a parser bug must not become a message that kills every worker
-                logger.exception("unreadable message moved to the dead-letter list")
-                out.dead.append(raw)
-                out.counts["dead_letter", "malformed_message"] += 1
+                out.dead_letter(raw, exc)
                 continue
             queue_ms = None
             if req.sent_at is not None:
                 wait_s = max(0.0, picked_at - req.sent_at)
                 self.metrics.queue_wait.observe(wait_s)
                 queue_ms = round(wait_s * 1000, 3)
+            if taken.poisoned[i]:
+                self._poisoned(out, req)
+                continue
             if req.error is not None:
                 out.fail(req, req.error)
                 continue
@@ -286,6 +297,12 @@ class BatchRunner:
             try:
                 image_b64, top_k, request_id = validate_kwargs(req.kwargs, len(self._labels))
                 data = decode_base64(image_b64, limits)
+                info = probe_image(data, limits)
+                if images and pixels + info.width * info.height > self.settings.batch_pixels:
+                    # Served in parts: this and the newer messages go back to the queue head.
+                    out.give_back = len(raws) - i
+                    break
+                pixels += info.width * info.height
                 rgb = decode_image(data, limits)
                 # Resize while the decoded frame is hot in cache; the big frame is freed at once.
                 model_input = resize_image(rgb, self._spec)
@@ -293,24 +310,78 @@ class BatchRunner:
                 out.fail(req, exc)
                 continue
             except Exception as exc:  # a bug on one image must not cost its batch-mates
-                logger.exception("unexpected error on task %s", req.task_id)
+                self._log_rarely("image", "unexpected error on task %s", req.task_id,
+                                 exc_info=True)  # fmt: skip
                 out.fail(req, exc)
                 continue
             good.append(_Good(req, top_k, request_id, queue_ms))
             images.append(model_input)
             originals.append((rgb.shape[1], rgb.shape[0], len(data)))
+            del rgb, data, image_b64
         if good:
             self._infer(out, good, images, originals, t0)
-        done = len(out.records) + len(out.dead)
+        done = len(out.records) + out.give_back + sum(1 for d in out.dead if not d.task_id)
         if done != len(raws):
             raise RuntimeError(
                 f"batch contract broken: {len(raws)} messages taken but {done} outcomes made"
             )
+        for big in taken.oversized:
+            self._too_large(out, big)
+        return out
+
+    def _too_large(self, out: Outcome, big: Oversized) -> None:
+        """A message Redis dead-lettered for its size: answer its task if its id can be read
+        from the fragments Redis returned (kombu writes the headers after the body)."""
+        task_id = None
+        for fragment in (big.tail, big.head):
+            for match in _ID_IN_HEADERS.finditer(fragment):
+                try:
+                    task_id = _task_id(match.group(1).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError, TypeError):
+                    continue
+            if task_id:
+                break
+        exc = InvalidTask(
+            "message_too_large",
+            f"the message of {big.length} bytes is over the {self.settings.max_message_bytes} "
+            f"a valid task can have (images up to {self.settings.decode_limits.max_bytes} "
+            "bytes, IMGQ_MAX_BYTES); it was not read and is listed by `imgq dlq list`",
+        )
+        if task_id is None:
+            out.counts["dead_letter", exc.reason] += 1
+            return
+        req = TaskRequest(task_id, {}, None, None, None, self.settings.queue, b"")
+        out.fail(req, exc)
+
+    def _poisoned(self, out: Outcome, req: TaskRequest) -> None:
+        exc = InvalidTask(
+            "redelivered_too_often",
+            f"handed out {self.settings.max_deliveries} times (IMGQ_MAX_DELIVERIES) and never "
+            "answered: every worker that took it died or hung. Kept in the dead letters; "
+            "`imgq dlq requeue ID` sends it again",
+        )
+        out.fail(req, exc)
+        out.dead_letter(req.raw, exc, req.task_id)
+
+    def _fail_all(self, taken: Taken, cause: Exception) -> Outcome:
+        """The outcome of a batch whose serving raised: every task fails with
+        ``internal_error``; each message is kept in the dead letters."""
+        out = Outcome(time.time())
+        out.counts["dead_letter", "message_too_large"] += len(taken.oversized)
+        exc = InvalidTask("internal_error", f"{type(cause).__name__}: {cause}"[:300])
+        for raw in taken.messages:
+            try:
+                req = parse_message(raw, self.settings.queue)
+            except Exception:
+                out.dead_letter(raw, InvalidTask("malformed_message", exc.detail))
+                continue
+            out.fail(req, exc)
+            out.dead_letter(raw, exc, req.task_id)
         return out
 
     def _infer(
         self,
-        out: _Outcome,
+        out: Outcome,
         good: list[_Good],
         images: list[np.ndarray],
         originals: list[tuple[int, int, int]],
@@ -329,7 +400,8 @@ class BatchRunner:
                     f"images of {len(self._labels)} classes"
                 )
         except Exception as exc:
-            logger.exception("model call failed; failing all %d tasks of the batch", len(good))
+            self._log_rarely("model", "model call failed; failing all %d tasks of the batch",
+                             len(good), exc_info=True)  # fmt: skip
             for g in good:
                 out.fail(g.request, exc)
             return
@@ -358,11 +430,11 @@ class BatchRunner:
                 result["drift"] = {"out_of_range": outside[i]}
                 if outside[i] and out.thumbnail is None:
                     out.thumbnail = (images[i], outside[i])
-            out.add(g.request, "SUCCESS", result, "success", "")
+            out.rows.append(out.add(g.request, "SUCCESS", result, "success", ""))
 
     def _drift_statistics(
         self,
-        out: _Outcome,
+        out: Outcome,
         stacked: np.ndarray,
         originals: list[tuple[int, int, int]],
         probs: np.ndarray,
@@ -375,31 +447,30 @@ class BatchRunner:
         try:
             out.features = image_features(stacked, np.asarray(originals, np.float64))
             out.probs = probs
-            return self.drift.out_of_range(out.features)
+            return self.drift.out_of_range(out.features)  # type: ignore[attr-defined]
         except Exception:
-            logger.exception("drift statistics failed; the batch is served without them")
+            self._log_rarely("drift", "drift statistics failed; the batch is served without them",
+                             exc_info=True)  # fmt: skip
             out.features = out.probs = None
             return None
 
-    def _store(self, out: _Outcome) -> None:
-        """Results, then acks, then drift counts, in one round trip (two when results live in
-        another Redis). Retried while Redis is unreachable: until the acks are written the
+    def _store(self, out: Outcome) -> None:
+        """Settle the batch, retrying through Redis outages: until the ack is written the
         messages stay in the in-flight list, so a worker that dies meanwhile loses nothing."""
         backoff_s = 0.1
         while True:
             try:
                 self._store_once(out)
-                self.lane.settled()
                 break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except redis.RedisError as exc:
                 if self._stop.is_set():
                     logger.warning(
                         "stopping with %d results unstored; their messages stay in flight and "
-                        "are redelivered after the lease expires",
-                        len(out.records),
-                    )
+                        "are given back", len(out.records),
+                    )  # fmt: skip
                     return
-                logger.warning("storing results failed, retrying in %.1f s: %s", backoff_s, exc)
+                self._log_rarely("redis", "storing results failed, retrying in %.1f s: %s",
+                                 backoff_s, exc)  # fmt: skip
                 self._stop.wait(backoff_s)
                 backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
                 self.last_progress_s = time.monotonic()
@@ -407,145 +478,91 @@ class BatchRunner:
             self.metrics.tasks.labels(outcome, reason).inc(count)
         if logger.isEnabledFor(logging.DEBUG):
             outcomes = {f"{o}:{r}": n for (o, r), n in out.counts.items()}
-            tasks = sum(out.counts.values())
-            logger.debug("batch stored", extra={"tasks": tasks, "outcomes": outcomes})
+            logger.debug("batch stored", extra={"outcomes": outcomes})
         if out.dead:
-            logger.warning(
-                "%d unreadable messages (no task id) moved to %s", len(out.dead), self._dead_key
-            )
+            reasons = collections.Counter(d.reason for d in out.dead)
+            self._log_rarely("dead", "dead letters of queue %s: %s (see `imgq dlq list`)",
+                             self.settings.queue, dict(reasons))  # fmt: skip
 
-    def _store_once(self, out: _Outcome) -> None:
-        pipe = self._results_redis.pipeline(transaction=False)
-        if out.records:
-            keys = [self.backend.get_key_for_task(task_id) for task_id, _ in out.records]
-            values = [json_dumps(meta) for _, meta in out.records]
-            pipe.eval(_STORE_RESULTS, len(keys), *keys, self.settings.result_expires_s, *values)
-        if self._results_redis is not self.redis:
-            pipe.execute()
+    def _store_once(self, out: Outcome) -> None:
+        lane = self.lane
+        if out.give_back:
+            lane.give_back_newest(out.give_back)
+            out.give_back = 0  # a retry must not give back more
+        lane.prepare_ack()
+        keys = [self.backend.get_key_for_task(task_id) for task_id, _ in out.records]
+        results = list(zip(keys, (meta for _, meta in out.records), strict=True))
+        window = self._window(out, None)
+        if self._results_redis is self.redis:
             pipe = self.redis.pipeline(transaction=False)
-        if out.dead:
-            pipe.lpush(self._dead_key, *out.dead)
-            pipe.ltrim(self._dead_key, 0, DEAD_LETTER_CAP - 1)
-        self.lane.ack(pipe)
+            index = self.settler.settle(pipe, lane, results, out.dead, window)
+            self._extras(pipe, out)
+            replies = pipe.execute(raise_on_error=False)
+            reply = replies[index]
+            if isinstance(reply, Exception):
+                raise reply
+            count, flags = int(reply[0]), reply[1:]
+            if window is not None and count == -1 and any(flags):
+                count = self._count_new(out, flags, once_token(lane))
+        else:
+            rpipe = self._results_redis.pipeline(transaction=False)
+            index = self.settler.settle(rpipe, None, results, [], None)
+            reply = rpipe.execute()[index]
+            flags = reply[1:]
+            pipe = self.redis.pipeline(transaction=False)
+            subset = self._window(out, flags) if any(flags) else None
+            index = self.settler.settle(pipe, lane, [], out.dead, subset, once_token(lane))
+            self._extras(pipe, out)
+            replies = pipe.execute(raise_on_error=False)
+            if isinstance(replies[index], Exception):
+                raise replies[index]
+            count = int(replies[index][0])
+        lane.settled()
+        if count == -2:
+            self._log_rarely("drift", "drift counts not stored (results are)")
+        elif count >= 0 and self.drift is not None:
+            self.drift.after_pipeline(count)
+
+    def _window(self, out: Outcome, flags: list[int] | None) -> WindowCounts | None:
+        """The batch's drift counts (of the rows whose result ``flags`` says was new)."""
+        if self.drift is None or out.features is None or out.probs is None:
+            return None
+        rows = np.arange(len(out.rows))
+        if flags is not None:
+            rows = np.asarray([k for k, r in enumerate(out.rows) if flags[r]], np.intp)
+            if not len(rows):
+                return None
+        try:
+            return self.drift.window_counts(out.features[rows], out.probs[rows])
+        except Exception:
+            self._log_rarely("drift", "drift counts failed; the batch is stored without them",
+                             exc_info=True)  # fmt: skip
+            return None
+
+    def _count_new(self, out: Outcome, flags: list[int], once: tuple[str, int]) -> int:
+        """Some results of the batch were there already (a redelivery): count only the new."""
+        subset = self._window(out, flags)
+        if subset is None:
+            return -1
+        pipe = self.redis.pipeline(transaction=False)
+        index = self.settler.settle(pipe, None, [], [], subset, once)
+        reply = pipe.execute(raise_on_error=False)[index]
+        return -2 if isinstance(reply, Exception) else int(reply[0])
+
+    def _extras(self, pipe: Any, out: Outcome) -> None:
+        """After the settle script on the same round trip: the task events and the thumbnail."""
         if self.events is not None:
-            self.events.add_to_pipeline(pipe, out)
-        drift_first = drift_reply = None
-        if self.drift is not None and out.features is not None and out.probs is not None:
-            drift_first = len(pipe)
-            drift_reply = self.drift.add_to_pipeline(pipe, out.features, out.probs)
-            if out.thumbnail is not None:
-                self.drift.add_out_of_range_thumbnail(pipe, *out.thumbnail)
-        replies = pipe.execute(raise_on_error=False)
-        errors = [r for r in replies[:drift_first] if isinstance(r, Exception)]
-        if errors:
-            raise errors[0]
-        drift_errors = [
-            r for r in replies[drift_first or len(replies) :] if isinstance(r, Exception)
-        ]
-        if drift_errors:
-            # Drift statistics are an extra: the results and acks are stored; say so and go on.
-            self._log_drift_error(drift_errors[0])
-        elif drift_reply is not None and self.drift is not None:
-            self.drift.after_pipeline(replies[drift_reply])
+            metas = (meta for _, meta in out.records)
+            self.events.add_to_pipeline(pipe, out.picked_at, zip(out.requests, metas, strict=True))
+        if self.drift is not None and out.thumbnail is not None:
+            try:
+                self.drift.add_out_of_range_thumbnail(pipe, *out.thumbnail)  # type: ignore[attr-defined]
+            except Exception:
+                self._log_rarely("drift", "out-of-range thumbnail failed", exc_info=True)
 
-    def _log_drift_error(self, exc: Exception) -> None:
-        """Log a failed drift update at most once a minute (it fails every batch until fixed)."""
+    def _log_rarely(self, topic: str, msg: str, *args: Any, exc_info: bool = False) -> None:
+        """Log ``msg`` at most every few seconds per topic (an outage fails every batch)."""
         now = time.monotonic()
-        if now - self._drift_error_logged_s >= 60.0:
-            self._drift_error_logged_s = now
-            logger.error("drift counts not stored (results are): %s", exc)
-
-
-class TaskEvents:
-    """Celery task events for the tasks a worker serves, published in each batch's pipeline.
-
-    Celery's own worker sends ``task-received``, ``task-succeeded``/``task-failed`` and
-    ``task-revoked`` one by one, buffered by its event loop; its ``EventDispatcher`` flushes a
-    buffer as one message holding a list of events (routing key ``task.multi``), which Flower and
-    ``app.events.Receiver`` unpack. This builds exactly that message for a whole batch and adds
-    its ``PUBLISH`` to the pipeline that stores the batch's results, after them: no extra round
-    trip, and a monitor never sees a task succeed before its result exists. The envelope is
-    kombu's (as in ``worker/messages.py``) on kombu's Redis fanout topic
-    ``/<db>.<event exchange>/task.multi``. Publishing through kombu instead builds a new redis-py
-    client per message (0.7 ms of CPU here, a fifth of serving one image) and costs a round trip.
-
-    The events carry Celery's fields; ``kwargs`` shows the image's base64 length instead of the
-    base64, and ``result`` the label and score (the full result is in the result backend).
-
-    Args:
-        app: The worker's Celery app (event exchange name, Lamport clock).
-        hostname: The worker's Celery node name, so that Flower files the tasks under it.
-        broker_db: The Redis database number of the broker (part of the topic).
-    """
-
-    def __init__(self, app: Celery, hostname: str, broker_db: int) -> None:
-        self.hostname = hostname
-        self._clock = app.clock
-        exchange = app.conf.event_exchange
-        self._topic = f"/{broker_db}.{exchange}/task.multi"
-        self._delivery_info = {"exchange": exchange, "routing_key": "task.multi"}
-        self._pid = os.getpid()
-
-    def add_to_pipeline(self, pipe: Any, out: _Outcome) -> None:
-        """Queue the ``PUBLISH`` of a batch's events (received, then the outcome, per task)."""
-        if not out.records:
-            return
-        body = pybase64.b64encode(json_dumps(self._events(out))).decode("ascii")
-        message = {
-            "body": body,
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {"hostname": self.hostname},
-            "properties": {
-                "body_encoding": "base64",
-                "delivery_info": self._delivery_info,
-                "delivery_mode": 1,
-                "delivery_tag": str(uuid.uuid4()),
-                "priority": 0,
-            },
-        }
-        pipe.publish(self._topic, json_dumps(message))
-
-    def _events(self, out: _Outcome) -> list[dict[str, Any]]:
-        now = time.time()
-        common = {"hostname": self.hostname, "utcoffset": utcoffset(), "pid": self._pid}
-        forward = self._clock.forward
-        events: list[dict[str, Any]] = []
-        for req, (task_id, meta) in zip(out.requests, out.records, strict=True):
-            received = Event(
-                "task-received", **common, clock=forward(), timestamp=out.picked_at,
-                uuid=task_id, name=TASK_NAME, args="()", kwargs=_kwargs_repr(req.kwargs),
-                root_id=task_id, parent_id=None, retries=0, eta=None, expires=_iso(req.expires),
-            )  # fmt: skip
-            state, result = meta["status"], meta["result"]
-            fields: dict[str, Any]
-            if state == "SUCCESS":
-                kind = "task-succeeded"
-                shown = repr({"label": result["label"], "score": result["score"]})
-                fields = {"result": shown, "runtime": now - out.picked_at}
-            elif state == "FAILURE":
-                kind = "task-failed"
-                shown = f"{result['exc_type']}({result['exc_message'][0]!r})"[:_REPR_MAX_CHARS]
-                fields = {"exception": shown, "traceback": None}
-            else:  # REVOKED: it had expired when it was picked up
-                kind = "task-revoked"
-                fields = {"terminated": False, "signum": None, "expired": True}
-            finished = Event(kind, **common, clock=forward(), timestamp=now, uuid=task_id, **fields)
-            events += (received, finished)
-        return events
-
-
-def _kwargs_repr(kwargs: dict[str, Any]) -> str:
-    """The task's arguments for monitors: the image's base64 length instead of its base64.
-
-    >>> _kwargs_repr({"image": "aGk=", "top_k": 2})
-    "{'image': '<4 base64 chars>', 'top_k': 2}"
-    """
-    image = kwargs.get("image")
-    shown = dict(kwargs, image=f"<{len(image)} base64 chars>") if isinstance(image, str) else kwargs
-    return repr(shown)[:_REPR_MAX_CHARS]
-
-
-def _iso(epoch_s: float | None) -> str | None:
-    """ISO 8601 (UTC) of epoch seconds, as Celery's events carry ``expires``."""
-    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, UTC).isoformat()
+        if now - self._logged_s.get(topic, -math.inf) >= _LOG_EVERY_S:
+            self._logged_s[topic] = now
+            logger.error(msg, *args, exc_info=exc_info)

@@ -40,8 +40,9 @@ from kombu.common import QoS
 
 from shared.errors import BundleError
 from worker.app import ImgqCelery
-from worker.batching import BatchRunner, TaskEvents
+from worker.batching import BatchRunner
 from worker.bundle import ModelBundle
+from worker.events import TaskEvents
 from worker.health import publish_model  # also registers the `imgq_status` control command
 from worker.intake import Intake
 from worker.metrics import process_metrics
@@ -83,6 +84,7 @@ class BulkService:
         if settings.model_dir is None:
             raise BundleError("no model bundle given: pass --model MODEL_DIR or set IMGQ_MODEL")
         self.settings = settings
+        app.imgq_service = self  # for `imgq worker`'s exit status
         self.bundle = ModelBundle.load(
             settings.model_dir, device=settings.device, threads=settings.threads
         )
@@ -99,7 +101,11 @@ class BulkService:
             self.worker_id,
             settings.lease_ttl_s,
             runners=settings.concurrency,
-        )
+            max_message_bytes=settings.max_message_bytes,
+            max_deliveries=settings.max_deliveries,
+            dead_letters=(settings.dead_letter_ttl_s, settings.dead_letter_max_entries,
+                          settings.dead_letter_max_bytes),
+        )  # fmt: skip
         self.metrics = process_metrics()
         self.metrics.model_info.labels(
             manifest.name, manifest.model_sha256, self.bundle.provider
@@ -133,6 +139,8 @@ class BulkService:
         ]
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        #: Set when a thread died of a bug: the worker shuts down and exits non-zero.
+        self.fault: str | None = None
         logger.info(
             "model loaded",
             extra={
@@ -217,10 +225,12 @@ class BulkService:
         }
 
     def _keep(self) -> None:
-        """Renew the lease while every runner makes progress; restore dead workers' messages."""
+        """Renew the lease while every runner makes progress; restore dead workers' messages
+        and this worker's stale lanes. Redis errors of any kind are retried at the next tick."""
         settings = self.settings
         tick_s = min(settings.lease_ttl_s / 3, settings.restore_interval_s)
         next_restore = 0.0
+        failing_since: float | None = None
         while not self._stop.wait(tick_s):
             now = time.monotonic()
             stalled_s = max(now - r.last_progress_s for r in self.runners)
@@ -234,18 +244,32 @@ class BulkService:
                     )  # fmt: skip
                 if now >= next_restore:
                     next_restore = now + settings.restore_interval_s
-                    moved = self.intake.restore_dead()
+                    moved, stale = self.intake.restore_dead()
                     if moved:
                         logger.warning("redelivered %d messages of dead workers", moved)
+                    if stale:
+                        logger.warning(
+                            "gave back %d messages of batches this worker had acked: Redis came "
+                            "back with older data", stale,
+                        )  # fmt: skip
+                if failing_since is not None:
+                    logger.info("Redis answers again after %.1f s", now - failing_since)
+                    failing_since = None
             except redis.RedisError as exc:
-                logger.warning("lease/restore failed, retrying: %s", exc)
+                if failing_since is None:
+                    failing_since = now
+                    logger.warning("lease/restore failed, retrying every %.1f s: %s", tick_s, exc)
+            except Exception:  # a bug here must not end lease renewal silently
+                logger.exception("lease/restore step failed; retrying")
 
     def _guard(self, target: Any) -> None:
-        """Run a thread's loop; if it dies of a bug, shut the worker down (warm) rather than
-        keep a worker that answers pings but serves nothing."""
+        """Run a thread's loop; if it dies (a bug the loop did not catch), shut the worker down
+        with a non-zero exit status rather than keep a worker that answers pings but serves
+        nothing."""
         try:
             target()
-        except BaseException:
+        except BaseException as exc:
+            self.fault = f"{threading.current_thread().name}: {type(exc).__name__}: {exc}"
             logger.critical("%s crashed; shutting the worker down", target, exc_info=True)
             os.kill(os.getpid(), signal.SIGTERM)
 

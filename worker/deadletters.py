@@ -129,6 +129,8 @@ local function dl_unaccount(bytes_key, freed)  -- the kept bodies' total, less f
   end
 end
 
+-- keep: '1' keeps the body within the budget; 'too_large' records a message dropped unread for
+-- its size (the intake); anything else records the body as not kept.
 local function dead_letter(queue, body, length, sha1, head, reason, detail, task_id, worker,
                            keep, ttl_s, max_entries, max_body_bytes)
   local stream = 'imgq:dlq:' .. queue
@@ -168,7 +170,8 @@ local function dead_letter(queue, body, length, sha1, head, reason, detail, task
     end
   end
   local state = 'kept'
-  if keep ~= '1' and keep ~= 1 and keep ~= true then state = 'not_kept'
+  if keep == 'too_large' then state = 'too_large'
+  elseif keep ~= '1' and keep ~= 1 and keep ~= true then state = 'not_kept'
   elseif length > max_body_bytes or max_body_bytes <= 0 then state = 'over_budget'
   elseif not body then state = 'too_large'
   end

@@ -24,6 +24,12 @@ windows, expire after a day), ``latest`` (JSON:
 the last evaluated window's statistics), ``alerts`` (stream of alert and clear events),
 ``open_alerts`` (hash: feature -> id of its open alert), ``acked`` (hash: alert id -> time), and
 ``out_of_range`` (list: recent out-of-range thumbnails for the report).
+
+None of them outlives its model: every key but the closed windows expires ``state_ttl_s``
+(30 days) after the model was last served or reviewed. Each write refreshes the key it writes
+(the open window on every batch, inside the batch's one EVAL); each window closed, judged or
+dropped, and each acknowledgement refresh them all, so the state of a model still in use (an
+alert open for weeks, an acknowledgement) stays while that of a retired model goes.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from shared.imagestats import (
 )
 from shared.manifest import Manifest
 from worker.metrics import WorkerMetrics, process_metrics
+from worker.settle import WindowCounts
 
 __all__ = [
     "ALL_FEATURES",
@@ -70,6 +77,7 @@ __all__ = [
     "WindowLayout",
     "evaluate_window",
     "alert_transitions",
+    "STATE_TTL_S",
 ]
 
 log = logging.getLogger("imgq.drift")
@@ -88,6 +96,8 @@ THUMBNAIL_PX = 64
 THUMBNAILS_KEPT = 64
 #: Alert stream length kept (approximate trim).
 ALERTS_KEPT = 10_000
+#: Default lifetime of a model's drift keys after it was last served or reviewed: 30 days.
+STATE_TTL_S = 30 * 86_400
 
 # --------------------------------------------------------------------------------------------
 # Statistics on count arrays (pure).
@@ -494,49 +504,94 @@ class DriftKeys:
         self.acked = prefix + "acked"
         self.out_of_range = prefix + "out_of_range"
 
+    @property
+    def state(self) -> tuple[str, ...]:
+        """Every key that expires ``state_ttl_s`` after the model was last used: all but the
+        windows (the open one has its own refresh, closed ones their own TTL)."""
+        return (
+            self.seq,
+            self.latest,
+            self.alerts,
+            self.open_alerts,
+            self.acked,
+            self.out_of_range,
+        )
+
     def window(self, window_id: int) -> str:
         """Key of closed window ``window_id``."""
         return f"{self.window_prefix}{window_id}"
 
+    def ack(
+        self, client: redis.Redis, alert_id: str, when: str, *, ttl_s: int = STATE_TTL_S
+    ) -> None:
+        """Record that alert ``alert_id`` was acknowledged at ``when``, and refresh the TTL of
+        every :attr:`state` key: a review is a use of the model. All of them, not only
+        ``acked``: the window id sequence must outlive the acknowledgements, or a window id
+        reused after ``seq`` expired would show a new alert as already acknowledged."""
+        pipe = client.pipeline()
+        pipe.hset(self.acked, alert_id, when)
+        for key in self.state:
+            pipe.expire(key, ttl_s)
+        pipe.execute()
+
 
 # Adds one batch to the open window (a string of i64 slots, see WindowLayout): the image count,
 # then "slot increment ..." pairs (bin counts and fixed-point sums) in one BITFIELD; records the
-# server time of the first and last batch (µs); returns the window's new image count.
-# KEYS: the open window. ARGV: images in the batch, "slot increment ..." pairs.
-_ADD_LUA = """
-local key = KEYS[1]
-local head = redis.call('BITFIELD', key, 'INCRBY', 'i64', '#0', ARGV[1], 'GET', 'i64', '#1')
-local t = redis.call('TIME')
-local now = t[1] .. string.format('%06d', t[2])
-local ops = {'SET', 'i64', '#2', now}
-if head[2] == 0 then
-  ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'i64'; ops[#ops + 1] = '#1'; ops[#ops + 1] = now
+# server time of the first and last batch (µs); refreshes the window's TTL (a window of a model
+# no longer served goes; ~1 µs of the ~100 µs a batch costs Redis); returns the new image count.
+# A Lua function, so that a larger script (one that also stores the batch's results) can include
+# it. ttl: seconds; nil or 0 leaves the window's TTL as it was.
+_ADD_WINDOW_FUNCTION_LUA = """
+local function add_window(key, n, pairs, ttl)
+  local head = redis.call('BITFIELD', key, 'INCRBY', 'i64', '#0', n, 'GET', 'i64', '#1')
+  local t = redis.call('TIME')
+  local now = t[1] .. string.format('%06d', t[2])
+  local ops = {'SET', 'i64', '#2', now}
+  if head[2] == 0 then
+    ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'i64'; ops[#ops + 1] = '#1'; ops[#ops + 1] = now
+  end
+  for slot, inc in string.gmatch(pairs, '(%d+) (%-?%d+)') do
+    ops[#ops + 1] = 'INCRBY'; ops[#ops + 1] = 'i64'; ops[#ops + 1] = '#' .. slot
+    ops[#ops + 1] = inc
+  end
+  redis.call('BITFIELD', key, unpack(ops))
+  if ttl and tonumber(ttl) > 0 then redis.call('EXPIRE', key, ttl) end
+  return head[1]
 end
-for slot, inc in string.gmatch(ARGV[2], '(%d+) (%-?%d+)') do
-  ops[#ops + 1] = 'INCRBY'; ops[#ops + 1] = 'i64'; ops[#ops + 1] = '#' .. slot
-  ops[#ops + 1] = inc
-end
-redis.call('BITFIELD', key, unpack(ops))
-return head[1]
 """
+# KEYS: the open window. ARGV: images in the batch, "slot increment ..." pairs, and (optional)
+# the window's TTL in seconds.
+_ADD_LUA = _ADD_WINDOW_FUNCTION_LUA + "return add_window(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\n"
 
 # Closes the open window if it is still full (and, for the time closer, old enough): the RENAME
 # is atomic, so when several workers see the window full at once exactly one closes it; batches
-# that arrive after it start a new open window. Returns the new window id, or 0.
+# that arrive after it start a new open window. With ARGV[5] = 1 (the time closer), an old window
+# with fewer images than ARGV[1] is deleted instead (too few to judge; the next starts fresh).
+# Either way the model is in use: every state key's TTL is refreshed.
+# KEYS: the open window, seq, then the other state keys. ARGV: min images, min age (s), closed
+# window key prefix, closed window TTL (s), drop smaller (0/1), state TTL (s).
+# Returns {id, images}: id > 0 closed as that window, 0 nothing closed, -1 dropped unjudged.
 _CLOSE_LUA = """
 local head = redis.call('BITFIELD', KEYS[1], 'GET', 'i64', '#0', 'GET', 'i64', '#1')
-if head[1] < tonumber(ARGV[1]) then return 0 end
+local n, drop = head[1], ARGV[5] == '1'
+if n < tonumber(ARGV[1]) and not (drop and head[2] > 0) then return {0, n} end
 local min_age = tonumber(ARGV[2])
 if min_age > 0 then
   local t = redis.call('TIME')
   local age_s = tonumber(t[1]) + tonumber(t[2]) / 1e6 - head[2] / 1e6
-  if age_s < min_age then return 0 end
+  if age_s < min_age then return {0, n} end
 end
-local id = redis.call('INCR', KEYS[2])
-local closed = ARGV[3] .. id
-redis.call('RENAME', KEYS[1], closed)
-redis.call('EXPIRE', closed, ARGV[4])
-return id
+local id = -1
+if n < tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+else
+  id = redis.call('INCR', KEYS[2])
+  local closed = ARGV[3] .. id
+  redis.call('RENAME', KEYS[1], closed)
+  redis.call('EXPIRE', closed, ARGV[4])
+end
+for i = 2, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+return {id, n}
 """
 
 
@@ -549,6 +604,8 @@ class DriftDetector:
         alpha: Family-wise false-alarm probability per window. Defaults to 0.001
             (see docs/drift.md).
         psi_floor: Smallest PSI that may alert. Defaults to 0.1.
+        state_ttl_s: Seconds the model's alert state (``latest``, ``alerts``, ``open_alerts``)
+            lives after its last write. Defaults to :data:`STATE_TTL_S` (30 days).
         metrics: Where to export. Defaults to this process's :func:`process_metrics`.
     """
 
@@ -559,17 +616,20 @@ class DriftDetector:
         *,
         alpha: float = 0.001,
         psi_floor: float = 0.1,
+        state_ttl_s: int = STATE_TTL_S,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         if not psi_floor >= 0.0:
             raise ValueError(f"psi_floor must be >= 0, got {psi_floor!r}")
+        _check_ttl("state_ttl_s", state_ttl_s)
         self.redis = redis_client
         self.manifest = manifest
         self.keys = DriftKeys(manifest.short_sha)
         self.alpha = alpha
         self.psi_floor = psi_floor
+        self.state_ttl_s = state_ttl_s
         self.metrics = metrics or process_metrics()
         self.layout = WindowLayout(manifest.reference)
 
@@ -640,8 +700,9 @@ class DriftDetector:
         open_alerts = {_text(k): _text(v) for k, v in pipe.hgetall(self.keys.open_alerts).items()}
         new, cleared = alert_transitions(open_alerts, results)
         alert = clear = None
+        ttl_s = self.state_ttl_s
         pipe.multi()
-        pipe.set(self.keys.latest, json.dumps(latest))
+        pipe.set(self.keys.latest, json.dumps(latest), ex=ttl_s)
         if new:
             alert = {
                 "type": "alert",
@@ -668,6 +729,9 @@ class DriftDetector:
                 self.keys.alerts, {"json": json.dumps(clear)}, maxlen=ALERTS_KEPT, approximate=True
             )
             pipe.hdel(self.keys.open_alerts, *cleared)
+        if new or cleared:
+            pipe.expire(self.keys.alerts, ttl_s)
+            pipe.expire(self.keys.open_alerts, ttl_s)  # a no-op when the last one cleared
         return alert, clear
 
     def _export(self, results: list[FeatureResult], alert: dict[str, Any] | None) -> None:
@@ -695,7 +759,8 @@ class DriftRecorder:
         manifest: The served model's manifest; its ``reference`` must cover
             :data:`ALL_FEATURES`.
         window_size: A window closes once it has this many images (all workers together).
-        window_s: A window older than this closes if it has at least ``min_window_size`` images.
+        window_s: A window older than this closes: judged if it has at least
+            ``min_window_size`` images, else dropped unjudged (see :meth:`close_window`).
         alpha: Family-wise false-alarm probability per window. Defaults to 0.001
             (see docs/drift.md).
         psi_floor: Smallest PSI that may alert. Defaults to 0.1.
@@ -704,6 +769,10 @@ class DriftRecorder:
         thumbnails_per_s: Most out-of-range thumbnails this worker stores per second.
             Defaults to 5.
         window_ttl_s: How long closed windows stay in Redis. Defaults to one day.
+        state_ttl_s: How long every other key of the model's drift state (the open window,
+            ``seq``, ``latest``, ``alerts``, ``open_alerts``, ``acked``, ``out_of_range``)
+            stays after the model was last served or reviewed; each write, and each window
+            closed, refreshes it. Defaults to :data:`STATE_TTL_S` (30 days).
         metrics: Where the detector exports. Defaults to :func:`process_metrics`.
     """
 
@@ -719,8 +788,10 @@ class DriftRecorder:
         min_window_size: int | None = None,
         thumbnails_per_s: float = 5.0,
         window_ttl_s: int = 86_400,
+        state_ttl_s: int = STATE_TTL_S,
         metrics: WorkerMetrics | None = None,
     ) -> None:
+        _check_ttl("state_ttl_s", state_ttl_s)
         if not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"window_size must be an integer >= 1, got {window_size!r}")
         if not window_s > 0:
@@ -743,12 +814,19 @@ class DriftRecorder:
         self.manifest = manifest
         self.keys = DriftKeys(manifest.short_sha)
         self.detector = DriftDetector(
-            redis_client, manifest, alpha=alpha, psi_floor=psi_floor, metrics=metrics
+            redis_client,
+            manifest,
+            alpha=alpha,
+            psi_floor=psi_floor,
+            state_ttl_s=state_ttl_s,
+            metrics=metrics,
         )
         self.window_size = window_size
         self.window_s = float(window_s)
         self.min_window_size = min(50, window_size) if min_window_size is None else min_window_size
         self.window_ttl_s = window_ttl_s
+        self.state_ttl_s = state_ttl_s
+        self._dropped_logged = False
         self._thumbnail_interval_s = 1.0 / thumbnails_per_s
         self._last_thumbnail_s = -math.inf
         ref = manifest.reference.features
@@ -779,17 +857,16 @@ class DriftRecorder:
         range (the task result's ``drift.out_of_range``)."""
         return self._range_check(image_features)
 
-    def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
-        """Queue this batch's counts on ``pipe`` (the batch's pipeline) as one EVAL.
+    #: The Lua function ``add_window(key, n, pairs, ttl)`` that the batch's settle script
+    #: (``worker/settle.py``) includes, so that the counts go in with the results, once.
+    lua_add_window = _ADD_WINDOW_FUNCTION_LUA
+
+    def window_counts(self, image_features: np.ndarray, probs: np.ndarray) -> WindowCounts:
+        """This batch's counts for the open window, for the settle script.
 
         Args:
-            pipe: The redis-py pipeline that also stores the batch's results.
             image_features: (N, len(IMAGE_FEATURES)) features of the batch's inferred images.
             probs: (N, K) their probabilities, in the same order.
-
-        Returns:
-            Index, in ``pipe.execute()``'s reply list, of the open window's new image count; pass
-            that reply to :meth:`after_pipeline`.
         """
         values = (
             np.hstack([image_features, output_features(probs)])
@@ -803,8 +880,21 @@ class DriftRecorder:
         # "slot increment slot increment ...": one argument instead of ~2 per slot, which
         # redis-py would encode one by one (~1 ms per batch of 32).
         pairs = np.column_stack([slots, increments[slots]]).ravel().tolist()
+        return WindowCounts(
+            self.keys.open, len(image_features), " ".join(map(str, pairs)), self.state_ttl_s
+        )
+
+    def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
+        """Queue this batch's counts on ``pipe`` as one EVAL of its own (for callers without a
+        settle script: tests, benchmarks, tools).
+
+        Returns:
+            Index, in ``pipe.execute()``'s reply list, of the open window's new image count; pass
+            that reply to :meth:`after_pipeline`.
+        """
+        counts = self.window_counts(image_features, probs)
         index = len(pipe)
-        pipe.eval(_ADD_LUA, 1, self.keys.open, len(image_features), " ".join(map(str, pairs)))
+        pipe.eval(_ADD_LUA, 1, counts.key, counts.images, counts.pairs, counts.ttl_s)
         return index
 
     def _bin_numbers(self, values: np.ndarray) -> np.ndarray:
@@ -849,6 +939,7 @@ class DriftRecorder:
         }
         pipe.lpush(self.keys.out_of_range, json.dumps(item))
         pipe.ltrim(self.keys.out_of_range, 0, THUMBNAILS_KEPT - 1)
+        pipe.expire(self.keys.out_of_range, self.state_ttl_s)
         return True
 
     def after_pipeline(self, window_count: int) -> None:
@@ -857,24 +948,61 @@ class DriftRecorder:
         if int(window_count) >= self.window_size:
             self._requests.put("full")
 
-    def close_window(self, *, min_images: int, min_age_s: float = 0.0) -> int | None:
+    def close_window(
+        self, *, min_images: int, min_age_s: float = 0.0, drop_smaller: bool = False
+    ) -> int | None:
         """Atomically close the open window if it has ``min_images`` and is ``min_age_s`` old.
 
+        With ``drop_smaller`` (the time closer), a window ``min_age_s`` old with fewer images
+        is deleted instead: too few for the chi-square test to mean anything, and left open it
+        would linger, mixing this traffic with traffic hours later. Its counts are discarded,
+        not carried into the next window (which starts fresh) and not judged; it takes no
+        window id, and a log line (``drift_window_dropped``, at INFO the first time in this
+        process, since it means traffic below ``min_window_size`` per ``window_s`` is never
+        judged, then at DEBUG) says so.
+
         Returns:
-            The closed window's id, or None when it was not closed (not full, not old, or
-            another worker closed it first).
+            The closed window's id, or None when it was not closed (not full, not old, another
+            worker closed it first, or dropped).
         """
-        window_id = self.redis.eval(
+        if drop_smaller and not min_age_s > 0:
+            raise ValueError(f"drop_smaller needs a min_age_s > 0, got {min_age_s!r}")
+        window_id, n_images = self.redis.eval(
             _CLOSE_LUA,
-            2,
+            1 + len(self.keys.state),
             self.keys.open,
-            self.keys.seq,
+            *self.keys.state,
             min_images,
             min_age_s,
             self.keys.window_prefix,
             self.window_ttl_s,
+            int(drop_smaller),
+            self.state_ttl_s,
         )
-        return int(window_id) or None
+        if window_id == -1:
+            self._log_dropped(int(n_images), min_images, min_age_s)
+        return int(window_id) if window_id > 0 else None
+
+    def _log_dropped(self, n_images: int, min_images: int, min_age_s: float) -> None:
+        """INFO the first time (it means slow traffic is not judged, and says the fix), then
+        DEBUG: a slow model drops a window every ``window_s``."""
+        level = logging.DEBUG if self._dropped_logged else logging.INFO
+        self._dropped_logged = True
+        log.log(
+            level,
+            "drift: dropped the open window of model %s unjudged: %d images after %g s, fewer "
+            "than the %d a judged window needs (traffic this slow is never judged; to judge "
+            "it, raise IMGQ_DRIFT_WINDOW_S)",
+            self.manifest.name,
+            n_images,
+            min_age_s,
+            min_images,
+            extra={
+                "event": "drift_window_dropped",
+                "model": self.manifest.name,
+                "n_images": n_images,
+            },
+        )
 
     def close(self) -> None:
         """Stop the background thread (a window being judged is finished first)."""
@@ -894,7 +1022,7 @@ class DriftRecorder:
                     window_id = self.close_window(min_images=self.window_size)
                 else:
                     window_id = self.close_window(
-                        min_images=self.min_window_size, min_age_s=self.window_s
+                        min_images=self.min_window_size, min_age_s=self.window_s, drop_smaller=True
                     )
                 if window_id is not None:
                     self.detector.evaluate(window_id)
@@ -902,6 +1030,12 @@ class DriftRecorder:
                 log.warning("drift: Redis unavailable; will retry", exc_info=True)
             except Exception:  # a bug here must not kill the thread and stop drift detection
                 log.exception("drift: evaluating a window failed")
+
+
+def _check_ttl(name: str, ttl_s: int) -> None:
+    """Redis EXPIRE takes whole seconds > 0."""
+    if not isinstance(ttl_s, int) or ttl_s < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (seconds), got {ttl_s!r}")
 
 
 def _alert_feature(r: FeatureResult) -> dict[str, Any]:

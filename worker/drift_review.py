@@ -118,7 +118,7 @@ def ack_alert(client: redis.Redis, manifest: Manifest, alert_id: str) -> None:
     if alert_id not in known:
         shown = ", ".join(known[-10:]) or "none yet"
         raise _UsageError(f"no drift alert {alert_id!r} for model {manifest.name}; ids: {shown}")
-    client.hset(DriftKeys(manifest.short_sha).acked, alert_id, datetime.now(UTC).isoformat())
+    DriftKeys(manifest.short_sha).ack(client, alert_id, datetime.now(UTC).isoformat())
 
 
 # ----------------------------------------------------------------------------- commands

@@ -1,52 +1,81 @@
-"""The Redis side of at-least-once delivery: take messages in bulk, hold them until acked, and
-give a dead worker's messages back to the queue.
+"""The Redis side of at-least-once delivery: take messages in bulk, hold them until acked, give a
+dead worker's messages back, and quarantine messages that keep killing workers.
 
 Celery clients ``LPUSH`` messages onto the list named after the queue; consumers pop from the
-right. Each batch runner of a worker has its own in-flight list (a :class:`Lane`,
-``imgq:inflight:<worker_id>:<runner>``) and takes up to ``max_n`` messages in one transaction
-of ``LMOVE queue lane RIGHT LEFT`` commands: a message is never outside Redis, and Redis moves it
-without copying it (a Lua script that popped the messages and wrote them into a hash cost Redis
-~130 µs per 26 kB message, ~5x an ``LMOVE``: every reply crossed into a Lua string and back, and
-the hash writes went to the append-only file again). The runner deletes its lane (the ack) in
-the same pipeline that stores the batch's results, after the results; it holds the whole lane
-at that moment, so the ack is one idempotent ``DEL``.
+right. Each batch of each runner has its own in-flight list (a *lane*,
+``imgq:inflight:<worker_id>:<runner>:b<seq>``, registered in the hash :data:`LANES_KEY`), and a
+take is one transaction of ``LMOVE queue lane RIGHT LEFT`` commands: a message is never outside
+Redis, and Redis moves it without copying it. The batch's results and its ack (``DEL`` of the
+lane, unregistering it) are one script (``worker/settle.py``); ``seq`` then moves on, so the
+next batch takes into a new lane.
 
-Each worker holds a lease key ``imgq:lease:<worker_id>`` with a time to live of ``lease_ttl_s``,
-renewed while its batch loop makes progress, and registers its lanes in the hash
-:data:`LANES_KEY` (lane -> queue). Every worker runs :meth:`Intake.restore_dead` every
-``restore_interval_s``: each registered lane whose worker's lease has expired goes back to the
-right end of its queue (served next, in the original order). Hence, after a SIGKILL,
-redelivery starts within ``lease_ttl_s + restore_interval_s`` seconds, however long a healthy
-batch takes. A worker does not take while its own lease may have expired (it knows when it last
-renewed it), so that the others would not give back at once what it just took.
+Why a lane per batch: the ack deletes exactly the messages this batch took. If Redis comes back
+with older data (an append-only file a second behind, a failover to a lagging replica), it may
+hold lanes of batches this worker has long acked; they carry a smaller ``seq`` than the
+runner's, so :meth:`Intake.restore_dead` gives them back to the queue instead of anything
+deleting them.
 
-A take whose reply is lost to a connection error (after Redis ran it) leaves messages in the
-lane that the runner does not know of. Every take also reads the lane beyond what the runner
-holds and serves those with its own (whether the error reached the runner or redis-py retried
-the transaction itself); an ack that comes first (the batch in hand after a failed extra take)
-gives them back to the queue before its ``DEL``. Either way an ack never deletes a message
-nobody served.
+Bounded reads: takes go through a client whose replies may not exceed one message at the size
+limit (``worker/capped.py``), and the number of messages asked for shrinks to what fits after
+large ones were seen. A reply that would exceed it is dropped unread and the lane is sorted out
+inside Redis by :data:`_RECOVER`: messages over the limit go to the dead letters (metadata only,
+the worker never reads them), the batch is cut at the byte budget and the rest goes back to the
+head of the queue. The same script serves the lane after a take whose reply was lost.
 
-A stalled worker whose lease expires loses its messages to the others; if it later wakes up and
-stores results, the duplicates carry the same answer, which at-least-once delivery allows.
+Poison pills (Sidekiq Pro's reliable fetch; SQS's ``maxReceiveCount``): a message given back
+because its worker died, hung or shut down without storing a result counts one delivery in
+``imgq:deliveries:<sha1 of the message>``. At ``max_deliveries`` it goes to the list
+``imgq:poison:<queue>`` instead of the queue; each take moves one poison message along with its
+batch, flagged, and the runner ends it in FAILURE (``redelivered_too_often``) with a dead letter.
+So a message that crashes, OOM-kills or hangs workers costs at most ``max_deliveries`` worker
+lives, fleet-wide.
+
+Leases: each worker holds ``imgq:lease:<worker_id>`` with a time to live of ``lease_ttl_s``,
+renewed while its runners make progress. Every worker runs :meth:`Intake.restore_dead` every
+``restore_interval_s``: each lane whose worker's lease has expired goes back to the right end of
+its queue (served next, in the original order). A worker does not take while its own lease may
+have expired (it knows when it last renewed it).
 
 Keys::
 
-    <queue>                            list of messages (Celery/kombu's own key)
-    imgq:lanes                         hash lane key -> queue: the lanes that may hold messages
-    imgq:lease:<worker_id>             lease, expires after lease_ttl_s
-    imgq:inflight:<worker_id>:<runner> list of the messages that runner holds, newest left
+    <queue>                                  list of messages (Celery/kombu's own key)
+    imgq:lanes                               hash lane key -> queue: lanes that may hold messages
+    imgq:lease:<worker_id>                   lease, expires after lease_ttl_s
+    imgq:inflight:<worker_id>:<runner>:b<seq>  one batch's messages, newest left
+    imgq:deliveries:<sha1>                   deliveries without a result, expires after a day
+    imgq:poison:<queue>                      messages delivered max_deliveries times
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import redis
 
-__all__ = ["Intake", "Lane", "LeaseLost", "LANES_KEY", "lane_key", "lease_key"]
+from worker.capped import ReplyTooLarge, capped_client
+from worker.deadletters import LUA_DEAD_LETTER
+
+__all__ = [
+    "DELIVERIES_TTL_S",
+    "Intake",
+    "Lane",
+    "LeaseLost",
+    "LANES_KEY",
+    "Oversized",
+    "Taken",
+    "deliveries_key",
+    "lane_key",
+    "lease_key",
+    "poison_key",
+]
 
 LANES_KEY = "imgq:lanes"
+#: How long a message's delivery count is remembered.
+DELIVERIES_TTL_S = 86_400
+#: Room in a take's reply beyond the messages' bytes (RESP framing, and the ends of up to a
+#: batch of oversized messages).
+_REPLY_SLACK_BYTES = 256 << 10
 
 
 class LeaseLost(RuntimeError):
@@ -54,9 +83,9 @@ class LeaseLost(RuntimeError):
     messages until the lease is renewed, or other workers would redeliver them at once."""
 
 
-def lane_key(worker_id: str, runner: int) -> str:
-    """List of the messages runner ``runner`` of ``worker_id`` has taken and not yet acked."""
-    return f"imgq:inflight:{worker_id}:{runner}"
+def lane_key(worker_id: str, runner: int, seq: int) -> str:
+    """List of the messages batch ``seq`` of runner ``runner`` of ``worker_id`` holds."""
+    return f"imgq:inflight:{worker_id}:{runner}:b{seq}"
 
 
 def lease_key(worker_id: str) -> str:
@@ -64,9 +93,52 @@ def lease_key(worker_id: str) -> str:
     return f"imgq:lease:{worker_id}"
 
 
+def deliveries_key(sha1_hex: str) -> str:
+    """Counter of a message's deliveries that ended without a result."""
+    return f"imgq:deliveries:{sha1_hex}"
+
+
+def poison_key(queue: str) -> str:
+    """List of ``queue``'s messages delivered ``max_deliveries`` times."""
+    return f"imgq:poison:{queue}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Oversized:
+    """A message over the size limit, moved from the lane to the dead letters inside Redis.
+
+    Attributes:
+        length: Its length in bytes.
+        sha1: Hex SHA-1 of the message ("" when Redis did not compute it).
+        head: Its first bytes; tail: its last bytes (where kombu puts the headers and task id).
+    """
+
+    length: int
+    sha1: str
+    head: bytes
+    tail: bytes
+
+
+@dataclasses.dataclass
+class Taken:
+    """What one take brought: messages (oldest first), which of them are poison pills, and the
+    oversized messages Redis dead-lettered instead of returning."""
+
+    messages: list[bytes] = dataclasses.field(default_factory=list)
+    poisoned: list[bool] = dataclasses.field(default_factory=list)
+    oversized: list[Oversized] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def extend(self, other: Taken) -> None:
+        self.messages += other.messages
+        self.poisoned += other.poisoned
+        self.oversized += other.oversized
+
+
 # Moves the first `count` (all when count < 0) messages at the left (newest) end of a lane to the
 # right (consuming) end of its queue, newest first, so that the oldest ends up served first.
-# Each LMOVE copies a message into Lua and back: this runs only on redelivery, never per batch.
 _GIVE_BACK_FN = """
 local function give_back(lane, queue, count)
   local moved = 0
@@ -76,22 +148,53 @@ local function give_back(lane, queue, count)
   end
   return moved
 end
+-- Gives back a whole lane, counting one delivery without a result per message; a message at
+-- max_deliveries goes to the poison list instead of the queue.
+local function give_back_counted(lane, queue, max_deliveries, ttl_s)
+  local moved = 0
+  while true do
+    local m = redis.call('LPOP', lane)
+    if not m then break end
+    local counter = 'imgq:deliveries:' .. redis.sha1hex(m)
+    local n = redis.call('INCR', counter)
+    redis.call('EXPIRE', counter, ttl_s)
+    if n >= max_deliveries then
+      redis.call('LPUSH', 'imgq:poison:' .. queue, m)
+    else
+      redis.call('RPUSH', queue, m)
+    end
+    moved = moved + 1
+  end
+  return moved
+end
 """
 
-# KEYS: lanes hash. Gives back every lane whose worker has no lease, and unregisters it.
-_RESTORE_DEAD = (
+# KEYS: lanes hash. ARGV: max deliveries, counter ttl, this worker's id, then each of its runners'
+# current seq. Gives back every lane whose worker has no lease (counted), and this worker's lanes
+# of batches it has already acked (Redis came back with older data; not counted). Returns
+# {moved, stale}.
+_RESTORE = (
     _GIVE_BACK_FN
     + """
-local moved = 0
+local max_deliveries, ttl_s, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local moved, stale = 0, 0
 local flat = redis.call('HGETALL', KEYS[1])
 for i = 1, #flat, 2 do
-  local worker = string.match(flat[i], '^imgq:inflight:(.*):%d+$')
-  if worker and redis.call('EXISTS', 'imgq:lease:' .. worker) == 0 then
-    moved = moved + give_back(flat[i], flat[i + 1], -1)
-    redis.call('HDEL', KEYS[1], flat[i])
+  local lane, queue = flat[i], flat[i + 1]
+  local worker, runner, seq = string.match(lane, '^imgq:inflight:(.*):(%d+):b(%d+)$')
+  if not worker then worker = string.match(lane, '^imgq:inflight:(.*):%d+$') end
+  if worker == me then
+    local current = tonumber(ARGV[4 + tonumber(runner or -1)] or '')
+    if seq and current and tonumber(seq) < current then
+      stale = stale + give_back(lane, queue, -1)
+      redis.call('HDEL', KEYS[1], lane)
+    end
+  elseif worker and redis.call('EXISTS', 'imgq:lease:' .. worker) == 0 then
+    moved = moved + give_back_counted(lane, queue, max_deliveries, ttl_s)
+    redis.call('HDEL', KEYS[1], lane)
   end
 end
-return moved
+return {moved, stale}
 """
 )
 
@@ -104,18 +207,69 @@ return give_back(KEYS[1], KEYS[2], math.max(0, redis.call('LLEN', KEYS[1]) - ton
 """
 )
 
-# KEYS: lanes hash, lease, then the worker's lanes. ARGV: the queue. A worker giving back all it
-# holds at shutdown.
+# KEYS: lane, queue. ARGV: how many. Gives back the newest messages of a batch (served in parts).
+_GIVE_BACK_NEWEST = _GIVE_BACK_FN + "return give_back(KEYS[1], KEYS[2], tonumber(ARGV[1]))"
+
+# KEYS: lanes hash, lease. ARGV: queue, max deliveries, counter ttl, this worker's id. A worker
+# giving back everything it holds (counted: those messages got no result) and its lease.
 _RELEASE = (
     _GIVE_BACK_FN
     + """
 local moved = 0
-for i = 3, #KEYS do
-  moved = moved + give_back(KEYS[i], ARGV[1], -1)
-  redis.call('HDEL', KEYS[1], KEYS[i])
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  local worker = string.match(flat[i], '^imgq:inflight:(.*):%d+:b%d+$')
+  if worker == ARGV[4] then
+    moved = moved + give_back_counted(flat[i], flat[i + 1], tonumber(ARGV[2]), tonumber(ARGV[3]))
+    redis.call('HDEL', KEYS[1], flat[i])
+  end
 end
 redis.call('DEL', KEYS[2])
 return moved
+"""
+)
+
+# KEYS: lane, queue, lanes hash. ARGV: messages held (right end), most bytes per message, byte
+# budget of the batch, max deliveries, this worker's id, dead-letter ttl, max entries, max body
+# bytes. Sorts out what the lane holds beyond `held` (a take whose reply was too large or lost),
+# oldest first: a message over the size limit goes to the dead letters (metadata only); the rest
+# is kept up to the byte budget (at least one), flagged when its delivery count makes it a
+# poison pill; what does not fit goes back to the head of the queue. Returns one entry per
+# message, oldest first: {'m', poisoned 0/1, message} or {'big', length, sha1, head, tail}.
+_RECOVER = (
+    LUA_DEAD_LETTER
+    + """
+local lane, queue = KEYS[1], KEYS[2]
+local held, max_bytes, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_deliveries = tonumber(ARGV[4])
+local extra = redis.call('LLEN', lane) - held
+local out = {}
+if extra <= 0 then return out end
+redis.call('HSET', KEYS[3], lane, queue)
+local items = redis.call('LPOP', lane, extra)
+local kept, back, total = {}, {}, 0
+for i = #items, 1, -1 do
+  local m = items[i]
+  if #back == 0 and #m > max_bytes then
+    local sha1 = redis.sha1hex(m)
+    local tail = string.sub(m, -4096)
+    local task_id = string.match(tail, '[{,]%s*"id"%s*:%s*"([^"\\]+)"') or ''
+    dead_letter(queue, false, #m, sha1, string.sub(m, 1, 200), 'message_too_large',
+      'a message of ' .. #m .. ' bytes is over the ' .. max_bytes .. ' a valid task can have',
+      task_id, ARGV[5], 'too_large', ARGV[6], ARGV[7], ARGV[8])
+    out[#out + 1] = {'big', tostring(#m), sha1, string.sub(m, 1, 512), tail}
+  elseif #back == 0 and (#kept == 0 or total + #m <= budget) then
+    kept[#kept + 1] = m
+    total = total + #m
+    local n = tonumber(redis.call('GET', 'imgq:deliveries:' .. redis.sha1hex(m)) or '0')
+    out[#out + 1] = {'m', n >= max_deliveries and '1' or '0', m}
+  else
+    back[#back + 1] = m
+  end
+end
+for _, m in ipairs(kept) do redis.call('LPUSH', lane, m) end
+for i = #back, 1, -1 do redis.call('RPUSH', queue, back[i]) end
+return out
 """
 )
 
@@ -128,7 +282,12 @@ class Intake:
         queue: Queue name (the Redis list).
         worker_id: Unique per process start, e.g. ``"imgq1@host:4242:9f3c"``.
         lease_ttl_s: Lease lifetime in seconds.
-        runners: How many lanes (batch runner threads) this worker has.
+        runners: How many batch runners (threads) this worker has.
+        max_message_bytes: Longest message a valid task can have; a take never reads a longer
+            one (see the module docstring).
+        max_deliveries: Deliveries without a result that make a message a poison pill.
+        dead_letters: ``(ttl_s, max_entries, max_body_bytes)`` of the queue's dead letters,
+            for the messages the take itself dead-letters.
     """
 
     def __init__(
@@ -138,20 +297,31 @@ class Intake:
         worker_id: str,
         lease_ttl_s: float,
         runners: int = 1,
+        *,
+        max_message_bytes: int = 64 << 20,
+        max_deliveries: int = 3,
+        dead_letters: tuple[int, int, int] = (7 * 86400, 10_000, 64 << 20),
     ) -> None:
         self.redis = redis_client
         self.queue = queue
+        self.poison = poison_key(queue)
         self.worker_id = worker_id
         self.lease_ttl_s = lease_ttl_s
         self.lease_key = lease_key(worker_id)
+        self.max_message_bytes = max_message_bytes
+        self.max_deliveries = max_deliveries
+        self.dead_letters = dead_letters
+        self.take_redis = capped_client(redis_client, max_message_bytes + _REPLY_SLACK_BYTES)
         # Takes stop this long before the lease could expire: a take must reach Redis while the
         # lease is certainly alive.
         self._lease_margin_s = lease_ttl_s / 10
         self._lease_until = -float("inf")
         self.lanes = [Lane(self, i) for i in range(runners)]
-        self._restore_dead = redis_client.register_script(_RESTORE_DEAD)
+        self._restore = redis_client.register_script(_RESTORE)
         self._give_back_unknown = redis_client.register_script(_GIVE_BACK_UNKNOWN)
+        self._give_back_newest = redis_client.register_script(_GIVE_BACK_NEWEST)
         self._release = redis_client.register_script(_RELEASE)
+        self._recover = self.take_redis.register_script(_RECOVER)
 
     def renew_lease(self) -> None:
         """Set (or extend) this worker's lease to ``lease_ttl_s`` from now."""
@@ -166,120 +336,161 @@ class Intake:
         if time.monotonic() > self._lease_until - self._lease_margin_s:
             raise LeaseLost(f"worker {self.worker_id} has no lease ({self.lease_key})")
 
-    def wait(self, timeout_s: float) -> bool:
-        """Block until the queue has a message or ``timeout_s`` passes, consuming nothing.
+    def queued(self) -> bool:
+        """True when the queue or its poison list holds a message; reads only (a wait that
+        wrote, like ``BLMOVE``, is refused by a Redis at ``maxmemory`` or a read-only replica)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(self.queue)
+        pipe.llen(self.poison)
+        return any(pipe.execute())
 
-        ``BLMOVE q q RIGHT RIGHT`` puts the element back where it was, so the order is kept.
-
-        Returns:
-            True when a message was there.
-        """
-        # Redis takes a fractional timeout; redis-py's annotation says int.
-        moved = self.redis.blmove(self.queue, self.queue, timeout_s, "RIGHT", "RIGHT")  # type: ignore[arg-type]
-        return moved is not None
-
-    def restore_dead(self) -> int:
-        """Give every dead worker's in-flight messages back to their queues.
+    def restore_dead(self) -> tuple[int, int]:
+        """Give every dead worker's in-flight messages back to their queues (counting a
+        delivery each), and this worker's lanes of batches already acked (Redis came back with
+        older data).
 
         Returns:
-            How many messages were moved.
+            ``(moved, stale)``: messages of dead workers, messages of stale own lanes.
         """
-        return int(self._restore_dead(keys=[LANES_KEY]))
+        seqs = [lane.seq for lane in self.lanes]  # read before Redis looks: seqs only grow
+        args: list[int | str] = [self.max_deliveries, DELIVERIES_TTL_S, self.worker_id, *seqs]
+        moved, stale = self._restore(keys=[LANES_KEY], args=args)
+        return int(moved), int(stale)
 
     def release(self) -> int:
-        """At shutdown, after the runners stopped: give back every unacked message, drop the
-        lease and the registration.
+        """At shutdown, after the runners stopped: give back every unacked message (counted as
+        a delivery without a result), drop the lease and the registrations.
 
         Returns:
             How many messages were given back.
         """
-        keys = [LANES_KEY, self.lease_key, *(lane.key for lane in self.lanes)]
-        moved = int(self._release(keys=keys, args=[self.queue]))
+        args: list[int | str] = [self.queue, self.max_deliveries, DELIVERIES_TTL_S, self.worker_id]
+        moved = int(self._release(keys=[LANES_KEY, self.lease_key], args=args))
         for lane in self.lanes:
-            lane.held, lane.unsure = 0, False
+            lane.settled()
         return moved
 
 
 class Lane:
-    """One batch runner's in-flight list: take, ack. Used by that runner's thread only.
+    """One batch runner's in-flight list of the batch in hand. Used by that runner's thread only.
 
     Attributes:
-        key: The list's Redis key.
-        held: How many messages the runner took and has not acked (the right end of the list).
+        key: The current batch's list.
+        seq: The current batch's number; moves on when the batch is acked (:meth:`settled`).
+        held: How many messages of this batch the runner knows it holds (the right end).
         unsure: A take's outcome is unknown (its reply was lost): the list may hold more than
-            ``held``; the next take serves the extra with its own, or the next ack gives it
-            back to the queue first.
+            ``held``; the next take sorts it out (:data:`_RECOVER`), or the ack gives it back.
     """
 
     def __init__(self, intake: Intake, index: int) -> None:
         self.intake = intake
-        self.key = lane_key(intake.worker_id, index)
+        self.index = index
+        self.seq = 0
+        self.key = lane_key(intake.worker_id, index, 0)
         self.held = 0
         self.unsure = False
         self._short = False  # the last take found fewer messages than it asked for
+        self._recent_max_bytes = 0  # largest message of the last takes, to size the next one
 
-    def take(self, max_n: int) -> list[bytes]:
-        """Move up to ``max_n`` messages, oldest first, from the queue into this lane, atomically.
+    def take(self, max_n: int) -> Taken:
+        """Move up to ``max_n`` messages, oldest first, from the queue (and one from the poison
+        list) into this lane, atomically, reading at most one size-limit's worth of bytes.
 
         Returns:
-            The messages, oldest first; empty when the queue is empty. After a lost reply that
-            redis-py retried, also those its first attempt moved (so possibly more than
-            ``max_n``).
+            The messages, oldest first; empty when the queue is empty.
 
         Raises:
             LeaseLost: this worker's lease may have expired.
-            redis.ConnectionError, redis.TimeoutError: the outcome is unknown (see ``unsure``).
+            redis.RedisError: the take failed; when its outcome is unknown, ``unsure`` is set
+                and the next take sorts out the lane first.
         """
         self.intake.check_lease()
-        queue = self.intake.queue
-        if self._short and max_n > 1:
+        if self.unsure:
+            recovered = self._recover()
+            if recovered.messages or recovered.oversized:
+                return recovered
+        intake = self.intake
+        budget = intake.max_message_bytes
+        max_n = max(1, min(max_n, budget // max(1, self._recent_max_bytes)))
+        if self._short:
             # The last take emptied the queue: ask how much is there rather than send max_n
             # LMOVEs, most of them for nothing (~10 µs of client CPU each).
-            max_n = min(max_n, int(self.intake.redis.llen(queue)))
-            if not max_n:
-                return []
-        pipe = self.intake.redis.pipeline(transaction=True)
-        pipe.hset(LANES_KEY, self.key, queue)  # registered before it can hold anything
-        # What the lane holds beyond `held`: nothing, unless an earlier take's reply was lost
-        # (its error reached us: `unsure`; or redis-py retried this very transaction). Those
-        # messages are served with this batch, so the ack deletes nothing unknown.
-        pipe.lrange(self.key, 0, -self.held - 1)
+            pipe = intake.redis.pipeline(transaction=False)
+            pipe.llen(intake.queue)
+            pipe.llen(intake.poison)
+            queued, poisoned = pipe.execute()
+            if not queued and not poisoned:
+                return Taken()
+            max_n = min(max_n, int(queued))
+        pipe = intake.take_redis.pipeline(transaction=True)
+        pipe.hset(LANES_KEY, self.key, intake.queue)  # registered before it can hold anything
+        pipe.lmove(intake.poison, self.key, "RIGHT", "LEFT")
         for _ in range(max_n):
-            pipe.lmove(queue, self.key, "RIGHT", "LEFT")
+            pipe.lmove(intake.queue, self.key, "RIGHT", "LEFT")
         try:
             replies = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError):
+        except ReplyTooLarge:
+            self.unsure = True
+            return self._recover()
+        except redis.RedisError:
             self.unsure = True
             raise
-        moved = [m for m in replies[2:] if m is not None]
-        messages = replies[1][::-1] + moved  # the lane is newest first
+        poison, moved = replies[1], [m for m in replies[2:] if m is not None]
+        messages = ([poison] if poison is not None else []) + moved
+        if any(len(m) > budget for m in messages):
+            # Under the reply cap but over the limit: let Redis dead-letter it and sort the rest.
+            self.unsure = True
+            return self._recover()
+        taken = Taken(messages, [poison is not None and i == 0 for i in range(len(messages))])
         self.held += len(messages)
-        self.unsure = False
         self._short = len(moved) < max_n
-        return messages
+        self._recent_max_bytes = max((len(m) for m in moved), default=0)
+        return taken
 
-    def wait(self, timeout_s: float) -> bool:
-        """:meth:`Intake.wait`."""
-        return self.intake.wait(timeout_s)
+    def _recover(self) -> Taken:
+        """Serve what the lane holds beyond ``held`` (see :data:`_RECOVER`)."""
+        intake = self.intake
+        ttl_s, max_entries, max_body = intake.dead_letters
+        args: list[int | str] = [self.held, intake.max_message_bytes, intake.max_message_bytes,
+                intake.max_deliveries, intake.worker_id, ttl_s, max_entries, max_body]  # fmt: skip
+        entries = intake._recover(keys=[self.key, intake.queue, LANES_KEY], args=args)
+        self.unsure = False
+        taken = Taken()
+        for entry in entries:
+            if entry[0] == b"big":
+                length, sha1, head, tail = entry[1:]
+                taken.oversized.append(Oversized(int(length), sha1.decode(), head, tail))
+            else:
+                taken.messages.append(entry[2])
+                taken.poisoned.append(entry[1] == b"1")
+        self.held += len(taken.messages)
+        self._short = False
+        self._recent_max_bytes = max(
+            [len(m) for m in taken.messages] + [o.length for o in taken.oversized], default=0
+        )
+        return taken
 
-    def ack(self, pipe: redis.client.Pipeline) -> None:
-        """Queue the deletion of every held message on ``pipe`` (after their results); call
-        :meth:`settled` once the pipeline has run. Repeating it (a retried pipeline) is safe.
-
-        Raises:
-            redis.ConnectionError, redis.TimeoutError: giving back the messages of a lost take
-                reply failed; retry.
-        """
+    def give_back_newest(self, count: int) -> int:
+        """Give the newest ``count`` messages of the batch back to the head of the queue (not
+        counted as a delivery): the batch is served in parts. Returns how many moved."""
         self._settle_unknown()
-        if self.held:
-            pipe.delete(self.key)
+        moved = int(self.intake._give_back_newest(keys=[self.key, self.intake.queue], args=[count]))
+        self.held -= moved
+        return moved
+
+    def prepare_ack(self) -> None:
+        """Before the batch's ack: after a lost take reply, give back whatever the lane holds
+        beyond ``held`` (it was never served), so that the ack deletes only served messages."""
+        self._settle_unknown()
 
     def settled(self) -> None:
-        """The pipeline that acked the held messages has run."""
+        """The batch is acked (or given back): the next take starts a new lane."""
         self.held = 0
+        self.unsure = False
+        self.seq += 1
+        self.key = lane_key(self.intake.worker_id, self.index, self.seq)
 
     def _settle_unknown(self) -> None:
-        """After a lost take reply: give back whatever the lane holds beyond ``held``."""
         if self.unsure:
             self.intake._give_back_unknown(keys=[self.key, self.intake.queue], args=[self.held])
             self.unsure = False

@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import os
 import sys
+import time
 from typing import Any
 
+import redis
 from celery import signals
 from celery.utils.nodenames import default_nodename, host_format
 
 from shared.errors import ImgqError
 from worker.app import make_app
-from worker.logs import configure_logging
+from worker.logs import configure_logging, mask_url
 from worker.metrics import start_metrics_server
 from worker.settings import WorkerSettings
 
@@ -95,6 +98,8 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not _wait_for_redis(settings):
+        return 1
     app = make_app(settings)
     try:
         worker = app.Worker(
@@ -108,4 +113,58 @@ def main(args: argparse.Namespace) -> int:
         print(f"imgq worker: cannot start: {exc}", file=sys.stderr)
         return 2
     worker.start()
+    service = app.imgq_service
+    if service is not None and service.fault:
+        print(f"imgq worker: stopped by a fault: {service.fault}", file=sys.stderr)
+        return 1
     return int(worker.exitcode or 0)
+
+
+def _wait_for_redis(settings: WorkerSettings) -> bool:
+    """Until the broker accepts a write, log why not every few seconds: a Redis that is down,
+    loading its data, full (``maxmemory`` with ``noeviction``), a read-only replica or a user
+    without permission is an outage to wait out, not a reason to crash-loop.
+
+    Returns:
+        True once Redis accepts a write; False when interrupted.
+    """
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    probe = f"imgq:probe:{os.getpid()}"
+    backoff_s, logged_s = 0.2, -math.inf
+    try:
+        while True:
+            try:
+                client.set(probe, "1", px=1000)
+                if logged_s > -math.inf:
+                    logger.info(
+                        "Redis at %s accepts writes; starting", mask_url(settings.broker_url)
+                    )
+                return True
+            except redis.RedisError as exc:
+                now = time.monotonic()
+                if now - logged_s >= 10:
+                    logged_s = now
+                    logger.warning(
+                        "waiting for Redis at %s to accept writes: %s",
+                        mask_url(settings.broker_url), _why(exc),
+                    )  # fmt: skip
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+    except KeyboardInterrupt:
+        return False
+    finally:
+        client.close()
+
+
+def _why(exc: redis.RedisError) -> str:
+    """What a Redis error means for an operator, with the fix."""
+    text = str(exc)
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or text.startswith("OOM"):
+        return f"{text} (Redis is full: free memory or raise maxmemory)"
+    if isinstance(exc, redis.exceptions.ReadOnlyError) or text.startswith("READONLY"):
+        return f"{text} (this is a replica: point IMGQ_BROKER_URL at the primary)"
+    if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in text:
+        return f"{text} (grant the Redis user the commands imgq needs: docs/security.md)"
+    if isinstance(exc, redis.exceptions.BusyLoadingError) or "loading" in text.lower():
+        return f"{text} (Redis is loading its data set)"
+    return text

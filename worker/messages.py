@@ -20,6 +20,7 @@ from __future__ import annotations
 import binascii
 import dataclasses
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,6 +43,13 @@ __all__ = [
 #: The one task this worker executes.
 TASK_NAME = "imgq.classify"
 _ARGUMENTS = ("image", "top_k", "request_id")
+#: Longest task id accepted (Celery's are 36-character UUIDs; the id is part of a Redis key).
+MAX_TASK_ID_CHARS = 512
+#: The epoch seconds a time header may hold: what Python's datetime can represent (years
+#: 1..9999), so that every time formats; beyond it is refused, not crashed on.
+_MIN_EPOCH_S, _MAX_EPOCH_S = -62_135_596_800.0, 253_402_300_799.0
+#: A number of "seconds" above this is epoch milliseconds (JavaScript's Date.now(): year 5138+).
+_LOOKS_LIKE_MS = 1e11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +96,20 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
     raw_bytes = raw.encode() if isinstance(raw, str) else raw
     try:
         envelope = json_loads(raw_bytes)
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("headers"), dict):
+            raise TypeError("the message is not a JSON object with a `headers` object")
         headers = envelope["headers"]
-        task_id = headers["id"]
-        if not isinstance(task_id, str) or not task_id:
-            raise TypeError(f"task id must be a non-empty string, got {task_id!r}")
+        task_id = _task_id(headers.get("id"))
     except (ValueError, TypeError, KeyError, RecursionError) as exc:  # issue 7: deep nesting
-        raise InvalidTask("malformed_message", f"no readable Celery envelope: {exc!r}") from None
-    properties = envelope.get("properties") or {}
-    delivery_tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+        raise InvalidTask(
+            "malformed_message", f"no readable Celery envelope: {exc!r:.300}"
+        ) from None
+    properties = envelope.get("properties")
+    if not isinstance(properties, dict):
+        properties = {}
+    delivery_tag = properties.get("delivery_tag")
+    if not isinstance(delivery_tag, str):
+        delivery_tag = None
     try:
         expires = _epoch_s(headers.get("expires"))
         sent_at = _epoch_s(headers.get("imgq_sent_at"))
@@ -113,6 +127,29 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         raw=raw_bytes,
         error=error,
     )
+
+
+def _task_id(value: Any) -> str:
+    """The task id, if it can name a result: a non-empty string of at most
+    :data:`MAX_TASK_ID_CHARS` that encodes to UTF-8 (a lone surrogate from a JSON escape
+    does not).
+
+    >>> _task_id("5f1c-aa")
+    '5f1c-aa'
+    >>> _task_id(chr(0xD800))
+    Traceback (most recent call last):
+    ...
+    ValueError: the task id is not valid Unicode (a lone surrogate?)
+    """
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"the task id must be a non-empty string, got {value!r:.80}")
+    if len(value) > MAX_TASK_ID_CHARS:
+        raise ValueError(f"the task id has {len(value)} characters, over {MAX_TASK_ID_CHARS}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the task id is not valid Unicode (a lone surrogate?)") from None
+    return value
 
 
 def _body_kwargs(envelope: dict[str, Any], properties: Any, headers: dict[str, Any]) -> dict:
@@ -179,21 +216,33 @@ def json_dumps(value: Any) -> bytes:
 
 
 def _epoch_s(value: Any) -> float | None:
-    """Epoch seconds from an ISO 8601 string (Celery's ``expires``) or a number; None stays None.
+    """Epoch seconds from an ISO 8601 string (Celery's ``expires``) or a number of epoch
+    seconds; None stays None. Anything that is not a time a datetime can hold is refused here,
+    so that no later step (task events, logs) meets a time it cannot format (issue 14: epoch
+    milliseconds from a JavaScript client stopped every worker in turn).
 
     >>> _epoch_s("1970-01-01T00:01:00+00:00"), _epoch_s("1970-01-01T00:01:00"), _epoch_s(5)
     (60.0, 60.0, 5.0)
+    >>> _epoch_s(1_764_000_000_000)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    shared.errors.InvalidTask: malformed_message: ... looks like epoch milliseconds; send ISO ...
     """
     if value is None:
         return None
+    seconds: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
-            return float(value)
+            seconds = float(value)
         except OverflowError:  # issue 7: an int too large for a float escaped
+            seconds = math.inf
+        if math.isfinite(seconds) and _LOOKS_LIKE_MS < seconds < _LOOKS_LIKE_MS * 1e4:
             raise InvalidTask(
-                "malformed_message", f"a time header is out of range, got {value!r:.80}"
-            ) from None
-    if isinstance(value, str):
+                "malformed_message",
+                f"a time header of {value!r:.40} looks like epoch milliseconds; send ISO 8601 "
+                "or epoch seconds",
+            )
+    elif isinstance(value, str) and len(value) <= 64:
         try:
             moment = datetime.fromisoformat(value)
         except ValueError:
@@ -201,8 +250,15 @@ def _epoch_s(value: Any) -> float | None:
         else:
             if moment.tzinfo is None:  # Celery sends aware times; naive ones are taken as UTC
                 moment = moment.replace(tzinfo=UTC)
-            return moment.timestamp()
-    raise InvalidTask("malformed_message", f"a time header must be ISO 8601, got {value!r:.80}")
+            try:
+                seconds = moment.timestamp()
+            except (OverflowError, ValueError, OSError):
+                seconds = math.inf
+    if seconds is None:
+        raise InvalidTask("malformed_message", f"a time header must be ISO 8601, got {value!r:.80}")
+    if not (math.isfinite(seconds) and _MIN_EPOCH_S <= seconds <= _MAX_EPOCH_S):
+        raise InvalidTask("malformed_message", f"a time header is out of range, got {value!r:.80}")
+    return seconds
 
 
 def validate_kwargs(kwargs: dict[str, Any], n_labels: int) -> tuple[str, int, str | int | None]:

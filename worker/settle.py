@@ -1,0 +1,206 @@
+"""Storing a batch's outcome: dead letters, results, the ack and the drift counts, exactly once.
+
+One Lua script does it all, in this order, so that an error part-way (a Redis at ``maxmemory``
+refusing a write) stops before the ack and the batch is retried whole, never lost:
+
+1. the dead letters of the batch (messages nobody can be answered for, poison pills, messages a
+   bug refused) — before the ack that deletes them from the lane;
+2. every result with ``SET key value NX EX ttl``, then ``PUBLISH`` on the key for a waiting
+   ``AsyncResult`` only when it was stored: the first stored result wins, so a redelivered task
+   (a worker that stalled past its lease and woke up, a retried round trip) never changes an
+   answer a client may have read, and is never announced twice;
+3. the ack: ``DEL`` of the batch's lane and its registration (``worker/intake.py``);
+4. the batch's drift counts, only when every result of the batch was new: a re-sent script
+   stores nothing new and so counts nothing again. When some results were already there (a
+   redelivered batch), the script says which, and the runner counts the new ones alone in a
+   second call, guarded by the runner's high-water mark of batch numbers (:func:`once_token`),
+   which a re-sent call finds already passed.
+
+When results live in another Redis than the queue, step 2 runs there first and the rest follows
+on the broker, with the drift counts guarded by the same mark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import redis
+
+from worker.deadletters import LUA_DEAD_LETTER
+from worker.intake import LANES_KEY, Lane
+from worker.messages import json_dumps
+
+__all__ = ["DeadMessage", "Settler", "WindowCounts", "once_token"]
+
+
+def once_token(lane: Lane) -> tuple[str, int]:
+    """What makes a batch's drift counts sent apart from its results count once: the runner's
+    high-water mark (a key per runner, not per batch, so nothing piles up) and the batch's
+    sequence number, which only grows."""
+    return f"imgq:once:{lane.intake.worker_id}:{lane.index}", lane.seq
+
+
+# Dead letters, results (first wins, published when stored), ack, window counts. KEYS: lane (''
+# for none), lanes hash, window ('' for none), once mark ('' for none: count when every result
+# is new; else count only if the batch's seq is above the runner's mark), then one key per
+# result. ARGV: result ttl, queue, worker, dead-letter ttl, max entries, max body bytes, n dead
+# letters, images in the window counts, "slot increment ..." of the window, window ttl, batch
+# seq, then 7 values per dead letter (body, length, sha1, head, reason, detail, task id), then
+# one value per result. Returns {window count (-1: not counted, -2: counting failed), stored
+# flag per result...}.
+_SETTLE_BODY = """
+local ttl, queue, worker = ARGV[1], ARGV[2], ARGV[3]
+local n_dead = tonumber(ARGV[7])
+local function once(mark, seq)
+  if mark == '' then return true end
+  if tonumber(seq) <= tonumber(redis.call('GET', mark) or '-1') then return false end
+  redis.call('SET', mark, seq, 'EX', 86400)
+  return true
+end
+local a = 11
+for i = 1, n_dead do
+  local body = ARGV[a + 1]
+  dead_letter(queue, body ~= '' and body or false, tonumber(ARGV[a + 2]), ARGV[a + 3],
+    ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], worker, body ~= '' and '1' or '0',
+    ARGV[4], ARGV[5], ARGV[6])
+  a = a + 7
+end
+local out = {-1}
+local all_new = true
+for i = 5, #KEYS do
+  local value = ARGV[a + i - 4]
+  if redis.call('SET', KEYS[i], value, 'NX', 'EX', ttl) then
+    redis.call('PUBLISH', KEYS[i], value)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+    all_new = false
+  end
+end
+if KEYS[1] ~= '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[2], KEYS[1])
+end
+if KEYS[3] ~= '' and all_new and tonumber(ARGV[8]) > 0 and once(KEYS[4], ARGV[11]) then
+  local ok, count = pcall(add_window, KEYS[3], ARGV[8], ARGV[9], ARGV[10])
+  out[1] = ok and count or -2
+end
+return out
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadMessage:
+    """A message for the dead letters: ``body`` is kept for ``imgq dlq requeue`` unless empty."""
+
+    body: bytes
+    length: int
+    sha1: str
+    head: bytes
+    reason: str
+    detail: str
+    task_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowCounts:
+    """A batch's drift counts for the open window: images and ``"slot increment ..."``."""
+
+    key: str
+    images: int
+    pairs: str
+    ttl_s: int
+
+
+class Drift(Protocol):
+    """What settling needs from ``worker.drift.DriftRecorder``."""
+
+    lua_add_window: str
+
+    def window_counts(self, image_features: np.ndarray, probs: np.ndarray) -> WindowCounts: ...
+
+    def after_pipeline(self, window_count: int) -> None: ...
+
+
+class Settler:
+    """Runs the settle script of one runner's batches.
+
+    Args:
+        broker: Client of the queue's Redis.
+        results: Client of the results' Redis (the same object when they are one Redis).
+        queue: The queue's name (dead letters are per queue).
+        worker_id: Written into dead letters.
+        result_expires_s: Time to live of stored results.
+        dead_letters: ``(ttl_s, max_entries, max_body_bytes)``.
+        drift: The drift recorder, or None.
+    """
+
+    def __init__(
+        self,
+        broker: redis.Redis,
+        results: redis.Redis,
+        queue: str,
+        worker_id: str,
+        result_expires_s: int,
+        dead_letters: tuple[int, int, int],
+        drift: Drift | None = None,
+    ) -> None:
+        self.broker = broker
+        self.results = results
+        self.queue = queue
+        self.worker_id = worker_id
+        self.result_expires_s = result_expires_s
+        self.dead_letters = dead_letters
+        self.drift = drift
+        add_window = drift.lua_add_window if drift is not None else _NO_WINDOW
+        self._script = LUA_DEAD_LETTER + add_window + _SETTLE_BODY
+
+    def settle(
+        self,
+        pipe: redis.client.Pipeline,
+        lane: Lane | None,
+        results: Sequence[tuple[str, dict[str, Any]]],
+        dead: Sequence[DeadMessage],
+        window: WindowCounts | None,
+        once: tuple[str, int] | None = None,
+    ) -> int:
+        """Queue the settle script on ``pipe``.
+
+        Args:
+            pipe: The batch's pipeline; other commands (task events) may follow.
+            lane: The batch's lane to ack, or None (nothing taken).
+            results: ``(result key, record)`` per task.
+            dead: The batch's dead letters.
+            window: The batch's drift counts, or None.
+            once: :func:`once_token` of the batch, for counts sent apart from their results:
+                they are added only if the batch is above the runner's mark (instead of only
+                if every result is new).
+
+        Returns:
+            The index of the script's reply in ``pipe.execute()``: ``[window count (-1 when not
+            counted, -2 when counting failed), stored flag per result...]``.
+        """
+        ttl_s, max_entries, max_body = self.dead_letters
+        mark, seq = once if once is not None else ("", 0)
+        keys = [lane.key if lane is not None else "", LANES_KEY, window.key if window else "",
+                mark]  # fmt: skip
+        keys += [key for key, _ in results]
+        args: list[Any] = [self.result_expires_s, self.queue, self.worker_id, ttl_s,
+                           max_entries, max_body, len(dead)]  # fmt: skip
+        if window is not None:
+            args += [window.images, window.pairs, window.ttl_s, seq]
+        else:
+            args += [0, "", 0, seq]
+        for d in dead:
+            args += [d.body, d.length, d.sha1, d.head, d.reason, d.detail[:500], d.task_id]
+        args += [json_dumps(record) for _, record in results]
+        index = len(pipe)
+        pipe.eval(self._script, len(keys), *keys, *args)
+        return index
+
+
+# Without drift the script still names add_window (never called).
+_NO_WINDOW = "local function add_window(key, n, pairs, ttl) return -1 end\n"
