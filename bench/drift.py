@@ -26,17 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from imgq.shifts import BENIGN, EXPECTED, SHIFTS, shift_image
-from shared.decode import decode_image
-from shared.imagestats import (
+from imgq.shared.decode import decode_image
+from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     ReferenceStats,
     bin_counts,
     build_reference,
     decoded_image_features,
 )
-from shared.preprocess import PreprocessSpec
-from trainer.sample_data import CLASS_NAMES, generate
-from worker.drift import Window, evaluate_window
+from imgq.shared.preprocess import PreprocessSpec
+from imgq.trainer.sample_data import CLASS_NAMES, generate
+from imgq.worker.drift import Window, evaluate_window
 
 
 def _files(data_dir: Path, classes: int) -> list[tuple[Path, int]]:

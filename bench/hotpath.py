@@ -40,15 +40,15 @@ import redis
 from prometheus_client import CollectorRegistry
 from throughput import sample_images, small_bundle
 
-import worker.batching as batching
+import imgq.worker.batching as batching
 from imgq.localredis import LocalRedis
-from worker.bundle import ModelBundle
-from worker.client import ImgqClient
-from worker.drift import DriftDetector, DriftRecorder
-from worker.events import TaskEvents
-from worker.intake import Intake, Lane
-from worker.metrics import WorkerMetrics
-from worker.settings import WorkerSettings
+from imgq.worker.bundle import ModelBundle
+from imgq.worker.client import ImgqClient
+from imgq.worker.drift import DriftDetector, DriftRecorder
+from imgq.worker.events import TaskEvents
+from imgq.worker.intake import Intake, Lane
+from imgq.worker.metrics import WorkerMetrics
+from imgq.worker.settings import WorkerSettings
 
 #: Module functions of worker/batching.py timed in place, in the order a task meets them.
 _FUNCTIONS = ("parse_message", "decode_base64", "probe_image", "decode_image", "image_features",

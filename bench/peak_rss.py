@@ -38,7 +38,7 @@ import redis
 from throughput import ROOT, sample_images, small_bundle
 
 from imgq.localredis import LocalRedis
-from worker.client import ImgqClient
+from imgq.worker.client import ImgqClient
 
 _SCENARIOS = ("small", "photos_19MiB", "rgba_40MP", "oversized_64MiB", "mixed")
 #: How many messages of each kind each scenario queues.

@@ -29,7 +29,7 @@ from typing import Any
 from throughput import _tree_cpu_s, drain, imgq_workers, sample_images, small_bundle
 
 from imgq.localredis import LocalRedis
-from worker.client import ImgqClient
+from imgq.worker.client import ImgqClient
 
 
 def measure(

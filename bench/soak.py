@@ -38,8 +38,8 @@ import redis
 from celery.exceptions import TimeoutError as ResultTimeout
 
 from imgq.localredis import LocalRedis
-from shared.errors import InvalidImage
-from worker.client import ImgqClient
+from imgq.shared.errors import InvalidImage
+from imgq.worker.client import ImgqClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import Workers, imgq_workers, sample_images, small_bundle  # noqa: E402

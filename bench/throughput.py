@@ -62,7 +62,7 @@ import redis
 from celery.exceptions import TimeoutError as ResultTimeout
 
 from imgq.localredis import LocalRedis
-from worker.client import ImgqClient
+from imgq.worker.client import ImgqClient
 
 ROOT = Path(__file__).resolve().parents[1]
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -76,8 +76,8 @@ _WAIT_POLL_S = 0.02
 
 def sample_images(work: Path, per_class: int) -> tuple[Path, list[bytes]]:
     """The sample data set (made once per work folder) and its encoded files, shuffled."""
-    from trainer.dataset import list_labelled_files
-    from trainer.sample_data import generate
+    from imgq.trainer.dataset import list_labelled_files
+    from imgq.trainer.sample_data import generate
 
     data_dir = work / f"data-{per_class}"
     if not data_dir.is_dir():
@@ -93,7 +93,7 @@ def small_bundle(work: Path, data_dir: Path, epochs: int) -> Path:
     """The default architecture and input size (`imgq train` defaults), briefly trained."""
     out = work / f"model-small-e{epochs}"
     if not (out / "manifest.json").is_file():
-        from trainer.train import train_bundle  # TensorFlow: only when a model must be made
+        from imgq.trainer.train import train_bundle  # TensorFlow: only when a model must be made
 
         train_bundle(data_dir, out, epochs=epochs, patience=epochs, progress=False, name="sample")
     return out
@@ -108,19 +108,19 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
     import numpy as np
     import onnxruntime as ort
 
-    from shared.decode import decode_image
-    from shared.imagestats import (
+    from imgq.shared.decode import decode_image
+    from imgq.shared.imagestats import (
         IMAGE_FEATURES,
         OUTPUT_FEATURES,
         build_reference,
         decoded_image_features,
         output_features,
     )
-    from shared.manifest import Manifest, save_manifest, sha256_file
-    from shared.preprocess import PreprocessSpec, preprocess_batch
-    from trainer.dataset import list_labelled_files
-    from trainer.export import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, export_onnx
-    from trainer.model import build_model
+    from imgq.shared.manifest import Manifest, save_manifest, sha256_file
+    from imgq.shared.preprocess import PreprocessSpec, preprocess_batch
+    from imgq.trainer.dataset import list_labelled_files
+    from imgq.trainer.export import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, export_onnx
+    from imgq.trainer.model import build_model
 
     files, labels = list_labelled_files(data_dir)
     classes = tuple(sorted(set(labels)))
@@ -163,9 +163,9 @@ def _limit_share(bundle_dir: str, images: Sequence[bytes]) -> tuple[float, float
     """Wall and CPU seconds of decode + preprocess + inference, one image at a time."""
     import cv2
 
-    from shared.decode import decode_image
-    from shared.preprocess import preprocess_batch
-    from worker.bundle import ModelBundle
+    from imgq.shared.decode import decode_image
+    from imgq.shared.preprocess import preprocess_batch
+    from imgq.worker.bundle import ModelBundle
 
     cv2.setNumThreads(1)  # as `imgq worker` runs OpenCV (worker/main.py)
     bundle = ModelBundle.load(bundle_dir, device="cpu", threads=1, check_golden=False)
@@ -180,9 +180,9 @@ def _limit_share(bundle_dir: str, images: Sequence[bytes]) -> tuple[float, float
 
 def _full_batch_ms(bundle_dir: str, images: Sequence[bytes], max_batch: int) -> float:
     """Median time of decode + preprocess + inference of one full batch, one thread."""
-    from shared.decode import decode_image
-    from shared.preprocess import preprocess_batch
-    from worker.bundle import ModelBundle
+    from imgq.shared.decode import decode_image
+    from imgq.shared.preprocess import preprocess_batch
+    from imgq.worker.bundle import ModelBundle
 
     bundle = ModelBundle.load(bundle_dir, device="cpu", threads=1, check_golden=False)
     spec = bundle.manifest.preprocess

@@ -40,9 +40,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from shared import decode
-from shared.decode import DEFAULT_LIMITS, decode_image, probe_image
-from shared.preprocess import PreprocessSpec, resize_image
+from imgq.shared import decode
+from imgq.shared.decode import DEFAULT_LIMITS, decode_image, probe_image
+from imgq.shared.preprocess import PreprocessSpec, resize_image
 
 WIDTH, HEIGHT = 8000, 5000
 assert WIDTH * HEIGHT <= DEFAULT_LIMITS.max_pixels

@@ -21,7 +21,7 @@ def _handler(target: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _infer_batch(raw: str) -> int:
-    from worker.settings import parse_infer_batch  # light: no numpy, no OpenCV
+    from imgq.worker.settings import parse_infer_batch  # light: no numpy, no OpenCV
 
     try:
         return parse_infer_batch(raw)
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-class", type=int, default=300)
     s.add_argument("--size", type=int, default=128, help="typical image side in pixels")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_handler("trainer.sample_data:main"))
+    s.set_defaults(func=_handler("imgq.trainer.sample_data:main"))
 
     s = sub.add_parser("train", help="train on DATA_DIR (one sub-folder per class) and export")
     s.add_argument("data_dir")
@@ -61,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-augment", dest="augment", action="store_false")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default=None, help="model name (default: the data folder's name)")
-    s.set_defaults(func=_handler("trainer.train:main"))
+    s.set_defaults(func=_handler("imgq.trainer.train:main"))
 
     s = sub.add_parser("verify", help="re-check a bundle's served path without TensorFlow")
     s.add_argument("model_dir")
     s.add_argument("data_dir", nargs="?", help="also check accuracy on these labelled files")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.set_defaults(func=_handler("worker.bundle:verify_main"))
+    s.set_defaults(func=_handler("imgq.worker.bundle:verify_main"))
 
     s = sub.add_parser("worker", help="run a Celery worker that serves a bundle")
     s.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
@@ -85,29 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (IMGQ_METRICS_PORT)")
     s.add_argument("--hostname", help="Celery node name, e.g. imgq1@%%h")
     s.add_argument("--loglevel", default="INFO")
-    s.set_defaults(func=_handler("worker.main:main"))
+    s.set_defaults(func=_handler("imgq.worker.main:main"))
 
     s = sub.add_parser("classify", help="enqueue images and print one JSON result per line")
     s.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
     s.add_argument("--top-k", type=int, default=1)
     s.add_argument("--timeout", type=float, default=60.0)
     s.add_argument("--queue", default=None)
-    s.set_defaults(func=_handler("worker.client:classify_main"))
+    s.set_defaults(func=_handler("imgq.worker.client:classify_main"))
 
     s = sub.add_parser("drift", help="review input drift: status, alerts, report")
     dsub = s.add_subparsers(dest="drift_command", required=True, metavar="ACTION")
     d = dsub.add_parser("status", help="per feature: reference vs current, statistic, state")
     d.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
-    d.set_defaults(func=_handler("worker.drift_review:status_main"))
+    d.set_defaults(func=_handler("imgq.worker.drift_review:status_main"))
     d = dsub.add_parser("alerts", help="list drift alerts")
     d.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
     d.add_argument("--all", action="store_true", help="include cleared and acknowledged")
     d.add_argument("--ack", metavar="ID", help="acknowledge an alert")
-    d.set_defaults(func=_handler("worker.drift_review:alerts_main"))
+    d.set_defaults(func=_handler("imgq.worker.drift_review:alerts_main"))
     d = dsub.add_parser("report", help="write PNG figures of what drifted")
     d.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
     d.add_argument("--out", required=True)
-    d.set_defaults(func=_handler("worker.drift_review:report_main"))
+    d.set_defaults(func=_handler("imgq.worker.drift_review:report_main"))
 
     s = sub.add_parser("dlq", help="dead letters (messages no worker could serve): review, requeue")
     dsub = s.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
@@ -116,22 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("list", parents=[queue], help="newest dead letters first, and a summary")
     d.add_argument("--count", type=int, default=20)
     d.add_argument("--json", action="store_true", help="print JSON")
-    d.set_defaults(func=_handler("worker.dlq_cli:list_main"))
+    d.set_defaults(func=_handler("imgq.worker.dlq_cli:list_main"))
     d = dsub.add_parser("show", parents=[queue], help="one dead letter in full")
     d.add_argument("id", metavar="ID")
     d.add_argument("--body", metavar="FILE", help="write the raw message to FILE (when kept)")
-    d.set_defaults(func=_handler("worker.dlq_cli:show_main"))
+    d.set_defaults(func=_handler("imgq.worker.dlq_cli:show_main"))
     d = dsub.add_parser("requeue", parents=[queue], help="put a kept message back on the queue")
     d.add_argument("id", metavar="ID")
-    d.set_defaults(func=_handler("worker.dlq_cli:requeue_main"))
+    d.set_defaults(func=_handler("imgq.worker.dlq_cli:requeue_main"))
     d = dsub.add_parser("purge", parents=[queue], help="delete every dead letter of the queue")
     d.add_argument("--yes", action="store_true", help="really delete them")
-    d.set_defaults(func=_handler("worker.dlq_cli:purge_main"))
+    d.set_defaults(func=_handler("imgq.worker.dlq_cli:purge_main"))
 
     s = sub.add_parser("health", help="exit 0 when Redis answers and a worker has its model")
     s.add_argument("--timeout", type=float, default=5.0)
     s.add_argument("--local", action="store_true", help="ping only this host's workers")
-    s.set_defaults(func=_handler("worker.health:main"))
+    s.set_defaults(func=_handler("imgq.worker.health:main"))
 
     s = sub.add_parser("demo", help="the whole product end to end on sample data")
     s.add_argument("--out", default="demo-output")

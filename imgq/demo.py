@@ -118,7 +118,7 @@ def _alert_ids(url: str, manifest: Any) -> set[str]:
     """Ids of the open drift alerts of this model now."""
     import redis
 
-    from worker.drift_review import list_alerts
+    from imgq.worker.drift_review import list_alerts
 
     with redis.Redis.from_url(url) as client:
         return {a["id"] for a in list_alerts(client, manifest, include_all=True)}
@@ -131,7 +131,7 @@ def _wait_for_alert(
     are judged by the workers in the background, a moment after they close."""
     import redis
 
-    from worker.drift_review import list_alerts
+    from imgq.worker.drift_review import list_alerts
 
     deadline = time.monotonic() + timeout_s
     with redis.Redis.from_url(url) as client:
@@ -147,10 +147,10 @@ def _wait_for_alert(
 def main(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
     from imgq.shifts import shift_image
-    from shared.manifest import load_manifest
-    from trainer.sample_data import generate
-    from trainer.train import train_bundle
-    from worker.client import ImgqClient, ProgressBar
+    from imgq.shared.manifest import load_manifest
+    from imgq.trainer.sample_data import generate
+    from imgq.trainer.train import train_bundle
+    from imgq.worker.client import ImgqClient, ProgressBar
 
     started = time.monotonic()
     out = Path(args.out).resolve()

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
-from shared.decode import decode_image
+from imgq.shared.decode import decode_image
 
 __all__ = ["SHIFTS", "BENIGN", "EXPECTED", "shift_image", "reencode_like"]
 

@@ -11,23 +11,23 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "shared.decode": (
+    "imgq.shared.decode": (
         "DEFAULT_LIMITS", "DecodeLimits", "ImageInfo", "decode_base64", "decode_image",
         "probe_image",
     ),
-    "shared.errors": (
+    "imgq.shared.errors": (
         "IMAGE_REASONS", "TASK_REASONS", "BundleError", "ImgqError", "InvalidImage",
         "InvalidTask", "ManifestError", "ParityError",
     ),
-    "shared.imagestats": (
+    "imgq.shared.imagestats": (
         "IMAGE_FEATURES", "OUTPUT_FEATURES", "FeatureReference", "ReferenceStats", "bin_counts",
         "build_reference", "image_features", "out_of_range", "output_features",
     ),
-    "shared.manifest": (
+    "imgq.shared.manifest": (
         "MANIFEST_FILE", "MANIFEST_VERSION", "GoldenImage", "Manifest", "load_manifest",
         "save_manifest", "sha256_file",
     ),
-    "shared.preprocess": (
+    "imgq.shared.preprocess": (
         "PreprocessSpec", "compute_mean_std", "normalise_batch", "preprocess_batch",
         "resize_image",
     ),

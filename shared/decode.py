@@ -25,7 +25,7 @@ import numpy as np
 import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shared.errors import InvalidImage
+from imgq.shared.errors import InvalidImage
 
 __all__ = [
     "DecodeLimits",
@@ -188,7 +188,7 @@ def decode_base64(text: str | bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> b
     >>> decode_base64("not base64!")
     Traceback (most recent call last):
     ...
-    shared.errors.InvalidImage: bad_base64: not valid base64: Only base64 data is allowed
+    imgq.shared.errors.InvalidImage: bad_base64: not valid base64: Only base64 data is allowed
     """
     max_chars = 4 * -(-limits.max_bytes // 3)
     if len(text) > max_chars:
@@ -225,7 +225,7 @@ def probe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ImageInfo
     >>> probe_image(b"<html></html>")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    shared.errors.InvalidImage: undecodable: not an image in a format imgq reads (13 bytes ...)
+    imgq.shared.errors.InvalidImage: undecodable: not an image in a format imgq reads (13 bytes ...)
     """
     _check_bytes(data, limits)
     info = _probe_fast(data) or _probe_pillow(data)

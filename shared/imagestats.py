@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from shared.preprocess import PreprocessSpec, resize_image
+from imgq.shared.preprocess import PreprocessSpec, resize_image
 
 __all__ = [
     "IMAGE_FEATURES",

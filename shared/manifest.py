@@ -23,9 +23,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ManifestError
-from shared.imagestats import ReferenceStats
-from shared.preprocess import PreprocessSpec
+from imgq.shared.errors import ManifestError
+from imgq.shared.imagestats import ReferenceStats
+from imgq.shared.preprocess import PreprocessSpec
 
 __all__ = [
     "MANIFEST_VERSION",

@@ -66,7 +66,7 @@ def workers(redis_server: LocalRedis, bundle_dir: Path, tmp_path: Path) -> Itera
 @pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small labelled data set from `imgq sample-data` (4 classes x 150 images), made once."""
-    from trainer.sample_data import generate
+    from imgq.trainer.sample_data import generate
 
     out = tmp_path_factory.mktemp("sample-data") / "shapes"
     return Path(generate(out, classes=4, per_class=150, size=96, seed=1))
@@ -77,7 +77,7 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory, sample_data_dir: Pa
     """A real bundle trained by `imgq train` on `sample_data_dir`, made once: 32x32 input, about
     a minute on 2 cores, ~97% test accuracy (measured), so class-mix drift is judged on a model
     that can tell the classes apart."""
-    from trainer.train import train_bundle
+    from imgq.trainer.train import train_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "model"
     return Path(

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.imagestats import IMAGE_FEATURES, ReferenceStats, build_reference, output_features
-from shared.manifest import Manifest
-from shared.preprocess import PreprocessSpec
-from worker.drift import ALL_FEATURES
+from imgq.shared.imagestats import IMAGE_FEATURES, ReferenceStats, build_reference, output_features
+from imgq.shared.manifest import Manifest
+from imgq.shared.preprocess import PreprocessSpec
+from imgq.worker.drift import ALL_FEATURES
 
 LABELS = ("circle", "square", "triangle", "star")
 BRIGHTNESS = IMAGE_FEATURES.index("brightness")

@@ -72,11 +72,11 @@ import redis
 from celery import Celery
 from PIL import Image
 
-from shared.decode import DEFAULT_LIMITS
-from shared.errors import IMAGE_REASONS
+from imgq.shared.decode import DEFAULT_LIMITS
+from imgq.shared.errors import IMAGE_REASONS
 from tests.test_messages import _Trap
 from tests.tinymodel import COLOURS, colour_image, encode_png
-from worker.messages import TASK_NAME
+from imgq.worker.messages import TASK_NAME
 
 __all__ = ["Hostile", "catalogue", "envelope", "enqueue", "image_payloads", "b64"]
 

@@ -17,18 +17,18 @@ from celery import Celery
 from celery.exceptions import TaskRevokedError
 from prometheus_client import CollectorRegistry
 
-from shared.decode import DecodeLimits
-from shared.errors import InvalidImage, InvalidTask
-from shared.imagestats import IMAGE_FEATURES
-from shared.manifest import load_manifest
+from imgq.shared.decode import DecodeLimits
+from imgq.shared.errors import InvalidImage, InvalidTask
+from imgq.shared.imagestats import IMAGE_FEATURES
+from imgq.shared.manifest import load_manifest
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
-from worker.batching import BatchRunner
-from worker.deadletters import DeadLetters
-from worker.intake import Intake
-from worker.messages import TASK_NAME
-from worker.metrics import WorkerMetrics
-from worker.settings import WorkerSettings
-from worker.settle import WindowCounts
+from imgq.worker.batching import BatchRunner
+from imgq.worker.deadletters import DeadLetters
+from imgq.worker.intake import Intake
+from imgq.worker.messages import TASK_NAME
+from imgq.worker.metrics import WorkerMetrics
+from imgq.worker.settings import WorkerSettings
+from imgq.worker.settle import WindowCounts
 
 
 class FakeBundle:
@@ -239,7 +239,7 @@ def test_a_failing_drift_update_costs_no_result(redis_server, client, manifest, 
     try:
         for _ in range(2):
             results = [_send(client, image=GOOD) for _ in range(3)]
-            with caplog.at_level(logging.ERROR, logger="worker.batching"):
+            with caplog.at_level(logging.ERROR, logger="imgq.worker.batching"):
                 assert runner.run_once() == 3
             assert [res.get(timeout=5)["label"] for res in results] == ["b"] * 3
             assert r.keys("imgq:inflight:*") == []  # acknowledged
@@ -271,8 +271,8 @@ def test_stop_ends_run(redis_server, client, manifest) -> None:
 
 def test_tinymodel_helpers_make_distinct_classes(tmp_path: Path) -> None:
     """The tiny bundle classifies each reference colour as its own class (sanity of the helper)."""
-    from shared.decode import decode_image
-    from worker.bundle import ModelBundle
+    from imgq.shared.decode import decode_image
+    from imgq.worker.bundle import ModelBundle
 
     bundle = ModelBundle.load(make_tiny_bundle(tmp_path), device="cpu")
     images = [decode_image(encode_png(colour_image(c))) for c in COLOURS]
@@ -439,7 +439,7 @@ def test_time_headers_that_cannot_be_formatted_fail_their_task_only(
     epoch milliseconds stopped every worker in turn)."""
     from celery import Celery
 
-    from worker.events import TaskEvents
+    from imgq.worker.events import TaskEvents
 
     odd = client.send_task(TASK_NAME, kwargs={"image": GOOD}, queue="imgq", headers=headers)
     mate = _send(client, image=GOOD)

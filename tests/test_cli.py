@@ -34,7 +34,7 @@ def test_parser_has_every_subcommand() -> None:
         assert args.command == name and callable(args.func)
 
 
-@pytest.mark.parametrize("module", ["imgq.cli", "worker", "worker.client", "shared"])
+@pytest.mark.parametrize("module", ["imgq.cli", "worker", "imgq.worker.client", "shared"])
 def test_light_imports_do_not_load_tensorflow(module: str) -> None:
     """Importing the command line, the worker package or shared/ never loads TensorFlow."""
     code = (

@@ -23,9 +23,9 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from kombu.exceptions import OperationalError
 
 from imgq.localredis import LocalRedis
-from shared.errors import InvalidImage
+from imgq.shared.errors import InvalidImage
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
-from worker.client import SENT_AT_HEADER, TASK_NAME, ImgqClient, classify_main
+from imgq.worker.client import SENT_AT_HEADER, TASK_NAME, ImgqClient, classify_main
 
 #: Generous bound on how long publishing may take to fail while Redis is down (the client's
 #: own bound is ~2 s for a refused connection; this leaves room for a busy machine).
@@ -68,7 +68,7 @@ class Block:
         if name.split(".")[0] in {blocked!r}:
             raise ImportError(f"{{name}} is blocked in this test")
 sys.meta_path.insert(0, Block())
-from worker.client import ImgqClient, _MessageTemplate
+from imgq.worker.client import ImgqClient, _MessageTemplate
 client = ImgqClient("redis://127.0.0.1:1/0")
 _, message = _MessageTemplate(client.app, "imgq.classify", "imgq", 1, None).fill(b"abc")
 print(sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
@@ -186,7 +186,7 @@ def _worker_env(url: str) -> dict[str, str]:
 def worker(redis_server: LocalRedis, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A real `imgq worker` serving the tiny colour model; tasks wait in Redis until it is up."""
     bundle = make_tiny_bundle(tmp_path / "bundle")
-    log = (tmp_path / "worker.log").open("wb")
+    log = (tmp_path / "imgq.worker.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle), "--max-batch", "8"],
         env=_worker_env(redis_server.url), stdout=log, stderr=subprocess.STDOUT,

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from worker.settings import ENV_VARS
+from imgq.worker.settings import ENV_VARS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"

@@ -16,7 +16,7 @@ import redis
 
 from imgq.cli import main
 from imgq.localredis import LocalRedis, free_port
-from worker.deadletters import (
+from imgq.worker.deadletters import (
     HEAD_BYTES,
     LUA_DEAD_LETTER,
     BodyNotKept,

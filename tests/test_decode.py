@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps, PngImagePlugin
 
-from shared.decode import (
+from imgq.shared.decode import (
     DEFAULT_LIMITS,
     DecodeLimits,
     ImageInfo,
@@ -29,8 +29,8 @@ from shared.decode import (
     decode_image,
     probe_image,
 )
-from shared.decode import _over_white as _over_white_in_bands
-from shared.errors import IMAGE_REASONS, InvalidImage
+from imgq.shared.decode import _over_white as _over_white_in_bands
+from imgq.shared.errors import IMAGE_REASONS, InvalidImage
 
 # Four flat colour quadrants: lossy codecs reproduce them closely, lossless ones exactly.
 _QUADRANT_COLOURS = [(200, 30, 40), (20, 180, 60), (30, 60, 210), (240, 220, 20)]
@@ -308,8 +308,8 @@ def test_decode_uses_the_info_it_is_given(monkeypatch: pytest.MonkeyPatch) -> No
     def no_second_probe(_: bytes) -> None:
         raise AssertionError("the header was probed again")
 
-    monkeypatch.setattr("shared.decode._probe_fast", no_second_probe)
-    monkeypatch.setattr("shared.decode._probe_pillow", no_second_probe)
+    monkeypatch.setattr("imgq.shared.decode._probe_fast", no_second_probe)
+    monkeypatch.setattr("imgq.shared.decode._probe_pillow", no_second_probe)
     assert np.array_equal(decode_image(data, DEFAULT_LIMITS, info), want)
     assert np.array_equal(decode_image(data, info=info), want)
     with pytest.raises(InvalidImage, match="too_many_pixels"):

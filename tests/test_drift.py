@@ -20,15 +20,15 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from shared.errors import ManifestError
-from shared.imagestats import (
+from imgq.shared.errors import ManifestError
+from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     OUTPUT_FEATURES,
     ReferenceStats,
     bin_counts,
     out_of_range,
 )
-from shared.manifest import Manifest
+from imgq.shared.manifest import Manifest
 from tests.drift_synthetic import (
     BRIGHTNESS,
     LABELS,
@@ -37,7 +37,7 @@ from tests.drift_synthetic import (
     make_reference,
     traffic,
 )
-from worker.drift import (
+from imgq.worker.drift import (
     _ADD_LUA,
     ALL_FEATURES,
     STATE_TTL_S,
@@ -53,7 +53,7 @@ from worker.drift import (
     holm,
     psi,
 )
-from worker.metrics import WorkerMetrics
+from imgq.worker.metrics import WorkerMetrics
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import redis
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from shared.manifest import Manifest, save_manifest
+from imgq.shared.manifest import Manifest, save_manifest
 from tests.drift_synthetic import make_manifest, make_reference, traffic
-from worker.drift import DriftRecorder
-from worker.drift_review import alerts_main, report_main, status_main
-from worker.metrics import WorkerMetrics
+from imgq.worker.drift import DriftRecorder
+from imgq.worker.drift_review import alerts_main, report_main, status_main
+from imgq.worker.metrics import WorkerMetrics
 
 
 @pytest.fixture

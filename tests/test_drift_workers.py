@@ -19,14 +19,14 @@ import pytest
 import redis
 
 from imgq.shifts import EXPECTED, SHIFTS, shift_image
-from shared.decode import decode_image
-from shared.imagestats import build_reference, decoded_image_features, output_features
-from shared.manifest import load_manifest, save_manifest
-from shared.preprocess import preprocess_batch
+from imgq.shared.decode import decode_image
+from imgq.shared.imagestats import build_reference, decoded_image_features, output_features
+from imgq.shared.manifest import load_manifest, save_manifest
+from imgq.shared.preprocess import preprocess_batch
 from tests.workerproc import Workers
-from trainer.sample_data import CLASS_NAMES, generate
-from worker.client import ImgqClient
-from worker.drift import ALL_FEATURES, DriftKeys
+from imgq.trainer.sample_data import CLASS_NAMES, generate
+from imgq.worker.client import ImgqClient
+from imgq.worker.drift import ALL_FEATURES, DriftKeys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -23,8 +23,8 @@ from tests.workerproc import (
     freeze_holding_messages,
     redelivery_s,
 )
-from worker.client import ImgqClient
-from worker.messages import TASK_NAME
+from imgq.worker.client import ImgqClient
+from imgq.worker.messages import TASK_NAME
 
 pytestmark = pytest.mark.integration
 

@@ -26,11 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgq.localredis import LocalRedis
-from shared.errors import InvalidTask
+from imgq.shared.errors import InvalidTask
 from tests.hostile import b64, good_png
 from tests.workerproc import Worker
-from worker.deadletters import DeadLetters
-from worker.messages import TASK_NAME, parse_message
+from imgq.worker.deadletters import DeadLetters
+from imgq.worker.messages import TASK_NAME, parse_message
 
 pytestmark = pytest.mark.integration
 

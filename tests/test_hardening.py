@@ -34,9 +34,9 @@ from tests.workerproc import (
     redelivery_s,
     wait_all,
 )
-from worker.client import ImgqClient
-from worker.deadletters import DeadLetters
-from worker.messages import TASK_NAME, parse_message
+from imgq.worker.client import ImgqClient
+from imgq.worker.deadletters import DeadLetters
+from imgq.worker.messages import TASK_NAME, parse_message
 
 pytestmark = pytest.mark.integration
 
@@ -288,8 +288,8 @@ def test_a_redelivered_batch_is_counted_once(redis_server, app, workers, bundle_
     """Item 6: a worker stalls holding a batch; the other serves those tasks again. Woken up,
     the stalled worker stores its copy of the batch: no stored answer changes, nothing is
     published twice, and the drift window counts every task exactly once."""
-    from shared.manifest import load_manifest
-    from worker.drift import DriftKeys
+    from imgq.shared.manifest import load_manifest
+    from imgq.worker.drift import DriftKeys
 
     r = redis.Redis.from_url(redis_server.url)
     drift = {"IMGQ_DRIFT": "1", "IMGQ_DRIFT_WINDOW": "1000000", "IMGQ_DRIFT_WINDOW_S": "3600",

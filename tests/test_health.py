@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from imgq.localredis import LocalRedis, free_port
-from shared.manifest import load_manifest
+from imgq.shared.manifest import load_manifest
 from tests.tinymodel import make_tiny_bundle
-from worker.app import make_app
-from worker.settings import WorkerSettings
+from imgq.worker.app import make_app
+from imgq.worker.settings import WorkerSettings
 
 #: Generous bound on one `imgq health` run: its own --timeout plus interpreter start-up.
 RUN_LIMIT_S = 60

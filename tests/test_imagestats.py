@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.imagestats import (
+from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     OUTPUT_FEATURES,
     FeatureReference,
@@ -21,7 +21,7 @@ from shared.imagestats import (
     out_of_range,
     output_features,
 )
-from shared.preprocess import PreprocessSpec, resize_image
+from imgq.shared.preprocess import PreprocessSpec, resize_image
 
 #: The sample model's input (`imgq train`'s default): pixel features are of the model's input.
 SPEC = PreprocessSpec(height=32, width=32)

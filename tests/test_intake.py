@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.deadletters import DeadLetters
-from worker.intake import LANES_KEY, Intake, LeaseLost, deliveries_key, poison_key
-from worker.settle import Settler
+from imgq.worker.deadletters import DeadLetters
+from imgq.worker.intake import LANES_KEY, Intake, LeaseLost, deliveries_key, poison_key
+from imgq.worker.settle import Settler
 
 DEAD_LETTERS = (3600, 100, 1 << 20)
 

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from worker.logs import JsonFormatter, mask_url
+from imgq.worker.logs import JsonFormatter, mask_url
 
 
 @pytest.mark.parametrize(

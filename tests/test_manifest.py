@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shared.errors import ManifestError
-from shared.imagestats import IMAGE_FEATURES, build_reference
-from shared.manifest import (
+from imgq.shared.errors import ManifestError
+from imgq.shared.imagestats import IMAGE_FEATURES, build_reference
+from imgq.shared.manifest import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
     GoldenImage,
@@ -21,7 +21,7 @@ from shared.manifest import (
     save_manifest,
     sha256_file,
 )
-from shared.preprocess import PreprocessSpec
+from imgq.shared.preprocess import PreprocessSpec
 
 SHA = "ab" * 32
 

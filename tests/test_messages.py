@@ -11,8 +11,8 @@ import pytest
 import redis
 from celery import Celery
 
-from shared.errors import InvalidImage, InvalidTask
-from worker.messages import (
+from imgq.shared.errors import InvalidImage, InvalidTask
+from imgq.worker.messages import (
     TASK_NAME,
     exception_result,
     parse_message,

@@ -16,10 +16,10 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgq.localredis import free_port
-from shared.manifest import load_manifest
+from imgq.shared.manifest import load_manifest
 from tests.tinymodel import COLOURS, colour_image, encode_png
 from tests.workerproc import wait_all
-from worker.client import ImgqClient
+from imgq.worker.client import ImgqClient
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.decode import decode_base64, decode_image
-from shared.preprocess import (
+from imgq.shared.decode import decode_base64, decode_image
+from imgq.shared.preprocess import (
     PreprocessSpec,
     compute_mean_std,
     normalise_batch,

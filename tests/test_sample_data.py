@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from imgq.cli import main as imgq
-from shared.decode import decode_image
-from trainer.dataset import list_labelled_files
-from trainer.sample_data import CLASS_NAMES, generate
+from imgq.shared.decode import decode_image
+from imgq.trainer.dataset import list_labelled_files
+from imgq.trainer.sample_data import CLASS_NAMES, generate
 
 
 def _contents(root: Path) -> dict[str, bytes]:

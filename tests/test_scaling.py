@@ -12,7 +12,7 @@ from imgq.localredis import free_port
 from tests.test_metrics import scrape_metrics
 from tests.tinymodel import COLOURS, colour_image, encode_png
 from tests.workerproc import wait_all
-from worker.client import ImgqClient
+from imgq.worker.client import ImgqClient
 
 pytestmark = pytest.mark.integration
 

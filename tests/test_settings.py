@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from shared.decode import DecodeLimits
-from worker.settings import _LIMIT_FIELDS, _VARS, ENV_VARS, WorkerSettings
+from imgq.shared.decode import DecodeLimits
+from imgq.worker.settings import _LIMIT_FIELDS, _VARS, ENV_VARS, WorkerSettings
 
 
 def test_defaults_without_environment() -> None:

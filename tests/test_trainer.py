@@ -16,29 +16,29 @@ import numpy as np
 import pytest
 
 from imgq.cli import main as imgq
-from shared.decode import decode_image
-from shared.errors import ParityError
-from shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES, build_reference
-from shared.manifest import load_manifest
-from shared.preprocess import (
+from imgq.shared.decode import decode_image
+from imgq.shared.errors import ParityError
+from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES, build_reference
+from imgq.shared.manifest import load_manifest
+from imgq.shared.preprocess import (
     PreprocessSpec,
     compute_mean_std,
     normalise_batch,
     preprocess_batch,
     resize_image,
 )
-from trainer.dataset import Dataset, Split, load_dataset, stratified_split
-from trainer.export import export_bundle
-from trainer.model import build_model
-from trainer.sample_data import generate
-from trainer.train import (
+from imgq.trainer.dataset import Dataset, Split, load_dataset, stratified_split
+from imgq.trainer.export import export_bundle
+from imgq.trainer.model import build_model
+from imgq.trainer.sample_data import generate
+from imgq.trainer.train import (
     AugmentedBatches,
     OverfitWarning,
     augment_batch,
     overfit_onset,
     train_bundle,
 )
-from worker.bundle import ModelBundle
+from imgq.worker.bundle import ModelBundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,8 +163,8 @@ _NO_TF_SCRIPT = """
 import json, sys
 for name in ("tensorflow", "keras", "tf2onnx"):
     sys.modules[name] = None  # any import of them now raises ImportError
-from shared.decode import decode_image
-from worker.bundle import ModelBundle
+from imgq.shared.decode import decode_image
+from imgq.worker.bundle import ModelBundle
 bundle = ModelBundle.load(sys.argv[1], device="cpu")
 files = sys.argv[2:]
 probs = bundle.classify_images([decode_image(open(f, "rb").read()) for f in files])

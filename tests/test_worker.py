@@ -18,14 +18,14 @@ import pytest
 import redis
 from celery import Celery
 
-from shared.decode import decode_image
-from shared.errors import InvalidImage, InvalidTask
-from shared.manifest import load_manifest, save_manifest
+from imgq.shared.decode import decode_image
+from imgq.shared.errors import InvalidImage, InvalidTask
+from imgq.shared.manifest import load_manifest, save_manifest
 from tests.tinymodel import COLOURS, colour_image, encode_png
 from tests.workerproc import REDELIVERY_BOUND_S, Workers, send_many, wait_all
-from worker.bundle import ModelBundle
-from worker.intake import LANES_KEY
-from worker.messages import TASK_NAME
+from imgq.worker.bundle import ModelBundle
+from imgq.worker.intake import LANES_KEY
+from imgq.worker.messages import TASK_NAME
 
 pytestmark = pytest.mark.integration
 

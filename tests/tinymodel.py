@@ -18,16 +18,16 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from shared.decode import decode_image
-from shared.imagestats import (
+from imgq.shared.decode import decode_image
+from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     OUTPUT_FEATURES,
     build_reference,
     decoded_image_features,
     output_features,
 )
-from shared.manifest import GoldenImage, Manifest, save_manifest, sha256_file
-from shared.preprocess import PreprocessSpec, preprocess_batch
+from imgq.shared.manifest import GoldenImage, Manifest, save_manifest, sha256_file
+from imgq.shared.preprocess import PreprocessSpec, preprocess_batch
 
 __all__ = ["COLOURS", "colour_image", "encode_png", "make_tiny_bundle"]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.decode import decode_image
-from shared.errors import InvalidImage
-from shared.imagestats import image_features
-from shared.preprocess import PreprocessSpec, resize_image
+from imgq.shared.decode import decode_image
+from imgq.shared.errors import InvalidImage
+from imgq.shared.imagestats import image_features
+from imgq.shared.preprocess import PreprocessSpec, resize_image
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -22,21 +22,21 @@ import cv2
 import keras
 import numpy as np
 
-from shared.decode import decode_image
-from shared.errors import ImgqError
-from shared.imagestats import (
+from imgq.shared.decode import decode_image
+from imgq.shared.errors import ImgqError
+from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     OUTPUT_FEATURES,
     ReferenceStats,
     build_reference,
     output_features,
 )
-from shared.manifest import MANIFEST_FILE
-from shared.preprocess import PreprocessSpec, compute_mean_std, normalise_batch
-from trainer.dataset import Dataset, Split, load_dataset, stratified_split
-from trainer.export import MIN_PARITY_IMAGES, export_bundle
-from trainer.model import ARCHITECTURES, build_model
-from trainer.plots import plot_confusion_matrix, plot_training_curves
+from imgq.shared.manifest import MANIFEST_FILE
+from imgq.shared.preprocess import PreprocessSpec, compute_mean_std, normalise_batch
+from imgq.trainer.dataset import Dataset, Split, load_dataset, stratified_split
+from imgq.trainer.export import MIN_PARITY_IMAGES, export_bundle
+from imgq.trainer.model import ARCHITECTURES, build_model
+from imgq.trainer.plots import plot_confusion_matrix, plot_training_curves
 
 __all__ = [
     "AugmentedBatches",

@@ -15,8 +15,8 @@ from typing import Any
 
 from celery import Celery
 
-from worker.messages import TASK_NAME
-from worker.settings import WorkerSettings
+from imgq.worker.messages import TASK_NAME
+from imgq.worker.settings import WorkerSettings
 
 __all__ = ["ImgqCelery", "make_app"]
 
@@ -54,7 +54,7 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
         # No task runs on Celery's own path, so there is nothing to cancel on a lost connection;
         # setting it explicitly also silences Celery's pending-deprecation warning.
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_consumer="worker.consumer:BulkConsumer",
+        worker_consumer="imgq.worker.consumer:BulkConsumer",
         worker_pool="solo",
         # Our own JSON logging is configured in worker/main.py; Celery must not replace it.
         worker_hijack_root_logger=False,

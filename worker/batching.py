@@ -39,13 +39,13 @@ import numpy as np
 import redis
 from celery.exceptions import TaskRevokedError
 
-from shared.decode import decode_base64, decode_image, probe_image
-from shared.errors import ImgqError, InvalidTask
-from shared.imagestats import image_features
-from shared.preprocess import normalise_batch, resize_image
-from worker.events import TaskEvents
-from worker.intake import Lane, LeaseLost, Oversized, Taken
-from worker.messages import (
+from imgq.shared.decode import decode_base64, decode_image, probe_image
+from imgq.shared.errors import ImgqError, InvalidTask
+from imgq.shared.imagestats import image_features
+from imgq.shared.preprocess import normalise_batch, resize_image
+from imgq.worker.events import TaskEvents
+from imgq.worker.intake import Lane, LeaseLost, Oversized, Taken
+from imgq.worker.messages import (
     TaskRequest,
     _task_id,
     exception_result,
@@ -53,9 +53,9 @@ from worker.messages import (
     result_meta,
     validate_kwargs,
 )
-from worker.metrics import WorkerMetrics
-from worker.settings import WorkerSettings
-from worker.settle import DeadMessage, Drift, Settler, WindowCounts, once_token
+from imgq.worker.metrics import WorkerMetrics
+from imgq.worker.settings import WorkerSettings
+from imgq.worker.settle import DeadMessage, Drift, Settler, WindowCounts, once_token
 
 __all__ = ["BatchRunner"]
 

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from shared.decode import decode_image
-from shared.errors import BundleError, ImgqError
-from shared.manifest import Manifest, load_manifest, sha256_file
-from shared.preprocess import preprocess_batch
+from imgq.shared.decode import decode_image
+from imgq.shared.errors import BundleError, ImgqError
+from imgq.shared.manifest import Manifest, load_manifest, sha256_file
+from imgq.shared.preprocess import preprocess_batch
 
 __all__ = ["DEVICES", "ModelBundle", "choose_providers", "verify_main"]
 
@@ -338,7 +338,7 @@ def _check_signature(session: ort.InferenceSession, manifest: Manifest) -> None:
 
 def _accuracy_on_folder(bundle: ModelBundle, data_dir: Path) -> int:
     """Print the served path's accuracy on a labelled folder; return the number of problems."""
-    from trainer.dataset import list_labelled_files  # no TensorFlow in that module
+    from imgq.trainer.dataset import list_labelled_files  # no TensorFlow in that module
 
     try:
         files, labels = list_labelled_files(data_dir)

@@ -38,15 +38,15 @@ from celery.worker.consumer.tasks import Tasks
 from kombu import Consumer as KombuConsumer
 from kombu.common import QoS
 
-from shared.errors import BundleError
-from worker.app import ImgqCelery
-from worker.batching import BatchRunner
-from worker.bundle import ModelBundle
-from worker.events import TaskEvents
-from worker.health import publish_model  # also registers the `imgq_status` control command
-from worker.intake import Intake
-from worker.metrics import process_metrics
-from worker.settings import WorkerSettings
+from imgq.shared.errors import BundleError
+from imgq.worker.app import ImgqCelery
+from imgq.worker.batching import BatchRunner
+from imgq.worker.bundle import ModelBundle
+from imgq.worker.events import TaskEvents
+from imgq.worker.health import publish_model  # also registers the `imgq_status` control command
+from imgq.worker.intake import Intake
+from imgq.worker.metrics import process_metrics
+from imgq.worker.settings import WorkerSettings
 
 __all__ = ["BulkConsumer", "BulkControl", "BulkDelayedDelivery", "BulkService", "BulkTasks"]
 
@@ -112,7 +112,7 @@ class BulkService:
         ).set(1)
         self.drift = None
         if settings.drift_enabled:
-            from worker.drift import DriftRecorder
+            from imgq.worker.drift import DriftRecorder
 
             self.drift = DriftRecorder(
                 self.redis,
@@ -317,10 +317,10 @@ class BulkDelayedDelivery(DelayedDelivery):
 
 
 _REPLACED_STEPS = {
-    "celery.worker.consumer.tasks:Tasks": "worker.consumer:BulkTasks",
-    "celery.worker.consumer.control:Control": "worker.consumer:BulkControl",
+    "celery.worker.consumer.tasks:Tasks": "imgq.worker.consumer:BulkTasks",
+    "celery.worker.consumer.control:Control": "imgq.worker.consumer:BulkControl",
     "celery.worker.consumer.delayed_delivery:DelayedDelivery": (
-        "worker.consumer:BulkDelayedDelivery"
+        "imgq.worker.consumer:BulkDelayedDelivery"
     ),
 }
 

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.client
 
-from shared.errors import ImgqError
+from imgq.shared.errors import ImgqError
 
 if TYPE_CHECKING:
-    from worker.settings import WorkerSettings
+    from imgq.worker.settings import WorkerSettings
 
 __all__ = [
     "BODY_STATES", "DEAD_LETTER_REASONS", "HEAD_BYTES", "LUA_DEAD_LETTER", "BodyNotKept",

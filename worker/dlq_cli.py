@@ -21,16 +21,16 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.errors import ImgqError
-from worker.deadletters import (
+from imgq.shared.errors import ImgqError
+from imgq.worker.deadletters import (
     BODY_STATES,
     DeadLetter,
     DeadLetterLimits,
     DeadLetters,
     escape_bytes,
 )
-from worker.logs import mask_url
-from worker.settings import WorkerSettings
+from imgq.worker.logs import mask_url
+from imgq.worker.settings import WorkerSettings
 
 __all__ = ["list_main", "show_main", "requeue_main", "purge_main"]
 

@@ -51,8 +51,8 @@ import numpy as np
 import redis
 from scipy.special import chdtrc
 
-from shared.errors import ManifestError
-from shared.imagestats import (
+from imgq.shared.errors import ManifestError
+from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     IMAGE_FEATURES_VERSION,
     OUTPUT_FEATURES,
@@ -60,9 +60,9 @@ from shared.imagestats import (
     ReferenceStats,
     output_features,
 )
-from shared.manifest import Manifest
-from worker.metrics import WorkerMetrics, process_metrics
-from worker.settle import WindowCounts
+from imgq.shared.manifest import Manifest
+from imgq.worker.metrics import WorkerMetrics, process_metrics
+from imgq.worker.settle import WindowCounts
 
 __all__ = [
     "ALL_FEATURES",

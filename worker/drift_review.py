@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import redis
 
-from shared.errors import ImgqError
-from shared.imagestats import FeatureReference
-from shared.manifest import Manifest, load_manifest
-from worker.drift import DriftKeys, WindowLayout
-from worker.logs import mask_url
-from worker.settings import WorkerSettings
+from imgq.shared.errors import ImgqError
+from imgq.shared.imagestats import FeatureReference
+from imgq.shared.manifest import Manifest, load_manifest
+from imgq.worker.drift import DriftKeys, WindowLayout
+from imgq.worker.logs import mask_url
+from imgq.worker.settings import WorkerSettings
 
 __all__ = [
     "status_main",

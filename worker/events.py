@@ -29,7 +29,7 @@ from celery import Celery
 from celery.events import Event
 from celery.utils.time import utcoffset
 
-from worker.messages import TASK_NAME, TaskRequest, json_dumps
+from imgq.worker.messages import TASK_NAME, TaskRequest, json_dumps
 
 __all__ = ["TaskEvents"]
 

@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 if TYPE_CHECKING:
-    from worker.bundle import ModelBundle
+    from imgq.worker.bundle import ModelBundle
 
 __all__ = ["STATUS_COMMAND", "imgq_status", "local_node_pattern", "main", "publish_model"]
 
@@ -116,9 +116,9 @@ def _model_status(app: Celery, node: str, timeout_s: float) -> dict[str, Any] | 
 
 def main(args: argparse.Namespace) -> int:
     """Run the checks of ``imgq health [--timeout S] [--local]``; 0 when all pass, else 1."""
-    from worker.app import make_app
-    from worker.logs import mask_url
-    from worker.settings import WorkerSettings
+    from imgq.worker.app import make_app
+    from imgq.worker.logs import mask_url
+    from imgq.worker.settings import WorkerSettings
 
     if args.timeout <= 0:
         raise SystemExit(f"imgq health: --timeout must be > 0 seconds, got {args.timeout}")

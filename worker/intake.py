@@ -53,8 +53,8 @@ import time
 
 import redis
 
-from worker.capped import ReplyTooLarge, capped_client
-from worker.deadletters import LUA_DEAD_LETTER
+from imgq.worker.capped import ReplyTooLarge, capped_client
+from imgq.worker.deadletters import LUA_DEAD_LETTER
 
 __all__ = [
     "DELIVERIES_TTL_S",

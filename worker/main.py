@@ -15,15 +15,15 @@ import redis
 from celery import signals
 from celery.utils.nodenames import default_nodename, host_format
 
-from shared.errors import ImgqError
-from worker.app import make_app
-from worker.logs import configure_logging, mask_url
-from worker.metrics import start_metrics_server
-from worker.settings import WorkerSettings
+from imgq.shared.errors import ImgqError
+from imgq.worker.app import make_app
+from imgq.worker.logs import configure_logging, mask_url
+from imgq.worker.metrics import start_metrics_server
+from imgq.worker.settings import WorkerSettings
 
 __all__ = ["main"]
 
-logger = logging.getLogger("worker.main")
+logger = logging.getLogger("imgq.worker.main")
 
 
 def _keep_batch_buffers() -> None:

@@ -26,8 +26,8 @@ from typing import Any
 
 import orjson
 
-from shared.decode import b64decode_strict
-from shared.errors import InvalidTask
+from imgq.shared.decode import b64decode_strict
+from imgq.shared.errors import InvalidTask
 
 __all__ = [
     "TASK_NAME",
@@ -226,7 +226,7 @@ def _epoch_s(value: Any) -> float | None:
     >>> _epoch_s(1_764_000_000_000)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    shared.errors.InvalidTask: malformed_message: ... looks like epoch milliseconds; send ISO ...
+    imgq.shared.errors.InvalidTask: malformed_message: ... looks like epoch milliseconds; send ISO ...
     """
     if value is None:
         return None
@@ -279,7 +279,7 @@ def validate_kwargs(kwargs: dict[str, Any], n_labels: int) -> tuple[str, int, st
     >>> validate_kwargs({"image": "aGk=", "top_k": True}, n_labels=3)
     Traceback (most recent call last):
     ...
-    shared.errors.InvalidTask: bad_argument: top_k must be an integer in 1..3, got True
+    imgq.shared.errors.InvalidTask: bad_argument: top_k must be an integer in 1..3, got True
     """
     unknown = sorted(set(kwargs) - set(_ARGUMENTS))
     if unknown:

@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.logs import LOG_FORMATS, mask_url
+from imgq.worker.logs import LOG_FORMATS, mask_url
 
 if TYPE_CHECKING:
-    from shared.decode import DecodeLimits
+    from imgq.shared.decode import DecodeLimits
 
 __all__ = ["DEVICES", "ENV_VARS", "WorkerSettings", "parse_infer_batch"]
 
@@ -30,7 +30,7 @@ _FALSE = ("0", "false", "no", "off")
 
 
 def _default_limits() -> DecodeLimits:
-    from shared.decode import DecodeLimits
+    from imgq.shared.decode import DecodeLimits
 
     return DecodeLimits()
 
@@ -326,7 +326,7 @@ class WorkerSettings:
             raise ValueError("invalid worker settings: " + "; ".join(problems))
         limits = {k: values.pop(k) for k in _LIMIT_FIELDS if k in values}
         if limits:
-            from shared.decode import DecodeLimits
+            from imgq.shared.decode import DecodeLimits
 
             values["decode_limits"] = DecodeLimits(**limits)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -29,9 +29,9 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 
-from worker.deadletters import LUA_DEAD_LETTER
-from worker.intake import LANES_KEY, Lane
-from worker.messages import json_dumps
+from imgq.worker.deadletters import LUA_DEAD_LETTER
+from imgq.worker.intake import LANES_KEY, Lane
+from imgq.worker.messages import json_dumps
 
 __all__ = ["DeadMessage", "Settler", "WindowCounts", "once_token"]
 
