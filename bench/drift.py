@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from imgq.shifts import BENIGN, EXPECTED, SHIFTS, shift_image
 from imgq.shared.decode import decode_image
 from imgq.shared.imagestats import (
     IMAGE_FEATURES,
@@ -35,6 +34,7 @@ from imgq.shared.imagestats import (
     decoded_image_features,
 )
 from imgq.shared.preprocess import PreprocessSpec
+from imgq.shifts import BENIGN, EXPECTED, SHIFTS, shift_image
 from imgq.trainer.sample_data import CLASS_NAMES, generate
 from imgq.worker.drift import Window, evaluate_window
 

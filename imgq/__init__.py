@@ -29,8 +29,7 @@ if TYPE_CHECKING:
         ManifestError,
         ParityError,
     )
-    from imgq.worker.client import ImgqClient
-    from imgq.worker.client import TASK_NAME
+    from imgq.worker.client import TASK_NAME, ImgqClient
     from imgq.worker.settings import WorkerSettings
 
 _PUBLIC: dict[str, str] = {
@@ -46,7 +45,18 @@ _PUBLIC: dict[str, str] = {
     "ParityError": "imgq.shared.errors",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "BundleError",
+    "DecodeLimits",
+    "ImgqClient",
+    "ImgqError",
+    "InvalidImage",
+    "InvalidTask",
+    "ManifestError",
+    "ParityError",
+    "TASK_NAME",
+    "WorkerSettings",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -146,8 +146,8 @@ def _wait_for_alert(
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
-    from imgq.shifts import shift_image
     from imgq.shared.manifest import load_manifest
+    from imgq.shifts import shift_image
     from imgq.trainer.sample_data import generate
     from imgq.trainer.train import train_bundle
     from imgq.worker.client import ImgqClient, ProgressBar

@@ -74,9 +74,9 @@ from PIL import Image
 
 from imgq.shared.decode import DEFAULT_LIMITS
 from imgq.shared.errors import IMAGE_REASONS
+from imgq.worker.messages import TASK_NAME
 from tests.test_messages import _Trap
 from tests.tinymodel import COLOURS, colour_image, encode_png
-from imgq.worker.messages import TASK_NAME
 
 __all__ = ["Hostile", "catalogue", "envelope", "enqueue", "image_payloads", "b64"]
 

@@ -21,7 +21,6 @@ from imgq.shared.decode import DecodeLimits
 from imgq.shared.errors import InvalidImage, InvalidTask
 from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.manifest import load_manifest
-from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
 from imgq.worker.batching import BatchRunner
 from imgq.worker.deadletters import DeadLetters
 from imgq.worker.intake import Intake
@@ -29,6 +28,7 @@ from imgq.worker.messages import TASK_NAME
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.settle import WindowCounts
+from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
 
 
 class FakeBundle:

@@ -24,8 +24,8 @@ from kombu.exceptions import OperationalError
 
 from imgq.localredis import LocalRedis
 from imgq.shared.errors import InvalidImage
-from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
 from imgq.worker.client import SENT_AT_HEADER, TASK_NAME, ImgqClient, classify_main
+from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
 
 #: Generous bound on how long publishing may take to fail while Redis is down (the client's
 #: own bound is ~2 s for a refused connection; this leaves room for a busy machine).

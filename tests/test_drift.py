@@ -29,14 +29,6 @@ from imgq.shared.imagestats import (
     out_of_range,
 )
 from imgq.shared.manifest import Manifest
-from tests.drift_synthetic import (
-    BRIGHTNESS,
-    LABELS,
-    all_features,
-    make_manifest,
-    make_reference,
-    traffic,
-)
 from imgq.worker.drift import (
     _ADD_LUA,
     ALL_FEATURES,
@@ -54,6 +46,14 @@ from imgq.worker.drift import (
     psi,
 )
 from imgq.worker.metrics import WorkerMetrics
+from tests.drift_synthetic import (
+    BRIGHTNESS,
+    LABELS,
+    all_features,
+    make_manifest,
+    make_reference,
+    traffic,
+)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,15 @@ import onnxruntime as ort
 import pytest
 import redis
 
-from imgq.shifts import EXPECTED, SHIFTS, shift_image
 from imgq.shared.decode import decode_image
 from imgq.shared.imagestats import build_reference, decoded_image_features, output_features
 from imgq.shared.manifest import load_manifest, save_manifest
 from imgq.shared.preprocess import preprocess_batch
-from tests.workerproc import Workers
+from imgq.shifts import EXPECTED, SHIFTS, shift_image
 from imgq.trainer.sample_data import CLASS_NAMES, generate
 from imgq.worker.client import ImgqClient
 from imgq.worker.drift import ALL_FEATURES, DriftKeys
+from tests.workerproc import Workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,6 +16,8 @@ from kombu.exceptions import OperationalError
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgq.localredis import free_port
+from imgq.worker.client import ImgqClient
+from imgq.worker.messages import TASK_NAME
 from tests.hostile import b64, good_png
 from tests.workerproc import (
     REDELIVERY_BOUND_S,
@@ -23,8 +25,6 @@ from tests.workerproc import (
     freeze_holding_messages,
     redelivery_s,
 )
-from imgq.worker.client import ImgqClient
-from imgq.worker.messages import TASK_NAME
 
 pytestmark = pytest.mark.integration
 

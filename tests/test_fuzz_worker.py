@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 from imgq.localredis import LocalRedis
 from imgq.shared.errors import InvalidTask
-from tests.hostile import b64, good_png
-from tests.workerproc import Worker
 from imgq.worker.deadletters import DeadLetters
 from imgq.worker.messages import TASK_NAME, parse_message
+from tests.hostile import b64, good_png
+from tests.workerproc import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -26,6 +26,9 @@ import redis
 from celery import Celery
 
 from imgq.localredis import LocalRedis
+from imgq.worker.client import ImgqClient
+from imgq.worker.deadletters import DeadLetters
+from imgq.worker.messages import TASK_NAME, parse_message
 from tests.hostile import b64, envelope, good_png, json_body
 from tests.workerproc import (
     Published,
@@ -34,9 +37,6 @@ from tests.workerproc import (
     redelivery_s,
     wait_all,
 )
-from imgq.worker.client import ImgqClient
-from imgq.worker.deadletters import DeadLetters
-from imgq.worker.messages import TASK_NAME, parse_message
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,9 @@ import pytest
 
 from imgq.localredis import LocalRedis, free_port
 from imgq.shared.manifest import load_manifest
-from tests.tinymodel import make_tiny_bundle
 from imgq.worker.app import make_app
 from imgq.worker.settings import WorkerSettings
+from tests.tinymodel import make_tiny_bundle
 
 #: Generous bound on one `imgq health` run: its own --timeout plus interpreter start-up.
 RUN_LIMIT_S = 60

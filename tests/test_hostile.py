@@ -27,6 +27,13 @@ from prometheus_client import CollectorRegistry
 import tests.hostile
 from imgq.shared.decode import DecodeLimits, decode_base64, decode_image
 from imgq.shared.errors import InvalidImage, InvalidTask
+from imgq.worker.batching import BatchRunner
+from imgq.worker.bundle import ModelBundle
+from imgq.worker.deadletters import DeadLetters
+from imgq.worker.intake import Intake, Taken
+from imgq.worker.messages import TASK_NAME, parse_message, validate_kwargs
+from imgq.worker.metrics import WorkerMetrics
+from imgq.worker.settings import WorkerSettings
 from tests.hostile import (
     DEAD_LETTER,
     FAILURE,
@@ -42,13 +49,6 @@ from tests.hostile import (
 )
 from tests.tinymodel import COLOURS, colour_image
 from tests.workerproc import wait_all
-from imgq.worker.batching import BatchRunner
-from imgq.worker.bundle import ModelBundle
-from imgq.worker.deadletters import DeadLetters
-from imgq.worker.intake import Intake, Taken
-from imgq.worker.messages import TASK_NAME, parse_message, validate_kwargs
-from imgq.worker.metrics import WorkerMetrics
-from imgq.worker.settings import WorkerSettings
 
 #: The exceptions a task may fail with on purpose; anything else reaching a result is a bug.
 _DELIBERATE = {"InvalidImage", "InvalidTask"}

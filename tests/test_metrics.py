@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imgq.localredis import free_port
 from imgq.shared.manifest import load_manifest
+from imgq.worker.client import ImgqClient
 from tests.tinymodel import COLOURS, colour_image, encode_png
 from tests.workerproc import wait_all
-from imgq.worker.client import ImgqClient
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from imgq.localredis import free_port
+from imgq.worker.client import ImgqClient
 from tests.test_metrics import scrape_metrics
 from tests.tinymodel import COLOURS, colour_image, encode_png
 from tests.workerproc import wait_all
-from imgq.worker.client import ImgqClient
 
 pytestmark = pytest.mark.integration
 
