@@ -42,7 +42,7 @@ from throughput import sample_images, small_bundle
 
 import imgq.worker.batching as batching
 from imgq.localredis import LocalRedis
-from imgq.worker.bundle import ModelBundle
+from imgq.shared.bundle import ModelBundle
 from imgq.worker.client import ImgqClient
 from imgq.worker.drift import DriftDetector, DriftRecorder
 from imgq.worker.events import TaskEvents

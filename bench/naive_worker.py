@@ -19,9 +19,9 @@ from typing import Any
 
 from celery import Celery, signals
 
+from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_base64, decode_image
 from imgq.shared.preprocess import preprocess_batch
-from imgq.worker.bundle import ModelBundle
 
 #: Name of the baseline task (a plain Celery task, not served by `imgq worker`).
 TASK_NAME = "imgq_naive.classify"

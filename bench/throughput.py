@@ -76,7 +76,7 @@ _WAIT_POLL_S = 0.02
 
 def sample_images(work: Path, per_class: int) -> tuple[Path, list[bytes]]:
     """The sample data set (made once per work folder) and its encoded files, shuffled."""
-    from imgq.trainer.dataset import list_labelled_files
+    from imgq.shared.labelled import list_labelled_files
     from imgq.trainer.sample_data import generate
 
     data_dir = work / f"data-{per_class}"
@@ -116,9 +116,9 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
         decoded_image_features,
         output_features,
     )
+    from imgq.shared.labelled import list_labelled_files
     from imgq.shared.manifest import Manifest, save_manifest, sha256_file
     from imgq.shared.preprocess import PreprocessSpec, preprocess_batch
-    from imgq.trainer.dataset import list_labelled_files
     from imgq.trainer.export import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, export_onnx
     from imgq.trainer.model import build_model
 
@@ -163,9 +163,9 @@ def _limit_share(bundle_dir: str, images: Sequence[bytes]) -> tuple[float, float
     """Wall and CPU seconds of decode + preprocess + inference, one image at a time."""
     import cv2
 
+    from imgq.shared.bundle import ModelBundle
     from imgq.shared.decode import decode_image
     from imgq.shared.preprocess import preprocess_batch
-    from imgq.worker.bundle import ModelBundle
 
     cv2.setNumThreads(1)  # as `imgq worker` runs OpenCV (worker/main.py)
     bundle = ModelBundle.load(bundle_dir, device="cpu", threads=1, check_golden=False)
@@ -180,9 +180,9 @@ def _limit_share(bundle_dir: str, images: Sequence[bytes]) -> tuple[float, float
 
 def _full_batch_ms(bundle_dir: str, images: Sequence[bytes], max_batch: int) -> float:
     """Median time of decode + preprocess + inference of one full batch, one thread."""
+    from imgq.shared.bundle import ModelBundle
     from imgq.shared.decode import decode_image
     from imgq.shared.preprocess import preprocess_batch
-    from imgq.worker.bundle import ModelBundle
 
     bundle = ModelBundle.load(bundle_dir, device="cpu", threads=1, check_golden=False)
     spec = bundle.manifest.preprocess

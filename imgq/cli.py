@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir")
     s.add_argument("data_dir", nargs="?", help="also check accuracy on these labelled files")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.set_defaults(func=_handler("imgq.worker.bundle:verify_main"))
+    s.set_defaults(func=_handler("imgq.worker.verify:verify_main"))
 
     s = sub.add_parser("worker", help="run a Celery worker that serves a bundle")
     s.add_argument("--model", help="bundle folder (IMGQ_MODEL)")

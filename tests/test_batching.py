@@ -271,8 +271,8 @@ def test_stop_ends_run(redis_server, client, manifest) -> None:
 
 def test_tinymodel_helpers_make_distinct_classes(tmp_path: Path) -> None:
     """The tiny bundle classifies each reference colour as its own class (sanity of the helper)."""
+    from imgq.shared.bundle import ModelBundle
     from imgq.shared.decode import decode_image
-    from imgq.worker.bundle import ModelBundle
 
     bundle = ModelBundle.load(make_tiny_bundle(tmp_path), device="cpu")
     images = [decode_image(encode_png(colour_image(c))) for c in COLOURS]

@@ -25,10 +25,10 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 import tests.hostile
+from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import DecodeLimits, decode_base64, decode_image
 from imgq.shared.errors import InvalidImage, InvalidTask
 from imgq.worker.batching import BatchRunner
-from imgq.worker.bundle import ModelBundle
 from imgq.worker.deadletters import DeadLetters
 from imgq.worker.intake import Intake, Taken
 from imgq.worker.messages import TASK_NAME, parse_message, validate_kwargs

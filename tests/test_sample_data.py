@@ -9,7 +9,7 @@ import pytest
 
 from imgq.cli import main as imgq
 from imgq.shared.decode import decode_image
-from imgq.trainer.dataset import list_labelled_files
+from imgq.shared.labelled import list_labelled_files
 from imgq.trainer.sample_data import CLASS_NAMES, generate
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from imgq.cli import main as imgq
+from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import ParityError
 from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES, build_reference
@@ -38,7 +39,6 @@ from imgq.trainer.train import (
     overfit_onset,
     train_bundle,
 )
-from imgq.worker.bundle import ModelBundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ import json, sys
 for name in ("tensorflow", "keras", "tf2onnx"):
     sys.modules[name] = None  # any import of them now raises ImportError
 from imgq.shared.decode import decode_image
-from imgq.worker.bundle import ModelBundle
+from imgq.shared.bundle import ModelBundle
 bundle = ModelBundle.load(sys.argv[1], device="cpu")
 files = sys.argv[2:]
 probs = bundle.classify_images([decode_image(open(f, "rb").read()) for f in files])

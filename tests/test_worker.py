@@ -18,10 +18,10 @@ import pytest
 import redis
 from celery import Celery
 
+from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import InvalidImage, InvalidTask
 from imgq.shared.manifest import load_manifest, save_manifest
-from imgq.worker.bundle import ModelBundle
 from imgq.worker.intake import LANES_KEY
 from imgq.worker.messages import TASK_NAME
 from tests.tinymodel import COLOURS, colour_image, encode_png

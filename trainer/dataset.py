@@ -6,8 +6,8 @@ uint8 arrays with :func:`shared.preprocess.normalise_batch`. So a training tenso
 byte, the tensor a worker makes from the same file with
 ``preprocess_batch([decode_image(data)], spec)``.
 
-No TensorFlow in this module: ``imgq verify`` uses :func:`list_labelled_files` in the worker's
-environment.
+The folder layout itself is read by :func:`imgq.shared.labelled.list_labelled_files`, which
+``imgq verify`` uses in a worker's environment too.
 """
 
 from __future__ import annotations
@@ -20,50 +20,15 @@ import numpy as np
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import InvalidImage
 from imgq.shared.imagestats import image_features
+from imgq.shared.labelled import list_labelled_files
 from imgq.shared.preprocess import PreprocessSpec, resize_image
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "Dataset",
     "Split",
-    "list_labelled_files",
     "load_dataset",
     "stratified_split",
 ]
-
-#: File name endings taken as images (case-insensitive); other files are ignored.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def list_labelled_files(data_dir: str | Path) -> tuple[list[Path], list[str]]:
-    """The image files of a folder with one sub-folder per class, and each file's class name.
-
-    The layout is Keras' ``image_dataset_from_directory`` one: ``data_dir/<class>/<image>``.
-    Classes and files are sorted by name, so the order (and a seeded split) is reproducible.
-
-    Raises:
-        ValueError: ``data_dir`` is not a folder, or a class folder holds no image.
-    """
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise ValueError(f"{root} is not a folder; expected one sub-folder of images per class")
-    files: list[Path] = []
-    labels: list[str] = []
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders; put each class's images in its own")
-    for folder in classes:
-        found = sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        if not found:
-            raise ValueError(
-                f"class folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)}); "
-                "remove it or add images"
-            )
-        files += found
-        labels += [folder.name] * len(found)
-    return files, labels
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,10 +38,10 @@ from celery.worker.consumer.tasks import Tasks
 from kombu import Consumer as KombuConsumer
 from kombu.common import QoS
 
+from imgq.shared.bundle import ModelBundle
 from imgq.shared.errors import BundleError
 from imgq.worker.app import ImgqCelery
 from imgq.worker.batching import BatchRunner
-from imgq.worker.bundle import ModelBundle
 from imgq.worker.events import TaskEvents
 from imgq.worker.health import publish_model  # also registers the `imgq_status` control command
 from imgq.worker.intake import Intake

@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 if TYPE_CHECKING:
-    from imgq.worker.bundle import ModelBundle
+    from imgq.shared.bundle import ModelBundle
 
 __all__ = ["STATUS_COMMAND", "imgq_status", "local_node_pattern", "main", "publish_model"]
 
