@@ -118,7 +118,7 @@ def _alert_ids(url: str, manifest: Any) -> set[str]:
     """Ids of the open drift alerts of this model now."""
     import redis
 
-    from imgq.worker.drift_review import list_alerts
+    from imgq.worker.drift.review import list_alerts
 
     with redis.Redis.from_url(url) as client:
         return {a["id"] for a in list_alerts(client, manifest, include_all=True)}
@@ -131,7 +131,7 @@ def _wait_for_alert(
     are judged by the workers in the background, a moment after they close."""
     import redis
 
-    from imgq.worker.drift_review import list_alerts
+    from imgq.worker.drift.review import list_alerts
 
     deadline = time.monotonic() + timeout_s
     with redis.Redis.from_url(url) as client:

@@ -30,7 +30,6 @@ from imgq.shared.imagestats import (
 )
 from imgq.shared.manifest import Manifest
 from imgq.worker.drift import (
-    _ADD_LUA,
     ALL_FEATURES,
     STATE_TTL_S,
     DriftDetector,
@@ -45,6 +44,7 @@ from imgq.worker.drift import (
     holm,
     psi,
 )
+from imgq.worker.drift.layout import _ADD_LUA
 from imgq.worker.metrics import WorkerMetrics
 from tests.drift_synthetic import (
     BRIGHTNESS,

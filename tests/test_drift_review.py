@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from imgq.shared.manifest import Manifest, save_manifest
 from imgq.worker.drift import DriftRecorder
-from imgq.worker.drift_review import alerts_main, report_main, status_main
+from imgq.worker.drift.review import alerts_main, report_main, status_main
 from imgq.worker.metrics import WorkerMetrics
 from tests.drift_synthetic import make_manifest, make_reference, traffic
 

@@ -1,0 +1,74 @@
+"""Drift: every worker's input and output statistics summed per window in Redis, a detector that
+compares each closed window with the training reference, and de-duplicated alerts.
+
+The three parts, and where they run::
+
+    hot path (per batch)       DriftRecorder.window_counts: bin counts of the batch, summed
+                               locally with numpy, go into the model's *open window* inside the
+                               batch's settle script (worker/settle.py; no extra round trip)
+    background thread          DriftRecorder closes the open window when it is full (count) or old
+                               (time) with an atomic Lua RENAME, so exactly one worker closes it,
+                               then DriftDetector.evaluate judges it
+    pure statistics            psi, chi2_homogeneity, holm, evaluate_window, alert_transitions:
+                               numpy/scipy on count arrays, unit tested without Redis
+
+Windows hold the summed traffic of *all* workers of one model, because fixed bins merge by
+addition (see :mod:`shared.imagestats`). Why these statistics is written up in ``docs/drift.md``:
+per feature, a chi-square test of homogeneity between the reference counts and the window counts,
+Holm's correction across features, and a PSI floor so that a large window does not alert on a
+difference too small to matter. Alert = significant after correction AND PSI >= the floor.
+
+Redis keys, all under ``imgq:drift:<sha12>:`` (see :class:`DriftKeys`): ``window`` (string of
+i64 slots, :class:`WindowLayout`: the open window), ``seq`` (window ids), ``window:<id>`` (closed
+windows, expire after a day), ``latest`` (JSON:
+the last evaluated window's statistics), ``alerts`` (stream of alert and clear events),
+``open_alerts`` (hash: feature -> id of its open alert), ``acked`` (hash: alert id -> time), and
+``out_of_range`` (list: recent out-of-range thumbnails for the report).
+
+None of them outlives its model: every key but the closed windows expires ``state_ttl_s``
+(30 days) after the model was last served or reviewed. Each write refreshes the key it writes
+(the open window on every batch, inside the batch's one EVAL); each window closed, judged or
+dropped, and each acknowledgement refresh them all, so the state of a model still in use (an
+alert open for weeks, an acknowledgement) stays while that of a retired model goes.
+
+The package, one concept per module: :mod:`~imgq.worker.drift.statistics` (pure),
+:mod:`~imgq.worker.drift.layout` (Redis keys, window slots, Lua),
+:mod:`~imgq.worker.drift.detector`, :mod:`~imgq.worker.drift.recorder`, and
+:mod:`~imgq.worker.drift.review` (``imgq drift status | alerts | report``).
+"""
+
+from __future__ import annotations
+
+from imgq.worker.drift.detector import DriftDetector
+from imgq.worker.drift.layout import (
+    ALL_FEATURES,
+    STATE_TTL_S,
+    DriftKeys,
+    Window,
+    WindowLayout,
+)
+from imgq.worker.drift.recorder import DriftRecorder
+from imgq.worker.drift.statistics import (
+    FeatureResult,
+    alert_transitions,
+    chi2_homogeneity,
+    evaluate_window,
+    holm,
+    psi,
+)
+
+__all__ = [
+    "ALL_FEATURES",
+    "DriftDetector",
+    "DriftKeys",
+    "DriftRecorder",
+    "FeatureResult",
+    "STATE_TTL_S",
+    "Window",
+    "WindowLayout",
+    "alert_transitions",
+    "chi2_homogeneity",
+    "evaluate_window",
+    "holm",
+    "psi",
+]
