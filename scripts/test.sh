@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite, after the same idempotent set-up as the demo. Arguments go to pytest.
+# The whole test suite, after the same idempotent set-up as the demo: first the linter, the
+# formatter check and the type checker (any finding fails the run), then pytest. Arguments go
+# to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${IMGQ_VENV:-.venv}/bin/python" -m pytest "$@"
+PY="${IMGQ_VENV:-.venv}/bin/python"
+echo "test: ruff check, ruff format --check, mypy"
+"$PY" -m ruff check --quiet .
+"$PY" -m ruff format --check --quiet .
+"$PY" scripts/typecheck.py
+exec "$PY" -m pytest "$@"
