@@ -1,7 +1,8 @@
 """Where a worker's CPU goes per task, stage by stage, with and without drift statistics.
 
-One process runs the worker's own batch loop (``BatchRunner.run_once``: the bulk take, parse,
-decode, drift features, resize, one model pass, one Redis pipeline) against a private append-only
+One process runs the worker's own batch loop (``BatchEngine.run_once`` with the classification
+handler: the bulk take, parse, decode, drift features, resize, one model pass, one Redis round
+trip) against a private append-only
 ``redis-server`` until a queue of ``--tasks`` sample-image tasks is drained. Each stage is timed
 in place with this thread's CPU clock (``time.thread_time``), so waiting on Redis and other
 processes on the shared cores do not count; the stages are the module functions and methods the
@@ -40,26 +41,33 @@ import redis
 from prometheus_client import CollectorRegistry
 from throughput import sample_images, small_bundle
 
-import imgq.worker.batching as batching
+import imgq.worker.engine as engine_module
+import imgq.worker.handlers.classify as classify
 from imgq.localredis import LocalRedis
 from imgq.shared.bundle import ModelBundle
+from imgq.shared.imagestats import IMAGE_FEATURES, RangeCheck
 from imgq.worker.client import ImgqClient
 from imgq.worker.drift import DriftDetector, DriftRecorder
-from imgq.worker.events import TaskEvents
+from imgq.worker.engine import BatchEngine
+from imgq.worker.handlers.classify import ClassifyHandler
 from imgq.worker.intake import Intake, Lane
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
+from imgq.worker.wire import TASK_NAME
+from imgq.worker.wire.events import TaskEvents
 
-#: Module functions of worker/batching.py timed in place, in the order a task meets them.
-_FUNCTIONS = ("parse_message", "decode_base64", "probe_image", "decode_image", "image_features",
-              "resize_image", "normalise_batch")  # fmt: skip
+#: Module functions timed in place where the engine and the handler call them, in the order a
+#: task meets them.
+_FUNCTIONS = ((engine_module, "parse_message"), (classify, "decode_base64"),
+              (classify, "probe_image"), (classify, "decode_image"), (classify, "image_features"),
+              (classify, "resize_image"), (classify, "normalise_batch"))  # fmt: skip
 #: Methods timed in place: (class, method, stage name).
 _METHODS = (
     (ModelBundle, "predict", "onnxruntime (predict)"),
-    (DriftRecorder, "out_of_range", "drift: out-of-range check"),
+    (RangeCheck, "__call__", "drift: out-of-range check"),
     (DriftRecorder, "window_counts", "drift: bin counts (for the settle script)"),
     (DriftDetector, "evaluate", "drift: window verdicts"),
-    (batching.BatchRunner, "_store_once", "Redis round trip (settle script, events)"),
+    (BatchEngine, "_store_once", "Redis round trip (settle script, events)"),
     (Lane, "take", "bulk take (LMOVE transaction)"),
 )
 
@@ -82,16 +90,16 @@ def _timed(name: str, fn: Callable[..., Any], totals: Timings) -> Callable[..., 
 
 def instrument(totals: Timings) -> None:
     """Wrap every stage so that its thread CPU time adds up in ``totals`` (seconds)."""
-    for name in _FUNCTIONS:
-        setattr(batching, name, _timed(name, getattr(batching, name), totals))
+    for module, name in _FUNCTIONS:
+        setattr(module, name, _timed(name, getattr(module, name), totals))
     for cls, method, name in _METHODS:
         setattr(cls, method, _timed(name, getattr(cls, method), totals))
 
 
 def _loaded_runner(
     client: ImgqClient, bundle: ModelBundle, images: list[bytes], n: int, drift: bool
-) -> tuple[batching.BatchRunner, DriftRecorder | None]:
-    """``n`` sample-image tasks queued, and a batch runner on them as a worker has it."""
+) -> tuple[BatchEngine, DriftRecorder | None]:
+    """``n`` sample-image tasks queued, and a batch engine on them as a worker has it."""
     url = client.broker_url
     r = redis.Redis.from_url(url)
     client.classify_many(images[i % len(images)] for i in range(n))
@@ -106,11 +114,23 @@ def _loaded_runner(
         else None
     )
     events = TaskEvents(client.app, "hotpath@bench", 0)
-    runner = batching.BatchRunner(
-        settings, bundle, r, intake.lanes[0], client.app.backend,
-        WorkerMetrics(CollectorRegistry()), recorder, events,
-    )  # fmt: skip
+    metrics = WorkerMetrics(CollectorRegistry())
+    handler = ClassifyHandler(bundle, settings, metrics, recorder)
+    runner = BatchEngine(settings, {TASK_NAME: handler}, r, intake.lanes[0], client.app.backend,
+                         metrics, events)  # fmt: skip
     return runner, recorder
+
+
+def _set_drift(runner: BatchEngine, recorder: DriftRecorder | None) -> None:
+    """Turn drift statistics on or off between two batches of one engine."""
+    handler = runner.handlers[TASK_NAME]
+    assert isinstance(handler, ClassifyHandler)
+    handler.drift = recorder
+    handler.observers = [recorder] if recorder is not None else []
+    handler._range_check = (
+        RangeCheck(handler.bundle.manifest.reference, IMAGE_FEATURES) if recorder else None
+    )
+    runner.observer = recorder
 
 
 def drain_once(
@@ -154,7 +174,7 @@ def interleaved_drain(
         drift = False
         p0 = time.process_time()
         while r.llen(_QUEUE):
-            runner.drift = recorder if drift else None
+            _set_drift(runner, recorder if drift else None)
             t0 = time.thread_time()
             served = runner.run_once()
             sums[drift][0] += time.thread_time() - t0

@@ -24,9 +24,10 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from imgq.shared.decode import _probe_pillow, decode_image, probe_image
+from imgq.shared.decode import decode_image, probe_image
 from imgq.shared.imagestats import image_features
 from imgq.shared.preprocess import PreprocessSpec, normalise_batch, preprocess_batch, resize_image
+from imgq.shared.probe import _probe_pillow
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("worker", help="run a Celery worker that serves a bundle")
     s.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
     s.add_argument("--queue", help="queue name (IMGQ_QUEUE, default imgq)")
+    s.add_argument(
+        "--handlers",
+        help="comma-separated handlers: classify, null (IMGQ_HANDLERS, default classify)",
+    )
     s.add_argument("--concurrency", type=int, help="batch runner threads (IMGQ_CONCURRENCY)")
     s.add_argument("--max-batch", type=int, help="largest batch (IMGQ_MAX_BATCH)")
     s.add_argument(
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=1)
     s.add_argument("--timeout", type=float, default=60.0)
     s.add_argument("--queue", default=None)
-    s.set_defaults(func=_handler("imgq.worker.client:classify_main"))
+    s.set_defaults(func=_handler("imgq.worker.classify_cli:classify_main"))
 
     s = sub.add_parser("drift", help="review input drift: status, alerts, report")
     dsub = s.add_subparsers(dest="drift_command", required=True, metavar="ACTION")

@@ -74,7 +74,7 @@ from PIL import Image
 
 from imgq.shared.decode import DEFAULT_LIMITS
 from imgq.shared.errors import IMAGE_REASONS
-from imgq.worker.messages import TASK_NAME
+from imgq.worker.wire import TASK_NAME
 from tests.test_messages import _Trap
 from tests.tinymodel import COLOURS, colour_image, encode_png
 

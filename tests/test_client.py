@@ -24,7 +24,9 @@ from kombu.exceptions import OperationalError
 
 from imgq.localredis import LocalRedis
 from imgq.shared.errors import InvalidImage
-from imgq.worker.client import SENT_AT_HEADER, TASK_NAME, ImgqClient, classify_main
+from imgq.worker.classify_cli import classify_main
+from imgq.worker.client import ImgqClient
+from imgq.worker.wire import SENT_AT_HEADER, TASK_NAME
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
 
 #: Generous bound on how long publishing may take to fail while Redis is down (the client's
@@ -68,9 +70,10 @@ class Block:
         if name.split(".")[0] in {blocked!r}:
             raise ImportError(f"{{name}} is blocked in this test")
 sys.meta_path.insert(0, Block())
-from imgq.worker.client import ImgqClient, _MessageTemplate
+from imgq.worker.client import ImgqClient
+from imgq.worker.wire.envelope import MessageTemplate
 client = ImgqClient("redis://127.0.0.1:1/0")
-_, message = _MessageTemplate(client.app, "imgq.classify", "imgq", 1, None).fill(b"abc")
+_, message = MessageTemplate(client.app, "imgq.classify", "imgq", 1, None).fill(b"abc")
 print(sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
 print(message.decode())
 """

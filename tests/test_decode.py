@@ -23,14 +23,13 @@ from imgq.shared.decode import (
     DecodeLimits,
     ImageInfo,
     _decode_pillow,
-    _probe_fast,
-    _probe_pillow,
     decode_base64,
     decode_image,
     probe_image,
 )
 from imgq.shared.decode import _over_white as _over_white_in_bands
 from imgq.shared.errors import IMAGE_REASONS, InvalidImage
+from imgq.shared.probe import _probe_fast, _probe_pillow
 
 # Four flat colour quadrants: lossy codecs reproduce them closely, lossless ones exactly.
 _QUADRANT_COLOURS = [(200, 30, 40), (20, 180, 60), (30, 60, 210), (240, 220, 20)]
@@ -308,8 +307,8 @@ def test_decode_uses_the_info_it_is_given(monkeypatch: pytest.MonkeyPatch) -> No
     def no_second_probe(_: bytes) -> None:
         raise AssertionError("the header was probed again")
 
-    monkeypatch.setattr("imgq.shared.decode._probe_fast", no_second_probe)
-    monkeypatch.setattr("imgq.shared.decode._probe_pillow", no_second_probe)
+    monkeypatch.setattr("imgq.shared.probe._probe_fast", no_second_probe)
+    monkeypatch.setattr("imgq.shared.probe._probe_pillow", no_second_probe)
     assert np.array_equal(decode_image(data, DEFAULT_LIMITS, info), want)
     assert np.array_equal(decode_image(data, info=info), want)
     with pytest.raises(InvalidImage, match="too_many_pixels"):

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imgq.localredis import free_port
 from imgq.worker.client import ImgqClient
-from imgq.worker.messages import TASK_NAME
+from imgq.worker.wire import TASK_NAME
 from tests.hostile import b64, good_png
 from tests.workerproc import (
     REDELIVERY_BOUND_S,

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from imgq.localredis import LocalRedis
 from imgq.shared.errors import InvalidTask
 from imgq.worker.deadletters import DeadLetters
-from imgq.worker.messages import TASK_NAME, parse_message
+from imgq.worker.wire import TASK_NAME
+from imgq.worker.wire.message import parse_message
 from tests.hostile import b64, good_png
 from tests.workerproc import Worker
 

@@ -3,7 +3,8 @@ else escapes, and the worker keeps serving.
 
 Three layers: the catalogue's images against ``shared/decode.py``; property-based tests
 (hypothesis) of random bytes and random argument shapes at the decode and at the task entry
-point (``worker.messages`` and ``BatchRunner.serve`` with the tiny real bundle, in-process); and
+point (``worker.wire.message`` and ``BatchEngine.serve`` with the classification handler on the
+tiny real bundle, in-process); and
 the whole catalogue in one burst through a real worker on a real redis-server.
 """
 
@@ -28,12 +29,14 @@ import tests.hostile
 from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import DecodeLimits, decode_base64, decode_image
 from imgq.shared.errors import InvalidImage, InvalidTask
-from imgq.worker.batching import BatchRunner
 from imgq.worker.deadletters import DeadLetters
+from imgq.worker.engine import BatchEngine
+from imgq.worker.handlers.classify import ClassifyHandler, validate_kwargs
 from imgq.worker.intake import Intake, Taken
-from imgq.worker.messages import TASK_NAME, parse_message, validate_kwargs
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
+from imgq.worker.wire import TASK_NAME
+from imgq.worker.wire.message import parse_message
 from tests.hostile import (
     DEAD_LETTER,
     FAILURE,
@@ -226,20 +229,22 @@ def test_validate_kwargs_raises_only_invalid_task(kwargs: dict[str, Any]) -> Non
 
 
 @pytest.fixture(scope="module")
-def runner(bundle_dir: Path) -> BatchRunner:
-    """A batch runner on the tiny real bundle; ``serve`` never touches Redis, so none runs."""
+def runner(bundle_dir: Path) -> BatchEngine:
+    """An engine with the classification handler on the tiny real bundle; ``serve`` never
+    touches Redis, so none runs."""
     settings = WorkerSettings(queue="imgq")
     client = redis.Redis(port=1)  # never connected: serve() does no I/O
     intake = Intake(client, "imgq", "hypothesis", lease_ttl_s=10)
     bundle = ModelBundle.load(bundle_dir, device="cpu")
     metrics = WorkerMetrics(CollectorRegistry())
-    return BatchRunner(settings, bundle, client, intake.lanes[0], None, metrics)
+    handler = ClassifyHandler(bundle, settings, metrics)
+    return BatchEngine(settings, {TASK_NAME: handler}, client, intake.lanes[0], None, metrics)
 
 
 @_PROPERTY
 @given(st.lists(_messages(), min_size=1, max_size=6))
 def test_batch_of_random_messages_gets_one_outcome_each(
-    runner: BatchRunner, batch: list[tuple[bytes, str | None]]
+    runner: BatchEngine, batch: list[tuple[bytes, str | None]]
 ) -> None:
     """A batch of random messages: exactly one stored result per task id and one dead letter per
     message without one; every failure is InvalidImage or InvalidTask; results are JSON."""

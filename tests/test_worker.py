@@ -23,7 +23,7 @@ from imgq.shared.decode import decode_image
 from imgq.shared.errors import InvalidImage, InvalidTask
 from imgq.shared.manifest import load_manifest, save_manifest
 from imgq.worker.intake import LANES_KEY
-from imgq.worker.messages import TASK_NAME
+from imgq.worker.wire import TASK_NAME
 from tests.tinymodel import COLOURS, colour_image, encode_png
 from tests.workerproc import REDELIVERY_BOUND_S, Workers, send_many, wait_all
 

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from imgq.worker.messages import TASK_NAME
+from imgq.worker.wire import TASK_NAME
 
 __all__ = ["LEASE_TTL_S", "RESTORE_INTERVAL_S", "REDELIVERY_BOUND_S", "Published", "Worker",
            "Workers", "freeze_holding_messages", "lanes_of", "redelivery_s", "send_many",

@@ -11,12 +11,13 @@ part in redelivery; the lease in ``worker/intake.py`` does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 
-from imgq.worker.messages import TASK_NAME
 from imgq.worker.settings import WorkerSettings
+from imgq.worker.wire import TASK_NAME
 
 __all__ = ["ImgqCelery", "make_app"]
 
@@ -36,8 +37,9 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
         settings: Broker and backend URLs, queue, result expiry.
 
     Returns:
-        The app, with the task ``imgq.classify`` registered so that ``inspect registered`` and
-        Flower show it; its body is never called (the batch runner executes the task).
+        The app, with the tasks of the handlers served registered so that ``inspect
+        registered`` and Flower show them; their bodies are never called (the batch engine
+        executes the tasks).
     """
     app = ImgqCelery("imgq", broker=settings.broker_url, backend=settings.result_backend)
     app.settings = settings
@@ -62,12 +64,28 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
         enable_utc=True,
     )
 
-    @app.task(name=TASK_NAME)
-    def classify(image: str, top_k: int = 1, request_id: str | None = None) -> dict:
-        """Classify one base64-encoded image (executed in batches by worker/batching.py)."""
+    for name in _task_names(settings):
+        app.task(name=name)(_not_here(name))
+    return app
+
+
+def _task_names(settings: WorkerSettings) -> list[str]:
+    """The Celery task names of the handlers served (without importing them: the classification
+    handler imports numpy, OpenCV and onnxruntime)."""
+    from imgq.worker.handlers.null import NULL_TASK_NAME
+
+    names = {"classify": TASK_NAME, "null": NULL_TASK_NAME}
+    return [names[h] for h in settings.handlers if h in names]
+
+
+def _not_here(name: str) -> Callable[..., Any]:
+    """The body of a registered task, which Celery never calls: the batch engine executes it."""
+
+    def task(**kwargs: Any) -> Any:
         raise RuntimeError(
-            f"{TASK_NAME} is executed by the imgq batch runner, not by Celery's task path; "
-            "start workers with `imgq worker`"
+            f"{name} is executed by imgq's batch engine, not by Celery's task path; start "
+            "workers with `imgq worker`"
         )
 
-    return app
+    task.__name__ = task.__qualname__ = name.rsplit(".", 1)[-1]
+    return task

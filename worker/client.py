@@ -1,4 +1,5 @@
-"""The Python client of imgq: enqueue images, gather results, and the `imgq classify` command.
+"""The Python client of imgq: enqueue images and gather results (`imgq classify` is
+:mod:`imgq.worker.classify_cli`).
 
 Other services import this module to send work to imgq workers, so it needs only ``celery`` and
 ``redis`` — no numpy, OpenCV, onnxruntime or TensorFlow. Everything it sends is a plain Celery
@@ -19,56 +20,26 @@ instead of one pub/sub subscription per task.
 
 from __future__ import annotations
 
-import argparse
-import base64
 import itertools
-import json
 import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import timedelta
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-from uuid import uuid4
 
 import redis
 from celery import Celery, states
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
-from kombu.utils.json import dumps as json_dumps
-
-# Optional accelerators of classify_many (they come with imgq[worker]; the client needs neither):
-# base64 and JSON of a ~13 kB image's message cost 60 + 26 us with the standard library here,
-# ~5 with these, which lifts one process's bulk enqueue past 3,000 tasks/s.
-try:
-    from pybase64 import b64encode
-except ImportError:  # pragma: no cover - exercised where pybase64 is absent
-    from base64 import b64encode  # type: ignore[assignment]
-try:
-    from orjson import dumps as _orjson_dumps
-
-    def _envelope_json(value: dict[str, Any]) -> bytes:
-        return _orjson_dumps(value)
-except ImportError:  # pragma: no cover
-
-    def _envelope_json(value: dict[str, Any]) -> bytes:
-        return json_dumps(value).encode()
-
-
 from kombu.utils.url import maybe_sanitize_url
 
-__all__ = ["TASK_NAME", "DEFAULT_QUEUE", "ImgqClient", "classify_main"]
+from imgq.worker.wire import DEFAULT_QUEUE, SENT_AT_HEADER, TASK_NAME
+from imgq.worker.wire.envelope import MessageTemplate, kwargs_repr, task_kwargs
 
-#: Name of the task every imgq worker serves.
-TASK_NAME = "imgq.classify"
-#: Queue (Redis list) the worker reads when none is configured.
-DEFAULT_QUEUE = "imgq"
+__all__ = ["DEFAULT_QUEUE", "TASK_NAME", "ImgqClient"]
+
 #: Broker and result backend when neither the arguments nor the environment name one.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-#: Header carrying the enqueue time (epoch seconds); the worker reports queue time from it.
-SENT_AT_HEADER = "imgq_sent_at"
 
 #: Seconds to wait for a TCP connection to Redis before giving up on it.
 CONNECT_TIMEOUT_S = 3.0
@@ -93,8 +64,6 @@ MGET_CHUNK = 1000
 POLL_MIN_S = 0.005
 POLL_MAX_S = 0.1
 
-#: File name suffixes `imgq classify` picks up when walking a directory.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
 Result = dict[str, Any] | BaseException
 
@@ -191,12 +160,12 @@ class ImgqClient:
         Raises:
             kombu.exceptions.OperationalError: Redis cannot be reached (within seconds).
         """
-        kwargs = _task_kwargs(image_bytes, top_k, request_id)
+        kwargs = task_kwargs(image_bytes, top_k, request_id)
         try:
             return self.app.send_task(
                 self.task_name,
                 kwargs=kwargs,
-                kwargsrepr=_kwargs_repr(image_bytes, kwargs),
+                kwargsrepr=kwargs_repr(image_bytes, kwargs),
                 queue=self.queue,
                 expires=expires_s,
                 headers={SENT_AT_HEADER: time.time()},
@@ -241,7 +210,7 @@ class ImgqClient:
         """
         results: list[AsyncResult] = []
         client = self._broker_client()
-        template = _MessageTemplate(self.app, self.task_name, self.queue, top_k, expires_s)
+        template = MessageTemplate(self.app, self.task_name, self.queue, top_k, expires_s)
         chunk: list[bytes] = []
         size = 0
         try:
@@ -385,198 +354,3 @@ class ImgqClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _check_image(image_bytes: bytes) -> None:
-    if not isinstance(image_bytes, bytes | bytearray | memoryview):
-        raise TypeError(
-            f"an image must be the encoded file's bytes, got {type(image_bytes).__name__}; "
-            "read the file with open(path, 'rb').read()"
-        )
-
-
-def _check_top_k(top_k: int) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    return top_k
-
-
-def _task_kwargs(image_bytes: bytes, top_k: int, request_id: str | None) -> dict[str, Any]:
-    """The task's keyword arguments; wrong Python types are refused here, before enqueueing."""
-    _check_image(image_bytes)
-    kwargs: dict[str, Any] = {"image": base64.b64encode(image_bytes).decode("ascii"),
-                              "top_k": _check_top_k(top_k)}  # fmt: skip
-    if request_id is not None:
-        kwargs["request_id"] = str(request_id)
-    return kwargs
-
-
-def _kwargs_repr(image_bytes: bytes, kwargs: dict[str, Any]) -> str:
-    """What Flower and worker logs show for the arguments: the image's size, not its base64
-    (Celery would otherwise ``saferepr`` a kilobyte of base64 per task)."""
-    return repr(dict(kwargs, image=f"<{len(image_bytes)} bytes>"))
-
-
-class _MessageTemplate:
-    """Task messages exactly as kombu's Redis transport LPUSHes them, made from one template.
-
-    Celery's ``as_task_v2`` builds the headers and body once per :meth:`ImgqClient.classify_many`
-    call; per task only the ids, the timestamps, the argument summary and the image change. The
-    envelope is kombu's (``Channel.prepare_message`` plus the Redis transport's base64 body and
-    delivery tag). Base64 text needs no JSON escaping, so the image and the body are spliced into
-    JSON text made by kombu's encoder instead of going through it: an encoder scans every
-    character, ~60 us per 16 kB on this machine, twice per task.
-    """
-
-    _SPLICE = "<imgq splice>"
-
-    def __init__(
-        self, app: Celery, task_name: str, queue: str, top_k: int, expires_s: float | None
-    ) -> None:
-        self.app, self.top_k, self.expires_s = app, top_k, expires_s
-        kwargs = {"image": self._SPLICE, "top_k": _check_top_k(top_k)}
-        headers, properties, body, _ = app.amqp.as_task_v2(
-            self._SPLICE,
-            task_name,
-            args=(),
-            kwargs=kwargs,
-            reply_to=app.thread_oid,
-            ignore_result=None,  # what send_task passes when the caller says nothing
-            kwargsrepr=self._SPLICE,
-        )
-        headers[SENT_AT_HEADER] = 0.0
-        self.headers = headers
-        # send_task's order: its extra options (kwargsrepr) become properties, then kombu's.
-        self.properties: dict[str, Any] = {**properties, "kwargsrepr": None, "delivery_mode": 2}
-        if expires_s is not None:
-            self.properties["expiration"] = str(int(max(expires_s, 0) * 1000))
-        self.properties |= {
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": None,
-        }
-        self.body_prefix, self.body_suffix = self._split(json_dumps(body).encode())
-        self.envelope = {
-            "body": self._SPLICE,
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": None,
-            "properties": None,
-        }
-
-    def _split(self, text: bytes) -> tuple[bytes, bytes]:
-        """JSON text around the one spliced string (whose quotes stay in the text)."""
-        prefix, suffix = text.split(self._SPLICE.encode(), 1)
-        return prefix, suffix
-
-    def fill(self, image_bytes: bytes) -> tuple[str, bytes]:
-        """The task id and the message for one image."""
-        _check_image(image_bytes)
-        task_id = str(uuid4())
-        kwargsrepr = _kwargs_repr(image_bytes, {"image": "", "top_k": self.top_k})
-        headers = dict(self.headers, id=task_id, root_id=task_id, kwargsrepr=kwargsrepr)
-        if self.expires_s is not None:
-            headers["expires"] = (self.app.now() + timedelta(seconds=self.expires_s)).isoformat()
-        headers[SENT_AT_HEADER] = time.time()
-        properties = dict(self.properties, correlation_id=task_id, kwargsrepr=kwargsrepr,
-                          delivery_tag=str(uuid4()))  # fmt: skip
-        body = b64encode(self.body_prefix + b64encode(image_bytes) + self.body_suffix)
-        envelope = _envelope_json(dict(self.envelope, headers=headers, properties=properties))
-        prefix, suffix = self._split(envelope)
-        return task_id, prefix + body + suffix
-
-
-# -- imgq classify ---------------------------------------------------------------------------------
-
-
-def _image_files(paths: Sequence[str]) -> list[Path]:
-    """Files named on the command line, and the image files under named directories (sorted)."""
-    files: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            files.extend(p for p in found if p.is_file() and not p.name.startswith("."))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{name}: no such file or directory")
-    return files
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr, redrawn at most ten times a second."""
-
-    def __init__(self, total: int, width: int = 30) -> None:
-        self.total, self.width = total, width
-        self.stream = sys.stderr
-        self.started = time.monotonic()
-        self._drawn_at = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self._drawn_at < 0.1:
-            return
-        self._drawn_at = now
-        filled = self.width * done // max(total, 1)
-        rate = done / max(now - self.started, 1e-9)
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {rate:.0f}/s"
-        )
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
-def _error_json(exc: BaseException) -> dict[str, Any]:
-    """An outcome's error as JSON: type, reason code (InvalidImage/InvalidTask), message."""
-    message = str(exc)
-    reason = getattr(exc, "reason", None) or (message.split(":", 1)[0] if ":" in message else None)
-    return {"type": type(exc).__name__, "reason": reason, "message": message}
-
-
-def _read_all(files: Sequence[Path]) -> Iterator[bytes]:
-    for path in files:
-        yield path.read_bytes()
-
-
-def classify_main(args: argparse.Namespace) -> int:
-    """`imgq classify FILE_OR_DIR... [--top-k K] [--timeout S] [--queue Q]`.
-
-    Enqueues each file (bulk for many), waits up to ``--timeout`` seconds for all results, and
-    prints one JSON object per file, in order: ``{"file": ..., "result": {...}}`` or
-    ``{"file": ..., "error": {"type", "reason", "message"}}``. A progress bar goes to stderr
-    when there is more than one file. Exit status 1 when any task failed or timed out, 2 when a
-    path does not exist or Redis cannot be reached.
-    """
-    try:
-        files = _image_files(args.paths)
-    except FileNotFoundError as exc:
-        print(f"imgq classify: {exc}", file=sys.stderr)
-        return 2
-    if not files:
-        print(f"imgq classify: no image files in {' '.join(args.paths)}", file=sys.stderr)
-        return 2
-    with ImgqClient(queue=args.queue or DEFAULT_QUEUE) as client:
-        try:
-            if len(files) == 1:
-                pending = [client.classify(files[0].read_bytes(), top_k=args.top_k)]
-            else:
-                pending = client.classify_many(_read_all(files), top_k=args.top_k)
-            bar = ProgressBar(len(files)) if len(files) > 1 else None
-            outcomes = client.results(pending, args.timeout, progress=bar)
-        except (OSError, OperationalError) as exc:
-            print(f"imgq classify: {exc}", file=sys.stderr)
-            return 2
-    failed = 0
-    for path, outcome in zip(files, outcomes, strict=True):
-        line: dict[str, Any] = {"file": str(path)}
-        if isinstance(outcome, BaseException):
-            failed += 1
-            line["error"] = _error_json(outcome)
-        else:
-            line["result"] = outcome
-        print(json.dumps(line), flush=False)
-    sys.stdout.flush()
-    return 1 if failed else 0

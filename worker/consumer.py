@@ -7,9 +7,10 @@ limits small models. :class:`BulkConsumer` is Celery's consumer with that one st
 
 - gives Celery an empty task consumer (no queues), so the event loop, remote control
   (``inspect ping``/``stats``), heartbeats and events (Flower) keep working unchanged;
-- loads the model bundle once per process when the worker is built — a bundle that fails its
-  checks stops the worker before it connects, with the bundle's message;
-- runs ``concurrency`` :class:`~worker.batching.BatchRunner` threads and one keeper thread that
+- builds the handlers of ``IMGQ_HANDLERS`` once per process when the worker is built (the
+  classification handler loads and checks its model bundle: one that fails its checks stops
+  the worker before it connects, with the bundle's message);
+- runs ``concurrency`` :class:`~imgq.worker.engine.BatchEngine` threads and one keeper thread that
   renews the lease (only while every runner makes progress) and gives back dead workers' and
   orphaned messages; the runners send the Celery task events of their batches under the worker's
   node name (``IMGQ_TASK_EVENTS``), so Flower lists the tasks as for any Celery worker;
@@ -38,15 +39,15 @@ from celery.worker.consumer.tasks import Tasks
 from kombu import Consumer as KombuConsumer
 from kombu.common import QoS
 
-from imgq.shared.bundle import ModelBundle
-from imgq.shared.errors import BundleError
 from imgq.worker.app import ImgqCelery
-from imgq.worker.batching import BatchRunner
-from imgq.worker.events import TaskEvents
-from imgq.worker.health import publish_model  # also registers the `imgq_status` control command
+from imgq.worker.engine import BatchEngine
+from imgq.worker.handler import HandlerContext, load_handler
+from imgq.worker.health import imgq_status  # noqa: F401 (registers the control command)
 from imgq.worker.intake import Intake
 from imgq.worker.metrics import process_metrics
 from imgq.worker.settings import WorkerSettings
+from imgq.worker.wire import TASK_NAME
+from imgq.worker.wire.events import TaskEvents
 
 __all__ = ["BulkConsumer", "BulkControl", "BulkDelayedDelivery", "BulkService", "BulkTasks"]
 
@@ -75,26 +76,24 @@ class BulkService:
         hostname: The Celery node name, part of the worker id.
 
     Raises:
-        BundleError: no model folder was given.
-        ManifestError, BundleError: the bundle fails its checks (from ``ModelBundle.load``).
+        ImgqError: a handler cannot be built (the classification handler: no model folder
+            given, or the bundle fails its checks).
     """
 
     def __init__(self, app: ImgqCelery, hostname: str) -> None:
         settings: WorkerSettings = app.settings
-        if settings.model_dir is None:
-            raise BundleError("no model bundle given: pass --model MODEL_DIR or set IMGQ_MODEL")
         self.settings = settings
         app.imgq_service = self  # for `imgq worker`'s exit status
-        self.bundle = ModelBundle.load(
-            settings.model_dir, device=settings.device, threads=settings.threads
-        )
-        publish_model(app, self.bundle)
-        manifest = self.bundle.manifest
-        call_ms_per_image = self._size_model_calls()
         self.worker_id = f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.redis = redis.Redis.from_url(
             settings.broker_url, socket_timeout=_SOCKET_TIMEOUT_S, health_check_interval=30
         )
+        self.metrics = process_metrics()
+        context = HandlerContext(settings, app, self.redis, self.metrics)
+        self.handlers = {}
+        for name in settings.handlers:
+            handler = load_handler(name, context)
+            self.handlers[handler.task_name] = handler
         self.intake = Intake(
             self.redis,
             settings.queue,
@@ -106,34 +105,22 @@ class BulkService:
             dead_letters=(settings.dead_letter_ttl_s, settings.dead_letter_max_entries,
                           settings.dead_letter_max_bytes),
         )  # fmt: skip
-        self.metrics = process_metrics()
-        self.metrics.model_info.labels(
-            manifest.name, manifest.model_sha256, self.bundle.provider
-        ).set(1)
-        self.drift = None
-        if settings.drift_enabled:
-            from imgq.worker.drift import DriftRecorder
-
-            self.drift = DriftRecorder(
-                self.redis,
-                manifest,
-                window_size=settings.drift_window,
-                window_s=settings.drift_window_s,
-            )
         events = None
         if settings.task_events:
             broker_db = int(self.redis.connection_pool.connection_kwargs.get("db", 0))
             events = TaskEvents(app, hostname, broker_db)
+        providers = {getattr(h, "provider", "CPUExecutionProvider") for h in self.handlers.values()}
+        wait_ms = max(settings.wait_ms_for(p) for p in providers)
         self.runners = [
-            BatchRunner(
+            BatchEngine(
                 settings,
-                self.bundle,
+                self.handlers,
                 self.redis,
                 lane,
                 app.backend,
                 self.metrics,
-                self.drift,
                 events,
+                wait_ms,
             )  # fmt: skip
             for lane in self.intake.lanes
         ]
@@ -141,32 +128,6 @@ class BulkService:
         self._stop = threading.Event()
         #: Set when a thread died of a bug: the worker shuts down and exits non-zero.
         self.fault: str | None = None
-        logger.info(
-            "model loaded",
-            extra={
-                "model": manifest.name,
-                "sha256": manifest.model_sha256,
-                "provider": self.bundle.provider,
-                "bundle": str(self.bundle.directory),
-                "max_wait_ms": settings.wait_ms_for(self.bundle.provider),
-                "infer_batch": self.bundle.infer_batch,
-                "ms_per_image_by_call_size": call_ms_per_image,
-            },
-        )
-
-    def _size_model_calls(self) -> dict[int, float] | None:
-        """``IMGQ_INFER_BATCH``, or on CPU the call size measured cheapest per image (a few
-        seconds at start, see ``ModelBundle.calibrate_infer_batch``); on CUDA one call per batch.
-
-        Returns:
-            The measured milliseconds per image by call size, or None when nothing was measured.
-        """
-        settings = self.settings
-        if settings.infer_batch:
-            self.bundle.infer_batch = min(settings.infer_batch, settings.max_batch)
-        elif self.bundle.provider == "CPUExecutionProvider" and settings.max_batch > 1:
-            return self.bundle.calibrate_infer_batch(settings.max_batch)
-        return None
 
     def start(self) -> None:
         """Take the lease and start the threads; idempotent (Celery restarts steps on
@@ -208,21 +169,24 @@ class BulkService:
             logger.warning("could not give back in-flight messages (the lease will): %s", exc)
         else:
             logger.info("stopped", extra={"released": released, "worker_id": self.worker_id})
-        if self.drift is not None:
-            self.drift.close()
+        for handler in self.handlers.values():
+            handler.close()
 
     def info(self) -> dict[str, Any]:
         """For ``celery inspect stats``: what this worker serves."""
-        m = self.bundle.manifest
-        return {
+        info: dict[str, Any] = {
             "worker_id": self.worker_id,
             "queue": self.settings.queue,
-            "model": m.name,
-            "sha256": m.model_sha256,
-            "provider": self.bundle.provider,
+            "tasks": sorted(self.handlers),
             "max_batch": self.settings.max_batch,
             "concurrency": self.settings.concurrency,
         }
+        classify = self.handlers.get(TASK_NAME)
+        bundle = getattr(classify, "bundle", None)
+        if bundle is not None:
+            m = bundle.manifest
+            info |= {"model": m.name, "sha256": m.model_sha256, "provider": bundle.provider}
+        return info
 
     def _keep(self) -> None:
         """Renew the lease while every runner makes progress; restore dead workers' messages

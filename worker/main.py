@@ -73,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
         settings = WorkerSettings.from_env(
             model_dir=args.model,
             queue=args.queue,
+            handlers=_names(getattr(args, "handlers", None)),
             concurrency=args.concurrency,
             max_batch=args.max_batch,
             infer_batch=getattr(args, "infer_batch", None),
@@ -118,6 +119,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"imgq worker: stopped by a fault: {service.fault}", file=sys.stderr)
         return 1
     return int(worker.exitcode or 0)
+
+
+def _names(raw: str | None) -> tuple[str, ...] | None:
+    """``--handlers classify,null`` as a tuple (None when not given)."""
+    if raw is None:
+        return None
+    return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
 def _wait_for_redis(settings: WorkerSettings) -> bool:

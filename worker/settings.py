@@ -58,6 +58,11 @@ def parse_infer_batch(raw: str) -> int:
     return _parse_int(raw)
 
 
+def _parse_names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of names, e.g. ``"classify,null"``."""
+    return tuple(name.strip() for name in raw.split(",") if name.strip())
+
+
 def _parse_float(raw: str) -> float:
     try:
         return float(raw)
@@ -86,6 +91,9 @@ _VARS: tuple[_Var, ...] = (
     _Var("IMGQ_MODEL", "model_dir", Path, "(required by `imgq worker`)",
          "model bundle folder written by `imgq train`"),
     _Var("IMGQ_QUEUE", "queue", str, "imgq", "queue the worker serves"),
+    _Var("IMGQ_HANDLERS", "handlers", _parse_names, "classify",
+         "comma-separated handlers the worker serves: classify (imgq.classify, needs a model), "
+         "null (imgq.null, answers at once: for measuring the engine)"),
     _Var("IMGQ_CONCURRENCY", "concurrency", _parse_int, "1",
          "batch runner threads per worker process"),
     _Var("IMGQ_MAX_BATCH", "max_batch", _parse_int, "32",
@@ -158,6 +166,7 @@ class WorkerSettings:
         result_backend: Redis URL of the results; defaults to ``broker_url``.
         model_dir: The model bundle folder; ``None`` only for processes that do not serve.
         queue: The queue name (a Redis list of that name).
+        handlers: The handlers served (``worker/handler.py``'s ``HANDLERS``).
         concurrency: Batch runner threads per process.
         max_batch: Most tasks taken, served and stored together.
         infer_batch: Most images per onnxruntime call; 0 measures the cheapest size at start
@@ -189,6 +198,7 @@ class WorkerSettings:
     result_backend: str = ""
     model_dir: Path | None = None
     queue: str = "imgq"
+    handlers: tuple[str, ...] = ("classify",)
     concurrency: int = 1
     max_batch: int = 32
     infer_batch: int = 0
@@ -248,6 +258,14 @@ class WorkerSettings:
                 )
             return None
 
+        from imgq.worker.handler import HANDLERS  # light: the registry imports nothing heavy
+
+        handlers_ok = (
+            isinstance(self.handlers, tuple)
+            and bool(self.handlers)
+            and all(h in HANDLERS for h in self.handlers)
+            and len(set(self.handlers)) == len(self.handlers)
+        )
         queue_ok = (
             isinstance(self.queue, str) and self.queue and not any(c.isspace() for c in self.queue)
         )
@@ -259,6 +277,10 @@ class WorkerSettings:
             None
             if queue_ok
             else f"{name('queue')} must be a non-empty name without spaces, got {self.queue!r}",
+            None
+            if handlers_ok
+            else f"{name('handlers')} must name handlers among {', '.join(sorted(HANDLERS))}, "
+            f"each once, got {self.handlers!r}",
             number("concurrency", 1, 64),
             number("max_batch", 1, 4096),
             number("infer_batch", 0, 4096),

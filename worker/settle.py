@@ -23,15 +23,14 @@ on the broker, with the drift counts guarded by the same mark.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import numpy as np
 import redis
 
 from imgq.worker.deadletters import LUA_DEAD_LETTER
 from imgq.worker.intake import LANES_KEY, Lane
-from imgq.worker.messages import json_dumps
+from imgq.worker.wire.codec import json_dumps
 
 __all__ = ["DeadMessage", "Settler", "WindowCounts", "once_token"]
 
@@ -115,16 +114,6 @@ class WindowCounts:
     ttl_s: int
 
 
-class Drift(Protocol):
-    """What settling needs from ``worker.drift.DriftRecorder``."""
-
-    lua_add_window: str
-
-    def window_counts(self, image_features: np.ndarray, probs: np.ndarray) -> WindowCounts: ...
-
-    def after_pipeline(self, window_count: int) -> None: ...
-
-
 class Settler:
     """Runs the settle script of one runner's batches.
 
@@ -135,7 +124,8 @@ class Settler:
         worker_id: Written into dead letters.
         result_expires_s: Time to live of stored results.
         dead_letters: ``(ttl_s, max_entries, max_body_bytes)``.
-        drift: The drift recorder, or None.
+        lua_add_window: The observer's Lua function that adds counts to a window
+            (``Observer.lua_add_window``), or None when nothing observes the batches.
     """
 
     def __init__(
@@ -146,7 +136,7 @@ class Settler:
         worker_id: str,
         result_expires_s: int,
         dead_letters: tuple[int, int, int],
-        drift: Drift | None = None,
+        lua_add_window: str | None = None,
     ) -> None:
         self.broker = broker
         self.results = results
@@ -154,15 +144,13 @@ class Settler:
         self.worker_id = worker_id
         self.result_expires_s = result_expires_s
         self.dead_letters = dead_letters
-        self.drift = drift
-        add_window = drift.lua_add_window if drift is not None else _NO_WINDOW
-        self._script = LUA_DEAD_LETTER + add_window + _SETTLE_BODY
+        self._script = LUA_DEAD_LETTER + (lua_add_window or _NO_WINDOW) + _SETTLE_BODY
 
     def settle(
         self,
         pipe: redis.client.Pipeline,
         lane: Lane | None,
-        results: Sequence[tuple[str, dict[str, Any]]],
+        results: Sequence[tuple[str, Mapping[str, Any]]],
         dead: Sequence[DeadMessage],
         window: WindowCounts | None,
         once: tuple[str, int] | None = None,

@@ -6,12 +6,14 @@ windows and has the detector judge them (never on the hot path).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import math
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -43,9 +45,27 @@ from imgq.worker.drift.layout import (
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settle import WindowCounts
 
-__all__ = ["DriftRecorder"]
+__all__ = ["DriftRecorder", "Observation"]
 
 log = logging.getLogger("imgq.drift")
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What drift sees of one classified image (the classification handler makes it).
+
+    Attributes:
+        features: Its image features, in ``IMAGE_FEATURES`` order.
+        probs: The model's probabilities for it.
+        out_of_range: Its features outside the training range.
+        model_input: The image as the model saw it, kept only when it is out of range (for a
+            thumbnail in ``imgq drift report``).
+    """
+
+    features: np.ndarray
+    probs: np.ndarray
+    out_of_range: list[str]
+    model_input: np.ndarray | None = None
 
 
 class DriftRecorder:
@@ -158,12 +178,35 @@ class DriftRecorder:
         range (the task result's ``drift.out_of_range``)."""
         return self._range_check(image_features)
 
+    # -- the Observer protocol (imgq.worker.handler) ----------------------------------------------
+
     #: The Lua function ``add_window(key, n, pairs, ttl)`` that the batch's settle script
     #: (``worker/settle.py``) includes, so that the counts go in with the results, once.
     lua_add_window = _ADD_WINDOW_FUNCTION_LUA
 
-    def window_counts(self, image_features: np.ndarray, probs: np.ndarray) -> WindowCounts:
-        """This batch's counts for the open window, for the settle script.
+    def window_counts(self, observations: Sequence[Observation]) -> WindowCounts | None:
+        """The counts of these images for the open window, for the settle script."""
+        if not observations:
+            return None
+        features = np.stack([o.features for o in observations])
+        probs = np.stack([o.probs for o in observations])
+        return self.counts_of(features, probs)
+
+    def after_settle(self, window_count: int) -> None:
+        """:meth:`after_pipeline`."""
+        self.after_pipeline(window_count)
+
+    def extras(self, pipe: Any, observations: Sequence[Observation]) -> None:
+        """A thumbnail of the batch's first out-of-range input, rate limited."""
+        for o in observations:
+            if o.out_of_range and o.model_input is not None:
+                self.add_out_of_range_thumbnail(pipe, o.model_input, o.out_of_range)
+                return
+
+    # -- counts ---------------------------------------------------------------------------------
+
+    def counts_of(self, image_features: np.ndarray, probs: np.ndarray) -> WindowCounts:
+        """A batch's counts for the open window.
 
         Args:
             image_features: (N, len(IMAGE_FEATURES)) features of the batch's inferred images.
@@ -193,7 +236,7 @@ class DriftRecorder:
             Index, in ``pipe.execute()``'s reply list, of the open window's new image count; pass
             that reply to :meth:`after_pipeline`.
         """
-        counts = self.window_counts(image_features, probs)
+        counts = self.counts_of(image_features, probs)
         index = len(pipe)
         pipe.eval(_ADD_LUA, 1, counts.key, counts.images, counts.pairs, counts.ttl_s)
         return index

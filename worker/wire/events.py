@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +29,8 @@ from celery import Celery
 from celery.events import Event
 from celery.utils.time import utcoffset
 
-from imgq.worker.messages import TASK_NAME, TaskRequest, json_dumps
+from imgq.worker.wire.codec import json_dumps
+from imgq.worker.wire.message import TaskRequest
 
 __all__ = ["TaskEvents"]
 
@@ -59,7 +60,7 @@ class TaskEvents:
         self,
         pipe: Any,
         picked_at: float,
-        finished: Iterable[tuple[TaskRequest, dict[str, Any]]],
+        finished: Iterable[tuple[TaskRequest, Mapping[str, Any]]],
     ) -> None:
         """Queue the ``PUBLISH`` of a batch's events (received, then the outcome, per task).
 
@@ -92,7 +93,7 @@ class TaskEvents:
         pipe.publish(self._topic, json_dumps(message))
 
     def _events(
-        self, picked_at: float, finished: Iterable[tuple[TaskRequest, dict[str, Any]]]
+        self, picked_at: float, finished: Iterable[tuple[TaskRequest, Mapping[str, Any]]]
     ) -> list[dict[str, Any]]:
         now = time.time()
         common = {"hostname": self.hostname, "utcoffset": utcoffset(), "pid": self._pid}
@@ -102,7 +103,7 @@ class TaskEvents:
             task_id = req.task_id
             received = Event(
                 "task-received", **common, clock=forward(), timestamp=picked_at,
-                uuid=task_id, name=TASK_NAME, args="()", kwargs=kwargs_repr(req.kwargs),
+                uuid=task_id, name=req.task_name, args="()", kwargs=kwargs_repr(req.kwargs),
                 root_id=task_id, parent_id=None, retries=0, eta=None, expires=iso(req.expires),
             )  # fmt: skip
             state, result = meta["status"], meta["result"]

@@ -1,6 +1,7 @@
-"""The batch runner with a fake model on a real redis-server: one outcome per message, bad images
-fail alone, a failing model fails its whole batch visibly, expired tasks are revoked, a bug fails
-its batch without stopping the runner, the first stored result wins and drift counts once."""
+"""The batch engine with the classification handler and a fake model on a real redis-server: one
+outcome per message, bad images fail alone, a failing model fails its whole batch visibly,
+expired tasks are revoked, a bug fails its batch without stopping the engine, the first stored
+result wins and drift counts once."""
 
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ from imgq.shared.decode import DecodeLimits
 from imgq.shared.errors import InvalidImage, InvalidTask
 from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.manifest import load_manifest
-from imgq.worker.batching import BatchRunner
 from imgq.worker.deadletters import DeadLetters
+from imgq.worker.engine import BatchEngine
+from imgq.worker.handlers.classify import ClassifyHandler
 from imgq.worker.intake import Intake
-from imgq.worker.messages import TASK_NAME
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.settle import WindowCounts
+from imgq.worker.wire import TASK_NAME
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
 
 
@@ -51,31 +53,32 @@ class FakeBundle:
 
 
 class FakeDrift:
-    """Records what the runner hands to the drift recorder; its window is a plain counter."""
+    """An observer that records what the engine hands it; its window is a plain counter."""
 
     lua_add_window = (
         "local function add_window(key, n, pairs, ttl) return redis.call('INCRBY', key, n) end\n"
     )
 
     def __init__(self) -> None:
-        self.added: list[tuple[np.ndarray, np.ndarray]] = []
+        self.added: list[list[Any]] = []
         self.replies: list[Any] = []
         self.thumbnails: list[list[str]] = []
 
-    def out_of_range(self, image_features: np.ndarray) -> list[list[str]]:
-        wide = image_features[:, IMAGE_FEATURES.index("width")] > 100
-        return [["width"] if w else [] for w in wide]
+    def window_counts(self, observations: list[Any]) -> WindowCounts:
+        self.added.append(list(observations))
+        return WindowCounts("drift-count", len(observations), "", 0)
 
-    def window_counts(self, image_features: np.ndarray, probs: np.ndarray) -> WindowCounts:
-        self.added.append((image_features, probs))
-        return WindowCounts("drift-count", len(image_features), "", 0)
+    def after_settle(self, window_count: int) -> None:
+        self.replies.append(window_count)
 
-    def add_out_of_range_thumbnail(self, pipe: Any, rgb: np.ndarray, features: list[str]) -> bool:
-        self.thumbnails.append(features)
-        return True
+    def extras(self, pipe: Any, observations: list[Any]) -> None:
+        for o in observations:
+            if o.out_of_range:
+                self.thumbnails.append(o.out_of_range)
+                return
 
-    def after_pipeline(self, reply: Any) -> None:
-        self.replies.append(reply)
+    def close(self) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -99,20 +102,22 @@ GOOD = _b64(encode_png(colour_image(COLOURS[1])))
 WIDE = _b64(encode_png(colour_image(COLOURS[0], size_px=120)))
 
 
-def _runner(redis_server, client, bundle, *, drift=None, **settings: Any) -> BatchRunner:
+def _runner(redis_server, client, bundle, *, drift=None, **settings: Any) -> BatchEngine:
     s = WorkerSettings(broker_url=redis_server.url, queue="imgq", **settings)
     r = redis.Redis.from_url(redis_server.url)
     intake = Intake(r, "imgq", "test-worker", lease_ttl_s=30, max_message_bytes=s.max_message_bytes)
     intake.renew_lease()
     metrics = WorkerMetrics(CollectorRegistry())
-    return BatchRunner(s, bundle, r, intake.lanes[0], client.backend, metrics, drift)
+    handler = ClassifyHandler(bundle, s, metrics, drift)
+    return BatchEngine(s, {TASK_NAME: handler}, r, intake.lanes[0], client.backend, metrics,
+                       wait_ms=s.wait_ms_for(bundle.provider))  # fmt: skip
 
 
 def _send(client: Celery, **kwargs: Any) -> Any:
     return client.send_task(TASK_NAME, kwargs=kwargs, queue="imgq")
 
 
-def _count(runner: BatchRunner, outcome: str, reason: str) -> float:
+def _count(runner: BatchEngine, outcome: str, reason: str) -> float:
     value = runner.metrics.registry.get_sample_value(
         "imgq_tasks_total", {"outcome": outcome, "reason": reason}
     )
@@ -220,12 +225,13 @@ def test_drift_gets_features_and_its_reply(redis_server, client, manifest) -> No
     normal, wide = _send(client, image=GOOD), _send(client, image=WIDE)
     runner = _runner(redis_server, client, FakeBundle(manifest), drift=drift)
     runner.run_once()
-    ((features, probs),) = drift.added
-    assert features.shape == (2, len(IMAGE_FEATURES)) and probs.shape == (2, 3)
+    (observations,) = drift.added
+    assert [o.features.shape for o in observations] == [(len(IMAGE_FEATURES),)] * 2
+    assert [o.probs.shape for o in observations] == [(3,)] * 2
     assert drift.replies == [2]  # the window's count after the batch
-    assert drift.thumbnails == [["width"]]
     assert normal.get(timeout=5)["drift"] == {"out_of_range": []}
-    assert wide.get(timeout=5)["drift"] == {"out_of_range": ["width"]}
+    wide_out = wide.get(timeout=5)["drift"]["out_of_range"]
+    assert "width" in wide_out and drift.thumbnails == [wide_out]
 
 
 def test_a_failing_drift_update_costs_no_result(redis_server, client, manifest, caplog) -> None:
@@ -239,12 +245,12 @@ def test_a_failing_drift_update_costs_no_result(redis_server, client, manifest, 
     try:
         for _ in range(2):
             results = [_send(client, image=GOOD) for _ in range(3)]
-            with caplog.at_level(logging.ERROR, logger="imgq.worker.batching"):
+            with caplog.at_level(logging.ERROR, logger="imgq.worker.engine"):
                 assert runner.run_once() == 3
             assert [res.get(timeout=5)["label"] for res in results] == ["b"] * 3
             assert r.keys("imgq:inflight:*") == []  # acknowledged
         assert drift.replies == []  # the refused update was not taken for a window count
-        logged = [rec for rec in caplog.records if "drift counts not stored" in rec.getMessage()]
+        logged = [rec for rec in caplog.records if "counts not stored" in rec.getMessage()]
         assert len(logged) == 1
     finally:
         r.delete("drift-count")
@@ -373,7 +379,7 @@ def test_a_bug_fails_its_batch_keeps_it_and_the_runner_serves_on(
     def broken(*args: Any) -> None:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(runner, "_drift_statistics", broken)
+    monkeypatch.setattr(runner.handlers[TASK_NAME], "_drift_statistics", broken)
     assert runner.run_once() == 2
     monkeypatch.undo()
     for res in victims:
@@ -439,7 +445,7 @@ def test_time_headers_that_cannot_be_formatted_fail_their_task_only(
     epoch milliseconds stopped every worker in turn)."""
     from celery import Celery
 
-    from imgq.worker.events import TaskEvents
+    from imgq.worker.wire.events import TaskEvents
 
     odd = client.send_task(TASK_NAME, kwargs={"image": GOOD}, queue="imgq", headers=headers)
     mate = _send(client, image=GOOD)
@@ -471,8 +477,9 @@ def test_results_in_another_redis_are_stored_once_and_counted_once(
     s = WorkerSettings(broker_url=redis_server.url, result_backend=results_url, queue="imgq")
     intake = Intake(broker, "imgq", "w-elsewhere", lease_ttl_s=30)
     intake.renew_lease()
-    runner = BatchRunner(s, FakeBundle(manifest), broker, intake.lanes[0], client.backend,
-                         WorkerMetrics(CollectorRegistry()), FakeDrift())  # fmt: skip
+    metrics = WorkerMetrics(CollectorRegistry())
+    handler = ClassifyHandler(FakeBundle(manifest), s, metrics, FakeDrift())  # type: ignore[arg-type]
+    runner = BatchEngine(s, {TASK_NAME: handler}, broker, intake.lanes[0], client.backend, metrics)
     execute = redis.client.Pipeline.execute
     lost = [redis.ConnectionError("reply lost after Redis ran it")]
 

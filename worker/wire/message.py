@@ -1,48 +1,34 @@
-"""Celery protocol 2 messages as they sit in Redis, and results in Celery's result-backend format.
+"""Reading a task message as a Celery producer left it in the Redis list, every field checked.
 
-The worker reads the Redis list itself (see ``worker/intake.py``) instead of going through
-Celery's task consumer, so it must read exactly what any Celery client writes there and write
-exactly what ``AsyncResult.get()`` reads. Both formats are Celery's; nothing here is imgq's own.
-
-A message in Redis is kombu's JSON envelope::
+The worker reads the Redis list itself (``worker/intake.py``) instead of going through Celery's
+task consumer, so it reads exactly what any Celery client writes there: kombu's JSON envelope::
 
     {"body": "<base64 of the JSON [args, kwargs, embed]>", "content-type": "application/json",
      "content-encoding": "utf-8",
      "headers": {"task": "imgq.classify", "id": "<task id>", "expires": "<ISO 8601 or null>", ...},
      "properties": {"body_encoding": "base64", "delivery_tag": "<uuid>", ...}}
 
-Only ``application/json`` bodies are ever decoded: a pickled body is never unpickled, and its
-task ends in FAILURE (``content_refused``) so the sender sees why.
+Every byte is hostile input: each field read is validated here, with a reason, so that nothing
+downstream (task events, result keys, logs) meets a value it cannot handle. Only
+``application/json`` bodies are ever decoded: a pickled body is never unpickled, and its task
+ends in FAILURE (``content_refused``) so the sender sees why.
 """
 
 from __future__ import annotations
 
 import binascii
 import dataclasses
-import json
 import math
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
-from imgq.shared.decode import b64decode_strict
+from imgq.shared.b64 import b64decode_strict
 from imgq.shared.errors import InvalidTask
+from imgq.worker.wire import SENT_AT_HEADER
+from imgq.worker.wire.codec import json_loads
 
-__all__ = [
-    "TASK_NAME",
-    "TaskRequest",
-    "parse_message",
-    "json_dumps",
-    "json_loads",
-    "validate_kwargs",
-    "result_meta",
-    "exception_result",
-]
+__all__ = ["MAX_TASK_ID_CHARS", "TaskRequest", "parse_message", "parse_task_id"]
 
-#: The one task this worker executes.
-TASK_NAME = "imgq.classify"
-_ARGUMENTS = ("image", "top_k", "request_id")
 #: Longest task id accepted (Celery's are 36-character UUIDs; the id is part of a Redis key).
 MAX_TASK_ID_CHARS = 512
 #: The epoch seconds a time header may hold: what Python's datetime can represent (years
@@ -58,17 +44,19 @@ class TaskRequest:
 
     Attributes:
         task_id: Celery task id (the result key is derived from it).
+        task_name: The ``task`` header ("" when it is not a string): which handler serves it.
         kwargs: Keyword arguments as sent (not yet validated).
         expires: Expiry as epoch seconds, or None.
         sent_at: Enqueue time as epoch seconds from the optional ``imgq_sent_at`` header, or None.
         delivery_tag: kombu's delivery tag.
         queue: The queue it was taken from.
         raw: The message exactly as it was in Redis (for redelivery and dead letters).
-        error: Why the task must not run (refused content type, unusable body, wrong task name),
-            or None; such a task ends in FAILURE without being executed.
+        error: Why the task must not run (refused content type, unusable body, a header no time
+            can be made of), or None; such a task ends in FAILURE without being executed.
     """
 
     task_id: str
+    task_name: str
     kwargs: dict[str, Any]
     expires: float | None
     sent_at: float | None
@@ -87,7 +75,7 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
 
     Returns:
         A :class:`TaskRequest`; when the task id is known but the task must not run (content type
-        other than JSON, unusable body, another task's name), its ``error`` says why.
+        other than JSON, unusable body, an unusable header), its ``error`` says why.
 
     Raises:
         InvalidTask: ``malformed_message`` when not even a task id can be read; such a message
@@ -99,7 +87,7 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         if not isinstance(envelope, dict) or not isinstance(envelope.get("headers"), dict):
             raise TypeError("the message is not a JSON object with a `headers` object")
         headers = envelope["headers"]
-        task_id = _task_id(headers.get("id"))
+        task_id = parse_task_id(headers.get("id"))
     except (ValueError, TypeError, KeyError, RecursionError) as exc:  # issue 7: deep nesting
         raise InvalidTask(
             "malformed_message", f"no readable Celery envelope: {exc!r:.300}"
@@ -110,15 +98,19 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
     delivery_tag = properties.get("delivery_tag")
     if not isinstance(delivery_tag, str):
         delivery_tag = None
+    task_name = headers.get("task")
+    if not isinstance(task_name, str):
+        task_name = ""
     try:
         expires = _epoch_s(headers.get("expires"))
-        sent_at = _epoch_s(headers.get("imgq_sent_at"))
-        kwargs = _body_kwargs(envelope, properties, headers)
+        sent_at = _epoch_s(headers.get(SENT_AT_HEADER))
+        kwargs = _body_kwargs(envelope, properties)
         error = None
     except InvalidTask as exc:
         kwargs, expires, sent_at, error = {}, None, None, exc
     return TaskRequest(
         task_id=task_id,
+        task_name=task_name,
         kwargs=kwargs,
         expires=expires,
         sent_at=sent_at,
@@ -129,14 +121,14 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
     )
 
 
-def _task_id(value: Any) -> str:
+def parse_task_id(value: Any) -> str:
     """The task id, if it can name a result: a non-empty string of at most
     :data:`MAX_TASK_ID_CHARS` that encodes to UTF-8 (a lone surrogate from a JSON escape
     does not).
 
-    >>> _task_id("5f1c-aa")
+    >>> parse_task_id("5f1c-aa")
     '5f1c-aa'
-    >>> _task_id(chr(0xD800))
+    >>> parse_task_id(chr(0xD800))
     Traceback (most recent call last):
     ...
     ValueError: the task id is not valid Unicode (a lone surrogate?)
@@ -152,7 +144,7 @@ def _task_id(value: Any) -> str:
     return value
 
 
-def _body_kwargs(envelope: dict[str, Any], properties: Any, headers: dict[str, Any]) -> dict:
+def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
     """The keyword arguments of a JSON protocol 2 body; InvalidTask for anything else."""
     content_type = envelope.get("content-type")
     if content_type != "application/json":
@@ -160,10 +152,6 @@ def _body_kwargs(envelope: dict[str, Any], properties: Any, headers: dict[str, A
             "content_refused",
             f"content type {content_type!r} is refused; imgq executes application/json only "
             "(send with serializer='json')",
-        )
-    if headers.get("task") != TASK_NAME:
-        raise InvalidTask(
-            "malformed_message", f"this queue serves {TASK_NAME!r}, not {headers.get('task')!r}"
         )
     body: Any = envelope.get("body")
     try:
@@ -181,38 +169,9 @@ def _body_kwargs(envelope: dict[str, Any], properties: Any, headers: dict[str, A
     if args:
         raise InvalidTask(
             "bad_argument",
-            f"{TASK_NAME} takes keyword arguments only, got {len(args)} positional",
+            f"imgq tasks take keyword arguments only, got {len(args)} positional",
         )
     return kwargs
-
-
-def json_loads(text: bytes | str) -> Any:
-    """JSON text to Python as ``json.loads`` reads it, at orjson's speed (2x on a task message).
-
-    Whatever orjson refuses (NaN, lone surrogates, nesting deeper than 1024) goes to the standard
-    library, which decides and words the error, so a hostile message fails the way it always did.
-
-    >>> json_loads(b'{"a": [1, 2.5]}'), json_loads("[NaN]")
-    ({'a': [1, 2.5]}, [nan])
-    """
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
-
-
-def json_dumps(value: Any) -> bytes:
-    """Compact JSON of results and events, as Celery's JSON backend would store them, at
-    orjson's speed (10x). What orjson refuses (integers beyond 64 bits, lone surrogates) the
-    standard library writes.
-
-    >>> json_dumps({"label": "cat", "score": 0.5, "big": 2**70})
-    b'{"label": "cat", "score": 0.5, "big": 1180591620717411303424}'
-    """
-    try:
-        return orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return json.dumps(value).encode()
 
 
 def _epoch_s(value: Any) -> float | None:
@@ -259,94 +218,3 @@ def _epoch_s(value: Any) -> float | None:
     if not (math.isfinite(seconds) and _MIN_EPOCH_S <= seconds <= _MAX_EPOCH_S):
         raise InvalidTask("malformed_message", f"a time header is out of range, got {value!r:.80}")
     return seconds
-
-
-def validate_kwargs(kwargs: dict[str, Any], n_labels: int) -> tuple[str, int, str | int | None]:
-    """Check the task's keyword arguments against the contract.
-
-    Args:
-        kwargs: As sent.
-        n_labels: How many classes the model has (the largest ``top_k``).
-
-    Returns:
-        ``(image_b64, top_k, request_id)``.
-
-    Raises:
-        InvalidTask: ``missing_argument``, ``unknown_argument`` or ``bad_argument``.
-
-    >>> validate_kwargs({"image": "aGk=", "top_k": 2}, n_labels=3)
-    ('aGk=', 2, None)
-    >>> validate_kwargs({"image": "aGk=", "top_k": True}, n_labels=3)
-    Traceback (most recent call last):
-    ...
-    imgq.shared.errors.InvalidTask: bad_argument: top_k must be an integer in 1..3, got True
-    """
-    unknown = sorted(set(kwargs) - set(_ARGUMENTS))
-    if unknown:
-        raise InvalidTask(
-            "unknown_argument",
-            f"unexpected {', '.join(map(repr, unknown))}; "
-            f"{TASK_NAME} takes {', '.join(_ARGUMENTS)}",
-        )
-    if "image" not in kwargs:
-        raise InvalidTask("missing_argument", "`image` (base64 of the encoded image) is required")
-    image = kwargs["image"]
-    if not isinstance(image, str):
-        raise InvalidTask(
-            "bad_argument", f"image must be a base64 string, got {type(image).__name__}"
-        )
-    top_k = kwargs.get("top_k", 1)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_labels:
-        raise InvalidTask(
-            "bad_argument", f"top_k must be an integer in 1..{n_labels}, got {top_k!r:.40}"
-        )
-    request_id = kwargs.get("request_id")
-    if request_id is not None and (
-        isinstance(request_id, bool) or not isinstance(request_id, (str, int))
-    ):
-        raise InvalidTask(
-            "bad_argument",
-            f"request_id must be a string or an integer, got {type(request_id).__name__}",
-        )
-    return image, top_k, request_id
-
-
-def exception_result(exc: BaseException) -> dict[str, Any]:
-    """A FAILURE's ``result`` as Celery's JSON backend writes it (``prepare_exception``).
-
-    The client rebuilds an exception of that name whose message is ``exc_message``; for imgq's
-    errors that message starts with the reason code.
-
-    >>> exception_result(InvalidTask("missing_argument", "image"))["exc_message"]
-    ['missing_argument: image']
-    """
-    kind = type(exc)
-    return {
-        "exc_type": kind.__qualname__,
-        "exc_message": [str(exc)],
-        "exc_module": kind.__module__,
-    }
-
-
-def result_meta(
-    task_id: str, state: str, result: Any, traceback: str | None = None
-) -> dict[str, Any]:
-    """The result-backend record of a finished task, exactly as Celery stores it.
-
-    Args:
-        task_id: The task's id.
-        state: ``"SUCCESS"``, ``"FAILURE"`` or ``"REVOKED"``.
-        result: The return value, or :func:`exception_result` of the error.
-        traceback: Traceback text of a failure, or None.
-
-    >>> sorted(result_meta("t1", "SUCCESS", {"label": "a"}))
-    ['children', 'date_done', 'result', 'status', 'task_id', 'traceback']
-    """
-    return {
-        "status": state,
-        "result": result,
-        "traceback": traceback,
-        "children": [],
-        "date_done": datetime.now(UTC).isoformat(),
-        "task_id": task_id,
-    }
