@@ -38,8 +38,8 @@ def exception_result(exc: BaseException) -> ExceptionResult:
     The client rebuilds an exception of that name whose message is ``exc_message``; for imgq's
     errors that message starts with the reason code.
 
-    >>> exception_result(InvalidTask("missing_argument", "image"))["exc_message"]
-    ['missing_argument: image']
+    >>> exception_result(ValueError("missing_argument: image"))
+    {'exc_type': 'ValueError', 'exc_message': ['missing_argument: image'], 'exc_module': 'builtins'}
     """
     kind = type(exc)
     return {
