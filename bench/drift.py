@@ -26,14 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from imgq.shared.decode import decode_image
-from imgq.shared.imagestats import (
-    IMAGE_FEATURES,
-    ReferenceStats,
-    bin_counts,
-    build_reference,
-    decoded_image_features,
-)
+from imgq.shared.imagestats import IMAGE_FEATURES, decoded_image_features
 from imgq.shared.preprocess import PreprocessSpec
+from imgq.shared.reference import ReferenceStats, bin_counts, build_reference
 from imgq.shifts import BENIGN, EXPECTED, SHIFTS, shift_image
 from imgq.trainer.sample_data import CLASS_NAMES, generate
 from imgq.worker.drift import Window, evaluate_window

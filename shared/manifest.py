@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from imgq.shared.errors import ManifestError
-from imgq.shared.imagestats import ReferenceStats
 from imgq.shared.preprocess import PreprocessSpec
+from imgq.shared.reference import ReferenceStats
 
 __all__ = [
     "MANIFEST_VERSION",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,19 @@ from imgq.localredis import LocalRedis
 
 if TYPE_CHECKING:
     from tests.workerproc import Workers
+
+class _InstalledNamesOnly:
+    """The repository's worker/, shared/ and trainer/ are imgq.worker, imgq.shared and
+    imgq.trainer; run from the repository root, Python could also import them as top-level
+    packages, a second copy of every module (a monkeypatch of one would miss the other)."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name in ("worker", "shared", "trainer"):
+            raise ImportError(f"import imgq.{name}, not {name}: that is the installed name")
+        return None
+
+
+sys.meta_path.insert(0, _InstalledNamesOnly())
 
 # Keep TensorFlow and BLAS polite on the 2-core CI machine, and TensorFlow quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

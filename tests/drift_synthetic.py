@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgq.shared.imagestats import IMAGE_FEATURES, ReferenceStats, build_reference, output_features
+from imgq.shared.imagestats import IMAGE_FEATURES, output_features
 from imgq.shared.manifest import Manifest
 from imgq.shared.preprocess import PreprocessSpec
+from imgq.shared.reference import ReferenceStats, build_reference
 from imgq.worker.drift import ALL_FEATURES
 
 LABELS = ("circle", "square", "triangle", "star")

@@ -21,9 +21,10 @@ from onnx import TensorProto, helper
 from imgq.cli import main as imgq
 from imgq.shared.bundle import ModelBundle, choose_providers
 from imgq.shared.errors import BundleError
-from imgq.shared.imagestats import IMAGE_FEATURES, build_reference
+from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.manifest import GoldenImage, Manifest, load_manifest, save_manifest, sha256_file
 from imgq.shared.preprocess import PreprocessSpec
+from imgq.shared.reference import build_reference
 
 LABELS = ("red", "green", "blue")
 SIZE = 16

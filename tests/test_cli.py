@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -34,7 +35,9 @@ def test_parser_has_every_subcommand() -> None:
         assert args.command == name and callable(args.func)
 
 
-@pytest.mark.parametrize("module", ["imgq.cli", "worker", "imgq.worker.client", "shared"])
+@pytest.mark.parametrize(
+    "module", ["imgq", "imgq.cli", "imgq.worker", "imgq.worker.client", "imgq.shared"]
+)
 def test_light_imports_do_not_load_tensorflow(module: str) -> None:
     """Importing the command line, the worker package or shared/ never loads TensorFlow."""
     code = (
@@ -54,3 +57,31 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second() -> None:
     assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in ci
+
+
+@pytest.mark.slow
+def test_a_plain_install_has_one_namespace(tmp_path: Path) -> None:
+    """`pip install .` (a wheel, not editable) installs the package imgq and nothing top-level
+    named worker, shared or trainer: a service with its own `worker` module can use imgq's
+    client (issue 16). Installed into a folder of its own, which comes first on the path."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+         str(ROOT)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    packages = {p.name for p in target.iterdir()} - {"bin"}  # bin: the `imgq` command
+    assert {p for p in packages if not p.endswith(".dist-info")} == {"imgq"}
+    env = dict(os.environ, PYTHONPATH=str(target))
+    where = subprocess.run(
+        [sys.executable, "-c", "import imgq.worker.settings as s; print(s.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert where == str(target / "imgq" / "worker" / "settings.py")
+    for name in ("worker", "shared", "trainer"):
+        found = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path, env=env,
+                               capture_output=True)  # fmt: skip
+        assert found.returncode != 0, f"`import {name}` works after pip install ."
+    client = subprocess.run([sys.executable, "-c", "from imgq import ImgqClient, TASK_NAME"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    assert client.returncode == 0, client.stderr

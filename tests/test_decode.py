@@ -202,7 +202,7 @@ def test_over_white_matches_the_formula_on_any_shape_and_band_size(
     shape: tuple[int, int], band_pixels: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Random RGBA of odd shapes (one row, one column, bands ending mid-frame) match exactly."""
-    monkeypatch.setattr("shared.decode._BAND_PIXELS", band_pixels)
+    monkeypatch.setattr("imgq.shared.decode._BAND_PIXELS", band_pixels)
     rgba = np.random.default_rng(shape[0] * shape[1]).integers(0, 256, (*shape, 4), np.uint8)
     want = _over_white_formula(rgba)
     assert np.array_equal(_over_white_in_bands(rgba), want)
@@ -264,7 +264,7 @@ def test_pillow_path_in_bands_equals_the_whole_frame_conversion(
 ) -> None:
     """Regression (a 167 kB 40-megapixel RGBA PNG took 1.1 GB and 3 s): converting in bands of
     rows gives exactly the pixels of the former whole-frame conversion, in every Pillow mode."""
-    monkeypatch.setattr("shared.decode._BAND_PIXELS", band_pixels)
+    monkeypatch.setattr("imgq.shared.decode._BAND_PIXELS", band_pixels)
     data = PILLOW_PATH[case]()
     want = _decode_pillow_whole_frame(data)
     got = _decode_pillow(data)

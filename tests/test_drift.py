@@ -21,14 +21,9 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from imgq.shared.errors import ManifestError
-from imgq.shared.imagestats import (
-    IMAGE_FEATURES,
-    OUTPUT_FEATURES,
-    ReferenceStats,
-    bin_counts,
-    out_of_range,
-)
+from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES
 from imgq.shared.manifest import Manifest
+from imgq.shared.reference import ReferenceStats, bin_counts, out_of_range
 from imgq.worker.drift import (
     ALL_FEATURES,
     STATE_TTL_S,

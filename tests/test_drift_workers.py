@@ -19,9 +19,10 @@ import pytest
 import redis
 
 from imgq.shared.decode import decode_image
-from imgq.shared.imagestats import build_reference, decoded_image_features, output_features
+from imgq.shared.imagestats import decoded_image_features, output_features
 from imgq.shared.manifest import load_manifest, save_manifest
 from imgq.shared.preprocess import preprocess_batch
+from imgq.shared.reference import build_reference
 from imgq.shifts import EXPECTED, SHIFTS, shift_image
 from imgq.trainer.sample_data import CLASS_NAMES, generate
 from imgq.worker.client import ImgqClient

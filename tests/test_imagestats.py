@@ -12,16 +12,18 @@ import pytest
 from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     OUTPUT_FEATURES,
+    decoded_image_features,
+    image_features,
+    output_features,
+)
+from imgq.shared.preprocess import PreprocessSpec, resize_image
+from imgq.shared.reference import (
     FeatureReference,
     ReferenceStats,
     bin_counts,
     build_reference,
-    decoded_image_features,
-    image_features,
     out_of_range,
-    output_features,
 )
-from imgq.shared.preprocess import PreprocessSpec, resize_image
 
 #: The sample model's input (`imgq train`'s default): pixel features are of the model's input.
 SPEC = PreprocessSpec(height=32, width=32)
@@ -92,7 +94,7 @@ def test_an_image_gets_the_same_features_alone_or_in_any_batch(
     for i in range(len(scenes)):
         assert np.array_equal(image_features(inputs[i : i + 1], originals[i : i + 1])[0], batch[i])
     assert np.array_equal(image_features(inputs[::-1], originals[::-1])[::-1], batch)
-    monkeypatch.setattr("shared.imagestats._CHUNK_PX", 3 * 32 * 32)  # chunks of 3 images
+    monkeypatch.setattr("imgq.shared.imagestats._CHUNK_PX", 3 * 32 * 32)  # chunks of 3 images
     assert np.array_equal(image_features(inputs, originals), batch)
     assert image_features(inputs[:0], originals[:0]).shape == (0, len(IMAGE_FEATURES))
     # Inputs over 64 pixels a side are block-averaged first: still independent of the batch.

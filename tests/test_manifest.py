@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from imgq.shared.errors import ManifestError
-from imgq.shared.imagestats import IMAGE_FEATURES, build_reference
+from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.manifest import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
@@ -22,6 +22,7 @@ from imgq.shared.manifest import (
     sha256_file,
 )
 from imgq.shared.preprocess import PreprocessSpec
+from imgq.shared.reference import build_reference
 
 SHA = "ab" * 32
 

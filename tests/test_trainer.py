@@ -19,7 +19,7 @@ from imgq.cli import main as imgq
 from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import ParityError
-from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES, build_reference
+from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES
 from imgq.shared.manifest import load_manifest
 from imgq.shared.preprocess import (
     PreprocessSpec,
@@ -28,6 +28,7 @@ from imgq.shared.preprocess import (
     preprocess_batch,
     resize_image,
 )
+from imgq.shared.reference import build_reference
 from imgq.trainer.dataset import Dataset, Split, load_dataset, stratified_split
 from imgq.trainer.export import export_bundle
 from imgq.trainer.model import build_model

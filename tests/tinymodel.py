@@ -22,12 +22,12 @@ from imgq.shared.decode import decode_image
 from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     OUTPUT_FEATURES,
-    build_reference,
     decoded_image_features,
     output_features,
 )
 from imgq.shared.manifest import GoldenImage, Manifest, save_manifest, sha256_file
 from imgq.shared.preprocess import PreprocessSpec, preprocess_batch
+from imgq.shared.reference import build_reference
 
 __all__ = ["COLOURS", "colour_image", "encode_png", "make_tiny_bundle"]
 

@@ -29,9 +29,9 @@ import tf2onnx
 from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import ParityError
-from imgq.shared.imagestats import ReferenceStats
 from imgq.shared.manifest import GoldenImage, Manifest, load_manifest, save_manifest, sha256_file
 from imgq.shared.preprocess import PreprocessSpec, normalise_batch
+from imgq.shared.reference import ReferenceStats
 from imgq.trainer.dataset import Dataset
 
 __all__ = [

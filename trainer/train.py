@@ -24,15 +24,10 @@ import numpy as np
 
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import ImgqError
-from imgq.shared.imagestats import (
-    IMAGE_FEATURES,
-    OUTPUT_FEATURES,
-    ReferenceStats,
-    build_reference,
-    output_features,
-)
+from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES, output_features
 from imgq.shared.manifest import MANIFEST_FILE
 from imgq.shared.preprocess import PreprocessSpec, compute_mean_std, normalise_batch
+from imgq.shared.reference import ReferenceStats, build_reference
 from imgq.trainer.dataset import Dataset, Split, load_dataset, stratified_split
 from imgq.trainer.export import MIN_PARITY_IMAGES, export_bundle
 from imgq.trainer.model import ARCHITECTURES, build_model

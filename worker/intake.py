@@ -54,7 +54,7 @@ import time
 import redis
 
 from imgq.worker.capped import ReplyTooLarge, capped_client
-from imgq.worker.deadletters import LUA_DEAD_LETTER
+from imgq.worker.deadletters_lua import LUA_DEAD_LETTER
 
 __all__ = [
     "DELIVERIES_TTL_S",

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from imgq.worker.deadletters import LUA_DEAD_LETTER
+from imgq.worker.deadletters_lua import LUA_DEAD_LETTER
 from imgq.worker.intake import LANES_KEY, Lane
 from imgq.worker.wire.codec import json_dumps
 

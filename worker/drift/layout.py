@@ -12,11 +12,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from imgq.shared.imagestats import (
-    IMAGE_FEATURES,
-    OUTPUT_FEATURES,
-    ReferenceStats,
-)
+from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES
+from imgq.shared.reference import ReferenceStats
 
 __all__ = [
     "ALL_FEATURES",

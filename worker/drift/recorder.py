@@ -21,13 +21,9 @@ import numpy as np
 import redis
 
 from imgq.shared.errors import ManifestError
-from imgq.shared.imagestats import (
-    IMAGE_FEATURES,
-    IMAGE_FEATURES_VERSION,
-    RangeCheck,
-    output_features,
-)
+from imgq.shared.imagestats import IMAGE_FEATURES, IMAGE_FEATURES_VERSION, output_features
 from imgq.shared.manifest import Manifest
+from imgq.shared.reference import RangeCheck
 from imgq.worker.drift.detector import DriftDetector
 from imgq.worker.drift.layout import (
     _ADD_LUA,

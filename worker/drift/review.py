@@ -22,8 +22,8 @@ import numpy as np
 import redis
 
 from imgq.shared.errors import ImgqError
-from imgq.shared.imagestats import FeatureReference
 from imgq.shared.manifest import Manifest, load_manifest
+from imgq.shared.reference import FeatureReference
 from imgq.worker.drift import DriftKeys, WindowLayout
 from imgq.worker.logs import mask_url
 from imgq.worker.settings import WorkerSettings

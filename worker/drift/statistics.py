@@ -13,9 +13,7 @@ from typing import Any
 import numpy as np
 from scipy.special import chdtrc
 
-from imgq.shared.imagestats import (
-    ReferenceStats,
-)
+from imgq.shared.reference import ReferenceStats
 from imgq.worker.drift.layout import (
     Window,
 )

@@ -24,8 +24,9 @@ import numpy as np
 from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_base64, decode_image, probe_image
 from imgq.shared.errors import BundleError, ImgqError, InvalidTask
-from imgq.shared.imagestats import IMAGE_FEATURES, RangeCheck, image_features
+from imgq.shared.imagestats import IMAGE_FEATURES, image_features
 from imgq.shared.preprocess import normalise_batch, resize_image
+from imgq.shared.reference import RangeCheck
 from imgq.worker.drift.recorder import DriftRecorder, Observation
 from imgq.worker.handler import DEFERRED, Failure, HandlerContext, Outcome, Request, Success
 from imgq.worker.health import publish_model
