@@ -196,10 +196,9 @@ class ModelBundle:
     def calibrate_infer_batch(self, max_batch: int, budget_s: float = 2.0) -> dict[int, float]:
         """Measure which onnxruntime call size serves an image fastest here, and use it.
 
-        On a CPU a bigger call is not always cheaper per image. Measured on this project's 2-core
-        machine (one thread): MobileNetV2 at 224x224 costs ~12 ms per image in calls of 1 or 2
-        and 15-16 ms in calls of 32, whose activations no longer fit the caches, while the small
-        sample CNN costs 0.38 ms per image in calls of 1 and 0.29 ms in calls of 32. The worker
+        On a CPU a bigger call is not always cheaper per image: a large model's activations for
+        a big call no longer fit the caches, while a small model gains from bigger calls
+        (``docs/benchmarks.md`` has both, measured). The worker
         still takes up to ``max_batch`` messages per round trip to Redis and stores their results
         in one; only the model call is split. The sizes tried are the powers of two up to
         ``max_batch`` and ``max_batch`` itself, on random input, interleaved over five rounds,

@@ -79,11 +79,12 @@ def image_features(inputs: np.ndarray, originals: np.ndarray) -> np.ndarray:
     either. Size and compression come from the original (``originals``). An input larger than
     64 pixels a side is first reduced by the smallest whole factor ``k`` that brings it to 64 or
     less, as the mean of each ``k x k`` block (MobileNetV2's 224 -> 56; a side that ``k`` does
-    not divide loses its ``side % k`` outer pixels, half on each edge): ~12x less work at 224,
+    not divide loses its ``side % k`` outer pixels, half on each edge): far less work at 224,
     and sharpness measured at a scale comparable across models.
 
-    The whole batch is one tall image for each OpenCV call (a call costs 5-10 µs here whatever its
-    size), and every sum is exact in integers or float64, so an image's features do not depend on
+    The whole batch is one tall image for each OpenCV call (each call has a fixed cost whatever
+    its size), and every sum is exact in integers or float64, so an image's features do not
+    depend on
     its batch-mates: one image alone gives the same bytes. Sharpness is ``log1p`` of the variance
     of the Laplacian of luminance (0..255 scale) over each image's rows 1 to H-2 (the outer rows
     would see the neighbouring image in the tall stack). Every feature is invariant to a
@@ -223,7 +224,7 @@ def _block_means(inputs: np.ndarray) -> np.ndarray:
 
 def _row_squares(rows: np.ndarray) -> np.ndarray:
     """Sum of squares of each row of a 2-D integer-valued array, as float64: a batched matrix
-    product (3x faster than ``einsum`` here), exact because every partial sum is an integer
+    product (faster than ``einsum``), exact because every partial sum is an integer
     below 2**53 (at most 64 x 64 values of at most 1020**2)."""
     f = rows.astype(np.float64, copy=False)
     return np.matmul(f[:, None, :], f[:, :, None])[:, 0, 0]

@@ -177,8 +177,8 @@ def resize_image(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 def _reduce_by_whole_factor(rgb: np.ndarray, th: int, tw: int) -> np.ndarray:
     """Shrink by the largest whole factor ``k`` that stays at least the target size.
 
-    OpenCV's ``INTER_AREA`` averages exact ``k x k`` blocks in a fast path (0.1 ms for 640x480
-    -> 320x240 here) but takes ~2-3 ms for a fractional ratio such as 640x480 -> 224x224; doing
+    OpenCV's ``INTER_AREA`` averages exact ``k x k`` blocks in a fast path but is many times
+    slower for a fractional ratio such as 640x480 -> 224x224 (``docs/benchmarks.md``); doing
     the whole-factor part first leaves a ratio under 2 on a small image. The result is still an
     area (box) average. The source is centre-cropped to a multiple of ``k`` (under ``k`` pixels).
     """

@@ -173,9 +173,9 @@ def _probe_pillow(data: bytes) -> ImageInfo:
 def _probe_fast(data: bytes) -> ImageInfo | None:
     """The header of a well-formed PNG or JPEG, parsed from the bytes in a few microseconds.
 
-    ``Image.open`` builds a file object and a plugin instance per call: 20-60 us on an idle core,
-    ~0.9 ms in a profiled worker (more than OpenCV's decode of a small JPEG), so the two formats
-    of nearly all traffic are read here, 4-6x faster. The result is exactly what Pillow
+    ``Image.open`` builds a file object and a plugin instance per call, which can cost more than
+    OpenCV's decode of a small JPEG (``docs/benchmarks.md``), so the two formats of nearly all
+    traffic are read here. The result is exactly what Pillow
     reports (tests compare both on many files); anything this parser does not fully understand
     -- a damaged or unusual header, APNG, MPO, text/ICC/EXIF chunks of a PNG, or a size that
     Pillow would treat as a decompression bomb -- returns ``None``, and Pillow decides.

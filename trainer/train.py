@@ -262,8 +262,8 @@ def train_bundle(
         data_dir: Folder with one sub-folder of images per class.
         out_dir: Bundle folder to write (created; a previous manifest is removed first, so a
             failed run never leaves a loadable, stale bundle).
-        image_size: Model input side in pixels. Defaults to 32: on `imgq sample-data` it
-            reached 98.9% test accuracy in ~2 minutes on 2 cores (64 px: 95.6% in ~4).
+        image_size: Model input side in pixels. Defaults to 32, enough for `imgq sample-data`
+            (accuracy and training time by size in ``docs/benchmarks.md``).
         arch: ``"small"`` or ``"mobilenetv2"``. Defaults to ``"small"``.
         epochs: Most epochs to train. Defaults to 40.
         patience: Epochs without a lower validation loss before stopping. Defaults to 8.

@@ -59,8 +59,8 @@ PUSH_CHUNK_BYTES = 8 << 20
 POLL_HEAD = 64
 MGET_CHUNK = 1000
 #: Poll interval of :meth:`ImgqClient.results`: it starts short so a quick answer is seen at
-#: once, and grows while nothing arrives so a long wait costs little. At most 200 polls a second:
-#: at 2 ms the waiting process spent ~0.5 ms of CPU per MobileNetV2 task, beside the workers.
+#: once, and grows while nothing arrives so a long wait costs little: at most 200 polls a second
+#: (a faster poll cost the waiting process CPU the workers needed; docs/benchmarks.md).
 POLL_MIN_S = 0.005
 POLL_MAX_S = 0.1
 
@@ -251,9 +251,8 @@ class ImgqClient:
         out, so where nothing has finished the younger tasks have not either. Once nothing has
         arrived for a while (the interval reached its maximum), and at the deadline, a poll
         reads every pending key, so tasks that finish out of order (another queue, a
-        redelivery) are found too. Polling every pending key
-        each time cost the waiting process 0.24-0.33 ms of CPU per task over a 5,000-task
-        drain, as much as Redis spent serving the tasks.
+        redelivery) are found too. (Polling every pending key each time cost the waiting
+        process as much CPU as Redis spent serving the tasks: ``docs/benchmarks.md``.)
 
         Args:
             async_results: What :meth:`classify` / :meth:`classify_many` returned.

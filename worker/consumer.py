@@ -1,9 +1,9 @@
 """The Celery bootstep that serves ``imgq.classify`` in batches inside a real Celery worker.
 
 Celery's consumer blueprint normally has a ``Tasks`` step that consumes task messages one by one
-and hands each to the pool; that per-message path (~2-2.7 ms of worker CPU per task) is what
-limits small models. :class:`BulkConsumer` is Celery's consumer with that one step replaced by
-:class:`BulkTasks`, which
+and hands each to the pool; that per-message path costs several times a small model's own work
+per task (``docs/benchmarks.md``). :class:`BulkConsumer` is Celery's consumer with that one step
+replaced by :class:`BulkTasks`, which
 
 - gives Celery an empty task consumer (no queues), so the event loop, remote control
   (``inspect ping``/``stats``), heartbeats and events (Flower) keep working unchanged;
@@ -61,9 +61,9 @@ _SOCKET_TIMEOUT_S = 15.0
 
 def _freeze_startup_objects() -> None:
     """Move everything allocated at start-up (Celery, onnxruntime, numpy, scipy: ~10^5 objects)
-    out of the garbage collector's reach. Python's full collections otherwise walk all of it: a
-    gen-2 pass measured 31-77 ms in a serving process, a pause every task of the batch in hand
-    waits out. The objects stay alive for the process's life anyway."""
+    out of the garbage collector's reach. Python's full collections otherwise walk all of it, a
+    pause of tens of milliseconds that every task of the batch in hand waits out
+    (``docs/benchmarks.md``). The objects stay alive for the process's life anyway."""
     gc.collect()
     gc.freeze()
 

@@ -414,7 +414,7 @@ class Lane:
         max_n = max(1, min(max_n, budget // max(1, self._recent_max_bytes)))
         if self._short:
             # The last take emptied the queue: ask how much is there rather than send max_n
-            # LMOVEs, most of them for nothing (~10 µs of client CPU each).
+            # LMOVEs, most of them for nothing (each costs client CPU).
             pipe = intake.redis.pipeline(transaction=False)
             pipe.llen(intake.queue)
             pipe.llen(intake.poison)

@@ -30,9 +30,9 @@ def _keep_batch_buffers() -> None:
     """Tell glibc to keep freed batch buffers instead of returning them to the kernel.
 
     Each batch frees tens of MB (decoded frames, the input tensor); by default glibc unmaps them
-    and the next batch pays thousands of page faults (measured with bench/preprocess.py: ~10% of
-    the CPU per image at 224x224). Thresholds: mmap above 64 MiB, trim above 256 MiB. A no-op
-    where the C library is not glibc.
+    and the next batch pays thousands of page faults (``docs/benchmarks.md``, design figures).
+    Thresholds: mmap above 64 MiB, trim above 256 MiB. A no-op where the C library is not
+    glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -45,9 +45,8 @@ def _keep_batch_buffers() -> None:
 def _opencv_in_calling_thread() -> None:
     """Run OpenCV's calls in the thread that makes them, as everything else in a worker does
     (its parallelism is processes x batch threads). OpenCV's own thread pool split the drift
-    statistics' calls on a batch's tall image across a second core and spun it: the process
-    spent 1,085 µs of CPU per batch of 32 in ``image_features`` against 526 µs single-threaded,
-    for no gain in time (measured with both, same machine)."""
+    statistics' calls on a batch's tall image across a second core and spun it, doubling their
+    CPU for no gain in time (``docs/benchmarks.md``, design figures)."""
     import cv2
 
     cv2.setNumThreads(1)

@@ -85,10 +85,10 @@ class WindowLayout:
     bins of every feature in :data:`ALL_FEATURES` order (those the reference has), then the sums
     of the continuous features in fixed point (:data:`SUM_SCALE` per unit), for the current mean.
     Every worker derives the same layout from the same reference. One ``BITFIELD`` of a batch's
-    ~150 increments costs Redis a fraction of what ~150 ``HINCRBY`` on a hash did (~0.7 ms per
-    batch, on the cores the workers share).
+    ~150 increments costs Redis a fraction of what ~150 ``HINCRBY`` on a hash did
+    (``docs/benchmarks.md``).
 
-    >>> from shared.imagestats import build_reference
+    >>> from imgq.shared.reference import build_reference
     >>> layout = WindowLayout(build_reference(np.arange(40.0)[:, None], ["brightness"], n_bins=4))
     >>> layout.first_bin, layout.sum_slots, layout.size
     ({'brightness': 3}, {'brightness': 7}, 8)
@@ -190,7 +190,7 @@ class DriftKeys:
 # Adds one batch to the open window (a string of i64 slots, see WindowLayout): the image count,
 # then "slot increment ..." pairs (bin counts and fixed-point sums) in one BITFIELD; records the
 # server time of the first and last batch (µs); refreshes the window's TTL (a window of a model
-# no longer served goes; ~1 µs of the ~100 µs a batch costs Redis); returns the new image count.
+# no longer served goes); returns the new image count.
 # A Lua function, so that a larger script (one that also stores the batch's results) can include
 # it. ttl: seconds; nil or 0 leaves the window's TTL as it was.
 _ADD_WINDOW_FUNCTION_LUA = """

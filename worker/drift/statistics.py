@@ -107,7 +107,7 @@ def _chi2_rows(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray
     n_cur = cur.sum(axis=1, keepdims=True)
     dof = occupied.sum(axis=1) - 1
     valid = (dof >= 1) & (n_ref[:, 0] > 0) & (n_cur[:, 0] > 0)
-    # The same as scipy.stats.chi2_contingency(table, correction=False) per row, 100x faster.
+    # The same as scipy.stats.chi2_contingency(table, correction=False) per row, far faster.
     with np.errstate(divide="ignore", invalid="ignore"):
         e_ref = n_ref * column / (n_ref + n_cur)
         e_cur = n_cur * column / (n_ref + n_cur)

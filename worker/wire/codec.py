@@ -20,7 +20,7 @@ __all__ = ["json_dumps", "json_loads"]
 
 
 def json_loads(text: bytes | str) -> Any:
-    """JSON text to Python as ``json.loads`` reads it, at orjson's speed (2x on a task message).
+    """JSON text to Python as ``json.loads`` reads it, at orjson's speed.
 
     Whatever orjson refuses (NaN, lone surrogates, nesting deeper than 1024) goes to the standard
     library, which decides and words the error, so a hostile message fails the way it always did.

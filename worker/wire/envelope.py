@@ -78,7 +78,7 @@ class MessageTemplate:
     envelope is kombu's (``Channel.prepare_message`` plus the Redis transport's base64 body and
     delivery tag). Base64 text needs no JSON escaping, so the image and the body are spliced into
     JSON text made by kombu's encoder instead of going through it: an encoder scans every
-    character, ~60 us per 16 kB on this machine, twice per task.
+    character, twice per task (``docs/benchmarks.md``).
     """
 
     _SPLICE = "<imgq splice>"
