@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from celery.exceptions import TaskRevokedError
@@ -58,7 +58,7 @@ from imgq.worker.wire.events import TaskEvents
 from imgq.worker.wire.message import TaskRequest, parse_message, parse_task_id
 from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
 
-__all__ = ["BatchEngine", "BatchOutcome"]
+__all__ = ["BatchEngine", "BatchOutcome", "ResultBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,15 @@ _MAX_BACKOFF_S = 5.0
 _LOG_EVERY_S = 10.0  # an outage or a bug that repeats every batch is logged this often
 #: A task id as kombu writes it in the headers, for a message too large to read.
 _ID_IN_HEADERS = re.compile(rb'[{,]\s*"id"\s*:\s*"([^"\\]{1,512})"')
+
+
+class ResultBackend(Protocol):
+    """What the engine uses of Celery's Redis result backend: its key names, and its client
+    when results live in another Redis than the queue."""
+
+    client: redis.Redis
+
+    def get_key_for_task(self, task_id: str, key: str = "") -> bytes: ...
 
 
 @dataclass
@@ -145,7 +154,7 @@ class BatchEngine:
         handlers: Mapping[str, Handler],
         redis_client: redis.Redis,
         lane: Lane,
-        backend: Any,
+        backend: ResultBackend,
         metrics: WorkerMetrics,
         events: TaskEvents | None = None,
         wait_ms: float = 0.0,

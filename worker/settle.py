@@ -150,7 +150,7 @@ class Settler:
         self,
         pipe: redis.client.Pipeline,
         lane: Lane | None,
-        results: Sequence[tuple[str, Mapping[str, Any]]],
+        results: Sequence[tuple[str | bytes, Mapping[str, Any]]],
         dead: Sequence[DeadMessage],
         window: WindowCounts | None,
         once: tuple[str, int] | None = None,
@@ -173,8 +173,8 @@ class Settler:
         """
         ttl_s, max_entries, max_body = self.dead_letters
         mark, seq = once if once is not None else ("", 0)
-        keys = [lane.key if lane is not None else "", LANES_KEY, window.key if window else "",
-                mark]  # fmt: skip
+        keys: list[str | bytes] = [lane.key if lane is not None else "", LANES_KEY,
+                                   window.key if window else "", mark]  # fmt: skip
         keys += [key for key, _ in results]
         args: list[Any] = [self.result_expires_s, self.queue, self.worker_id, ttl_s,
                            max_entries, max_body, len(dead)]  # fmt: skip
