@@ -17,7 +17,6 @@ from typing import Any
 from celery import Celery
 
 from imgq.worker.settings import WorkerSettings
-from imgq.worker.wire import TASK_NAME
 
 __all__ = ["ImgqCelery", "make_app"]
 
@@ -49,7 +48,7 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
         accept_content=["json"],
         result_accept_content=["json"],
         task_default_queue=settings.queue,
-        task_routes={TASK_NAME: {"queue": settings.queue}},
+        task_routes={name: {"queue": settings.queue} for name in _task_names(settings)},
         result_expires=settings.result_expires_s,
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
@@ -70,12 +69,11 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
 
 
 def _task_names(settings: WorkerSettings) -> list[str]:
-    """The Celery task names of the handlers served (without importing them: the classification
-    handler imports numpy, OpenCV and onnxruntime)."""
-    from imgq.worker.handlers.null import NULL_TASK_NAME
+    """The Celery task names of the handlers served, from the registry (without importing the
+    handlers: the classification handler imports numpy, OpenCV and onnxruntime)."""
+    from imgq.worker.handler import HANDLERS
 
-    names = {"classify": TASK_NAME, "null": NULL_TASK_NAME}
-    return [names[h] for h in settings.handlers if h in names]
+    return [HANDLERS[name].task_name for name in settings.handlers]
 
 
 def _not_here(name: str) -> Callable[..., Any]:
