@@ -38,14 +38,15 @@ from typing import Any
 
 import cv2
 import redis
+from harness import sample_images, small_bundle
 from prometheus_client import CollectorRegistry
-from throughput import sample_images, small_bundle
 
 import imgq.worker.engine as engine_module
 import imgq.worker.handlers.classify as classify
 from imgq.localredis import LocalRedis
 from imgq.shared.bundle import ModelBundle
-from imgq.shared.imagestats import IMAGE_FEATURES, RangeCheck
+from imgq.shared.imagestats import IMAGE_FEATURES
+from imgq.shared.reference import RangeCheck
 from imgq.worker.client import ImgqClient
 from imgq.worker.drift import DriftDetector, DriftRecorder
 from imgq.worker.engine import BatchEngine

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,8 +33,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import redis
-from throughput import ROOT, sample_images, small_bundle
+from harness import ROOT, sample_images, small_bundle
 
+from imgq.launcher import WorkerProcess, worker_env
 from imgq.localredis import LocalRedis
 from imgq.worker.client import ImgqClient
 
@@ -93,11 +92,13 @@ def run_scenario(name: str, bundle: Path, small: list[bytes], folder: Path) -> d
                 pending += client.classify_many([_rgba()] * kinds["rgba_40MP"])
             for i in range(kinds["oversized_64MiB"]):
                 r.lpush("imgq", _oversized(i))
-            env = dict(os.environ, IMGQ_BROKER_URL=server.url, IMGQ_METRICS_PORT="0")
-            log = open(folder / f"worker-{name}.log", "wb")  # noqa: SIM115 (closed below)
-            cmd = [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle),
-                   "--hostname", f"rss-{name}@%h", "--device", "cpu"]  # fmt: skip
-            worker = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=ROOT)
+            worker = WorkerProcess(
+                f"rss-{name}@%h",
+                folder / f"worker-{name}.log",
+                options=["--model", str(bundle), "--device", "cpu"],
+                env=worker_env(server.url, keep_imgq=True, IMGQ_METRICS_PORT="0"),
+                cwd=ROOT,
+            )
             try:
                 started = time.monotonic()
                 outcomes = client.results(pending, timeout_s=600)
@@ -113,9 +114,7 @@ def run_scenario(name: str, bundle: Path, small: list[bytes], folder: Path) -> d
                 seconds = time.monotonic() - started
                 peak = _peak_rss_mib(worker.pid)
             finally:
-                worker.terminate()
-                worker.wait(60)
-                log.close()
+                worker.stop(timeout_s=60)
         failed = sum(not isinstance(o, dict) for o in outcomes)
         dead = int(r.xlen("imgq:dlq:imgq")) if r.exists("imgq:dlq:imgq") else 0
         return {"peak_mib": peak, "seconds": seconds, "served": len(outcomes) - failed,

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from throughput import _tree_cpu_s, drain, imgq_workers, sample_images, small_bundle
+from harness import drain, imgq_workers, sample_images, small_bundle, tree_cpu_s
 
 from imgq.localredis import LocalRedis
 from imgq.worker.client import ImgqClient
@@ -39,14 +39,14 @@ def measure(
     """One drain with ``n_workers`` workers, plus the CPU of Redis and of this process."""
     options = argparse.Namespace(**{**vars(args), "workers": n_workers})
     with ImgqClient(url, queue=f"bench-scaling-{n_workers}") as client:
-        redis0, own0, t0 = _tree_cpu_s([redis_pid]), time.process_time(), time.monotonic()
+        redis0, own0, t0 = tree_cpu_s([redis_pid]), time.process_time(), time.monotonic()
         result = drain(
             url, client, images, args.tasks,
             lambda: imgq_workers(url, bundle, client, options, work, env=env),
         )  # fmt: skip
         elapsed_s = time.monotonic() - t0
     result["workers"] = n_workers
-    result["redis_cpu_ms_per_task"] = (_tree_cpu_s([redis_pid]) - redis0) / args.tasks * 1000
+    result["redis_cpu_ms_per_task"] = (tree_cpu_s([redis_pid]) - redis0) / args.tasks * 1000
     result["producer_cpu_ms_per_task"] = (time.process_time() - own0) / args.tasks * 1000
     # Cores kept busy while draining: CPU per task of everything involved times tasks per second.
     cpu_ms = sum(result[k] for k in ("cpu_ms_per_task", "redis_cpu_ms_per_task"))
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = sorted({int(n) for n in args.workers.split(",") if n.strip()})
     if not counts or counts[0] < 1:
         p.error(f"--workers must list counts >= 1, got {args.workers!r}")
-    # What bench/throughput.py's imgq_workers reads besides the worker count.
+    # What bench/harness.py's imgq_workers reads besides the worker count.
     args.concurrency, args.threads, args.max_wait_ms = 1, 1, 0.0
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="imgq-scaling-"))

@@ -36,13 +36,11 @@ from typing import Any
 
 import redis
 from celery.exceptions import TimeoutError as ResultTimeout
+from harness import BenchFleet, imgq_workers, sample_images, small_bundle
 
 from imgq.localredis import LocalRedis
 from imgq.shared.errors import InvalidImage
 from imgq.worker.client import ImgqClient
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import Workers, imgq_workers, sample_images, small_bundle  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -99,7 +97,7 @@ def soak(args: argparse.Namespace, work: Path) -> int:
 def _run(
     args: argparse.Namespace,
     client: ImgqClient,
-    fleet: Workers,
+    fleet: BenchFleet,
     images: Sequence[bytes],
     r: redis.Redis,
 ) -> int:

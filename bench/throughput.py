@@ -46,115 +46,32 @@ import itertools
 import json
 import multiprocessing
 import os
-import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
-from celery.exceptions import TimeoutError as ResultTimeout
+from harness import (
+    BenchFleet,
+    count_failures,
+    cycled,
+    done_times,
+    drain,
+    imgq_workers,
+    mobilenet_bundle,
+    naive_workers,
+    print_profile,
+    profile_worker,
+    sample_images,
+    small_bundle,
+)
 
 from imgq.localredis import LocalRedis
 from imgq.worker.client import ImgqClient
-
-ROOT = Path(__file__).resolve().parents[1]
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-#: The drain's wait for results: tasks per confirmed chunk, seconds between looks.
-_WAIT_CHUNK = 200
-_WAIT_POLL_S = 0.02
-
-
-# -- models and images -----------------------------------------------------------------------------
-
-
-def sample_images(work: Path, per_class: int) -> tuple[Path, list[bytes]]:
-    """The sample data set (made once per work folder) and its encoded files, shuffled."""
-    from imgq.shared.labelled import list_labelled_files
-    from imgq.trainer.sample_data import generate
-
-    data_dir = work / f"data-{per_class}"
-    if not data_dir.is_dir():
-        generate(data_dir, classes=4, per_class=per_class, size=128, seed=0)
-    files, _ = list_labelled_files(data_dir)
-    # Mixed classes, as traffic arrives: in folder order every drift window would hold one or two
-    # classes and raise a class-mix alert.
-    random.Random(0).shuffle(files)
-    return data_dir, [f.read_bytes() for f in files]
-
-
-def small_bundle(work: Path, data_dir: Path, epochs: int) -> Path:
-    """The default architecture and input size (`imgq train` defaults), briefly trained."""
-    out = work / f"model-small-e{epochs}"
-    if not (out / "manifest.json").is_file():
-        from imgq.trainer.train import train_bundle  # TensorFlow: only when a model must be made
-
-        train_bundle(data_dir, out, epochs=epochs, patience=epochs, progress=False, name="sample")
-    return out
-
-
-def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
-    """MobileNetV2 with random weights, exported by the trainer's ``export_onnx``, with a
-    manifest (reference statistics from the sample images, no golden set)."""
-    out = work / f"model-mobilenetv2-{size_px}"
-    if (out / "manifest.json").is_file():
-        return out
-    import numpy as np
-    import onnxruntime as ort
-
-    from imgq.shared.decode import decode_image
-    from imgq.shared.imagestats import (
-        IMAGE_FEATURES,
-        OUTPUT_FEATURES,
-        build_reference,
-        decoded_image_features,
-        output_features,
-    )
-    from imgq.shared.labelled import list_labelled_files
-    from imgq.shared.manifest import Manifest, save_manifest, sha256_file
-    from imgq.shared.preprocess import PreprocessSpec, preprocess_batch
-    from imgq.trainer.export import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, export_onnx
-    from imgq.trainer.model import build_model
-
-    files, labels = list_labelled_files(data_dir)
-    classes = tuple(sorted(set(labels)))
-    spec = PreprocessSpec(height=size_px, width=size_px, mean=(0.5,) * 3, std=(0.25,) * 3)
-    out.mkdir(parents=True, exist_ok=True)
-    model_path = export_onnx(
-        build_model("mobilenetv2", (size_px, size_px, 3), len(classes)), spec, out / MODEL_FILE
-    )
-    encoded = [f.read_bytes() for f in files[::4]]
-    images = [decode_image(data) for data in encoded]
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    probs = session.run([OUTPUT_NAME], {INPUT_NAME: preprocess_batch(images, spec)})[0]
-    feats = decoded_image_features(images, [len(d) for d in encoded], spec)
-    reference = build_reference(
-        np.hstack([feats, output_features(probs)]),
-        IMAGE_FEATURES + OUTPUT_FEATURES,
-        categorical={"predicted_class": len(classes)},
-    )
-    save_manifest(
-        Manifest(
-            name=f"mobilenetv2-{size_px}-untrained",
-            model_file=MODEL_FILE,
-            model_sha256=sha256_file(model_path),
-            input_name=INPUT_NAME,
-            output_name=OUTPUT_NAME,
-            input_shape=spec.input_shape,
-            labels=classes,
-            preprocess=spec,
-            reference=reference,
-        ),
-        out,
-    )
-    return out
-
 
 # -- (c) the in-process limit ----------------------------------------------------------------------
 
@@ -199,7 +116,7 @@ def in_process_limit(
     bundle_dir: Path, images: Sequence[bytes], n: int, procs: int, max_batch: int
 ) -> dict[str, float]:
     """(c): ``n`` images split over ``procs`` processes of one thread each."""
-    work = list(_cycle(images, n))
+    work = list(cycled(images, n))
     shares = [(str(bundle_dir), work[i::procs]) for i in range(procs)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(procs) as pool:
@@ -210,232 +127,7 @@ def in_process_limit(
     return {"rate": n / wall, "cpu_ms_per_task": cpu / n * 1000, "full_batch_ms": batch_ms}
 
 
-# -- workers ---------------------------------------------------------------------------------------
-
-
-def _tree_cpu_s(pids: Sequence[int]) -> float:
-    """User + system CPU seconds of ``pids`` and all their living descendants."""
-    parent: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        pid = int(entry.name)
-        parent[pid] = int(fields[1])
-        ticks[pid] = int(fields[11]) + int(fields[12])
-    members, frontier = set(pids), list(pids)
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parent.items() if p == pid and c not in members]
-        members.update(children)
-        frontier.extend(children)
-    return sum(ticks.get(pid, 0) for pid in members) / _CLK_TCK
-
-
-def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid``, with those of its children that have exited (Redis's
-    forked append-only-file rewrites)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / _CLK_TCK
-
-
-class Workers:
-    """Worker processes started for one measurement; stopped (SIGTERM, then SIGKILL) on exit."""
-
-    def __init__(
-        self,
-        commands: list[list[str]],
-        names: list[str],
-        envs: list[dict[str, str]],
-        log_dir: Path,
-        client: ImgqClient,
-    ) -> None:
-        self.names, self.client = names, client
-        started = time.monotonic()
-        self.procs = []
-        for name, cmd, env in zip(names, commands, envs, strict=True):
-            log = (log_dir / f"{name.split('@')[0]}.log").open("ab")
-            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=ROOT))
-        self._wait_for_ping()
-        self.startup_s = time.monotonic() - started
-
-    def _wait_for_ping(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        answered: set[str] = set()
-        while time.monotonic() < deadline:
-            for proc in self.procs:
-                if proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"a worker exited with {proc.returncode}: see its log")
-            missing = [n for n in self.names if n not in answered]
-            for reply in self.client.app.control.ping(destination=missing, timeout=0.5):
-                answered.update(reply)
-            if answered >= set(self.names):
-                return
-        self.stop()
-        raise RuntimeError(f"workers {sorted(set(self.names) - answered)} did not answer a ping")
-
-    def wait_stored(self, pending: Sequence[Any], timeout_s: float) -> None:
-        """Wait until every task of ``pending`` has a stored result, at almost no CPU: the
-        drain's measure must not compete with the workers for the cores. ``client.results``
-        parses every result as it arrives (0.11-0.13 ms of CPU per task on the small model,
-        ~10% of what a worker spends); this asks Redis only whether the newest key of the
-        oldest unfinished chunk exists, every 20 ms, and confirms a chunk with one
-        ``EXISTS`` of all its keys. Results are read afterwards (:meth:`results`)."""
-        backend = self.client.app.backend
-        r = backend.client
-        keys = [backend.get_key_for_task(t.id) for t in pending]
-        deadline = time.monotonic() + timeout_s
-        next_check = time.monotonic() + 5.0
-        start = 0
-        while start < len(keys):
-            chunk = keys[start : start + _WAIT_CHUNK]
-            if r.exists(chunk[-1]) and r.exists(*chunk) == len(chunk):
-                start += len(chunk)
-                continue
-            now = time.monotonic()
-            if now > deadline:
-                return
-            if now > next_check:
-                next_check = now + 5.0
-                dead = [p.pid for p in self.procs if p.poll() is not None]
-                if dead:
-                    raise RuntimeError(f"workers {dead} died with tasks unfinished")
-            time.sleep(_WAIT_POLL_S)
-
-    def results(self, pending: Sequence[Any], timeout_s: float) -> list[Any]:
-        """``client.results``, in slices, failing early when a worker has died."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            outcomes = self.client.results(pending, timeout_s=min(5.0, timeout_s))
-            unfinished = sum(isinstance(o, ResultTimeout) for o in outcomes)
-            if not unfinished or time.monotonic() > deadline:
-                return outcomes
-            dead = [p.pid for p in self.procs if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"workers {dead} died with {unfinished} tasks unfinished")
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def __enter__(self) -> Workers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _worker_env(url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
-    return {
-        **env,
-        "IMGQ_BROKER_URL": url,
-        "IMGQ_METRICS_PORT": "0",
-        "OMP_NUM_THREADS": "1",
-        **extra,
-    }
-
-
-def imgq_workers(
-    url: str,
-    bundle: Path,
-    client: ImgqClient,
-    args: argparse.Namespace,
-    log_dir: Path,
-    *,
-    profile_dir: Path | None = None,
-    env: dict[str, str] | None = None,
-    envs: Sequence[dict[str, str]] | None = None,
-) -> Workers:
-    """(b): ``args.workers`` `imgq worker` processes on the client's queue; with ``envs``, one
-    process per entry, each with its own extra environment."""
-    envs = list(envs) if envs is not None else [env or {}] * args.workers
-    names = [f"imgq{i}@bench" for i in range(len(envs))]
-    commands = []
-    for name in names:
-        options = [
-            "--model",
-            str(bundle),
-            "--queue",
-            client.queue,
-            "--hostname",
-            name,
-            "--concurrency",
-            str(args.concurrency),
-            "--threads",
-            str(args.threads),
-            "--max-batch",
-            str(args.max_batch),
-            "--max-wait-ms",
-            str(args.max_wait_ms),
-            "--loglevel",
-            "WARNING",
-        ]
-        if profile_dir is None:
-            commands.append([sys.executable, "-m", "imgq.cli", "worker", *options])
-        else:
-            out = profile_dir / f"{name.split('@')[0]}.prof"
-            commands.append([sys.executable, __file__, "profile-worker", str(out), "--", *options])
-    return Workers(commands, names, [_worker_env(url, **e) for e in envs], log_dir, client)
-
-
-def naive_workers(
-    url: str, bundle: Path, client: ImgqClient, args: argparse.Namespace, log_dir: Path
-) -> Workers:
-    """(a): one prefork Celery worker with one process per core."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "bench" / "naive_worker.py"),
-        "--model",
-        str(bundle),
-        "--broker",
-        url,
-        "--queue",
-        client.queue,
-        "--concurrency",
-        str(args.workers),
-        "--hostname",
-        "naive@bench",
-    ]
-    return Workers([cmd], ["naive@bench"], [_worker_env(url)], log_dir, client)
-
-
 # -- measurements ----------------------------------------------------------------------------------
-
-
-def _cycle(images: Sequence[bytes], n: int) -> Iterator[bytes]:
-    return itertools.islice(itertools.cycle(images), n)
-
-
-def _done_times(client: ImgqClient, pending: Sequence[Any]) -> list[float]:
-    """Epoch seconds at which each task's result was stored (its ``date_done``)."""
-    backend = client.app.backend
-    keys = [backend.get_key_for_task(r.id) for r in pending]
-    times = []
-    for start in range(0, len(keys), 1000):
-        for value in backend.client.mget(keys[start : start + 1000]):
-            times.append(datetime.fromisoformat(json.loads(value)["date_done"]).timestamp())
-    return times
-
-
-def _failures(outcomes: Sequence[Any]) -> int:
-    return sum(not isinstance(o, dict) for o in outcomes)
 
 
 def bulk_enqueue(url: str, images: Sequence[bytes], n: int) -> dict[str, float]:
@@ -443,7 +135,7 @@ def bulk_enqueue(url: str, images: Sequence[bytes], n: int) -> dict[str, float]:
     with ImgqClient(url, queue="bench-bulk") as client:
         client.classify_many(images[:10])  # connect
         t0 = time.perf_counter()
-        client.classify_many(_cycle(images, n))
+        client.classify_many(cycled(images, n))
         elapsed = time.perf_counter() - t0
         redis.Redis.from_url(url).delete("bench-bulk")
     mean_bytes = sum(len(i) for i in images) / len(images)
@@ -452,54 +144,6 @@ def bulk_enqueue(url: str, images: Sequence[bytes], n: int) -> dict[str, float]:
         "mean_image_bytes": mean_bytes,
         "mb_per_s": n * mean_bytes / elapsed / 1e6,
     }
-
-
-def drain(
-    url: str,
-    client: ImgqClient,
-    images: Sequence[bytes],
-    n: int,
-    start: Callable[[], Workers],
-    keep: Callable[[float], Any] | None = None,
-) -> dict[str, Any]:
-    """Enqueue ``n`` tasks, park them, start the workers, release the queue, time the drain.
-
-    ``keep(drain_rate)`` runs with the workers still up after the drain (the paced load)."""
-    r = redis.Redis.from_url(url)
-    parked = f"{client.queue}:parked"
-    r.delete(client.queue, parked)
-    pending = client.classify_many(_cycle(images, n))
-    r.rename(client.queue, parked)
-    redis_pid = int(r.info("server")["process_id"])
-    with start() as workers:
-        cpu0 = [_tree_cpu_s([pid]) for pid in workers.pids]
-        redis0, self0 = _process_cpu_s(redis_pid), time.process_time()
-        released = time.time()
-        r.rename(parked, client.queue)
-        workers.wait_stored(pending, timeout_s=60 + n / 20)
-        worker_cpu_s = [_tree_cpu_s([pid]) - c for pid, c in zip(workers.pids, cpu0, strict=True)]
-        cpu_s = sum(worker_cpu_s)
-        redis_s, self_s = _process_cpu_s(redis_pid) - redis0, time.process_time() - self0
-        outcomes = workers.results(pending, timeout_s=30)
-        last = max(_done_times(client, pending))
-        result = {
-            "rate": n / (last - released),
-            "cpu_ms_per_task": cpu_s / n * 1000,
-            "redis_cpu_ms_per_task": redis_s / n * 1000,
-            "poller_cpu_ms_per_task": self_s / n * 1000,
-            "startup_s": workers.startup_s,
-            "failures": _failures(outcomes),
-            "mean_batch": statistics.mean(
-                o.get("batch_size", 1) for o in outcomes if isinstance(o, dict)
-            ),
-            "loadavg_1m": os.getloadavg()[0],
-            "worker_cpu_s": worker_cpu_s,
-            # Results with a "drift" entry came from a worker with drift statistics on.
-            "drift_tasks": sum(isinstance(o, dict) and "drift" in o for o in outcomes),
-        }
-        if keep is not None:
-            result["paced"] = keep(result["rate"])
-    return result
 
 
 def drift_ab(
@@ -548,7 +192,7 @@ def paced(client: ImgqClient, images: Sequence[bytes], rate: float, duration_s: 
     after it had taken the send time of the tasks in hand, which showed as a latency spike of
     the workers (docs/benchmarks.md, Throughput)."""
     n = max(1, int(rate * duration_s))
-    source = _cycle(images, n)
+    source = cycled(images, n)
     pending: list[Any] = []
     sent_at: list[float] = []
     gc.collect()
@@ -568,7 +212,7 @@ def paced(client: ImgqClient, images: Sequence[bytes], rate: float, duration_s: 
     outcomes = client.results(pending, timeout_s=120)
     latency_ms = sorted(
         (done - sent) * 1000
-        for done, sent in zip(_done_times(client, pending), sent_at, strict=True)
+        for done, sent in zip(done_times(client, pending), sent_at, strict=True)
     )
     q = statistics.quantiles(latency_ms, n=100, method="inclusive")
     return {
@@ -579,22 +223,9 @@ def paced(client: ImgqClient, images: Sequence[bytes], rate: float, duration_s: 
         "p95_ms": q[94],
         "p99_ms": q[98],
         "mean_batch": statistics.mean(o["batch_size"] for o in outcomes if isinstance(o, dict)),
-        "failures": _failures(outcomes),
+        "failures": count_failures(outcomes),
         "loadavg_1m": os.getloadavg()[0],
     }
-
-
-def print_profile(profile_dir: Path, top: int = 30) -> None:
-    """Merged statistics of the profiled workers, by own time and by cumulative time."""
-    import pstats
-
-    files = sorted(str(p) for p in profile_dir.glob("*.prof"))
-    if not files:
-        print(f"no profiles written in {profile_dir} (did the workers exit cleanly?)")
-        return
-    stats = pstats.Stats(*files)
-    stats.strip_dirs().sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
 
 
 def bench_model(
@@ -648,7 +279,7 @@ def bench_model(
                     continue  # the drain above was the first of the drains with drift statistics
                 say(f"(b) imgq drain, drift statistics {'on' if drift == 'true' else 'off'}")
 
-                def start(drift: str = drift) -> Workers:
+                def start(drift: str = drift) -> BenchFleet:
                     return imgq_workers(url, bundle, client, args, work, env={"IMGQ_DRIFT": drift})
 
                 out[key].append(drain(url, client, images, args.tasks, start))
@@ -777,39 +408,6 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             )
         lines.append("")
     return "\n".join(lines)
-
-
-# -- the profiling hook ----------------------------------------------------------------------------
-
-
-def profile_worker(out_path: str, worker_args: list[str]) -> int:
-    """Run `imgq worker WORKER_ARGS` with cProfile in every thread; merged stats to ``out_path``
-    at exit."""
-    import atexit
-    import cProfile
-    import pstats
-    import threading
-
-    profiles: list[cProfile.Profile] = []
-
-    def start_in_thread(*_: Any) -> None:
-        # First event in a new thread: replace this Python-level hook by a C-level profiler.
-        sys.setprofile(None)
-        profile = cProfile.Profile(time.thread_time)
-        profiles.append(profile)
-        profile.enable()
-
-    def dump() -> None:
-        for profile in profiles:
-            profile.disable()
-        pstats.Stats(*profiles).dump_stats(out_path)
-
-    threading.setprofile(start_in_thread)
-    atexit.register(dump)
-    start_in_thread()
-    from imgq.cli import main as imgq_main
-
-    return imgq_main(["worker", *worker_args])
 
 
 def main(argv: list[str] | None = None) -> int:

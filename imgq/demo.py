@@ -14,13 +14,14 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from imgq.launcher import WorkerFleet, WorkerProcess, WorkerStartError, worker_env
 
 __all__ = ["main"]
 
@@ -49,55 +50,36 @@ def _broker(out: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _workers(n: int, bundle: Path, url: str, queue: str, out: Path) -> Iterator[list[Path]]:
+def _workers(n: int, bundle: Path, url: str, queue: str, out: Path) -> Iterator[WorkerFleet]:
     """Start `n` `imgq worker` processes, each in its own process group; stop them all after."""
-    env = dict(
-        os.environ,
-        IMGQ_BROKER_URL=url,
+    env = worker_env(
+        url,
+        keep_imgq=True,
         IMGQ_RESULT_BACKEND=url,
         IMGQ_MODEL=str(bundle),
         IMGQ_QUEUE=queue,
         IMGQ_METRICS_PORT="0",
         IMGQ_DRIFT_WINDOW="200",
     )
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
+    fleet = WorkerFleet()
     try:
         for i in range(n):
             log = out / f"worker{i + 1}.log"
-            logs.append(log)
-            cmd = [sys.executable, "-m", "imgq.cli", "worker", "--hostname", f"demo{i + 1}@%h"]
-            with open(log, "wb") as f:
-                procs.append(
-                    subprocess.Popen(
-                        cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-                    )
-                )
-        yield logs
+            fleet.add(WorkerProcess(f"demo{i + 1}@%h", log, env=env, new_session=True))
+        yield fleet
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        print(f"stopped {len(procs)} workers")
+        fleet.stop_all(timeout_s=30)
+        print(f"stopped {len(fleet)} workers")
 
 
-def _wait_for_workers(app: object, n: int, timeout_s: float, logs: list[Path]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        replies = app.control.ping(timeout=1.0)  # type: ignore[attr-defined]
-        if len(replies) >= n:
-            names = sorted(name for reply in replies for name in reply)
-            print(f"{len(replies)} workers answer ping: {', '.join(names)}")
-            return
-    tails = "\n".join(p.read_text(errors="replace")[-2000:] for p in logs if p.exists())
-    raise SystemExit(f"workers did not come up within {timeout_s:.0f} s; their logs:\n{tails}")
+def _wait_for_workers(app: Any, fleet: WorkerFleet, timeout_s: float) -> None:
+    """Until every worker answers a ping; exits the demo with their logs' ends when one does
+    not."""
+    try:
+        fleet.wait_ready(app, timeout_s)
+    except WorkerStartError as exc:
+        raise SystemExit(f"workers did not come up: {exc}") from None
+    print(f"{len(fleet)} workers answer ping: {', '.join(sorted(fleet.names))}")
 
 
 def _files_with_labels(data_dir: Path) -> list[tuple[Path, str]]:
@@ -181,8 +163,8 @@ def main(args: argparse.Namespace) -> int:
     with _broker(out) as url:
         client = ImgqClient(url, url, queue=queue)
         _say(f"3/6 starting {args.workers} workers")
-        with _workers(args.workers, bundle, url, queue, out) as logs:
-            _wait_for_workers(client.app, args.workers, 120, logs)
+        with _workers(args.workers, bundle, url, queue, out) as fleet:
+            _wait_for_workers(client.app, fleet, 120)
 
             _say(f"4/6 classifying {args.tasks} held-out images, one task each")
             # Production traffic arrives mixed, not class by class (that would be class drift).
@@ -264,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
         bundle / "training_curves.png",
         bundle / "confusion_matrix.png",
         report_dir,
-        *logs,
+        *(w.log for w in fleet),
     ):
         print(f"  {path}")
     return 0

@@ -15,6 +15,7 @@ from imgq.localredis import LocalRedis
 if TYPE_CHECKING:
     from tests.workerproc import Workers
 
+
 class _InstalledNamesOnly:
     """The repository's worker/, shared/ and trainer/ are imgq.worker, imgq.shared and
     imgq.trainer; run from the repository root, Python could also import them as top-level

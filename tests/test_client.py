@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as ResultTimeout
 from kombu.exceptions import OperationalError
 
+from imgq.launcher import WorkerProcess, worker_env
 from imgq.localredis import LocalRedis
 from imgq.shared.errors import InvalidImage
 from imgq.worker.classify_cli import classify_main
@@ -180,33 +179,23 @@ def test_redis_down_fails_fast_and_recovers(redis_server: LocalRedis) -> None:
 # -- with a real worker ----------------------------------------------------------------------------
 
 
-def _worker_env(url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
-    return {**env, "IMGQ_BROKER_URL": url, "IMGQ_LOG_FORMAT": "text", "IMGQ_METRICS_PORT": "0"}
-
-
 @pytest.fixture
-def worker(redis_server: LocalRedis, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def worker(redis_server: LocalRedis, tmp_path: Path) -> Iterator[WorkerProcess]:
     """A real `imgq worker` serving the tiny colour model; tasks wait in Redis until it is up."""
     bundle = make_tiny_bundle(tmp_path / "bundle")
-    log = (tmp_path / "imgq.worker.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle), "--max-batch", "8"],
-        env=_worker_env(redis_server.url), stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = WorkerProcess(
+        "imgq@%h",
+        tmp_path / "imgq.worker.log",
+        options=["--model", str(bundle), "--max-batch", "8"],
+        env=worker_env(redis_server.url, IMGQ_LOG_FORMAT="text", IMGQ_METRICS_PORT="0"),
+    )
     yield proc
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    proc.stop()
 
 
 @pytest.mark.integration
 def test_worker_answers_bulk_and_single_tasks(
-    redis_server: LocalRedis, worker: subprocess.Popen[bytes]
+    redis_server: LocalRedis, worker: WorkerProcess
 ) -> None:
     """A real worker answers classify_many and classify; a corrupt image fails only its own task."""
     images = [encode_png(colour_image(COLOURS[i % 3], seed=i)) for i in range(30)]
@@ -216,7 +205,7 @@ def test_worker_answers_bulk_and_single_tasks(
         single = client.classify(images[1], top_k=3, request_id="r-1")
         outcomes = client.results(pending, timeout_s=120)
         answer = single.get(timeout=60)
-    assert worker.poll() is None
+    assert worker.running()
     for i, outcome in enumerate(outcomes):
         if i == 7:
             assert isinstance(outcome, InvalidImage) and outcome.reason == "undecodable"
@@ -229,7 +218,7 @@ def test_worker_answers_bulk_and_single_tasks(
 @pytest.mark.integration
 def test_classify_command_prints_one_line_per_file(
     redis_server: LocalRedis,
-    worker: subprocess.Popen[bytes],
+    worker: WorkerProcess,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

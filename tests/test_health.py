@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from imgq.launcher import WorkerProcess, worker_env
 from imgq.localredis import LocalRedis, free_port
 from imgq.shared.manifest import load_manifest
 from imgq.worker.app import make_app
@@ -23,8 +21,7 @@ RUN_LIMIT_S = 60
 
 
 def _env(broker_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
-    return {**env, "IMGQ_BROKER_URL": broker_url, "IMGQ_LOG_FORMAT": "text"}
+    return worker_env(broker_url, IMGQ_LOG_FORMAT="text")
 
 
 def _health(broker_url: str, *options: str) -> tuple[int, list[str]]:
@@ -36,33 +33,21 @@ def _health(broker_url: str, *options: str) -> tuple[int, list[str]]:
     return proc.returncode, proc.stdout.splitlines()
 
 
-def _start_worker(broker_url: str, bundle: Path, hostname: str) -> subprocess.Popen[bytes]:
+def _start_worker(broker_url: str, bundle: Path, hostname: str) -> WorkerProcess:
     """A real `imgq worker` (its log beside the bundle), returned once it answers a ping."""
-    with open(bundle.parent / f"worker-{hostname}.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle),
-             "--hostname", hostname, "--metrics-port", "0"],
-            env=_env(broker_url), stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    app = make_app(WorkerSettings.from_env({"IMGQ_BROKER_URL": broker_url}))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if app.control.ping(timeout=0.5):
-            return proc
-    _stop(proc)
-    log_text = (bundle.parent / f"worker-{hostname}.log").read_text(errors="replace")
-    raise AssertionError(
-        f"worker did not answer a ping within 60 s (exit {proc.returncode}):\n{log_text}"
+    worker = WorkerProcess(
+        hostname,
+        bundle.parent / f"worker-{hostname}.log",
+        options=["--model", str(bundle), "--metrics-port", "0"],
+        env=_env(broker_url),
     )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
+    app = make_app(WorkerSettings.from_env({"IMGQ_BROKER_URL": broker_url}))
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        worker.wait_ready(app, timeout_s=60)
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
 
 
 @pytest.fixture
@@ -72,11 +57,11 @@ def bundle(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def local_worker(redis_server: LocalRedis, bundle: Path) -> Iterator[subprocess.Popen[bytes]]:
+def local_worker(redis_server: LocalRedis, bundle: Path) -> Iterator[WorkerProcess]:
     """A worker on this host, named like the Docker image names it (`imgq@%h`)."""
-    proc = _start_worker(redis_server.url, bundle, "imgq@%h")
-    yield proc
-    _stop(proc)
+    worker = _start_worker(redis_server.url, bundle, "imgq@%h")
+    yield worker
+    worker.stop()
 
 
 def test_fails_on_redis_when_redis_is_down() -> None:
@@ -97,7 +82,7 @@ def test_fails_on_worker_when_none_runs(redis_server: LocalRedis) -> None:
 
 @pytest.mark.integration
 def test_passes_with_a_real_worker(
-    redis_server: LocalRedis, bundle: Path, local_worker: subprocess.Popen[bytes]
+    redis_server: LocalRedis, bundle: Path, local_worker: WorkerProcess
 ) -> None:
     """A real worker with its model loaded passes all three checks, with and without --local,
     and the model line names the bundle's model, hash and provider."""
@@ -112,13 +97,13 @@ def test_passes_with_a_real_worker(
         ]
         assert manifest.name in lines[2] and manifest.model_sha256[:12] in lines[2]
         assert "CPUExecutionProvider" in lines[2]
-    assert local_worker.poll() is None
+    assert local_worker.running()
 
 
 @pytest.mark.integration
 def test_local_ignores_workers_on_other_hosts(redis_server: LocalRedis, bundle: Path) -> None:
     """A worker named for another host serves the fleet check but not this host's --local one."""
-    proc = _start_worker(redis_server.url, bundle, "imgq@elsewhere.example")
+    worker = _start_worker(redis_server.url, bundle, "imgq@elsewhere.example")
     try:
         status, lines = _health(redis_server.url, "--timeout", "10")
         assert status == 0, lines
@@ -126,4 +111,4 @@ def test_local_ignores_workers_on_other_hosts(redis_server: LocalRedis, bundle: 
         status, lines = _health(redis_server.url, "--timeout", "2", "--local")
         assert status == 1 and lines[1].startswith("worker  FAIL")
     finally:
-        _stop(proc)
+        worker.stop()

@@ -2,16 +2,15 @@
 
 Shared by the tests that start workers (``test_worker.py``, ``test_hostile.py``,
 ``test_faults.py``): a worker is a child process running ``python -m imgq.cli worker`` on a
-private redis-server, with its log in a file the test can show when something goes wrong.
+private redis-server, with its log in a file the test can show when something goes wrong. The
+processes are :mod:`imgq.launcher`'s; this module adds the test defaults (a short lease, no
+drift, no metrics port) and the helpers that watch Redis while workers run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from imgq.launcher import WorkerFleet, WorkerProcess, worker_env
 from imgq.worker.wire import TASK_NAME
 
 __all__ = ["LEASE_TTL_S", "RESTORE_INTERVAL_S", "REDELIVERY_BOUND_S", "Published", "Worker",
@@ -34,8 +34,9 @@ RESTORE_INTERVAL_S = 0.5
 REDELIVERY_BOUND_S = LEASE_TTL_S + RESTORE_INTERVAL_S
 
 
-class Worker:
-    """An `imgq worker` child process; its output goes to a file the test can read.
+class Worker(WorkerProcess):
+    """An `imgq worker` child process (:class:`imgq.launcher.WorkerProcess`) with the test
+    defaults; its output goes to ``LOG_DIR/NAME.log``, which the test can read.
 
     Args:
         name: Node name before the ``@``.
@@ -47,79 +48,37 @@ class Worker:
     """
 
     def __init__(self, name: str, bundle: Path, broker_url: str, log_dir: Path, **env: str):
-        self.name = f"{name}@{os.uname().nodename}"
-        self.log = log_dir / f"{name}.log"
-        environ = dict(os.environ)
-        environ.update(
-            IMGQ_BROKER_URL=broker_url,
-            IMGQ_METRICS_PORT="0",
-            IMGQ_DRIFT="0",
-            IMGQ_LEASE_TTL_S=str(LEASE_TTL_S),
-            IMGQ_RESTORE_INTERVAL_S=str(RESTORE_INTERVAL_S),
+        defaults = {
+            "IMGQ_METRICS_PORT": "0",
+            "IMGQ_DRIFT": "0",
+            "IMGQ_LEASE_TTL_S": str(LEASE_TTL_S),
+            "IMGQ_RESTORE_INTERVAL_S": str(RESTORE_INTERVAL_S),
+        }
+        super().__init__(
+            f"{name}@{os.uname().nodename}",
+            log_dir / f"{name}.log",
+            options=["--model", str(bundle), "--device", "cpu"],
+            env=worker_env(broker_url, keep_imgq=True, **{**defaults, **env}),
         )
-        environ.update(env)
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle),
-                 "--hostname", self.name, "--device", "cpu"],
-                env=environ, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def wait_ready(self, app: Celery, timeout_s: float = 60.0) -> None:
-        """Until the worker answers a Celery ping (it has loaded and checked its model)."""
-        deadline = time.monotonic() + timeout_s
-        while not app.control.ping(destination=[self.name], timeout=0.5):
-            assert self.process.poll() is None, f"worker exited: {self.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "worker did not answer a ping in time"
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """Warm shutdown (SIGTERM); its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout_s)
-
-    def freeze(self) -> None:
-        """SIGSTOP, and wait until every thread has stopped: ``kill`` returns before the signal
-        takes effect, and a thread still running on the other core could send one more command
-        (an ack seen landing 10 ms after the freeze)."""
-        os.kill(self.process.pid, signal.SIGSTOP)
-        tasks = Path(f"/proc/{self.process.pid}/task")
-        deadline = time.monotonic() + 5.0
-        while True:
-            states = []
-            for task in tasks.iterdir():
-                try:
-                    states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
-                except (OSError, IndexError):
-                    continue  # a thread that just ended
-            if all(state in "tT" for state in states):
-                return
-            assert time.monotonic() < deadline, f"worker {self.name} did not stop: {states}"
-            time.sleep(0.0005)
-
-    def kill(self) -> None:
-        """SIGKILL, and reap the process."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
-class Workers:
+class Workers(WorkerFleet):
     """Starts workers on one bundle and Redis; :meth:`kill_all` ends every one (for fixtures)."""
 
     def __init__(self, bundle: Path, broker_url: str, log_dir: Path) -> None:
+        super().__init__()
         self.bundle, self.broker_url, self.log_dir = bundle, broker_url, log_dir
-        self.started: list[Worker] = []
+
+    @property
+    def started(self) -> list[WorkerProcess]:
+        """Every worker started, in order."""
+        return self.workers
 
     def start(self, name: str, bundle: Path | None = None, **env: str) -> Worker:
         """Start one worker (see :class:`Worker` for ``env``)."""
         w = Worker(name, bundle or self.bundle, self.broker_url, self.log_dir, **env)
-        self.started.append(w)
+        self.add(w)
         return w
-
-    def kill_all(self) -> None:
-        for w in self.started:
-            w.kill()
 
 
 def send_many(app: Celery, images: Sequence[str], queue: str = "imgq") -> list[Any]:
@@ -132,7 +91,7 @@ def send_many(app: Celery, images: Sequence[str], queue: str = "imgq") -> list[A
 
 
 def wait_all(
-    app: Celery, ids: Sequence[str], timeout_s: float, watch: Sequence[Worker] = ()
+    app: Celery, ids: Sequence[str], timeout_s: float, watch: Sequence[WorkerProcess] = ()
 ) -> dict[str, dict]:
     """Stored result records (``status``, ``result``, ...) of every id, once all are there;
     fails at once, with its log, when a worker in ``watch`` has exited meanwhile."""
@@ -144,7 +103,7 @@ def wait_all(
         if len(found) == len(keys):
             return {i: json.loads(v) for i, v in zip(ids, found, strict=True)}
         for w in watch:
-            assert w.process.poll() is None, f"{w.name} exited: {w.log.read_text()[-3000:]}"
+            assert w.running(), f"{w.name} exited: {w.log_tail()}"
         missing = len(keys) - len(found)
         assert time.monotonic() < deadline, f"{missing} of {len(ids)} results missing"
         time.sleep(0.05)
@@ -174,19 +133,19 @@ class Published:
         self._pubsub.close()
 
 
-def lanes_of(r: redis.Redis, worker: Worker) -> list[bytes]:
+def lanes_of(r: redis.Redis, worker: WorkerProcess) -> list[bytes]:
     """The worker's registered in-flight lists (one per batch in hand)."""
     prefix = f"imgq:inflight:{worker.name}:".encode()
     return [k for k in r.hkeys("imgq:lanes") if k.startswith(prefix)]
 
 
-def freeze_holding_messages(r: redis.Redis, worker: Worker, timeout_s: float = 60.0) -> int:
+def freeze_holding_messages(r: redis.Redis, worker: WorkerProcess, timeout_s: float = 60.0) -> int:
     """SIGSTOP the worker at a moment when it holds unacknowledged messages; how many. Call it
     with the worker stopped (:meth:`Worker.freeze`) and its work queued: it lets the worker run
     only until it has taken some, so the test does not depend on how fast the machine drains."""
     deadline = time.monotonic() + timeout_s
     while True:
-        os.kill(worker.process.pid, signal.SIGCONT)
+        worker.thaw()
         worker.freeze()
         # One round trip first: Redis serves in a later turn of its event loop any command the
         # frozen process had already sent (an ack in flight), so the count below is final.
@@ -197,7 +156,7 @@ def freeze_holding_messages(r: redis.Redis, worker: Worker, timeout_s: float = 6
         assert time.monotonic() < deadline, f"{worker.name} never held a message"
 
 
-def redelivery_s(r: redis.Redis, worker: Worker, since: float) -> float:
+def redelivery_s(r: redis.Redis, worker: WorkerProcess, since: float) -> float:
     """Seconds from ``since`` until another worker has given the worker's messages back."""
     while any(r.llen(lane) for lane in lanes_of(r, worker)):
         assert time.monotonic() - since < REDELIVERY_BOUND_S + 10, "never redelivered"
