@@ -6,6 +6,7 @@ result wins and drift counts once."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 from pathlib import Path
@@ -499,3 +500,33 @@ def test_results_in_another_redis_are_stored_once_and_counted_once(
     assert broker.keys("celery-task-meta-*") == []
     assert int(broker.get("drift-count")) == 3
     assert broker.keys("imgq:inflight:*") == []
+
+
+def test_a_requeued_poison_pill_can_be_answered(redis_server, client, manifest) -> None:
+    """`imgq dlq requeue` of a poison pill after the fix: the FAILURE the quarantine stored is
+    cleared first (the first stored result wins), so the task is answered and its client told
+    (issue 14: the requeued task was recomputed but its FAILURE stayed)."""
+    r = redis.Redis.from_url(redis_server.url)
+    pill = _send(client, image=GOOD)
+    r.rpush("imgq:poison:imgq", r.rpop("imgq"))
+    runner = _runner(redis_server, client, FakeBundle(manifest))
+    assert runner.run_once() == 1
+    with pytest.raises(InvalidTask, match="^redelivered_too_often: "):
+        pill.get(timeout=5)
+    letters = DeadLetters(r, "imgq")
+    (entry,) = letters.list()
+    letters.requeue(entry.id)
+    assert runner.run_once() == 1
+    stored = json.loads(r.get(client.backend.get_key_for_task(pill.id)))
+    assert stored["status"] == "SUCCESS" and stored["result"]["label"] == "b"
+
+
+def test_a_requeue_never_clears_an_earned_result(redis_server, client, manifest) -> None:
+    """The requeue deletes only a FAILURE with the dead letter's own reason."""
+    r = redis.Redis.from_url(redis_server.url)
+    key = client.backend.get_key_for_task("t-earned")
+    r.set(key, b'{"status": "SUCCESS", "result": {"label": "a"}}')
+    letters = DeadLetters(r, "imgq")
+    letters.add(b'{"headers": {"id": "t-earned"}}', "redelivered_too_often", "x", "t-earned")
+    letters.requeue(letters.list()[0].id)
+    assert r.get(key) == b'{"status": "SUCCESS", "result": {"label": "a"}}'

@@ -32,6 +32,7 @@ from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.message import parse_message
 from tests.hostile import b64, envelope, good_png, json_body
 from tests.workerproc import (
+    LEASE_TTL_S,
     Published,
     Workers,
     freeze_holding_messages,
@@ -207,10 +208,11 @@ def _tasks_in_redis(r: redis.Redis, keys: list[bytes], ids: list[str]) -> list[i
 
 
 def test_a_full_redis_is_an_outage_not_a_crash(redis_server, app, workers) -> None:
-    """Item 4: Redis at maxmemory with noeviction refuses every write (takes, stores, lease
-    renewals) under load: the serving worker stays up and retries, a worker started meanwhile
-    waits with a clear log line instead of exiting, and both serve everything once memory is
-    freed."""
+    """Item 4: Redis at maxmemory with noeviction refuses every write (takes, stores) under
+    load, for longer than a lease, and the workers' connections are dropped meanwhile (a network
+    blip, a Redis restart): the serving worker stays up and retries, its lease survives (no live
+    worker's batch is redelivered and counted), a worker started meanwhile waits with a clear
+    log line instead of exiting, and both serve everything once memory is freed."""
     r = redis.Redis.from_url(redis_server.url)
     w1 = workers.start("w1", IMGQ_MAX_BATCH="4")
     w1.wait_ready(app)
@@ -224,15 +226,24 @@ def test_a_full_redis_is_an_outage_not_a_crash(redis_server, app, workers) -> No
         w2 = workers.start("w2")
         _wait(lambda: _oom_errors(r) >= refused + 10, 60, "the workers never met a full Redis")
         _wait(lambda: b"waiting for Redis" in w2.log.read_bytes(), 60, "w2 did not say why")
-        assert w1.process.poll() is None, w1.log.read_text()[-3000:]
-        assert w2.process.poll() is None, w2.log.read_text()[-3000:]
-        r.config_set("maxmemory", 0)
+        time.sleep(LEASE_TTL_S * 1.5)  # longer than a lease: renewals must not need memory
+        refused = _oom_errors(r)
+        admin = redis.Redis.from_url(redis_server.url, single_connection_client=True)
+        admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    r = admin  # this test's other connections were dropped too
+    _wait(lambda: _oom_errors(r) >= refused + 10, 60, "w1 did not come back after a reconnect")
+    assert w1.process.poll() is None, w1.log.read_text()[-3000:]
+    assert w2.process.poll() is None, w2.log.read_text()[-3000:]
+    r.config_set("maxmemory", 0)
+    with ImgqClient(redis_server.url) as client:
         outcomes = client.results(pending, timeout_s=120)
-        w2.wait_ready(app)
+        w2.wait_ready(client.app)  # a new app: the old one's connections were dropped
         after = [client.classify(good_png(i)) for i in range(6)]
         assert [a.get(timeout=30)["label"] for a in after] == ["a", "b", "c"] * 2
     assert all(isinstance(o, dict) and o["label"] == "abc"[i % 3] for i, o in enumerate(outcomes))
     assert w1.process.poll() is None and w2.process.poll() is None
+    assert r.keys("imgq:deliveries:*") == [], "a live worker's batch was counted as a delivery"
 
 
 def _peak_rss_bytes(pid: int) -> int:

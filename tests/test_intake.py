@@ -13,7 +13,14 @@ import pytest
 import redis
 
 from imgq.worker.deadletters import DeadLetters
-from imgq.worker.intake import LANES_KEY, Intake, LeaseLost, deliveries_key, poison_key
+from imgq.worker.intake import (
+    LANES_KEY,
+    Intake,
+    LeaseLost,
+    deliveries_key,
+    poison_key,
+    suspect_key,
+)
 from imgq.worker.settle import Settler
 
 DEAD_LETTERS = (3600, 100, 1 << 20)
@@ -186,8 +193,9 @@ def test_queued_works_on_a_redis_that_refuses_writes(r) -> None:
 
 
 def test_expired_lease_redelivers_in_order(r) -> None:
-    """A worker whose lease expires gets its messages redelivered, in order, ahead of the rest,
-    each counted as one delivery without a result."""
+    """A worker whose lease expires gets its messages redelivered, each counted as one delivery
+    without a result: they become suspects, served one per take ahead of the rest, each lane
+    in its own order."""
     _enqueue(r, b"m1", b"m2", b"m3", b"m4", b"m5", b"m6")
     dead = _intake(r, "dead", lease_ttl_s=1.0, runners=2)
     dead.lanes[0].take(2)
@@ -198,15 +206,36 @@ def test_expired_lease_redelivers_in_order(r) -> None:
     assert alive.restore_dead() == (4, 0)
     assert not any(r.exists(lane.key) for lane in dead.lanes)
     assert r.hkeys(LANES_KEY) == []
-    # Each lane goes back in its own order; every given-back message is served before m5, m6.
-    messages = alive.lanes[0].take(10).messages
-    assert sorted(messages[:4]) == [b"m1", b"m2", b"m3", b"m4"]
-    assert messages.index(b"m1") < messages.index(b"m2")
-    assert messages.index(b"m3") < messages.index(b"m4")
-    assert messages[4:] == [b"m5", b"m6"]
+    assert sorted(r.lrange(suspect_key("q"), 0, -1)) == [b"m1", b"m2", b"m3", b"m4"]
+    lane = alive.lanes[0]
+    served = []
+    for _ in range(4):
+        taken = lane.take(10).messages
+        assert len(taken) == 1, taken  # a suspect comes alone
+        served += taken
+        _ack(r, alive)
+    assert served.index(b"m1") < served.index(b"m2")
+    assert served.index(b"m3") < served.index(b"m4")
+    assert lane.take(10).messages == [b"m5", b"m6"]
     for m in (b"m1", b"m4"):
         assert r.get(deliveries_key(hashlib.sha1(m).hexdigest())) == b"1"
     assert r.get(deliveries_key(hashlib.sha1(b"m5").hexdigest())) is None
+
+
+def test_a_message_whose_result_exists_is_not_counted(r) -> None:
+    """A lease lost to a Redis outage, not a death: messages already answered go back to the
+    queue uncounted (their result exists), the others become suspects."""
+    answered = b'{"body": "x", "headers": {"task": "t", "id": "done-1"}}'
+    pending = b'{"body": "y", "headers": {"task": "t", "id": "todo-1"}}'
+    _enqueue(r, answered, pending)
+    r.set("celery-task-meta-done-1", b"{}")
+    dead = _intake(r, "dead", lease_ttl_s=0.3)
+    dead.lanes[0].take(2)
+    _wait_until(lambda: not r.exists(dead.lease_key))
+    assert _intake(r, "alive").restore_dead() == (2, 0)
+    assert r.lrange("q", 0, -1) == [answered]
+    assert r.lrange(suspect_key("q"), 0, -1) == [pending]
+    assert r.get(deliveries_key(hashlib.sha1(answered).hexdigest())) is None
 
 
 def test_restore_leaves_live_workers_alone(r) -> None:
@@ -315,9 +344,9 @@ def test_release_gives_everything_back_counted(r) -> None:
     intake.lanes[0].take(2)
     intake.lanes[1].take(1)
     assert intake.release() == 3
-    assert sorted(r.lrange("q", 0, -1)) == [b"m1", b"m2", b"m3", b"m4"]
-    assert r.lrange("q", 0, 0) == [b"m4"]  # the one never taken is served last
-    assert r.lindex("q", -1) in (b"m1", b"m3")  # each lane's oldest ahead of its younger
+    assert sorted(r.lrange(suspect_key("q"), 0, -1)) == [b"m1", b"m2", b"m3"]
+    assert r.lrange("q", 0, -1) == [b"m4"]  # the one never taken
+    assert r.lindex(suspect_key("q"), -1) in (b"m1", b"m3")  # each lane's oldest first
     assert not r.exists(intake.lease_key) and r.hkeys(LANES_KEY) == []
     assert all(lane.held == 0 for lane in intake.lanes)
     assert r.get(deliveries_key(hashlib.sha1(b"m1").hexdigest())) == b"1"
@@ -355,3 +384,20 @@ def test_lanes_of_acked_batches_that_come_back_are_given_back(r) -> None:
     assert r.lrange("q", 0, -1) == [b"m4", b"m2", b"m1"]
     _ack(r, intake)  # deletes m3 only
     assert r.lrange("q", 0, -1) == [b"m4", b"m2", b"m1"]
+
+
+def test_a_suspect_is_served_alone_so_it_kills_no_batch_mate(r) -> None:
+    """A suspect (given back without a result) comes alone: a take that also moved fresh
+    messages gives them straight back to the queue head, in order, uncounted (issue 14: a
+    poison pill took its 31 batch-mates to the dead letters with it)."""
+    _enqueue(r, b"f1", b"f2", b"f3")
+    r.rpush(suspect_key("q"), b"s1")
+    intake = _intake(r, "w1")
+    lane = intake.lanes[0]
+    taken = lane.take(8)
+    assert taken.messages == [b"s1"] and lane.held == 1
+    assert r.lrange(lane.key, 0, -1) == [b"s1"]
+    assert r.lrange("q", 0, -1) == [b"f3", b"f2", b"f1"]
+    _ack(r, intake)
+    assert lane.take(8).messages == [b"f1", b"f2", b"f3"]
+    assert r.keys("imgq:deliveries:*") == []

@@ -146,6 +146,9 @@ def freeze_holding_messages(r: redis.Redis, worker: WorkerProcess, timeout_s: fl
     deadline = time.monotonic() + timeout_s
     while True:
         worker.thaw()
+        while not any(r.llen(lane) for lane in lanes_of(r, worker)):
+            assert time.monotonic() < deadline, f"{worker.name} never held a message"
+            time.sleep(0.001)
         worker.freeze()
         # One round trip first: Redis serves in a later turn of its event loop any command the
         # frozen process had already sent (an ack in flight), so the count below is final.
@@ -153,7 +156,6 @@ def freeze_holding_messages(r: redis.Redis, worker: WorkerProcess, timeout_s: fl
         held = sum(int(r.llen(lane)) for lane in lanes_of(r, worker))
         if held:
             return held
-        assert time.monotonic() < deadline, f"{worker.name} never held a message"
 
 
 def redelivery_s(r: redis.Redis, worker: WorkerProcess, since: float) -> float:

@@ -51,6 +51,11 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
         task_routes={name: {"queue": settings.queue} for name in _task_names(settings)},
         result_expires=settings.result_expires_s,
         broker_connection_retry_on_startup=True,
+        # A Redis that refuses writes (OOM, READONLY, NOPERM) when the consumer reconnects is an
+        # outage to wait out, not a reason to exit; nor is a long one (kombu's default gives up
+        # after ~100 tries).
+        broker_channel_error_retry=True,
+        broker_connection_max_retries=None,
         worker_send_task_events=True,
         # No task runs on Celery's own path, so there is nothing to cancel on a lost connection;
         # setting it explicitly also silences Celery's pending-deprecation warning.

@@ -104,6 +104,10 @@ class BulkService:
             max_deliveries=settings.max_deliveries,
             dead_letters=(settings.dead_letter_ttl_s, settings.dead_letter_max_entries,
                           settings.dead_letter_max_bytes),
+            result_key_prefix=(
+                app.backend.task_keyprefix.decode()
+                if settings.result_backend == settings.broker_url else ""
+            ),
         )  # fmt: skip
         events = None
         if settings.task_events:

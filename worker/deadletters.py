@@ -84,6 +84,21 @@ class BodyNotKept(ImgqError):
         self.state = state
 
 
+#: Reasons for which the worker itself stored a FAILURE that a requeue must clear.
+_REFUSED_BY_THE_WORKER = frozenset({"redelivered_too_often", "internal_error"})
+
+# KEYS: a result key. ARGV: a reason code. Deletes the stored result when it is a FAILURE with
+# that reason (and nothing else: never a result the task earned since).
+_FORGET_REFUSAL = """
+local value = redis.call('GET', KEYS[1])
+if value and string.find(value, '"status"%s*:%s*"FAILURE"')
+    and string.find(value, '"' .. ARGV[1] .. ': ', 1, true) then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeadLetterLimits:
     """How much a queue's dead letters may hold; the worker builds it from its settings.
@@ -245,10 +260,15 @@ class DeadLetters:
         queue: str,
         limits: DeadLetterLimits = DeadLetterLimits(),  # noqa: B008 (frozen, shared safely)
         worker: str = "",
+        *,
+        results: redis.Redis | None = None,
+        result_key_prefix: str = "celery-task-meta-",
     ) -> None:
         if not isinstance(queue, str) or not queue or any(c.isspace() for c in queue):
             raise ValueError(f"queue must be a non-empty name without spaces, got {queue!r}")
         self.redis, self.queue, self.limits, self.worker = redis_client, queue, limits, worker
+        self.results = results if results is not None else redis_client
+        self.result_key_prefix = result_key_prefix
         self.keys = dead_letter_keys(queue)
         self._add = redis_client.register_script(_ADD)
         self._requeue = redis_client.register_script(_REQUEUE)
@@ -317,11 +337,19 @@ class DeadLetters:
         and forget the dead letter, its de-duplication key and the worker's delivery count of
         the message, so that it gets fresh deliveries. Atomic.
 
+        A task the worker refused itself (``redelivered_too_often``, ``internal_error``) has a
+        FAILURE stored, and the first stored result wins: that FAILURE is deleted first, so
+        the requeued task can be answered (and its waiting client told).
+
         Raises:
             UnknownDeadLetter: no such entry.
             BodyNotKept: the raw message is not kept (``state`` says why).
         """
         self._check_id(entry_id)
+        entry, body = self.show(entry_id)
+        if body is not None and entry.task_id and entry.reason in _REFUSED_BY_THE_WORKER:
+            key = self.result_key_prefix + entry.task_id
+            self.results.eval(_FORGET_REFUSAL, 1, key, entry.reason)
         reply = self._requeue(keys=[], args=[self.queue, entry_id, self.limits.ttl_s])
         if reply[0] == b"unknown":
             raise self._unknown(entry_id)

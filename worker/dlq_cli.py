@@ -79,8 +79,17 @@ def _run(
         socket_timeout=_SOCKET_TIMEOUT_S,
         retry=Retry(NoBackoff(), 1),
     )
+    results = client
+    if settings.result_backend != settings.broker_url:
+        results = redis.Redis.from_url(
+            settings.result_backend,
+            socket_connect_timeout=_SOCKET_TIMEOUT_S,
+            socket_timeout=_SOCKET_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 1),
+        )
+    limits = DeadLetterLimits.from_settings(settings)
     try:
-        action(args, DeadLetters(client, settings.queue, DeadLetterLimits.from_settings(settings)))
+        action(args, DeadLetters(client, settings.queue, limits, results=results))
         return 0
     except _Usage as exc:
         return _fail(str(exc), 2)
@@ -93,6 +102,8 @@ def _run(
         return _fail(str(exc), 1)
     finally:
         client.close()
+        if results is not client:
+            results.close()
 
 
 def _fail(message: str, status: int) -> int:

@@ -64,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_MIN_S = 0.0005  # first pause of an idle engine; it grows with the idle time
 _NO_LEASE_WAIT_S = 0.2
+# Longest back-off, and at most a quarter of the lease: an engine backing off is waiting out an
+# outage, not stalled, and its lease must not lapse for it.
 _MAX_BACKOFF_S = 5.0
 _LOG_EVERY_S = 10.0  # an outage or a bug that repeats every batch is logged this often
 #: A task id as kombu writes it in the headers, for a message too large to read.
@@ -175,6 +177,7 @@ class BatchEngine:
         self.observer: Observer | None = observers[0] if observers else None
         self._wait_s = wait_ms / 1000.0
         self._idle_poll_s = settings.idle_poll_ms / 1000.0
+        self._max_backoff_s = min(_MAX_BACKOFF_S, settings.lease_ttl_s / 4)
         same_redis = settings.result_backend == settings.broker_url
         self._results_redis: redis.Redis = redis_client if same_redis else backend.client
         dead_letters = (settings.dead_letter_ttl_s, settings.dead_letter_max_entries,
@@ -213,7 +216,7 @@ class BatchEngine:
             except Exception:  # a bug outside any batch: keep serving, say so
                 self._log_rarely("bug", "batch engine step failed", exc_info=True)
             self._stop.wait(backoff_s)
-            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+            backoff_s = min(backoff_s * 2, self._max_backoff_s)
             self.tick()
 
     def run_once(self) -> int:
@@ -415,7 +418,7 @@ class BatchEngine:
                 self._log_rarely("redis", "storing results failed, retrying in %.1f s: %s",
                                  backoff_s, exc)  # fmt: skip
                 self._stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+                backoff_s = min(backoff_s * 2, self._max_backoff_s)
                 self.tick()
         for (outcome, reason), count in out.counts.items():
             self.metrics.tasks.labels(outcome, reason).inc(count)

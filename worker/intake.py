@@ -24,11 +24,14 @@ head of the queue. The same script serves the lane after a take whose reply was 
 
 Poison pills (Sidekiq Pro's reliable fetch; SQS's ``maxReceiveCount``): a message given back
 because its worker died, hung or shut down without storing a result counts one delivery in
-``imgq:deliveries:<sha1 of the message>``. At ``max_deliveries`` it goes to the list
-``imgq:poison:<queue>`` instead of the queue; each take moves one poison message along with its
-batch, flagged, and the runner ends it in FAILURE (``redelivered_too_often``) with a dead letter.
-So a message that crashes, OOM-kills or hangs workers costs at most ``max_deliveries`` worker
-lives, fleet-wide.
+``imgq:deliveries:<sha1 of the message>`` (unless its result exists: it was answered, and only
+the lease was lost, e.g. to a Redis outage). Counted messages are *suspects*: they go to the list
+``imgq:suspect:<queue>``, and a take that brings a suspect brings it alone (the rest goes back
+to the queue head), so a message that kills its worker takes no batch-mate with it again. At
+``max_deliveries`` a message goes to ``imgq:poison:<queue>`` instead; each take moves one poison
+message along, flagged, and the engine ends it in FAILURE (``redelivered_too_often``) with a
+dead letter. So a message that crashes, OOM-kills or hangs workers costs at most
+``max_deliveries`` worker lives, fleet-wide, and its first batch-mates one delivery each.
 
 Leases: each worker holds ``imgq:lease:<worker_id>`` with a time to live of ``lease_ttl_s``,
 renewed while its runners make progress. Every worker runs :meth:`Intake.restore_dead` every
@@ -43,6 +46,7 @@ Keys::
     imgq:lease:<worker_id>                   lease, expires after lease_ttl_s
     imgq:inflight:<worker_id>:<runner>:b<seq>  one batch's messages, newest left
     imgq:deliveries:<sha1>                   deliveries without a result, expires after a day
+    imgq:suspect:<queue>                     messages given back counted, taken one at a time
     imgq:poison:<queue>                      messages delivered max_deliveries times
 """
 
@@ -68,6 +72,7 @@ __all__ = [
     "lane_key",
     "lease_key",
     "poison_key",
+    "suspect_key",
 ]
 
 LANES_KEY = "imgq:lanes"
@@ -101,6 +106,11 @@ def deliveries_key(sha1_hex: str) -> str:
 def poison_key(queue: str) -> str:
     """List of ``queue``'s messages delivered ``max_deliveries`` times."""
     return f"imgq:poison:{queue}"
+
+
+def suspect_key(queue: str) -> str:
+    """List of ``queue``'s messages given back without a result, served one per batch."""
+    return f"imgq:suspect:{queue}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,20 +158,30 @@ local function give_back(lane, queue, count)
   end
   return moved
 end
--- Gives back a whole lane, counting one delivery without a result per message; a message at
--- max_deliveries goes to the poison list instead of the queue.
-local function give_back_counted(lane, queue, max_deliveries, ttl_s)
+-- Gives back a whole lane, counting one delivery without a result per message (a message whose
+-- result exists, under prefix, was answered: not counted, back to the queue); a counted message
+-- goes to the suspect list, or at max_deliveries to the poison list.
+local function answered(m, prefix)
+  if prefix == '' then return false end
+  local id = string.match(string.sub(m, -4096), '[{,]%s*"id"%s*:%s*"([^"\\]+)"')
+  return id ~= nil and redis.call('EXISTS', prefix .. id) == 1
+end
+local function give_back_counted(lane, queue, max_deliveries, ttl_s, prefix)
   local moved = 0
   while true do
     local m = redis.call('LPOP', lane)
     if not m then break end
-    local counter = 'imgq:deliveries:' .. redis.sha1hex(m)
-    local n = redis.call('INCR', counter)
-    redis.call('EXPIRE', counter, ttl_s)
-    if n >= max_deliveries then
-      redis.call('LPUSH', 'imgq:poison:' .. queue, m)
-    else
+    if answered(m, prefix) then
       redis.call('RPUSH', queue, m)
+    else
+      local counter = 'imgq:deliveries:' .. redis.sha1hex(m)
+      local n = redis.call('INCR', counter)
+      redis.call('EXPIRE', counter, ttl_s)
+      if n >= max_deliveries then
+        redis.call('LPUSH', 'imgq:poison:' .. queue, m)
+      else
+        redis.call('RPUSH', 'imgq:suspect:' .. queue, m)
+      end
     end
     moved = moved + 1
   end
@@ -169,14 +189,14 @@ local function give_back_counted(lane, queue, max_deliveries, ttl_s)
 end
 """
 
-# KEYS: lanes hash. ARGV: max deliveries, counter ttl, this worker's id, then each of its runners'
-# current seq. Gives back every lane whose worker has no lease (counted), and this worker's lanes
-# of batches it has already acked (Redis came back with older data; not counted). Returns
-# {moved, stale}.
+# KEYS: lanes hash. ARGV: max deliveries, counter ttl, result key prefix ('' when results live
+# elsewhere), this worker's id, then each of its runners' current seq. Gives back every lane
+# whose worker has no lease (counted), and this worker's lanes of batches it has already acked
+# (Redis came back with older data; not counted). Returns {moved, stale}.
 _RESTORE = (
     _GIVE_BACK_FN
     + """
-local max_deliveries, ttl_s, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local max_deliveries, ttl_s, prefix, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local moved, stale = 0, 0
 local flat = redis.call('HGETALL', KEYS[1])
 for i = 1, #flat, 2 do
@@ -184,13 +204,13 @@ for i = 1, #flat, 2 do
   local worker, runner, seq = string.match(lane, '^imgq:inflight:(.*):(%d+):b(%d+)$')
   if not worker then worker = string.match(lane, '^imgq:inflight:(.*):%d+$') end
   if worker == me then
-    local current = tonumber(ARGV[4 + tonumber(runner or -1)] or '')
+    local current = tonumber(ARGV[5 + tonumber(runner or -1)] or '')
     if seq and current and tonumber(seq) < current then
       stale = stale + give_back(lane, queue, -1)
       redis.call('HDEL', KEYS[1], lane)
     end
   elseif worker and redis.call('EXISTS', 'imgq:lease:' .. worker) == 0 then
-    moved = moved + give_back_counted(lane, queue, max_deliveries, ttl_s)
+    moved = moved + give_back_counted(lane, queue, max_deliveries, ttl_s, prefix)
     redis.call('HDEL', KEYS[1], lane)
   end
 end
@@ -220,7 +240,8 @@ local flat = redis.call('HGETALL', KEYS[1])
 for i = 1, #flat, 2 do
   local worker = string.match(flat[i], '^imgq:inflight:(.*):%d+:b%d+$')
   if worker == ARGV[4] then
-    moved = moved + give_back_counted(flat[i], flat[i + 1], tonumber(ARGV[2]), tonumber(ARGV[3]))
+    moved = moved + give_back_counted(flat[i], flat[i + 1], tonumber(ARGV[2]), tonumber(ARGV[3]),
+      ARGV[5])
     redis.call('HDEL', KEYS[1], flat[i])
   end
 end
@@ -288,6 +309,8 @@ class Intake:
         max_deliveries: Deliveries without a result that make a message a poison pill.
         dead_letters: ``(ttl_s, max_entries, max_body_bytes)`` of the queue's dead letters,
             for the messages the take itself dead-letters.
+        result_key_prefix: Celery's result key prefix when results live in this Redis (a
+            message whose result exists is not counted when given back), else "".
     """
 
     def __init__(
@@ -301,10 +324,13 @@ class Intake:
         max_message_bytes: int = 64 << 20,
         max_deliveries: int = 3,
         dead_letters: tuple[int, int, int] = (7 * 86400, 10_000, 64 << 20),
+        result_key_prefix: str = "celery-task-meta-",
     ) -> None:
         self.redis = redis_client
         self.queue = queue
         self.poison = poison_key(queue)
+        self.suspect = suspect_key(queue)
+        self.result_key_prefix = result_key_prefix
         self.worker_id = worker_id
         self.lease_ttl_s = lease_ttl_s
         self.lease_key = lease_key(worker_id)
@@ -324,9 +350,13 @@ class Intake:
         self._recover = self.take_redis.register_script(_RECOVER)
 
     def renew_lease(self) -> None:
-        """Set (or extend) this worker's lease to ``lease_ttl_s`` from now."""
+        """Set (or extend) this worker's lease to ``lease_ttl_s`` from now. Extending is a
+        ``PEXPIRE``, which a Redis at ``maxmemory`` still accepts (a ``SET`` it refuses): a full
+        Redis does not make live workers look dead to each other."""
         sent = time.monotonic()
-        self.redis.set(self.lease_key, self.worker_id, px=int(self.lease_ttl_s * 1000))
+        ttl_ms = int(self.lease_ttl_s * 1000)
+        if not self.redis.pexpire(self.lease_key, ttl_ms):
+            self.redis.set(self.lease_key, self.worker_id, px=ttl_ms)
         # Redis counts the time to live from when it ran the SET, after `sent`.
         self._lease_until = sent + self.lease_ttl_s
 
@@ -337,10 +367,12 @@ class Intake:
             raise LeaseLost(f"worker {self.worker_id} has no lease ({self.lease_key})")
 
     def queued(self) -> bool:
-        """True when the queue or its poison list holds a message; reads only (a wait that
-        wrote, like ``BLMOVE``, is refused by a Redis at ``maxmemory`` or a read-only replica)."""
+        """True when the queue, its suspects or its poison list hold a message; reads only (a
+        wait that wrote, like ``BLMOVE``, is refused by a Redis at ``maxmemory`` or a read-only
+        replica)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(self.queue)
+        pipe.llen(self.suspect)
         pipe.llen(self.poison)
         return any(pipe.execute())
 
@@ -353,7 +385,8 @@ class Intake:
             ``(moved, stale)``: messages of dead workers, messages of stale own lanes.
         """
         seqs = [lane.seq for lane in self.lanes]  # read before Redis looks: seqs only grow
-        args: list[int | str] = [self.max_deliveries, DELIVERIES_TTL_S, self.worker_id, *seqs]
+        args: list[int | str] = [self.max_deliveries, DELIVERIES_TTL_S, self.result_key_prefix,
+                                 self.worker_id, *seqs]  # fmt: skip
         moved, stale = self._restore(keys=[LANES_KEY], args=args)
         return int(moved), int(stale)
 
@@ -364,7 +397,8 @@ class Intake:
         Returns:
             How many messages were given back.
         """
-        args: list[int | str] = [self.queue, self.max_deliveries, DELIVERIES_TTL_S, self.worker_id]
+        args: list[int | str] = [self.queue, self.max_deliveries, DELIVERIES_TTL_S, self.worker_id,
+                                 self.result_key_prefix]  # fmt: skip
         moved = int(self._release(keys=[LANES_KEY, self.lease_key], args=args))
         for lane in self.lanes:
             lane.settled()
@@ -394,7 +428,8 @@ class Lane:
 
     def take(self, max_n: int) -> Taken:
         """Move up to ``max_n`` messages, oldest first, from the queue (and one from the poison
-        list) into this lane, atomically, reading at most one size-limit's worth of bytes.
+        list) into this lane, atomically, reading at most one size-limit's worth of bytes; or,
+        when there is a suspect, that suspect alone (the queue's messages go straight back).
 
         Returns:
             The messages, oldest first; empty when the queue is empty.
@@ -417,14 +452,16 @@ class Lane:
             # LMOVEs, most of them for nothing (each costs client CPU).
             pipe = intake.redis.pipeline(transaction=False)
             pipe.llen(intake.queue)
+            pipe.llen(intake.suspect)
             pipe.llen(intake.poison)
-            queued, poisoned = pipe.execute()
-            if not queued and not poisoned:
+            queued, suspects, poisoned = pipe.execute()
+            if not queued and not suspects and not poisoned:
                 return Taken()
             max_n = min(max_n, int(queued))
         pipe = intake.take_redis.pipeline(transaction=True)
         pipe.hset(LANES_KEY, self.key, intake.queue)  # registered before it can hold anything
         pipe.lmove(intake.poison, self.key, "RIGHT", "LEFT")
+        pipe.lmove(intake.suspect, self.key, "RIGHT", "LEFT")
         for _ in range(max_n):
             pipe.lmove(intake.queue, self.key, "RIGHT", "LEFT")
         try:
@@ -435,14 +472,20 @@ class Lane:
         except redis.RedisError:
             self.unsure = True
             raise
-        poison, moved = replies[1], [m for m in replies[2:] if m is not None]
-        messages = ([poison] if poison is not None else []) + moved
-        if any(len(m) > budget for m in messages):
+        poison, suspect = replies[1], replies[2]
+        moved = [m for m in replies[3:] if m is not None]
+        everything = [m for m in (poison, suspect) if m is not None] + moved
+        if any(len(m) > budget for m in everything):
             # Under the reply cap but over the limit: let Redis dead-letter it and sort the rest.
             self.unsure = True
             return self._recover()
+        self.held += len(everything)
+        if suspect is not None and moved:
+            # A suspect may be what killed its last worker: it is served alone.
+            self.give_back_newest(len(moved))
+            moved = []
+        messages = [m for m in (poison, suspect) if m is not None] + moved
         taken = Taken(messages, [poison is not None and i == 0 for i in range(len(messages))])
-        self.held += len(messages)
         self._short = len(moved) < max_n
         self._recent_max_bytes = max((len(m) for m in moved), default=0)
         return taken
