@@ -45,7 +45,7 @@ TASK_REASONS: dict[str, str] = {
     "missing_argument": "a required keyword argument is absent",
     "bad_argument": "an argument has the wrong type or value",
     "unknown_argument": "an unexpected keyword argument was sent",
-    "content_refused": "the message is not JSON; imgq executes JSON messages only",
+    "content_refused": "the body is not plain JSON (pickle, YAML, compressed); only JSON is read",
     "malformed_message": "the message body cannot be parsed as a Celery protocol 2 task",
     "message_too_large": "the message is longer than any valid task can be; it was not read",
     "redelivered_too_often": (

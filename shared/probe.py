@@ -18,7 +18,21 @@ from PIL import Image, UnidentifiedImageError
 
 from imgq.shared.errors import InvalidImage
 
-__all__ = ["DEFAULT_LIMITS", "DecodeLimits", "ImageInfo", "probe_image"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "MAX_JPEG_SCANS",
+    "READ_FORMATS",
+    "DecodeLimits",
+    "ImageInfo",
+    "probe_image",
+]
+
+#: The formats Pillow may open: those imgq documents. Pillow knows dozens more (JPEG 2000, EPS,
+#: ICNS, QOI, ...), each a decoder exposed to hostile bytes for no user.
+READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+#: Most scans (SOS markers) a JPEG may have. A progressive JPEG has about ten; each scan is a pass
+#: over the whole frame, and one of a few bytes can ask for it, so thousands cost seconds of CPU.
+MAX_JPEG_SCANS = 100
 
 #: Pillow warns above this many pixels and refuses twice as many; imgq's own limit stays below it.
 _PILLOW_MAX_PIXELS = 89_478_485
@@ -115,7 +129,8 @@ class ImageInfo:
         format: Pillow's format name (``"JPEG"``, ``"PNG"``, ``"WEBP"``, ...).
         width: Width in pixels, as stored (before EXIF orientation).
         height: Height in pixels, as stored.
-        frames: Number of frames (1 for still images).
+        frames: 1 for a still image, 2 for an animation of two frames or more (they are not
+            counted: counting walks the whole file, for some formats in quadratic time).
         mode: Pillow's pixel mode (``"RGB"``, ``"RGBA"``, ``"P"``, ``"I;16"``, ``"CMYK"``, ...).
     """
 
@@ -149,16 +164,36 @@ def probe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ImageInfo
     """
     _check_bytes(data, limits)
     info = _probe_fast(data) or _probe_pillow(data)
-    _check_limits(info, limits)
+    _check_info(data, info, limits)
     return info
+
+
+def _check_info(data: bytes, info: ImageInfo, limits: DecodeLimits) -> None:
+    """Raise for the first limit the header of ``data`` (read into ``info``) breaks."""
+    _check_limits(info, limits)
+    if info.format in ("JPEG", "MPO"):
+        _check_jpeg_scans(data)
+
+
+def _check_jpeg_scans(data: bytes) -> None:
+    """Refuse a JPEG with more than :data:`MAX_JPEG_SCANS` scans. Outside marker segments a
+    0xFF byte is followed by 0x00 or a restart marker, so ``FF DA`` counts the scans (and those
+    of an embedded thumbnail) without parsing."""
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise InvalidImage(
+            "unsupported",
+            f"a JPEG of {scans} scans, over the {MAX_JPEG_SCANS} imgq decodes (a progressive "
+            "JPEG has about ten)",
+        )
 
 
 def _probe_pillow(data: bytes) -> ImageInfo:
     """The general header reader: Pillow opens lazily and reads only the header."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=READ_FORMATS) as im:
             width, height = im.size
-            frames = int(getattr(im, "n_frames", 1)) if getattr(im, "is_animated", False) else 1
+            frames = 2 if getattr(im, "is_animated", False) else 1
             return ImageInfo(format=str(im.format), width=width, height=height, frames=frames,
                              mode=im.mode)  # fmt: skip
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -168,6 +203,10 @@ def _probe_pillow(data: bytes) -> ImageInfo:
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, Warning) as exc:
         # Warning: Pillow warns about damaged metadata; where warnings are errors, it is damage.
         raise _unreadable_header(data, _first_line(exc)) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a plugin's bug met by hostile bytes (TypeError, IndexError, ...)
+        raise _unreadable_header(data, f"{type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def _probe_fast(data: bytes) -> ImageInfo | None:
@@ -296,7 +335,7 @@ def _check_limits(info: ImageInfo, limits: DecodeLimits) -> None:
     w, h = info.width, info.height
     if info.frames > 1:
         raise InvalidImage(
-            "animated", f"{info.format} with {info.frames} frames; send one frame as a still image"
+            "animated", f"{info.format} with more than one frame; send one frame as a still image"
         )
     if min(w, h) < limits.min_side_px:
         raise InvalidImage(
@@ -310,7 +349,7 @@ def _check_limits(info: ImageInfo, limits: DecodeLimits) -> None:
     if max(w, h) / min(w, h) > limits.max_aspect:
         raise InvalidImage(
             "bad_aspect",
-            f"{w}x{h} has aspect {max(w, h) / min(w, h):.1f}, over the limit of "
+            f"{w}x{h} has aspect {max(w, h) / min(w, h):.4g}, over the limit of "
             f"{limits.max_aspect:g}",
         )
 

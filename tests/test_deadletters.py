@@ -178,6 +178,9 @@ def test_requeue_says_why_it_cannot(client: redis.Redis) -> None:
         dl.requeue("1-0")
     with pytest.raises(UnknownDeadLetter, match="not a dead-letter id"):
         dl.show("1; DEL *")
+    for huge in ("18446744073709551616-0", "1-" + "9" * 20):  # past what Redis accepts
+        with pytest.raises(UnknownDeadLetter, match="not a dead-letter id"):
+            dl.show(huge)
     assert client.llen("q") == 0
 
 

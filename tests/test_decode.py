@@ -29,7 +29,7 @@ from imgq.shared.decode import (
 )
 from imgq.shared.decode import _over_white as _over_white_in_bands
 from imgq.shared.errors import IMAGE_REASONS, InvalidImage
-from imgq.shared.probe import _probe_fast, _probe_pillow
+from imgq.shared.probe import MAX_JPEG_SCANS, _probe_fast, _probe_pillow
 
 # Four flat colour quadrants: lossy codecs reproduce them closely, lossless ones exactly.
 _QUADRANT_COLOURS = [(200, 30, 40), (20, 180, 60), (30, 60, 210), (240, 220, 20)]
@@ -387,7 +387,35 @@ BAD_INPUTS: dict[str, tuple[Callable[[], bytes], str]] = {
     "animated_webp": (lambda: _animated("WEBP"), "animated"),
     "animated_png": (lambda: _animated("PNG"), "animated"),
     "multi_page_tiff": (lambda: _animated("TIFF"), "animated"),
+    # Formats Pillow knows but imgq does not read: their decoders never see hostile bytes.
+    **{
+        f"{fmt.lower()}_image": (lambda fmt=fmt: _pil(RGB, fmt), "undecodable")
+        for fmt in ("JPEG2000", "PPM", "QOI", "ICO", "TGA", "SGI", "PCX")
+    },
+    "jpeg_of_150_scans": (lambda: _many_scans(150), "unsupported"),
 }
+
+
+def _many_scans(scans: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has ``scans`` scans."""
+    data = _pil(RGB, "JPEG", progressive=True)
+    last = data.rfind(b"\xff\xda")
+    extra = scans - data.count(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra + b"\xff\xd9"
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_decoding() -> None:
+    """Each scan is a pass over the whole frame that a few bytes can ask for: past
+    MAX_JPEG_SCANS the JPEG is refused, also when the caller probed the header itself."""
+    ordinary = _pil(RGB, "JPEG", progressive=True)
+    assert 1 < ordinary.count(b"\xff\xda") <= MAX_JPEG_SCANS
+    assert decode_image(ordinary).shape == (32, 48, 3)
+    assert decode_image(_many_scans(MAX_JPEG_SCANS)).shape == (32, 48, 3)
+    data = _many_scans(MAX_JPEG_SCANS + 1)
+    info = _probe_fast(data)
+    assert info is not None
+    with pytest.raises(InvalidImage, match=rf"unsupported: a JPEG of {MAX_JPEG_SCANS + 1} scans"):
+        decode_image(data, info=info)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

@@ -322,6 +322,26 @@ def test_oversized_message_is_never_read_and_is_dead_lettered(r) -> None:
     assert r.lrange(intake.lanes[0].key, 0, -1) == [b"m2", b"m1"]
 
 
+def test_a_recovery_dead_letters_at_most_32_oversized_messages(r) -> None:
+    """Each oversized message returns 4.5 kB of fragments: a take that meets many serves 32 and
+    gives the rest back in order, so its reply stays bounded whatever the batch size."""
+    limit = 16 * 1024
+    ends = [b'", "headers": {"id": "b%d"}}' % i for i in range(40)]
+    bigs = [b'{"body": "' + bytes([65 + i % 26]) * (2 * limit) + end for i, end in enumerate(ends)]
+    _enqueue(r, *bigs, b"m1")
+    lane = _intake(r, "w1", max_message_bytes=limit).lanes[0]
+    first = lane.take(41)
+    assert [o.tail[-len(e) :] for o, e in zip(first.oversized, ends, strict=False)] == ends[:32]
+    assert len(first.oversized) == 32
+    assert first.messages == [] and r.llen("q") == 9
+    rest = lane.take(41)  # sized down by what it just met; one take or several
+    while r.llen("q"):
+        rest.extend(lane.take(41))
+    assert [o.tail[-len(e) :] for o, e in zip(rest.oversized, ends[32:], strict=False)] == ends[32:]
+    assert rest.messages == [b"m1"]
+    assert len(DeadLetters(r, "q").list(100)) == 40
+
+
 def test_a_batch_is_cut_at_one_message_limit_of_bytes(r) -> None:
     """Large (valid) messages: a take reads at most one message limit of bytes (plus framing);
     a reply past that is refused unread, Redis keeps the batch within the limit and gives the

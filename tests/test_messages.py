@@ -79,7 +79,19 @@ def test_pickle_body_is_refused_and_never_unpickled(sender, redis_server, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "raw", [b"\x80\x04not json", b'{"headers": {}}', b"[1, 2]", b'{"headers": {"id": 7}}']
+    "raw",
+    [
+        b"\x80\x04not json",
+        b'{"headers": {}}',
+        b"[1, 2]",
+        b'{"headers": {"id": 7}}',
+        # Never parsed, and its id is more than 4 kB from either end:
+        b'{"a": ['
+        + b"[]," * 6000
+        + b'[]], "headers": {"id": "t-1"}, "b": ['
+        + b"[]," * 6000
+        + b"[]]}",
+    ],
 )
 def test_no_task_id_raises_malformed(raw: bytes) -> None:
     """Without a readable task id the message cannot be answered: it is malformed (dead letter)."""
@@ -108,6 +120,10 @@ def _envelope(
         (_envelope([[], "kwargs", {}]), "malformed_message", "kwargs must be an object"),
         (_envelope([["img"], {}, {}]), "bad_argument", "keyword arguments only"),
         (_envelope([[], {}, {}], expires="next tuesday"), "malformed_message", "ISO 8601"),
+        (_envelope([[], {}, {}], compression="application/x-gzip"), "content_refused", "gzip"),
+        # Millions of tiny containers cost ~100 bytes each parsed: refused unparsed.
+        (_envelope([[], {"image": [[]] * 20_000}, {}]), "malformed_message", "body has 40"),
+        (_envelope([[], {}, {}], x=[[]] * 20_000), "malformed_message", "message has 40"),
     ],
 )
 def test_known_task_with_unusable_body_fails_with_reason(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import signal
 import threading
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 #: Longest a warm shutdown waits for a runner to finish its batch.
 _JOIN_TIMEOUT_S = 60.0
+_STALL_LOG_EVERY_S = 60.0  # a stalled runner is logged this often, not every keeper tick
 #: Redis client socket timeout; must exceed the longest blocking wait (max_wait_ms <= 5 s).
 _SOCKET_TIMEOUT_S = 15.0
 
@@ -184,6 +186,10 @@ class BulkService:
             "tasks": sorted(self.handlers),
             "max_batch": self.settings.max_batch,
             "concurrency": self.settings.concurrency,
+            # Over lease_ttl_s: a runner is stuck (its lease is no longer renewed).
+            "since_progress_s": round(
+                max(time.monotonic() - r.last_progress_s for r in self.runners), 1
+            ),
         }
         classify = self.handlers.get(TASK_NAME)
         bundle = getattr(classify, "bundle", None)
@@ -199,13 +205,16 @@ class BulkService:
         tick_s = min(settings.lease_ttl_s / 3, settings.restore_interval_s)
         next_restore = 0.0
         failing_since: float | None = None
+        stall_logged = -math.inf  # a stall is logged when it starts, then once a minute
         while not self._stop.wait(tick_s):
             now = time.monotonic()
             stalled_s = max(now - r.last_progress_s for r in self.runners)
             try:
                 if stalled_s < settings.lease_ttl_s:
                     self.intake.renew_lease()
-                else:
+                    stall_logged = -math.inf
+                elif now - stall_logged >= _STALL_LOG_EVERY_S:
+                    stall_logged = now
                     logger.error(
                         "a batch runner made no progress for %.1f s; not renewing the lease, so "
                         "other workers will take over its messages", stalled_s,

@@ -399,9 +399,13 @@ class DeadLetters:
         }
 
     def _check_id(self, entry_id: str) -> None:
-        if not isinstance(entry_id, str) or not _ENTRY_ID_RE.fullmatch(entry_id):
+        if (
+            not isinstance(entry_id, str)
+            or not _ENTRY_ID_RE.fullmatch(entry_id)
+            or any(int(part) >= 2**64 for part in entry_id.split("-"))  # Redis refuses those
+        ):
             raise UnknownDeadLetter(
-                f"{entry_id!r} is not a dead-letter id (they look like 1700000000000-0); "
+                f"{entry_id!r:.60} is not a dead-letter id (they look like 1700000000000-0); "
                 f"`imgq dlq list --queue {self.queue}` shows them"
             )
 

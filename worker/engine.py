@@ -29,7 +29,6 @@ import collections
 import hashlib
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -55,7 +54,7 @@ from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.settle import DeadMessage, Settler, WindowCounts, once_token
 from imgq.worker.wire.events import TaskEvents
-from imgq.worker.wire.message import TaskRequest, parse_message, parse_task_id
+from imgq.worker.wire.message import TaskRequest, find_task_id, parse_message
 from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
 
 __all__ = ["BatchEngine", "BatchOutcome", "ResultBackend"]
@@ -68,8 +67,6 @@ _NO_LEASE_WAIT_S = 0.2
 # outage, not stalled, and its lease must not lapse for it.
 _MAX_BACKOFF_S = 5.0
 _LOG_EVERY_S = 10.0  # an outage or a bug that repeats every batch is logged this often
-#: A task id as kombu writes it in the headers, for a message too large to read.
-_ID_IN_HEADERS = re.compile(rb'[{,]\s*"id"\s*:\s*"([^"\\]{1,512})"')
 
 
 class ResultBackend(Protocol):
@@ -362,15 +359,7 @@ class BatchEngine:
     def _too_large(self, out: BatchOutcome, big: Oversized) -> None:
         """A message Redis dead-lettered for its size: answer its task if its id can be read
         from the fragments Redis returned (kombu writes the headers after the body)."""
-        task_id = None
-        for fragment in (big.tail, big.head):
-            for match in _ID_IN_HEADERS.finditer(fragment):
-                try:
-                    task_id = parse_task_id(match.group(1).decode("utf-8"))
-                except (UnicodeDecodeError, ValueError, TypeError):
-                    continue
-            if task_id:
-                break
+        task_id = find_task_id(big.tail) or find_task_id(big.head)
         exc = InvalidTask(
             "message_too_large",
             f"the message of {big.length} bytes is over the {self.settings.max_message_bytes} "

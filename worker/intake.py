@@ -255,11 +255,14 @@ return moved
 # bytes. Sorts out what the lane holds beyond `held` (a take whose reply was too large or lost),
 # oldest first: a message over the size limit goes to the dead letters (metadata only); the rest
 # is kept up to the byte budget (at least one), flagged when its delivery count makes it a
-# poison pill; what does not fit goes back to the head of the queue. Returns one entry per
-# message, oldest first: {'m', poisoned 0/1, message} or {'big', length, sha1, head, tail}.
+# poison pill; what does not fit goes back to the head of the queue, as do oversized messages
+# past MAX_OVERSIZED (each returns 4.5 kB of fragments; the reply stays within the capped
+# client's slack). Returns one entry per message, oldest first: {'m', poisoned 0/1, message} or
+# {'big', length, sha1, head, tail}.
 _RECOVER = (
     LUA_DEAD_LETTER
     + """
+local MAX_OVERSIZED = 32
 local lane, queue = KEYS[1], KEYS[2]
 local held, max_bytes, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_deliveries = tonumber(ARGV[4])
@@ -268,10 +271,11 @@ local out = {}
 if extra <= 0 then return out end
 redis.call('HSET', KEYS[3], lane, queue)
 local items = redis.call('LPOP', lane, extra)
-local kept, back, total = {}, {}, 0
+local kept, back, total, bigs = {}, {}, 0, 0
 for i = #items, 1, -1 do
   local m = items[i]
-  if #back == 0 and #m > max_bytes then
+  if #back == 0 and #m > max_bytes and bigs < MAX_OVERSIZED then
+    bigs = bigs + 1
     local sha1 = redis.sha1hex(m)
     local tail = string.sub(m, -4096)
     local task_id = string.match(tail, '[{,]%s*"id"%s*:%s*"([^"\\]+)"') or ''
@@ -279,7 +283,7 @@ for i = #items, 1, -1 do
       'a message of ' .. #m .. ' bytes is over the ' .. max_bytes .. ' a valid task can have',
       task_id, ARGV[5], 'too_large', ARGV[6], ARGV[7], ARGV[8])
     out[#out + 1] = {'big', tostring(#m), sha1, string.sub(m, 1, 512), tail}
-  elseif #back == 0 and (#kept == 0 or total + #m <= budget) then
+  elseif #back == 0 and #m <= max_bytes and (#kept == 0 or total + #m <= budget) then
     kept[#kept + 1] = m
     total = total + #m
     local n = tonumber(redis.call('GET', 'imgq:deliveries:' .. redis.sha1hex(m)) or '0')

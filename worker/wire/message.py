@@ -19,6 +19,7 @@ from __future__ import annotations
 import binascii
 import dataclasses
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,10 +28,23 @@ from imgq.shared.errors import InvalidTask
 from imgq.worker.wire import SENT_AT_HEADER
 from imgq.worker.wire.codec import json_loads
 
-__all__ = ["MAX_TASK_ID_CHARS", "TaskRequest", "parse_message", "parse_task_id"]
+__all__ = [
+    "MAX_JSON_CONTAINERS",
+    "MAX_TASK_ID_CHARS",
+    "TaskRequest",
+    "find_task_id",
+    "parse_message",
+    "parse_task_id",
+]
 
 #: Longest task id accepted (Celery's are 36-character UUIDs; the id is part of a Redis key).
 MAX_TASK_ID_CHARS = 512
+#: Most ``{``, ``[`` and ``,`` a message, or its decoded body, may hold. A real task has a few
+#: dozen (the image is one base64 string); a body of millions of empty lists costs about a
+#: hundred bytes of memory per character once parsed, so it is refused before parsing.
+MAX_JSON_CONTAINERS = 10_000
+#: A task id in kombu's headers, found without parsing (in an oversized or over-complex message).
+_ID_IN_HEADERS = re.compile(rb'[{,]\s*"id"\s*:\s*"([^"\\]{1,512})"')
 #: The epoch seconds a time header may hold: what Python's datetime can represent (years
 #: 1..9999), so that every time formats; beyond it is refused, not crashed on.
 _MIN_EPOCH_S, _MAX_EPOCH_S = -62_135_596_800.0, 253_402_300_799.0
@@ -82,6 +96,17 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
             cannot be answered and goes to the dead-letter list.
     """
     raw_bytes = raw.encode() if isinstance(raw, str) else raw
+    containers = _json_containers(raw_bytes)
+    if containers > MAX_JSON_CONTAINERS:
+        exc = InvalidTask(
+            "malformed_message",
+            f"the message has {containers} JSON separators and brackets, over the "
+            f"{MAX_JSON_CONTAINERS} a valid task can have; it was not parsed",
+        )
+        task_id = find_task_id(raw_bytes[-4096:]) or find_task_id(raw_bytes[:4096])
+        if task_id is None:
+            raise exc
+        return TaskRequest(task_id, "", {}, None, None, None, queue, raw_bytes, exc)
     try:
         envelope = json_loads(raw_bytes)
         if not isinstance(envelope, dict) or not isinstance(envelope.get("headers"), dict):
@@ -104,6 +129,12 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
     try:
         expires = _epoch_s(headers.get("expires"))
         sent_at = _epoch_s(headers.get(SENT_AT_HEADER))
+        if headers.get("compression") is not None:
+            raise InvalidTask(
+                "content_refused",
+                f"a body compressed with {headers['compression']!r:.60} is refused; imgq reads "
+                "uncompressed JSON (send without compression=)",
+            )
         kwargs = _body_kwargs(envelope, properties)
         error = None
     except InvalidTask as exc:
@@ -144,6 +175,32 @@ def parse_task_id(value: Any) -> str:
     return value
 
 
+def find_task_id(fragment: bytes) -> str | None:
+    """The task id of the first usable ``"id": "..."`` member in a fragment of a message, read
+    without parsing it (kombu writes the headers after the body); None when there is none.
+
+    >>> find_task_id(b'...AAAA", "headers": {"lang": "py", "id": "5f1c-aa", "task": "x"}}')
+    '5f1c-aa'
+    """
+    for match in _ID_IN_HEADERS.finditer(fragment):
+        try:
+            return parse_task_id(match.group(1).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, TypeError):
+            continue
+    return None
+
+
+def _json_containers(text: bytes | str) -> int:
+    """How many ``{``, ``[`` and ``,`` the JSON text holds (a bound on what parsing allocates).
+
+    >>> _json_containers(b'{"a": [1, 2]}')
+    3
+    """
+    if isinstance(text, str):
+        return text.count("{") + text.count("[") + text.count(",")
+    return text.count(b"{") + text.count(b"[") + text.count(b",")
+
+
 def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
     """The keyword arguments of a JSON protocol 2 body; InvalidTask for anything else."""
     content_type = envelope.get("content-type")
@@ -157,6 +214,12 @@ def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
     try:
         if isinstance(properties, dict) and properties.get("body_encoding") == "base64":
             body = b64decode_strict(body)
+        if isinstance(body, bytes | str) and _json_containers(body) > MAX_JSON_CONTAINERS:
+            raise InvalidTask(
+                "malformed_message",
+                f"the body has {_json_containers(body)} JSON separators and brackets, over the "
+                f"{MAX_JSON_CONTAINERS} a valid task can have; it was not parsed",
+            )
         args, kwargs, _embed = json_loads(body)
     except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
         raise InvalidTask(
