@@ -124,6 +124,12 @@ def _envelope(
         # Millions of tiny containers cost ~100 bytes each parsed: refused unparsed.
         (_envelope([[], {"image": [[]] * 20_000}, {}]), "malformed_message", "body has 40"),
         (_envelope([[], {}, {}], x=[[]] * 20_000), "malformed_message", "message has 40"),
+        # An escaped quote must not make the counter take 12,000 containers for a string's bulk:
+        (
+            _envelope('[[], {"a": "\\"", "x": [' + "[]," * 6000 + '[]], "y": "b"}, {}]'),
+            "malformed_message",
+            "body has 1",
+        ),  # fmt: skip
     ],
 )
 def test_known_task_with_unusable_body_fails_with_reason(
