@@ -356,6 +356,25 @@ def test_a_batch_is_cut_at_one_message_limit_of_bytes(r) -> None:
     assert lane.held == 2
 
 
+def test_a_recovery_never_writes_a_message_back(r) -> None:
+    """Sorting out a lane moves messages with LMOVE and removes oversized ones by a tombstone:
+    no command carries a message's bytes, so neither the append-only file nor a replica
+    receives them again (a GB of near-limit messages rewritten stalled Redis for seconds)."""
+    limit = 400_000
+    big = b'{"body": "' + b"B" * (2 * limit) + b'", "headers": {"id": "big"}}'
+    messages = [b"A" * 300_000, big, b"C" * 300_000, b"D" * 300_000]
+    _enqueue(r, *messages)
+    lane = _intake(r, "w1", max_message_bytes=limit).lanes[0]
+    r.config_resetstat()
+    taken = lane.take(4)
+    assert taken.messages == messages[:1] and [o.length for o in taken.oversized] == [len(big)]
+    assert r.lrange("q", 0, -1) == [messages[3], messages[2]]
+    assert r.lrange(lane.key, 0, -1) == messages[:1]
+    stats = r.info("commandstats")
+    writes = {"cmdstat_rpush", "cmdstat_lpush", "cmdstat_lpop", "cmdstat_rpop"}
+    assert not writes & set(stats), {k: stats[k] for k in writes & set(stats)}
+
+
 def test_release_gives_everything_back_counted(r) -> None:
     """At shutdown all unacked messages of every lane return to the queue head, counted as
     deliveries without a result; lease and registrations go."""

@@ -121,6 +121,11 @@ return moved
 # past MAX_OVERSIZED (each returns 4.5 kB of fragments; the reply stays within the capped
 # client's slack). Returns one entry per message, oldest first: {'m', poisoned 0/1, message} or
 # {'big', length, sha1, head, tail}.
+#
+# The messages are read (LRANGE) but never written back: what goes back moves with LMOVE, what is
+# kept stays, oversized ones are overwritten by a tombstone and removed, so the append-only file
+# and replicas get small commands, not the messages (a GB of near-limit messages rewritten stalled
+# Redis for seconds).
 RECOVER = (
     LUA_DEAD_LETTER
     + """
@@ -132,12 +137,12 @@ local extra = redis.call('LLEN', lane) - held
 local out = {}
 if extra <= 0 then return out end
 redis.call('HSET', KEYS[3], lane, queue)
-local items = redis.call('LPOP', lane, extra)
-local kept, back, total, bigs = {}, {}, 0, 0
+local items = redis.call('LRANGE', lane, 0, extra - 1)  -- items[1] is the newest
+local kept_n, total, big_at, n_back = 0, 0, {}, 0
 for i = #items, 1, -1 do
   local m = items[i]
-  if #back == 0 and #m > max_bytes and bigs < MAX_OVERSIZED then
-    bigs = bigs + 1
+  if #m > max_bytes and #big_at < MAX_OVERSIZED then
+    big_at[#big_at + 1] = i
     local sha1 = redis.sha1hex(m)
     local tail = string.sub(m, -4096)
     local task_id = string.match(tail, '[{,]%s*"id"%s*:%s*"([^"\\]+)"') or ''
@@ -145,17 +150,24 @@ for i = #items, 1, -1 do
       'a message of ' .. #m .. ' bytes is over the ' .. max_bytes .. ' a valid task can have',
       task_id, ARGV[5], 'too_large', ARGV[6], ARGV[7], ARGV[8])
     out[#out + 1] = {'big', tostring(#m), sha1, string.sub(m, 1, 512), tail}
-  elseif #back == 0 and #m <= max_bytes and (#kept == 0 or total + #m <= budget) then
-    kept[#kept + 1] = m
+  elseif #m <= max_bytes and (kept_n == 0 or total + #m <= budget) then
+    kept_n = kept_n + 1
     total = total + #m
     local n = tonumber(redis.call('GET', 'imgq:deliveries:' .. redis.sha1hex(m)) or '0')
     out[#out + 1] = {'m', n >= max_deliveries and '1' or '0', m}
   else
-    back[#back + 1] = m
+    n_back = i  -- this one and every newer message go back: items[1..n_back]
+    break
   end
 end
-for _, m in ipairs(kept) do redis.call('LPUSH', lane, m) end
-for i = #back, 1, -1 do redis.call('RPUSH', queue, back[i]) end
+-- The newest first to the consuming end: the oldest of them ends up served first.
+for _ = 1, n_back do redis.call('LMOVE', lane, queue, 'LEFT', 'RIGHT') end
+if #big_at > 0 then
+  local t = redis.call('TIME')
+  local tombstone = '\\0imgq:removed:' .. lane .. ':' .. t[1] .. '.' .. t[2]
+  for _, i in ipairs(big_at) do redis.call('LSET', lane, i - 1 - n_back, tombstone) end
+  redis.call('LREM', lane, 0, tombstone)
+end
 return out
 """
 )
