@@ -307,8 +307,8 @@ def test_oversized_message_is_never_read_and_is_dead_lettered(r) -> None:
     """A message over the limit is not read by the worker: its reply is refused at the cap,
     Redis moves it to the dead letters (metadata only) and returns its ends; the messages around
     it are served, in order (issue 14: 100 MiB messages were read whole)."""
-    limit = 64 * 1024
-    big = b'{"body": "' + b"A" * (8 * limit) + b'", "headers": {"task": "x", "id": "big-1"}}'
+    limit = 128 * 1024  # past the reply cap (limit + 256 KiB), under a recovery's read limit
+    big = b'{"body": "' + b"A" * (7 * limit // 2) + b'", "headers": {"task": "x", "id": "big-1"}}'
     _enqueue(r, b"m1", big, b"m2")
     intake = _intake(r, "w1", max_message_bytes=limit)
     taken = intake.lanes[0].take(3)
@@ -322,38 +322,24 @@ def test_oversized_message_is_never_read_and_is_dead_lettered(r) -> None:
     assert r.lrange(intake.lanes[0].key, 0, -1) == [b"m2", b"m1"]
 
 
-def test_a_recovery_dead_letters_at_most_32_oversized_messages(r) -> None:
-    """Each oversized message returns 4.5 kB of fragments: a take that meets many serves 32 and
-    gives the rest back in order, so its reply stays bounded whatever the batch size."""
+def test_a_recovery_reads_at_most_four_limits_of_bytes(r) -> None:
+    """Sorting out a lane copies each message it reads into Lua, blocking Redis meanwhile: one
+    call reads at most four message limits of bytes and gives the rest back unread, in order, so
+    a queue of oversized messages is dead-lettered a few at a time."""
     limit = 16 * 1024
     ends = [b'", "headers": {"id": "b%d"}}' % i for i in range(40)]
     bigs = [b'{"body": "' + bytes([65 + i % 26]) * (2 * limit) + end for i, end in enumerate(ends)]
     _enqueue(r, *bigs, b"m1")
     lane = _intake(r, "w1", max_message_bytes=limit).lanes[0]
     first = lane.take(41)
-    assert [o.tail[-len(e) :] for o, e in zip(first.oversized, ends, strict=False)] == ends[:32]
-    assert len(first.oversized) == 32
-    assert first.messages == [] and r.llen("q") == 9
+    assert [o.tail[-len(e) :] for o, e in zip(first.oversized, ends, strict=False)] == ends[:2]
+    assert len(first.oversized) == 2 and first.messages == [] and r.llen("q") == 39
     rest = lane.take(41)  # sized down by what it just met; one take or several
     while r.llen("q"):
         rest.extend(lane.take(41))
-    assert [o.tail[-len(e) :] for o, e in zip(rest.oversized, ends[32:], strict=False)] == ends[32:]
-    assert rest.messages == [b"m1"]
+    assert [o.tail[-len(e) :] for o, e in zip(rest.oversized, ends[2:], strict=False)] == ends[2:]
+    assert len(rest.oversized) == 38 and rest.messages == [b"m1"]
     assert len(DeadLetters(r, "q").list(100)) == 40
-
-
-def test_a_batch_is_cut_at_one_message_limit_of_bytes(r) -> None:
-    """Large (valid) messages: a take reads at most one message limit of bytes (plus framing);
-    a reply past that is refused unread, Redis keeps the batch within the limit and gives the
-    rest back to the head of the queue in order, and the next take asks for fewer."""
-    limit = 400_000
-    messages = [bytes([65 + i]) * 300_000 for i in range(5)]
-    _enqueue(r, *messages)
-    lane = _intake(r, "w1", max_message_bytes=limit).lanes[0]
-    assert lane.take(5).messages == messages[:1]  # a second would pass 400 kB
-    assert r.lrange("q", 0, -1) == messages[::-1][:4]
-    assert lane.take(5).messages == messages[1:2]  # sized to fit: no refused reply
-    assert lane.held == 2
 
 
 def test_a_recovery_never_writes_a_message_back(r) -> None:

@@ -117,19 +117,20 @@ return moved
 # bytes. Sorts out what the lane holds beyond `held` (a take whose reply was too large or lost),
 # oldest first: a message over the size limit goes to the dead letters (metadata only); the rest
 # is kept up to the byte budget (at least one), flagged when its delivery count makes it a
-# poison pill; what does not fit goes back to the head of the queue, as do oversized messages
-# past MAX_OVERSIZED (each returns 4.5 kB of fragments; the reply stays within the capped
-# client's slack). Returns one entry per message, oldest first: {'m', poisoned 0/1, message} or
-# {'big', length, sha1, head, tail}.
+# poison pill; what does not fit goes back to the head of the queue. Returns one entry per
+# message, oldest first: {'m', poisoned 0/1, message} or {'big', length, sha1, head, tail} (4.5 kB
+# of fragments: the few oversized messages one call reads keep the reply within the capped
+# client's slack).
 #
-# The messages are read (LRANGE) but never written back: what goes back moves with LMOVE, what is
-# kept stays, oversized ones are overwritten by a tombstone and removed, so the append-only file
-# and replicas get small commands, not the messages (a GB of near-limit messages rewritten stalled
-# Redis for seconds).
+# The messages are read one by one (LINDEX), at most READ_LIMIT size limits' worth per call, and
+# never written back: what goes back moves with LMOVE, what is kept stays, oversized ones are
+# overwritten by a tombstone and removed. So one call copies a bounded number of bytes, and the
+# append-only file and replicas get small commands, not the messages (reading and rewriting a GB
+# of near-limit messages blocked Redis past its clients' socket timeouts).
 RECOVER = (
     LUA_DEAD_LETTER
     + """
-local MAX_OVERSIZED = 32
+local READ_LIMIT = 4
 local lane, queue = KEYS[1], KEYS[2]
 local held, max_bytes, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_deliveries = tonumber(ARGV[4])
@@ -137,12 +138,18 @@ local extra = redis.call('LLEN', lane) - held
 local out = {}
 if extra <= 0 then return out end
 redis.call('HSET', KEYS[3], lane, queue)
-local items = redis.call('LRANGE', lane, 0, extra - 1)  -- items[1] is the newest
-local kept_n, total, big_at, n_back = 0, 0, {}, 0
-for i = #items, 1, -1 do
-  local m = items[i]
-  if #m > max_bytes and #big_at < MAX_OVERSIZED then
-    big_at[#big_at + 1] = i
+-- Oldest first, one LINDEX at a time (each copies its message into Lua), until the batch is
+-- decided or READ_LIMIT bytes were read; the rest goes back unread.
+local kept_n, total, read, big_at, n_back = 0, 0, 0, {}, 0
+for j = extra - 1, 0, -1 do
+  if read >= READ_LIMIT * max_bytes then
+    n_back = j + 1
+    break
+  end
+  local m = redis.call('LINDEX', lane, j)
+  read = read + #m
+  if #m > max_bytes then
+    big_at[#big_at + 1] = j
     local sha1 = redis.sha1hex(m)
     local tail = string.sub(m, -4096)
     local task_id = string.match(tail, '[{,]%s*"id"%s*:%s*"([^"\\]+)"') or ''
@@ -156,7 +163,7 @@ for i = #items, 1, -1 do
     local n = tonumber(redis.call('GET', 'imgq:deliveries:' .. redis.sha1hex(m)) or '0')
     out[#out + 1] = {'m', n >= max_deliveries and '1' or '0', m}
   else
-    n_back = i  -- this one and every newer message go back: items[1..n_back]
+    n_back = j + 1  -- this one and every newer message go back: lane[0..j]
     break
   end
 end
@@ -165,7 +172,7 @@ for _ = 1, n_back do redis.call('LMOVE', lane, queue, 'LEFT', 'RIGHT') end
 if #big_at > 0 then
   local t = redis.call('TIME')
   local tombstone = '\\0imgq:removed:' .. lane .. ':' .. t[1] .. '.' .. t[2]
-  for _, i in ipairs(big_at) do redis.call('LSET', lane, i - 1 - n_back, tombstone) end
+  for _, j in ipairs(big_at) do redis.call('LSET', lane, j - n_back, tombstone) end
   redis.call('LREM', lane, 0, tombstone)
 end
 return out
