@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -79,9 +80,10 @@ def _peak_rss_mib(pid: int) -> float:
 
 def run_scenario(name: str, bundle: Path, small: list[bytes], folder: Path) -> dict[str, float]:
     """Queue the scenario's 32 messages, serve them with a fresh worker; its figures."""
+    shutil.rmtree(folder / f"redis-{name}", ignore_errors=True)  # no older run's 1 GB AOF to load
     server = LocalRedis(folder / f"redis-{name}").start()
     try:
-        r = redis.Redis.from_url(server.url)
+        r = redis.Redis.from_url(server.url, socket_timeout=120)  # waits through Redis's stalls
         redis_stalls = 0
         with ImgqClient(server.url) as client:
             pending = []
@@ -109,15 +111,16 @@ def run_scenario(name: str, bundle: Path, small: list[bytes], folder: Path) -> d
                         outcomes = client.results(pending, timeout_s=600)
                         break
                     except OperationalError:
-                        # Redis moving 34 MiB messages answers nobody for seconds (each move
-                        # copies the message): past the client's 5 s socket timeout.
+                        # Redis moving 34-64 MiB messages answers nobody for seconds (each
+                        # move copies the message): past the client's 5 s socket timeout.
                         if time.monotonic() > deadline:
                             raise
                         redis_stalls += 1
+                # Every oversized message dead-lettered, and nothing queued or held.
                 while (
-                    r.llen("imgq")
-                    or r.hlen("imgq:lanes")
-                    and any(r.llen(k) for k in r.hkeys("imgq:lanes"))
+                    r.xlen("imgq:dlq:imgq") < kinds["oversized_64MiB"]
+                    or r.llen("imgq")
+                    or any(r.llen(k) for k in r.hkeys("imgq:lanes"))
                 ):
                     if time.monotonic() > deadline:
                         raise RuntimeError("the queue did not drain")
