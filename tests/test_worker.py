@@ -169,6 +169,20 @@ def test_sigkill_mid_load_loses_nothing(client, workers, redis_server) -> None:
     assert w2.stop() == 0
 
 
+def test_inspect_stats_says_what_the_worker_serves(client, workers) -> None:
+    """``celery inspect stats`` carries imgq's view of each worker: its id, queue, tasks, model,
+    and how long since its runners last made progress (over the lease TTL: stuck)."""
+    w = workers("w1")
+    w.wait_ready(client)
+    stats = client.control.inspect(destination=[w.name], timeout=5).stats()
+    (node,) = stats.values()
+    imgq = node["imgq"]
+    assert imgq["queue"] == "imgq" and imgq["tasks"] == ["imgq.classify"]
+    assert imgq["worker_id"].startswith(w.name) and imgq["sha256"]
+    assert 0 <= imgq["since_progress_s"] < 10.0  # idle polling is progress; the lease is 10 s
+    assert w.stop() == 0
+
+
 def test_warm_shutdown_returns_untaken_work(client, workers, redis_server) -> None:
     """SIGTERM mid-load: the worker finishes its batch and exits 0; every task is either answered
     or back in the queue, nothing is left in flight."""
