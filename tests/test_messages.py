@@ -85,6 +85,10 @@ def test_pickle_body_is_refused_and_never_unpickled(sender, redis_server, tmp_pa
         b'{"headers": {}}',
         b"[1, 2]",
         b'{"headers": {"id": 7}}',
+        # UTF-16: its quote bytes are not where a UTF-8 scan looks (adversary): refused unparsed.
+        ('{"body": "\u2241", "x": [' + "{}," * 20_000 + '{}], "headers": {"id": "t-1"}}').encode(
+            "utf-16-le"
+        ),
         # Never parsed, and its id is more than 4 kB from either end:
         b'{"a": ['
         + b"[]," * 6000

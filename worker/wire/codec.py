@@ -24,15 +24,24 @@ def json_loads(text: bytes | str) -> Any:
 
     Whatever orjson refuses (NaN, lone surrogates, nesting deeper than 1024) goes to the standard
     library, which decides and words the error, so a hostile message fails the way it always did.
+    Bytes are UTF-8 or refused.
 
     >>> json_loads(b'{"a": [1, 2.5]}'), json_loads("[NaN]")
     ({'a': [1, 2.5]}, [nan])
+    >>> json_loads('[1]'.encode("utf-16"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte
     """
     if orjson is not None:
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
             pass
+    if isinstance(text, bytes):
+        # UTF-8 only, as orjson: the standard library would also read UTF-16 and UTF-32, whose
+        # quote bytes the bound on a message's JSON containers does not see.
+        text = text.decode("utf-8")
     return json.loads(text)
 
 
