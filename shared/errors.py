@@ -53,6 +53,7 @@ TASK_REASONS: dict[str, str] = {
         "died or hung on it): a poison pill, kept in the dead letters"
     ),
     "internal_error": "a bug in the worker refused the task; it is kept in the dead letters",
+    "unsupported": "a Celery option or message format imgq does not honour (the detail names it)",
 }
 
 

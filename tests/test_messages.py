@@ -78,6 +78,19 @@ def test_pickle_body_is_refused_and_never_unpickled(sender, redis_server, tmp_pa
     assert not trap.exists()
 
 
+def test_a_protocol_1_message_is_answered_unsupported(redis_server) -> None:
+    """Celery's message protocol 1 (``task_protocol=1``) has no task id in its headers: the
+    correlation id kombu copies it to names the task, which fails with the fix, instead of a
+    dead letter and a client that waits forever."""
+    old = Celery("old", broker=redis_server.url, backend=redis_server.url)
+    old.conf.update(task_serializer="json", task_protocol=1)
+    result = old.send_task(TASK_NAME, kwargs={"image": "aGk="}, queue="imgq")
+    req = parse_message(_captured(redis_server), "imgq")
+    assert req.task_id == result.id
+    assert req.error is not None and req.error.reason == "unsupported"
+    assert "protocol 1" in str(req.error) and "task_protocol=1" in str(req.error)
+
+
 @pytest.mark.parametrize(
     "raw",
     [

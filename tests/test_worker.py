@@ -183,6 +183,18 @@ def test_inspect_stats_says_what_the_worker_serves(client, workers) -> None:
     assert w.stop() == 0
 
 
+def test_a_protocol_1_client_gets_a_failure_not_a_hang(client, workers, redis_server) -> None:
+    """A stock Celery client with ``task_protocol=1``: ``.get()`` raises at once with the
+    reason, and nothing is left in the dead letters."""
+    old = Celery("old", broker=redis_server.url, backend=redis_server.url)
+    old.conf.update(task_serializer="json", task_protocol=1)
+    workers("w1").wait_ready(client)
+    result = old.send_task(TASK_NAME, kwargs={"image": _b64(_image(0))}, queue="imgq")
+    with pytest.raises(Exception, match=r"unsupported: Celery message protocol 1"):
+        result.get(timeout=30)
+    assert redis.Redis.from_url(redis_server.url).exists("imgq:dlq:imgq") == 0
+
+
 def test_warm_shutdown_returns_untaken_work(client, workers, redis_server) -> None:
     """SIGTERM mid-load: the worker finishes its batch and exits 0; every task is either answered
     or back in the queue, nothing is left in flight."""

@@ -44,6 +44,11 @@ MAX_TASK_ID_CHARS = 512
 #: hundred bytes of memory per character once parsed, so it is refused before parsing.
 MAX_JSON_CONTAINERS = 10_000
 #: A task id in kombu's headers, found without parsing (in an oversized or over-complex message).
+_PROTOCOL_1 = InvalidTask(
+    "unsupported",
+    "Celery message protocol 1 (the task id in the body, none in the headers); imgq reads "
+    "protocol 2, Celery's default since 4.0: remove task_protocol=1 from the client's settings",
+)
 #: Strings looked at for the one that holds most of a message (kombu: the 2nd; a body: the 2nd).
 _STRINGS_LOOKED_AT = 4
 _ID_IN_HEADERS = re.compile(rb'[{,]\s*"id"\s*:\s*"([^"\\]{1,512})"')
@@ -114,14 +119,21 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         if not isinstance(envelope, dict) or not isinstance(envelope.get("headers"), dict):
             raise TypeError("the message is not a JSON object with a `headers` object")
         headers = envelope["headers"]
+        properties = envelope.get("properties")
+        if not isinstance(properties, dict):
+            properties = {}
+        if "id" not in headers and "task" not in headers and "correlation_id" in properties:
+            # Celery's message protocol 1 keeps the task id in the body; kombu copies it to
+            # the correlation id, which is enough to answer the client.
+            return TaskRequest(
+                parse_task_id(properties["correlation_id"]), "", {}, None, None, None, queue,
+                raw_bytes, _PROTOCOL_1,
+            )  # fmt: skip
         task_id = parse_task_id(headers.get("id"))
     except (ValueError, TypeError, KeyError, RecursionError) as exc:  # issue 7: deep nesting
         raise InvalidTask(
             "malformed_message", f"no readable Celery envelope: {exc!r:.300}"
         ) from None
-    properties = envelope.get("properties")
-    if not isinstance(properties, dict):
-        properties = {}
     delivery_tag = properties.get("delivery_tag")
     if not isinstance(delivery_tag, str):
         delivery_tag = None
