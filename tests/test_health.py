@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from imgq.launcher import WorkerProcess, worker_env
 from imgq.localredis import LocalRedis, free_port
@@ -94,10 +95,34 @@ def test_passes_with_a_real_worker(
             ["redis", "ok"],
             ["worker", "ok"],
             ["model", "ok"],
+            ["routing", "ok"],
         ]
         assert manifest.name in lines[2] and manifest.model_sha256[:12] in lines[2]
         assert "CPUExecutionProvider" in lines[2]
     assert local_worker.running()
+
+
+def test_warns_of_imgq_tasks_in_celerys_default_queue(
+    redis_server: LocalRedis, bundle: Path, local_worker: WorkerProcess
+) -> None:
+    """A plain Celery client that sent without queue="imgq" left its task in `celery`, where it
+    stays PENDING: health says so and how to fix it, and still passes (the workers are fine), and
+    the worker said it in its log at start."""
+    client = Celery("service", broker=redis_server.url, backend=redis_server.url)
+    client.conf.task_serializer = "json"
+    for _ in range(3):
+        client.send_task("imgq.classify", kwargs={"image": "aGk="})  # no queue: `celery`
+    status, lines = _health(redis_server.url, "--timeout", "10")
+    assert status == 0, lines
+    (routing,) = [line for line in lines if line.startswith("routing")]
+    assert routing.split()[1] == "WARN"
+    assert "3 messages wait in queue 'celery'" in routing and "queue='imgq'" in routing
+    assert "task_routes=" in routing
+    late = _start_worker(redis_server.url, bundle, "late@%h")  # a worker starting now logs it
+    try:
+        assert "messages wait in queue 'celery'" in late.log.read_text()
+    finally:
+        late.stop()
 
 
 @pytest.mark.integration

@@ -46,6 +46,7 @@ from imgq.worker.handler import HandlerContext, load_handler
 from imgq.worker.health import imgq_status  # noqa: F401 (registers the control command)
 from imgq.worker.intake import Intake
 from imgq.worker.metrics import process_metrics
+from imgq.worker.misrouting import advice, misrouted
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.events import TaskEvents
@@ -153,11 +154,25 @@ class BulkService:
         )
         for t in self._threads:
             t.start()
+        self._warn_misrouted()
         logger.info(
             "serving",
             extra={"queue": self.settings.queue, "worker_id": self.worker_id,
                    "concurrency": self.settings.concurrency, "max_batch": self.settings.max_batch},
         )  # fmt: skip
+
+    def _warn_misrouted(self) -> None:
+        """Log imgq tasks waiting in Celery's default queue, which this worker does not serve."""
+        try:
+            found = misrouted(self.intake.redis, sorted(self.handlers), self.settings.queue)
+        except redis.RedisError as exc:
+            logger.debug("could not look for misrouted tasks: %s", exc)
+            return
+        for queue, count in found.items():
+            logger.warning(
+                advice(queue, count, self.settings.queue, "/".join(sorted(self.handlers))),
+                extra={"event": "misrouted_tasks", "queue": queue, "count": count},
+            )
 
     def stop(self) -> None:
         """Warm shutdown: runners finish the batch in hand, unacked messages go back to the queue.

@@ -162,4 +162,26 @@ def main(args: argparse.Namespace) -> int:
     report(
         "model", True, f"{node} serves {status.get('model')} ({sha}) on {status.get('provider')}"
     )
+    _report_routing(settings)
     return 0
+
+
+def _report_routing(settings: Any) -> None:
+    """A warning line (the exit status stays 0: a client's mistake is not the worker's health)
+    for imgq tasks waiting in Celery's default queue."""
+    from imgq.worker.handler import HANDLERS
+    from imgq.worker.misrouting import advice, misrouted
+
+    names = sorted(HANDLERS[h].task_name for h in settings.handlers if h in HANDLERS)
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        found = misrouted(client, names, settings.queue)
+    except redis.RedisError as exc:
+        print(f"{'routing':<7} ?     could not look: {exc}", flush=True)
+        return
+    finally:
+        client.close()
+    for queue, count in found.items():
+        print(f"{'routing':<7} WARN  {advice(queue, count, settings.queue, '/'.join(names))}")
+    if not found:
+        print(f"{'routing':<7} ok    no imgq task waits in Celery's default queue", flush=True)
