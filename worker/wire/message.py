@@ -74,6 +74,9 @@ class TaskRequest:
         raw: The message exactly as it was in Redis (for redelivery and dead letters).
         error: Why the task must not run (refused content type, unusable body, a header no time
             can be made of), or None; such a task ends in FAILURE without being executed.
+        eta: Celery's ``eta`` (``countdown``/``eta``) as epoch seconds, or None. imgq serves
+            tasks as they come; one whose time is still ahead when it is taken fails as
+            ``unsupported`` rather than run early.
     """
 
     task_id: str
@@ -85,6 +88,7 @@ class TaskRequest:
     queue: str
     raw: bytes
     error: InvalidTask | None = None
+    eta: float | None = None
 
 
 def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
@@ -143,6 +147,7 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
     try:
         expires = _epoch_s(headers.get("expires"))
         sent_at = _epoch_s(headers.get(SENT_AT_HEADER))
+        eta = _epoch_s(headers.get("eta"))
         if headers.get("compression") is not None:
             raise InvalidTask(
                 "content_refused",
@@ -152,7 +157,7 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         kwargs = _body_kwargs(envelope, properties)
         error = None
     except InvalidTask as exc:
-        kwargs, expires, sent_at, error = {}, None, None, exc
+        kwargs, expires, sent_at, eta, error = {}, None, None, None, exc
     return TaskRequest(
         task_id=task_id,
         task_name=task_name,
@@ -163,6 +168,7 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         queue=queue,
         raw=raw_bytes,
         error=error,
+        eta=eta,
     )
 
 
