@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,14 +65,28 @@ def test_a_plain_install_has_one_namespace(tmp_path: Path) -> None:
     """`pip install .` (a wheel, not editable) installs the package imgq and nothing top-level
     named worker, shared or trainer: a service with its own `worker` module can use imgq's
     client (issue 16). Installed into a folder of its own, which comes first on the path."""
-    target = tmp_path / "site"
+    target, src = tmp_path / "site", tmp_path / "src"
+    # From a copy without build/: pip builds in the tree, and a stale build/lib would fill in
+    # whatever the package list forgets.
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "demo-output"))  # fmt: skip
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-         str(ROOT)],
+         str(src)],
         check=True, capture_output=True,
     )  # fmt: skip
     packages = {p.name for p in target.iterdir()} - {"bin"}  # bin: the `imgq` command
     assert {p for p in packages if not p.endswith(".dist-info")} == {"imgq"}
+    # Every module of the source folders is in the wheel, subpackages included (imports below
+    # cannot tell: the test's own interpreter has the editable install on its path too).
+    source = {
+        f"imgq/{sub}{p.relative_to(ROOT / folder)}"
+        for folder, sub in (("imgq", ""), ("worker", "worker/"), ("shared", "shared/"),
+                            ("trainer", "trainer/"))
+        for p in (ROOT / folder).rglob("*.py")
+    }  # fmt: skip
+    installed = {str(p.relative_to(target)) for p in (target / "imgq").rglob("*.py")}
+    assert source - installed == set()
     env = dict(os.environ, PYTHONPATH=str(target))
     where = subprocess.run(
         [sys.executable, "-c", "import imgq.worker.settings as s; print(s.__file__)"],
