@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from imgq.shared.errors import InvalidImage
 from imgq.worker.classify_cli import classify_main
 from imgq.worker.client import ImgqClient
 from imgq.worker.wire import SENT_AT_HEADER, TASK_NAME
+from tests.blocked_imports import run_without
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
 
 #: Generous bound on how long publishing may take to fail while Redis is down (the client's
@@ -62,24 +61,16 @@ def test_client_imports_with_only_celery_and_redis() -> None:
     and without its optional accelerators (pybase64, orjson)."""
     blocked = ["numpy", "cv2", "onnxruntime", "tensorflow", "keras", "PIL", "scipy", "shared",
                "pybase64", "orjson"]  # fmt: skip
-    code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {blocked!r}:
-            raise ImportError(f"{{name}} is blocked in this test")
-sys.meta_path.insert(0, Block())
+    (message,) = run_without(
+        blocked,
+        """
 from imgq.worker.client import ImgqClient
 from imgq.worker.wire.envelope import MessageTemplate
 client = ImgqClient("redis://127.0.0.1:1/0")
 _, message = MessageTemplate(client.app, "imgq.classify", "imgq", 1, None).fill(b"abc")
-print(sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
 print(message.decode())
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    modules, message = out.stdout.splitlines()
-    assert modules == "[]"
+""",
+    )
     body = json.loads(base64.b64decode(json.loads(message)["body"]))
     assert base64.b64decode(body[1]["image"]) == b"abc"
 

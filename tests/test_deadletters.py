@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ from imgq.worker.deadletters import (
     UnknownDeadLetter,
     dead_letter_keys,
 )
+from tests.blocked_imports import run_without
 
 pytestmark = pytest.mark.integration
 
@@ -249,8 +248,7 @@ def test_to_dict_escapes_the_head(client: redis.Redis) -> None:
 
 def test_imports_without_numpy() -> None:
     """`imgq dlq` stays light: no numpy, no OpenCV."""
-    code = "import sys; sys.modules['numpy'] = sys.modules['cv2'] = None; import worker.dlq_cli"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    run_without(["numpy", "cv2"], "import imgq.worker.dlq_cli")
 
 
 # ------------------------------------------------------------------------------- imgq dlq

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 from imgq.launcher import WorkerFleet, WorkerProcess, WorkerStartError, worker_env
 from imgq.localredis import LocalRedis
 from imgq.worker.client import ImgqClient
+from tests.blocked_imports import run_without
 
 pytestmark = pytest.mark.integration
 
@@ -39,20 +38,9 @@ def _worker(url: str, bundle: Path, log_dir: Path, name: str, **env: str) -> Wor
 
 def test_launcher_imports_with_only_celery_and_redis() -> None:
     """imgq.launcher imports with numpy, OpenCV, onnxruntime and TensorFlow unavailable."""
-    blocked = ["numpy", "cv2", "onnxruntime", "tensorflow", "PIL", "scipy"]
-    code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {blocked!r}:
-            raise ImportError(f"{{name}} is blocked in this test")
-sys.meta_path.insert(0, Block())
-import imgq.launcher
-print(sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    run_without(
+        ["numpy", "cv2", "onnxruntime", "tensorflow", "PIL", "scipy"], "import imgq.launcher"
+    )
 
 
 def test_worker_env_drops_stray_imgq_variables(monkeypatch: pytest.MonkeyPatch) -> None:

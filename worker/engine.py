@@ -54,7 +54,7 @@ from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.settle import DeadMessage, Settler, WindowCounts, once_token
 from imgq.worker.wire.events import TaskEvents
-from imgq.worker.wire.message import TaskRequest, find_task_id, parse_message
+from imgq.worker.wire.message import TaskRequest, find_task_id, not_due, parse_message
 from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
 
 __all__ = ["BatchEngine", "BatchOutcome", "ResultBackend"]
@@ -67,19 +67,6 @@ _NO_LEASE_WAIT_S = 0.2
 # outage, not stalled, and its lease must not lapse for it.
 _MAX_BACKOFF_S = 5.0
 _LOG_EVERY_S = 10.0  # an outage or a bug that repeats every batch is logged this often
-#: A task's ``eta`` this close ahead is served (clocks of client and worker differ a little).
-_ETA_SLACK_S = 1.0
-
-
-def _eta_ahead(ahead_s: float) -> InvalidTask:
-    """Why a task with a ``countdown``/``eta`` still ahead is not run: imgq keeps no task
-    aside for later (Celery's worker holds such a task in its memory, unacknowledged, until its
-    time), so it answers at once rather than run it early or lose it."""
-    return InvalidTask(
-        "unsupported",
-        f"countdown/eta {ahead_s:.0f} s ahead: imgq serves tasks as they arrive and keeps none "
-        "for later; send the task when it is due (or schedule it with celery beat)",
-    )
 
 
 class ResultBackend(Protocol):
@@ -309,8 +296,8 @@ class BatchEngine:
                 decided[i] = Failure(req.error)
             elif req.expires is not None and req.expires < out.picked_at:
                 decided[i] = _EXPIRED
-            elif req.eta is not None and req.eta > out.picked_at + _ETA_SLACK_S:
-                decided[i] = Failure(_eta_ahead(req.eta - out.picked_at))
+            elif (early := not_due(req, out.picked_at)) is not None:
+                decided[i] = Failure(early)
             elif req.task_name not in self.handlers:
                 decided[i] = Failure(self._no_handler(req.task_name))
             else:

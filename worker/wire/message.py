@@ -44,6 +44,8 @@ MAX_TASK_ID_CHARS = 512
 #: hundred bytes of memory per character once parsed, so it is refused before parsing.
 MAX_JSON_CONTAINERS = 10_000
 #: A task id in kombu's headers, found without parsing (in an oversized or over-complex message).
+#: A task's ``eta`` this close ahead is served (the clocks of client and worker differ a little).
+ETA_SLACK_S = 1.0
 _PROTOCOL_1 = InvalidTask(
     "unsupported",
     "Celery message protocol 1 (the task id in the body, none in the headers); imgq reads "
@@ -193,6 +195,25 @@ def parse_task_id(value: Any) -> str:
     except UnicodeEncodeError:
         raise ValueError("the task id is not valid Unicode (a lone surrogate?)") from None
     return value
+
+
+def not_due(req: TaskRequest, now: float) -> InvalidTask | None:
+    """Why a task whose ``countdown``/``eta`` is more than :data:`ETA_SLACK_S` ahead of ``now``
+    is not run, or None when it is due. imgq keeps no task aside for later (Celery's worker
+    holds such a task in its memory, unacknowledged, until its time), so it answers at once
+    rather than run it early or lose it.
+
+    >>> not_due(TaskRequest("t", "", {}, None, None, None, "q", b"", eta=100.5), now=100.0)
+    >>> print(not_due(TaskRequest("t", "", {}, None, None, None, "q", b"", eta=160.0), now=100.0))
+    unsupported: countdown/eta 60 s ahead: imgq serves tasks as they arrive and keeps none ...
+    """
+    if req.eta is None or req.eta <= now + ETA_SLACK_S:
+        return None
+    return InvalidTask(
+        "unsupported",
+        f"countdown/eta {req.eta - now:.0f} s ahead: imgq serves tasks as they arrive and keeps "
+        "none for later; send the task when it is due (or schedule it with celery beat)",
+    )
 
 
 def find_task_id(fragment: bytes) -> str | None:
