@@ -111,6 +111,7 @@ class BulkService:
                 app.backend.task_keyprefix.decode()
                 if settings.result_backend == settings.broker_url else ""
             ),
+            lists=settings.queue_lists.names(settings.queue),
         )  # fmt: skip
         events = None
         if settings.task_events:
@@ -164,7 +165,12 @@ class BulkService:
     def _warn_misrouted(self) -> None:
         """Log imgq tasks waiting in Celery's default queue, which this worker does not serve."""
         try:
-            found = misrouted(self.intake.redis, sorted(self.handlers), self.settings.queue)
+            found = misrouted(
+                self.intake.redis,
+                sorted(self.handlers),
+                self.settings.queue,
+                lists=self.settings.queue_lists,
+            )
         except redis.RedisError as exc:
             logger.debug("could not look for misrouted tasks: %s", exc)
             return

@@ -175,7 +175,7 @@ def _report_routing(settings: Any) -> None:
     names = sorted(HANDLERS[h].task_name for h in settings.handlers if h in HANDLERS)
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
     try:
-        found = misrouted(client, names, settings.queue)
+        found = misrouted(client, names, settings.queue, lists=settings.queue_lists)
     except redis.RedisError as exc:
         print(f"{'routing':<7} ?     could not look: {exc}", flush=True)
         return

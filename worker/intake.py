@@ -1,19 +1,20 @@
 """The Redis side of at-least-once delivery: take messages in bulk, hold them until acked, give a
 dead worker's messages back, and quarantine messages that keep killing workers.
 
-Celery clients ``LPUSH`` messages onto the list named after the queue; consumers pop from the
-right. Each batch of each runner has its own in-flight list (a *lane*,
-``imgq:inflight:<worker_id>:<runner>:b<seq>``, registered in the hash :data:`LANES_KEY`), and a
-take is one transaction of ``LMOVE queue lane RIGHT LEFT`` commands: a message is never outside
-Redis, and Redis moves it without copying it. The batch's results and its ack (``DEL`` of the
-lane, unregistering it) are one script (``worker/settle.py``); ``seq`` then moves on, so the
-next batch takes into a new lane.
+Celery clients ``LPUSH`` messages onto the list named after the queue (one list per priority level,
+``worker/priority.py``); consumers pop from the right. Each batch of each runner has its own
+in-flight list (a *lane*, ``imgq:inflight:<worker_id>:<runner>:b<seq>``, registered in the hash
+:data:`LANES_KEY`), and a take is one transaction of ``LMOVE queue lane RIGHT LEFT`` commands: a
+message is never outside Redis, and Redis moves it without copying it. The batch's results and its
+ack (``DEL`` of the lane, unregistering it) are one script (``worker/settle.py``); ``seq`` then
+moves on, so the next batch takes into a new lane.
 
 Why a lane per batch: the ack deletes exactly the messages this batch took. If Redis comes back
 with older data (an append-only file a second behind, a failover to a lagging replica), it may
 hold lanes of batches this worker has long acked; they carry a smaller ``seq`` than the
 runner's, so :meth:`Intake.restore_dead` gives them back to the queue instead of anything
-deleting them.
+deleting them. Whatever is given back goes to the consuming end of the queue's first list, so it
+is served next whatever its priority was: it had been taken already.
 
 Bounded reads: takes go through a client whose replies may not exceed one message at the size
 limit (``worker/capped.py``), and the number of messages asked for shrinks to what fits after
@@ -42,6 +43,7 @@ have expired (it knows when it last renewed it).
 Keys::
 
     <queue>                                  list of messages (Celery/kombu's own key)
+    <queue>\x06\x16<step>                     the same at priority steps 3, 6, 9 (kombu's)
     imgq:lanes                               hash lane key -> queue: lanes that may hold messages
     imgq:lease:<worker_id>                   lease, expires after lease_ttl_s
     imgq:inflight:<worker_id>:<runner>:b<seq>  one batch's messages, newest left
@@ -54,11 +56,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import redis
 
 from imgq.worker import intake_lua as lua
 from imgq.worker.capped import ReplyTooLarge, capped_client
+from imgq.worker.priority import plan_take
 
 __all__ = [
     "DELIVERIES_TTL_S",
@@ -152,7 +156,7 @@ class Intake:
 
     Args:
         redis_client: Client of the broker's Redis.
-        queue: Queue name (the Redis list).
+        queue: Queue name: the Redis list served first, where given-back messages go.
         worker_id: Unique per process start, e.g. ``"imgq1@host:4242:9f3c"``.
         lease_ttl_s: Lease lifetime in seconds.
         runners: How many batch runners (threads) this worker has.
@@ -163,6 +167,8 @@ class Intake:
             for the messages the take itself dead-letters.
         result_key_prefix: Celery's result key prefix when results live in this Redis (a
             message whose result exists is not counted when given back), else "".
+        lists: Every list of the queue, highest priority first (``worker/priority.py``);
+            ``queue`` is served first whether or not it is among them.
     """
 
     def __init__(
@@ -177,9 +183,11 @@ class Intake:
         max_deliveries: int = 3,
         dead_letters: tuple[int, int, int] = (7 * 86400, 10_000, 64 << 20),
         result_key_prefix: str = "celery-task-meta-",
+        lists: Sequence[str] = (),
     ) -> None:
         self.redis = redis_client
         self.queue = queue
+        self.lists = [queue, *(name for name in lists if name != queue)]
         self.poison = poison_key(queue)
         self.suspect = suspect_key(queue)
         self.result_key_prefix = result_key_prefix
@@ -219,13 +227,12 @@ class Intake:
             raise LeaseLost(f"worker {self.worker_id} has no lease ({self.lease_key})")
 
     def queued(self) -> bool:
-        """True when the queue, its suspects or its poison list hold a message; reads only (a
-        wait that wrote, like ``BLMOVE``, is refused by a Redis at ``maxmemory`` or a read-only
-        replica)."""
+        """True when the queue (any priority), its suspects or its poison list hold a message;
+        reads only (a wait that wrote, like ``BLMOVE``, is refused by a Redis at ``maxmemory``
+        or a read-only replica)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.llen(self.queue)
-        pipe.llen(self.suspect)
-        pipe.llen(self.poison)
+        for name in (*self.lists, self.suspect, self.poison):
+            pipe.llen(name)
         return any(pipe.execute())
 
     def restore_dead(self) -> tuple[int, int]:
@@ -279,7 +286,8 @@ class Lane:
         self._recent_max_bytes = 0  # largest message of the last takes, to size the next one
 
     def take(self, max_n: int) -> Taken:
-        """Move up to ``max_n`` messages, oldest first, from the queue (and one from the poison
+        """Move up to ``max_n`` messages, oldest first, from the queue's lists (shared between
+        priority levels by :func:`~imgq.worker.priority.plan_take`; and one from the poison
         list) into this lane, atomically, reading at most one size-limit's worth of bytes; or,
         when there is a suspect, that suspect alone (the queue's messages go straight back).
 
@@ -299,23 +307,25 @@ class Lane:
         intake = self.intake
         budget = intake.max_message_bytes
         max_n = max(1, min(max_n, budget // max(1, self._recent_max_bytes)))
-        if self._short:
-            # The last take emptied the queue: ask how much is there rather than send max_n
-            # LMOVEs, most of them for nothing (each costs client CPU).
+        plan = [max_n]
+        if self._short or len(intake.lists) > 1:
+            # Ask how much each level holds: the plan shares the batch between priority levels
+            # (worker/priority.py), and after a short take it spares max_n LMOVEs for nothing.
             pipe = intake.redis.pipeline(transaction=False)
-            pipe.llen(intake.queue)
-            pipe.llen(intake.suspect)
-            pipe.llen(intake.poison)
-            queued, suspects, poisoned = pipe.execute()
-            if not queued and not suspects and not poisoned:
+            for name in (*intake.lists, intake.suspect, intake.poison):
+                pipe.llen(name)
+            *lengths, suspects, poisoned = pipe.execute()
+            if not any(lengths) and not suspects and not poisoned:
                 return Taken()
-            max_n = min(max_n, int(queued))
+            plan = plan_take(lengths, max_n)
+            max_n = sum(plan)
         pipe = intake.take_redis.pipeline(transaction=True)
         pipe.hset(LANES_KEY, self.key, intake.queue)  # registered before it can hold anything
         pipe.lmove(intake.poison, self.key, "RIGHT", "LEFT")
         pipe.lmove(intake.suspect, self.key, "RIGHT", "LEFT")
-        for _ in range(max_n):
-            pipe.lmove(intake.queue, self.key, "RIGHT", "LEFT")
+        for name, count in zip(intake.lists, plan, strict=False):
+            for _ in range(count):
+                pipe.lmove(name, self.key, "RIGHT", "LEFT")
         try:
             replies = pipe.execute()
         except ReplyTooLarge:

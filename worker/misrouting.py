@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import redis
 
+from imgq.worker.priority import QueueLists
+
 __all__ = ["CELERY_DEFAULT_QUEUE", "advice", "misrouted"]
 
 #: Where a plain Celery app sends a task it has no route for.
@@ -42,15 +44,20 @@ return out
 """
 
 
+_KOMBU_LISTS = QueueLists()
+
+
 def misrouted(
     client: redis.Redis,
     task_names: Sequence[str],
     serving: str,
     queues: Sequence[str] = (CELERY_DEFAULT_QUEUE,),
+    lists: QueueLists = _KOMBU_LISTS,
 ) -> dict[str, int]:
-    """Queues other than ``serving`` whose oldest or newest message is one of ``task_names``,
-    with their lengths; empty when there is none."""
-    candidates = [q for q in queues if q != serving]
+    """Lists of queues other than ``serving`` (each priority level's, named as ``lists`` says)
+    whose oldest or newest message is one of ``task_names``, with their lengths; empty when
+    there is none."""
+    candidates = [name for q in queues if q != serving for name in lists.names(q)]
     if not candidates or not task_names:
         return {}
     counts = client.eval(_SCAN, len(candidates), *candidates, *task_names)

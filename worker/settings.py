@@ -11,12 +11,15 @@ installed can use :meth:`WorkerSettings.from_env` for the broker URL and queue.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgq.worker.logs import LOG_FORMATS, mask_url
+from imgq.worker.priority import QueueLists
 
 if TYPE_CHECKING:
     from imgq.shared.decode import DecodeLimits
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["DEVICES", "ENV_VARS", "WorkerSettings", "parse_infer_batch"]
 
 DEVICES = ("auto", "cpu", "cuda")
+_SECRET = re.compile("password|secret|token|credential", re.IGNORECASE)
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -63,6 +67,16 @@ def _parse_names(raw: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
+def _parse_json_object(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ValueError("is not JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("is not a JSON object")
+    return value
+
+
 def _parse_float(raw: str) -> float:
     try:
         return float(raw)
@@ -91,6 +105,9 @@ _VARS: tuple[_Var, ...] = (
     _Var("IMGQ_MODEL", "model_dir", Path, "(required by `imgq worker`)",
          "model bundle folder written by `imgq train`"),
     _Var("IMGQ_QUEUE", "queue", str, "imgq", "queue the worker serves"),
+    _Var("IMGQ_BROKER_TRANSPORT_OPTIONS", "broker_transport_options", _parse_json_object, "{}",
+         "the clients' Celery broker_transport_options as JSON; priority_steps, sep and "
+         "global_keyprefix name the queue's Redis lists, as kombu does"),
     _Var("IMGQ_HANDLERS", "handlers", _parse_names, "classify",
          "comma-separated handlers the worker serves: classify (imgq.classify, needs a model), "
          "null (imgq.null, answers at once: for measuring the engine)"),
@@ -165,7 +182,9 @@ class WorkerSettings:
         broker_url: Redis URL of the task queue.
         result_backend: Redis URL of the results; defaults to ``broker_url``.
         model_dir: The model bundle folder; ``None`` only for processes that do not serve.
-        queue: The queue name (a Redis list of that name).
+        queue: The queue name (a Redis list of that name, and one per priority level).
+        broker_transport_options: Celery's ``broker_transport_options`` of the clients: the
+            worker's Celery app uses them, and :attr:`queue_lists` reads the list names.
         handlers: The handlers served (``worker/handler.py``'s ``HANDLERS``).
         concurrency: Batch runner threads per process.
         max_batch: Most tasks taken, served and stored together.
@@ -198,6 +217,7 @@ class WorkerSettings:
     result_backend: str = ""
     model_dir: Path | None = None
     queue: str = "imgq"
+    broker_transport_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     handlers: tuple[str, ...] = ("classify",)
     concurrency: int = 1
     max_batch: int = 32
@@ -270,9 +290,15 @@ class WorkerSettings:
             isinstance(self.queue, str) and self.queue and not any(c.isspace() for c in self.queue)
         )
         model_ok = self.model_dir is None or self.model_dir.is_dir()
+        try:
+            lists_problem = None
+            self.queue_lists  # noqa: B018 (validates the options)
+        except (ValueError, AttributeError) as exc:
+            lists_problem = f"{name('broker_transport_options')}: {exc}"
         return [
             url("broker_url"),
             url("result_backend"),
+            lists_problem,
             None if model_ok else f"{name('model_dir')} {self.model_dir} is not a folder",
             None
             if queue_ok
@@ -355,6 +381,11 @@ class WorkerSettings:
         return cls(**values)
 
     @property
+    def queue_lists(self) -> QueueLists:
+        """How the queue's Redis lists are named (priority levels, key prefix)."""
+        return QueueLists.from_transport_options(self.broker_transport_options)
+
+    @property
     def max_message_bytes(self) -> int:
         """The largest message that can carry a valid task: the image's base64 inside a JSON
         body that kombu base64-encodes again (x 16/9), plus 256 KiB of headers. A worker never
@@ -376,6 +407,8 @@ class WorkerSettings:
             value = getattr(self, field.name)
             if field.name in ("broker_url", "result_backend"):
                 value = mask_url(value)
+            elif field.name == "broker_transport_options":
+                value = {k: "***" if _SECRET.search(k) else v for k, v in value.items()}
             elif field.name == "decode_limits":
                 value = dataclasses.asdict(value)
             elif isinstance(value, Path):
