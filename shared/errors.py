@@ -54,6 +54,7 @@ TASK_REASONS: dict[str, str] = {
     ),
     "internal_error": "a bug in the worker refused the task; it is kept in the dead letters",
     "unsupported": "a Celery option or message format imgq does not honour (the detail names it)",
+    "unknown_task": "the task name is not one this queue's workers serve",
 }
 
 

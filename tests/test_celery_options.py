@@ -6,16 +6,17 @@ from __future__ import annotations
 import base64
 import datetime
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
+from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 
 from imgq.worker.wire import TASK_NAME
 from tests.tinymodel import COLOURS, colour_image, encode_png
-from tests.workerproc import Workers
 
 pytestmark = pytest.mark.integration
 
@@ -25,15 +26,11 @@ def client(redis_server) -> Celery:
     """A plain Celery app of another service, routed to imgq's queue as docs/tasks.md says."""
     app = Celery("service", broker=redis_server.url, backend=redis_server.url)
     app.conf.task_serializer = "json"
-    app.conf.task_routes = {TASK_NAME: {"queue": "imgq"}}
+    app.conf.task_routes = {"imgq.*": {"queue": "imgq"}}
     return app
 
 
-@pytest.fixture
-def workers(redis_server, bundle_dir, tmp_path) -> Iterator[Any]:
-    fleet = Workers(bundle_dir, redis_server.url, tmp_path)
-    yield fleet.start
-    fleet.kill_all()
+NULL = "imgq.null"
 
 
 def _kwargs(i: int) -> dict[str, Any]:
@@ -55,7 +52,7 @@ def test_priority_lists_are_served_higher_first_without_starving(client, workers
     mid = [client.send_task(TASK_NAME, kwargs=_kwargs(i), priority=5) for i in range(4)]
     high = [client.send_task(TASK_NAME, kwargs=_kwargs(i), priority=0) for i in range(8)]
     assert r.llen("imgq\x06\x169") == 40 and r.llen("imgq\x06\x163") == 4 and r.llen("imgq") == 8
-    worker = workers("w1", IMGQ_MAX_BATCH="4")
+    worker = workers.start("w1", IMGQ_MAX_BATCH="4")
     for res in high + mid + low:
         res.get(timeout=60)
     high_done = max(_done_at(r, res.id) for res in high)
@@ -77,5 +74,131 @@ def test_priority_steps_come_from_the_clients_transport_options(redis_server, wo
     r = redis.Redis.from_url(redis_server.url)
     res = app.send_task(TASK_NAME, kwargs=_kwargs(1), priority=7)
     assert r.llen("imgq\x06\x165") == 1
-    workers("w1", IMGQ_BROKER_TRANSPORT_OPTIONS=json.dumps(options))
+    workers.start("w1", IMGQ_BROKER_TRANSPORT_OPTIONS=json.dumps(options))
     assert res.get(timeout=30)["label"] == "b"
+
+
+def _until(what: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    """``what()`` once it is truthy (state polled, not a guess of how long it takes)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {timeout_s} s: {what}")
+
+
+def _ask(command: Callable[..., Any], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """A remote-control command, once the (single) worker has answered it: replies are waited
+    for, not assumed to come within Celery's default second."""
+    replies = command(*args, reply=True, timeout=30, limit=1, **kwargs)
+    assert replies, f"no worker answered {command.__name__}{args}"
+    return replies
+
+
+def _active_ids(client: Celery) -> set[str]:
+    replies = client.control.inspect(timeout=1.0).active() or {}
+    return {task["id"] for tasks in replies.values() for task in tasks}
+
+
+def test_inspect_revoke_and_terminate_as_celery_does(client, workers, redis_server) -> None:
+    """`inspect active` lists the batch in hand; `revoke(terminate=True)` of a task in it ends
+    it REVOKED without disturbing the rest; a plain revoke of a running task lets it finish; a
+    task revoked before it is taken is never computed."""
+    r = redis.Redis.from_url(redis_server.url)
+    held = client.send_task(NULL, kwargs={"hold_until": "test:go", "note": "x" * 100})
+    doomed, running = client.send_task(NULL), client.send_task(NULL)
+    worker = workers.start("w1", IMGQ_HANDLERS="null")
+    batch = {held.id, doomed.id, running.id}
+    _until(lambda: batch <= _active_ids(client))
+    info = next(t for t in client.control.inspect(timeout=30, limit=1).active()[worker.name]
+                if t["id"] == held.id)  # fmt: skip
+    assert info["name"] == NULL and info["kwargs"]["note"] == "<100 chars>"
+    assert info["hostname"] == worker.name and info["time_start"] > 0
+    assert client.control.inspect(timeout=30, limit=1).reserved() == {worker.name: []}
+    _ask(client.control.revoke, doomed.id, terminate=True)
+    _ask(client.control.revoke, running.id)
+    later = client.send_task(NULL)  # waits in the queue behind the batch in hand
+    _ask(client.control.revoke, later.id)
+    stamped = client.send_task(NULL, stamped_headers=["batch"], batch="b-17")
+    _ask(client.control.revoke_by_stamped_headers, {"batch": "b-17"})
+    after = client.send_task(NULL)
+    r.set("test:go", 1)
+    assert held.get(timeout=30) == {"ok": True} and running.get(timeout=30) == {"ok": True}
+    with pytest.raises(TaskRevokedError, match="terminated"):
+        doomed.get(timeout=30)
+    assert after.get(timeout=30) == {"ok": True}  # taken after `later` (same queue, in order)
+    for revoked in (later, stamped):
+        with pytest.raises(TaskRevokedError, match="revoked"):
+            revoked.get(timeout=30)
+    # Celery's `total` counts the tasks a worker started: the two revoked ones never were.
+    stats = client.control.inspect(timeout=30, limit=1).stats()[worker.name]
+    assert stats["total"] == {NULL: 4}
+    # Control commands with no meaning for the batch engine say so instead of "ok".
+    (reply,) = _ask(client.control.rate_limit, NULL, "1/s")
+    assert "do not rate-limit" in reply[worker.name]["error"]
+    assert worker.stop() == 0
+
+
+def test_ignore_result_stores_nothing_but_runs_once(client, workers, redis_server) -> None:
+    """`ignore_result=True`: computed, no result stored (only a short-lived marker that keeps
+    a redelivered task from being counted twice)."""
+    r = redis.Redis.from_url(redis_server.url)
+    ignored = client.send_task(TASK_NAME, kwargs=_kwargs(1), ignore_result=True)
+    kept = client.send_task(TASK_NAME, kwargs=_kwargs(2))
+    workers.start("w1")
+    assert kept.get(timeout=30)["label"] == "c"  # taken with or after `ignored`, in order
+    assert r.exists(f"celery-task-meta-{ignored.id}") == 0
+    assert 0 < r.ttl(f"imgq:done:{ignored.id}") <= 3600
+    assert r.exists(f"celery-task-meta-{kept.id}") == 1
+
+
+def test_a_time_limit_the_batch_overran_fails_the_task(client, workers, redis_server) -> None:
+    """`time_limit`/`soft_time_limit`: a task whose batch ran past its limit fails with
+    TimeLimitExceeded (Celery would have killed it); its batch-mates are answered."""
+    r = redis.Redis.from_url(redis_server.url)
+    limited = client.send_task(NULL, kwargs={"hold_until": "test:go"}, soft_time_limit=0.5)
+    roomy = client.send_task(NULL, time_limit=600)
+    workers.start("w1", IMGQ_HANDLERS="null")
+    _until(lambda: {limited.id, roomy.id} <= _active_ids(client))
+    time.sleep(1.0)  # the batch is now held past 0.5 s whatever the machine's speed
+    r.set("test:go", 1)
+    with pytest.raises(TimeLimitExceeded):
+        limited.get(timeout=30)
+    assert roomy.get(timeout=30) == {"ok": True}
+
+
+def test_what_imgq_does_not_honour_fails_at_once_with_the_reason(client, workers) -> None:
+    """Rows of the table that are refused: each `.get()` raises at once with its reason code,
+    instead of a PENDING that never ends."""
+    refused = {
+        "content_refused": client.send_task(TASK_NAME, kwargs=_kwargs(1), compression="gzip"),
+        "bad_argument": client.send_task(TASK_NAME, args=[_kwargs(1)["image"]]),
+        "unknown_task": client.send_task("someone.else", queue="imgq"),
+    }
+    served = client.send_task(TASK_NAME, kwargs=_kwargs(1))
+    workers.start("w1")
+    for reason, res in refused.items():
+        with pytest.raises(Exception, match=reason):
+            res.get(timeout=30)
+    assert served.get(timeout=30)["label"] == "b"
+
+
+def test_a_worker_started_after_a_revoke_honours_it(client, workers, redis_server) -> None:
+    """Revokes are kept in Redis: a worker that was not running when the broadcast went out
+    still does not compute the task (Celery's own workers learn it only from live peers)."""
+    first = workers.start("w1")
+    first.wait_ready(client)
+    _ask(client.control.revoke, "order-66")
+    assert first.stop() == 0
+    doomed = client.send_task(TASK_NAME, kwargs=_kwargs(1), task_id="order-66")
+    after = client.send_task(TASK_NAME, kwargs=_kwargs(2))
+    second = workers.start("w2")
+    assert after.get(timeout=30)["label"] == "c"
+    with pytest.raises(TaskRevokedError):
+        doomed.get(timeout=30)
+    second.wait_ready(client)  # its remote control starts after its batch engine
+    assert client.control.inspect(timeout=30, limit=1).stats()[second.name]["total"] == {
+        TASK_NAME: 1
+    }

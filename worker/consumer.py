@@ -41,6 +41,7 @@ from kombu import Consumer as KombuConsumer
 from kombu.common import QoS
 
 from imgq.worker.app import ImgqCelery
+from imgq.worker.celery_state import load_revoked
 from imgq.worker.engine import BatchEngine
 from imgq.worker.handler import HandlerContext, load_handler
 from imgq.worker.health import imgq_status  # noqa: F401 (registers the control command)
@@ -144,6 +145,10 @@ class BulkService:
             return
         _freeze_startup_objects()
         self.intake.renew_lease()
+        try:
+            load_revoked(self.redis)
+        except redis.RedisError as exc:
+            logger.warning("could not read earlier revokes (broadcasts still arrive): %s", exc)
         self._threads = [
             threading.Thread(target=self._guard, args=(r.run,), name=f"imgq-batch-{i}", daemon=True)
             for i, r in enumerate(self.runners)

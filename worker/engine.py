@@ -26,19 +26,18 @@ never stops the engine. Redis errors of any kind (a lost connection, ``OOM``, ``
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import TimeLimitExceeded
 
 from imgq.shared.errors import InvalidTask
+from imgq.worker.celery_state import HeldTask, is_revoked
 from imgq.worker.handler import (
     Deferred,
     Failure,
@@ -46,18 +45,17 @@ from imgq.worker.handler import (
     Observer,
     Outcome,
     Request,
-    Success,
     check_outcomes,
 )
 from imgq.worker.intake import Lane, LeaseLost, Oversized, Taken
 from imgq.worker.metrics import WorkerMetrics
+from imgq.worker.outcome import EXPIRED, REVOKED, TERMINATED, BatchOutcome, Revoked
 from imgq.worker.settings import WorkerSettings
-from imgq.worker.settle import DeadMessage, Settler, WindowCounts, once_token
+from imgq.worker.settle import Settler, WindowCounts, done_key, once_token
 from imgq.worker.wire.events import TaskEvents
 from imgq.worker.wire.message import TaskRequest, find_task_id, not_due, parse_message
-from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
 
-__all__ = ["BatchEngine", "BatchOutcome", "ResultBackend"]
+__all__ = ["BatchEngine", "ResultBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,52 +74,6 @@ class ResultBackend(Protocol):
     client: redis.Redis
 
     def get_key_for_task(self, task_id: str, key: str = "") -> bytes: ...
-
-
-@dataclass
-class BatchOutcome:
-    """What a batch produced: results to store, dead letters, metric counts, observations."""
-
-    picked_at: float
-    records: list[tuple[str, ResultRecord]] = field(default_factory=list)
-    #: The request of each record, in the same order (for task events).
-    requests: list[TaskRequest] = field(default_factory=list)
-    dead: list[DeadMessage] = field(default_factory=list)
-    counts: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
-    #: (record index, observation) of each success its handler's observers see.
-    observations: list[tuple[int, Any]] = field(default_factory=list)
-    #: How many of the newest messages go back to the queue (deferred by their handler).
-    give_back: int = 0
-
-    def add(self, req: TaskRequest, state: str, result: Any, outcome: str, reason: str) -> int:
-        """One task's result record (``state`` and ``result`` as Celery stores them); its index."""
-        self.records.append((req.task_id, result_meta(req.task_id, state, result)))
-        self.requests.append(req)
-        self.counts[outcome, reason] += 1
-        return len(self.records) - 1
-
-    def fail(self, req: TaskRequest, exc: BaseException) -> None:
-        """The task fails with ``exc``; its reason code is the metric's ``reason``."""
-        reason = getattr(exc, "reason", type(exc).__name__)
-        self.add(req, "FAILURE", exception_result(exc), "failure", reason)
-
-    def dead_letter(
-        self, raw: bytes, exc: InvalidTask, task_id: str = "", keep_body: bool = True
-    ) -> None:
-        """The raw message goes to the dead letters with ``exc``'s reason."""
-        self.dead.append(
-            DeadMessage(
-                raw if keep_body else b"",
-                len(raw),
-                hashlib.sha1(raw).hexdigest(),
-                raw[:200],
-                exc.reason,
-                exc.detail,
-                task_id,
-            )  # fmt: skip
-        )
-        if not task_id:
-            self.counts["dead_letter", exc.reason] += 1
 
 
 class BatchEngine:
@@ -184,6 +136,9 @@ class BatchEngine:
                                lane.intake.worker_id, settings.result_expires_s, dead_letters,
                                add_window)  # fmt: skip
         self._stop = threading.Event()
+        #: The batch in hand's tasks in Celery's worker state (``inspect active``, ``revoke``).
+        self.held: dict[int, HeldTask] = {}
+        self.hostname = lane.intake.worker_id.rsplit(":", 2)[0]
         self._logged_s: dict[str, float] = {}
         self._last_busy_s = time.monotonic()
         self.last_progress_s = time.monotonic()
@@ -231,8 +186,11 @@ class BatchEngine:
         self._last_busy_s = now
         if self._wait_s > 0:
             self._fill(taken)
-        outcome = self.serve_safely(taken)
-        self._store(outcome)
+        try:
+            outcome = self.serve_safely(taken)
+            self._store(outcome)
+        finally:
+            self._release_held()
         return len(taken.messages) + len(taken.oversized)
 
     def _fill(self, taken: Taken) -> None:
@@ -268,10 +226,11 @@ class BatchEngine:
         Returns:
             One result or one dead letter per message, and what goes back to the queue.
         """
+        self._release_held()
         out = BatchOutcome(time.time())
         raws = taken.messages
         # Per message, in lane order: its engine-level outcome now, or its handler's later.
-        decided: list[Outcome | None] = [None] * len(raws)
+        decided: list[Outcome | Revoked | None] = [None] * len(raws)
         parsed: list[TaskRequest | None] = [None] * len(raws)
         dead: list[tuple[int, InvalidTask, str]] = []  # (message, why, task id)
         by_handler: dict[str, list[tuple[int, Request]]] = collections.defaultdict(list)
@@ -295,19 +254,27 @@ class BatchEngine:
             elif req.error is not None:
                 decided[i] = Failure(req.error)
             elif req.expires is not None and req.expires < out.picked_at:
-                decided[i] = _EXPIRED
+                decided[i] = EXPIRED
             elif (early := not_due(req, out.picked_at)) is not None:
                 decided[i] = Failure(early)
             elif req.task_name not in self.handlers:
                 decided[i] = Failure(self._no_handler(req.task_name))
+            elif is_revoked(req):
+                decided[i] = REVOKED
             else:
                 by_handler[req.task_name].append((i, Request(req.task_id, req.kwargs, queue_ms)))
+                self.held[i] = HeldTask(req, self.hostname, self.backend)
+                self.held[i].reserve()
         for name, items in by_handler.items():
             requests = [r for _, r in items]
+            for i, _ in items:
+                self.held[i].accept()
+            started = time.monotonic()
             outcomes = self.handlers[name].handle(requests, self.tick)
             check_outcomes(requests, outcomes)
+            elapsed_s = time.monotonic() - started
             for (i, _), outcome in zip(items, outcomes, strict=True):
-                decided[i] = outcome
+                decided[i] = self._overruled(self.held[i], outcome, elapsed_s)
         deferred = [i for i, o in enumerate(decided) if isinstance(o, Deferred)]
         cut = deferred[0] if deferred else len(raws)
         out.give_back = len(raws) - cut
@@ -317,7 +284,7 @@ class BatchEngine:
         for i in range(cut):
             request = parsed[i]
             if request is not None:  # else dead-lettered
-                self._record(out, request, decided[i])
+                out.record(request, decided[i])
         done = len(out.records) + out.give_back + sum(1 for d in out.dead if not d.task_id)
         if done != len(raws):
             raise RuntimeError(
@@ -327,24 +294,33 @@ class BatchEngine:
             self._too_large(out, big)
         return out
 
-    def _record(self, out: BatchOutcome, req: TaskRequest, outcome: Outcome | None) -> None:
-        """One message's outcome as its result record."""
-        if outcome is _EXPIRED:
-            revoked = exception_result(TaskRevokedError("expired"))
-            out.add(req, "REVOKED", revoked, "expired", "expired")
-        elif isinstance(outcome, Success):
-            index = out.add(req, "SUCCESS", outcome.result, "success", "")
-            if outcome.observation is not None:
-                out.observations.append((index, outcome.observation))
-        elif isinstance(outcome, Failure):
-            out.fail(req, outcome.error)
-        else:
-            raise RuntimeError(f"task {req.task_id} has no outcome ({outcome!r})")
+    def _release_held(self) -> None:
+        """The batch in hand is answered (or was never served): out of Celery's worker state."""
+        for held in self.held.values():
+            held.ready()
+        self.held.clear()
+
+    @staticmethod
+    def _overruled(held: HeldTask, outcome: Outcome, elapsed_s: float) -> Outcome | Revoked:
+        """A handler's outcome, unless ``revoke(terminate=True)`` reached the task meanwhile,
+        or its batch ran past the task's time limit (Celery would have killed it)."""
+        req = held.req
+        if isinstance(outcome, Deferred):
+            return outcome
+        if held.terminated:
+            return TERMINATED
+        if req.time_limit is not None and elapsed_s > req.time_limit:
+            return Failure(
+                TimeLimitExceeded(
+                    f"time limit {req.time_limit:g} s: the batch took {elapsed_s:.3g} s"
+                )
+            )
+        return outcome
 
     def _no_handler(self, task_name: str) -> InvalidTask:
         served = ", ".join(sorted(self.handlers))
         return InvalidTask(
-            "malformed_message",
+            "unknown_task",
             f"queue {self.settings.queue!r} serves {served}, not {task_name!r}: send it to a "
             "queue whose workers serve it",
         )
@@ -424,8 +400,12 @@ class BatchEngine:
             lane.give_back_newest(out.give_back)
             out.give_back = 0  # a retry must not give back more
         lane.prepare_ack()
-        keys = [self.backend.get_key_for_task(task_id) for task_id, _ in out.records]
-        results = list(zip(keys, (record for _, record in out.records), strict=True))
+        results = [
+            (done_key(task_id), None)  # ignore_result: a marker for once-only, no result
+            if req.ignore_result
+            else (self.backend.get_key_for_task(task_id), record)
+            for (task_id, record), req in zip(out.records, out.requests, strict=True)
+        ]
         window = self._window(out, None)
         if self._results_redis is self.redis:
             pipe = self.redis.pipeline(transaction=False)
@@ -496,10 +476,3 @@ class BatchEngine:
         if now - self._logged_s.get(topic, -math.inf) >= _LOG_EVERY_S:
             self._logged_s[topic] = now
             logger.error(msg, *args, exc_info=exc_info)
-
-
-class _Expired:
-    """The engine's own outcome of a task whose ``expires`` passed: REVOKED, not computed."""
-
-
-_EXPIRED: Any = _Expired()

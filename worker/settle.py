@@ -32,7 +32,18 @@ from imgq.worker.deadletters_lua import LUA_DEAD_LETTER
 from imgq.worker.intake import LANES_KEY, Lane
 from imgq.worker.wire.codec import json_dumps
 
-__all__ = ["DeadMessage", "Settler", "WindowCounts", "once_token"]
+__all__ = ["DONE_TTL_S", "DeadMessage", "Settler", "WindowCounts", "done_key", "once_token"]
+
+#: Longest a task sent with ``ignore_result`` is remembered as answered (its marker's time to
+#: live, at most the results' own): long enough for any redelivery, short enough that a flood of
+#: such tasks does not fill Redis with what the sender asked not to store.
+DONE_TTL_S = 3600
+
+
+def done_key(task_id: str) -> str:
+    """The marker that stands in for the result of a task sent with ``ignore_result``: the
+    first stored wins and only it counts, as for results, but no one reads it."""
+    return f"imgq:done:{task_id}"
 
 
 def once_token(lane: Lane) -> tuple[str, int]:
@@ -47,9 +58,9 @@ def once_token(lane: Lane) -> tuple[str, int]:
 # is new; else count only if the batch's seq is above the runner's mark), then one key per
 # result. ARGV: result ttl, queue, worker, dead-letter ttl, max entries, max body bytes, n dead
 # letters, images in the window counts, "slot increment ..." of the window, window ttl, batch
-# seq, then 7 values per dead letter (body, length, sha1, head, reason, detail, task id), then
-# one value per result. Returns {window count (-1: not counted, -2: counting failed), stored
-# flag per result...}.
+# seq, marker ttl, then 7 values per dead letter (body, length, sha1, head, reason, detail, task
+# id), then one value per result ('' for a marker: ignore_result). Returns {window count (-1: not
+# counted, -2: counting failed), stored flag per result...}.
 _SETTLE_BODY = """
 local ttl, queue, worker = ARGV[1], ARGV[2], ARGV[3]
 local n_dead = tonumber(ARGV[7])
@@ -59,7 +70,7 @@ local function once(mark, seq)
   redis.call('SET', mark, seq, 'EX', 86400)
   return true
 end
-local a = 11
+local a = 12
 for i = 1, n_dead do
   local body = ARGV[a + 1]
   dead_letter(queue, body ~= '' and body or false, tonumber(ARGV[a + 2]), ARGV[a + 3],
@@ -71,7 +82,10 @@ local out = {-1}
 local all_new = true
 for i = 5, #KEYS do
   local value = ARGV[a + i - 4]
-  if redis.call('SET', KEYS[i], value, 'NX', 'EX', ttl) then
+  if value == '' then  -- ignore_result: a marker, nobody waits for it
+    out[#out + 1] = redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[12]) and 1 or 0
+    all_new = all_new and out[#out] == 1
+  elseif redis.call('SET', KEYS[i], value, 'NX', 'EX', ttl) then
     redis.call('PUBLISH', KEYS[i], value)
     out[#out + 1] = 1
   else
@@ -150,7 +164,7 @@ class Settler:
         self,
         pipe: redis.client.Pipeline,
         lane: Lane | None,
-        results: Sequence[tuple[str | bytes, Mapping[str, Any]]],
+        results: Sequence[tuple[str | bytes, Mapping[str, Any] | None]],
         dead: Sequence[DeadMessage],
         window: WindowCounts | None,
         once: tuple[str, int] | None = None,
@@ -160,7 +174,8 @@ class Settler:
         Args:
             pipe: The batch's pipeline; other commands (task events) may follow.
             lane: The batch's lane to ack, or None (nothing taken).
-            results: ``(result key, record)`` per task.
+            results: ``(result key, record)`` per task; ``(done_key(id), None)`` for one sent
+                with ``ignore_result``.
             dead: The batch's dead letters.
             window: The batch's drift counts, or None.
             once: :func:`once_token` of the batch, for counts sent apart from their results:
@@ -182,9 +197,10 @@ class Settler:
             args += [window.images, window.pairs, window.ttl_s, seq]
         else:
             args += [0, "", 0, seq]
+        args.append(min(DONE_TTL_S, self.result_expires_s))
         for d in dead:
             args += [d.body, d.length, d.sha1, d.head, d.reason, d.detail[:500], d.task_id]
-        args += [json_dumps(record) for _, record in results]
+        args += [b"" if record is None else json_dumps(record) for _, record in results]
         index = len(pipe)
         pipe.eval(self._script, len(keys), *keys, *args)
         return index

@@ -116,9 +116,11 @@ class TaskEvents:
                 kind = "task-failed"
                 shown = f"{result['exc_type']}({result['exc_message'][0]!r})"[:_REPR_MAX_CHARS]
                 fields = {"exception": shown, "traceback": None}
-            else:  # REVOKED: it had expired when it was picked up
+            else:  # REVOKED: expired, revoked or terminated (Celery's reason is the message)
                 kind = "task-revoked"
-                fields = {"terminated": False, "signum": None, "expired": True}
+                reason = result["exc_message"][0]
+                fields = {"terminated": reason == "terminated", "signum": None,
+                          "expired": reason == "expired"}  # fmt: skip
             done = Event(kind, **common, clock=forward(), timestamp=now, uuid=task_id, **fields)
             events += (received, done)
         return events

@@ -30,6 +30,7 @@ from imgq.worker.wire.codec import json_loads
 
 __all__ = [
     "MAX_JSON_CONTAINERS",
+    "MAX_STAMPS",
     "MAX_TASK_ID_CHARS",
     "TaskRequest",
     "find_task_id",
@@ -43,6 +44,8 @@ MAX_TASK_ID_CHARS = 512
 #: dozen (the image is one base64 string); a body of millions of empty lists costs about a
 #: hundred bytes of memory per character once parsed, so it is refused before parsing.
 MAX_JSON_CONTAINERS = 10_000
+#: Most stamps a task may carry (Celery's stamping; each is compared with revoked stamps).
+MAX_STAMPS = 100
 #: A task id in kombu's headers, found without parsing (in an oversized or over-complex message).
 #: A task's ``eta`` this close ahead is served (the clocks of client and worker differ a little).
 ETA_SLACK_S = 1.0
@@ -79,6 +82,10 @@ class TaskRequest:
         eta: Celery's ``eta`` (``countdown``/``eta``) as epoch seconds, or None. imgq serves
             tasks as they come; one whose time is still ahead when it is taken fails as
             ``unsupported`` rather than run early.
+        ignore_result: The producer's ``ignore_result``: no result is stored.
+        time_limit: The smaller of the ``time_limit``/``soft_time_limit`` it was sent with, in
+            seconds, or None.
+        stamps: Its Celery stamps (``revoke_by_stamped_headers`` matches them), or None.
     """
 
     task_id: str
@@ -91,6 +98,9 @@ class TaskRequest:
     raw: bytes
     error: InvalidTask | None = None
     eta: float | None = None
+    ignore_result: bool = False
+    time_limit: float | None = None
+    stamps: dict[str, Any] | None = None
 
 
 def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
@@ -156,10 +166,13 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
                 f"a body compressed with {headers['compression']!r:.60} is refused; imgq reads "
                 "uncompressed JSON (send without compression=)",
             )
+        time_limit = _time_limit(headers.get("timelimit"))
+        stamps = _stamps(headers.get("stamps"))
         kwargs = _body_kwargs(envelope, properties)
         error = None
     except InvalidTask as exc:
         kwargs, expires, sent_at, eta, error = {}, None, None, None, exc
+        time_limit, stamps = None, None
     return TaskRequest(
         task_id=task_id,
         task_name=task_name,
@@ -171,6 +184,9 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         raw=raw_bytes,
         error=error,
         eta=eta,
+        ignore_result=headers.get("ignore_result") is True,
+        time_limit=time_limit,
+        stamps=stamps,
     )
 
 
@@ -300,6 +316,39 @@ def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
             f"imgq tasks take keyword arguments only, got {len(args)} positional",
         )
     return kwargs
+
+
+def _time_limit(value: Any) -> float | None:
+    """The smaller of Celery's ``timelimit`` header ``[hard, soft]`` (seconds, either None).
+
+    >>> _time_limit([30, 5.5]), _time_limit([None, None]), _time_limit(None)
+    (5.5, None, None)
+    """
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise InvalidTask("malformed_message", f"timelimit must be [hard, soft], got {value!r:.80}")
+    limits = []
+    for limit in value:
+        if limit is None:
+            continue
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0:
+            raise InvalidTask(
+                "malformed_message", f"a time limit must be a positive number, got {limit!r:.40}"
+            )
+        limits.append(float(limit) if limit < 1e300 else math.inf)
+    return min(limits) if limits else None
+
+
+def _stamps(value: Any) -> dict[str, Any] | None:
+    """Celery's ``stamps`` header (name -> value or list of values), or None when empty."""
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_STAMPS:
+        raise InvalidTask(
+            "malformed_message", f"stamps must be an object of at most {MAX_STAMPS} names"
+        )
+    return value
 
 
 def _epoch_s(value: Any) -> float | None:

@@ -1,0 +1,98 @@
+"""What a batch produced, before it is stored: one result record or dead letter per message.
+
+The engine's own outcomes sit beside the handlers' (:class:`~imgq.worker.handler.Success`,
+``Failure``, ``Deferred``): a task that expired, was revoked, or was terminated while its batch
+ran ends REVOKED without (or instead of) its handler's answer, as Celery's worker ends it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from typing import Any
+
+from celery.exceptions import TaskRevokedError
+
+from imgq.shared.errors import InvalidTask
+from imgq.worker.handler import Failure, Outcome, Success
+from imgq.worker.settle import DeadMessage
+from imgq.worker.wire.message import TaskRequest
+from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
+
+__all__ = ["EXPIRED", "REVOKED", "TERMINATED", "BatchOutcome", "Revoked"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Revoked:
+    """The engine's outcome of a task it does not answer with a result: REVOKED, with Celery's
+    reason (``expired``, ``revoked``, ``terminated``), also the metric's outcome and reason."""
+
+    reason: str
+
+
+EXPIRED = Revoked("expired")
+REVOKED = Revoked("revoked")
+TERMINATED = Revoked("terminated")
+
+
+@dataclasses.dataclass
+class BatchOutcome:
+    """What a batch produced: results to store, dead letters, metric counts, observations."""
+
+    picked_at: float
+    records: list[tuple[str, ResultRecord]] = dataclasses.field(default_factory=list)
+    #: The request of each record, in the same order (for task events).
+    requests: list[TaskRequest] = dataclasses.field(default_factory=list)
+    dead: list[DeadMessage] = dataclasses.field(default_factory=list)
+    counts: collections.Counter[tuple[str, str]] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    #: (record index, observation) of each success its handler's observers see.
+    observations: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
+    #: How many of the newest messages go back to the queue (deferred by their handler).
+    give_back: int = 0
+
+    def add(self, req: TaskRequest, state: str, result: Any, outcome: str, reason: str) -> int:
+        """One task's result record (``state`` and ``result`` as Celery stores them); its index."""
+        self.records.append((req.task_id, result_meta(req.task_id, state, result)))
+        self.requests.append(req)
+        self.counts[outcome, reason] += 1
+        return len(self.records) - 1
+
+    def fail(self, req: TaskRequest, exc: BaseException) -> None:
+        """The task fails with ``exc``; its reason code is the metric's ``reason``."""
+        reason = getattr(exc, "reason", type(exc).__name__)
+        self.add(req, "FAILURE", exception_result(exc), "failure", reason)
+
+    def record(self, req: TaskRequest, outcome: Outcome | Revoked | None) -> None:
+        """One message's outcome as its result record."""
+        if isinstance(outcome, Revoked):
+            revoked = exception_result(TaskRevokedError(outcome.reason))
+            self.add(req, "REVOKED", revoked, outcome.reason, outcome.reason)
+        elif isinstance(outcome, Success):
+            index = self.add(req, "SUCCESS", outcome.result, "success", "")
+            if outcome.observation is not None:
+                self.observations.append((index, outcome.observation))
+        elif isinstance(outcome, Failure):
+            self.fail(req, outcome.error)
+        else:
+            raise RuntimeError(f"task {req.task_id} has no outcome ({outcome!r})")
+
+    def dead_letter(
+        self, raw: bytes, exc: InvalidTask, task_id: str = "", keep_body: bool = True
+    ) -> None:
+        """The raw message goes to the dead letters with ``exc``'s reason."""
+        self.dead.append(
+            DeadMessage(
+                raw if keep_body else b"",
+                len(raw),
+                hashlib.sha1(raw).hexdigest(),
+                raw[:200],
+                exc.reason,
+                exc.detail,
+                task_id,
+            )  # fmt: skip
+        )
+        if not task_id:
+            self.counts["dead_letter", exc.reason] += 1
