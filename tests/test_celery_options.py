@@ -202,3 +202,26 @@ def test_a_worker_started_after_a_revoke_honours_it(client, workers, redis_serve
     assert client.control.inspect(timeout=30, limit=1).stats()[second.name]["total"] == {
         TASK_NAME: 1
     }
+
+
+def test_a_countdown_waits_in_redis_survives_a_killed_worker_and_runs_on_time(
+    client, workers, redis_server
+) -> None:
+    """`countdown=`/`eta=`: a task taken before its time waits in Redis (not in a worker), so a
+    worker SIGKILLed meanwhile loses nothing; it runs after its time, never before; a due or
+    past `eta` runs at once."""
+    r = redis.Redis.from_url(redis_server.url)
+    first = workers.start("w1")
+    first.wait_ready(client)
+    sent = time.time()
+    later = client.send_task(TASK_NAME, kwargs=_kwargs(1), countdown=8)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=5)
+    due = client.send_task(TASK_NAME, kwargs=_kwargs(2), eta=past)
+    assert due.get(timeout=30)["label"] == "c"
+    # Taken and put aside in Redis (or, on a machine slower than 8 s for this, already run).
+    _until(lambda: r.zcard("imgq:eta:imgq") == 1 or r.exists(f"celery-task-meta-{later.id}"))
+    first.kill()
+    workers.start("w2")
+    assert later.get(timeout=60)["label"] == "b"
+    assert _done_at(r, later.id).timestamp() >= sent + 8
+    assert r.zcard("imgq:eta:imgq") == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import datetime
 import os
 import shutil
 import signal
@@ -194,21 +193,6 @@ def test_a_protocol_1_client_gets_a_failure_not_a_hang(client, workers, redis_se
     with pytest.raises(Exception, match=r"unsupported: Celery message protocol 1"):
         result.get(timeout=30)
     assert redis.Redis.from_url(redis_server.url).exists("imgq:dlq:imgq") == 0
-
-
-def test_a_countdown_still_ahead_fails_at_once_and_one_due_runs(client, workers) -> None:
-    """Celery's countdown/eta: imgq keeps no task aside for later, so one whose time is ahead
-    fails at once as unsupported (not run early, not held); one already due is served."""
-    workers("w1").wait_ready(client)
-    image = _b64(_image(0))
-    later = client.send_task(TASK_NAME, kwargs={"image": image}, queue="imgq", countdown=60)
-    due = client.send_task(
-        TASK_NAME, kwargs={"image": image}, queue="imgq",
-        eta=datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=5),
-    )  # fmt: skip
-    with pytest.raises(Exception, match=r"unsupported: countdown/eta 6\d s ahead"):
-        later.get(timeout=30)
-    assert due.get(timeout=30)["label"] and due.successful()
 
 
 def test_warm_shutdown_returns_untaken_work(client, workers, redis_server) -> None:

@@ -7,7 +7,8 @@ requests a worker holds (``reserved_requests``, ``active_requests``, ``requests`
 revoked task ids (``revoked``, filled by the broadcast ``revoke`` command and synchronised
 between workers at start-up) and the revoked stamps (``revoke_by_stamped_headers``). imgq's
 engine never makes Celery ``Request`` objects, so :class:`HeldTask` stands in for one: it has
-what the control commands use (``id``, ``info()``, ``terminate()``, ``stamps``, ``task``).
+what the control commands and Celery's consumer use (``id``, ``info()``, ``terminate()``,
+``cancel()``, ``stamps``, ``task.acks_late``, ``acknowledged``, ``eventer``).
 
 What the engine does with it, as Celery's worker does:
 
@@ -61,6 +62,9 @@ class HeldTask:
         self.stamps = req.stamps
         self.time_start: float | None = None
         self.terminated = False
+        #: Read (and ``eventer`` set) by Celery's consumer for its own requests.
+        self.acknowledged = False
+        self.eventer: Any = None
 
     def reserve(self) -> None:
         """Taken, not started: ``inspect reserved`` lists it."""
@@ -78,6 +82,11 @@ class HeldTask:
     def terminate(self, pool: Any, signal: Any = None) -> None:
         """``revoke(terminate=True)``: answer REVOKED instead of the result."""
         self.terminated = True
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        """Celery cancels its active requests when its connection is lost or it shuts down;
+        imgq's batch keeps going and settles through its own Redis client (or its messages go
+        back when it cannot): nothing to do."""
 
     def info(self, safe: bool | None = None) -> dict[str, Any]:
         """What ``inspect active``/``reserved`` show, in the fields of Celery's ``Request.info``;
@@ -102,7 +111,10 @@ class HeldTask:
 
 
 class _TaskView:
-    """``request.task`` for the control commands: its result backend."""
+    """``request.task`` for Celery's control commands and consumer: its result backend, and
+    ``acks_late`` (imgq acks a message once its result is stored)."""
+
+    acks_late = True
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend

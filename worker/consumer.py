@@ -11,9 +11,10 @@ replaced by :class:`BulkTasks`, which
   classification handler loads and checks its model bundle: one that fails its checks stops
   the worker before it connects, with the bundle's message);
 - runs ``concurrency`` :class:`~imgq.worker.engine.BatchEngine` threads and one keeper thread that
-  renews the lease (only while every runner makes progress) and gives back dead workers' and
-  orphaned messages; the runners send the Celery task events of their batches under the worker's
-  node name (``IMGQ_TASK_EVENTS``), so Flower lists the tasks as for any Celery worker;
+  renews the lease (only while every runner makes progress), gives back dead workers' and
+  orphaned messages, and queues the tasks whose ``eta`` has come (``worker/schedule.py``); the
+  runners send the Celery task events of their batches under the worker's node name
+  (``IMGQ_TASK_EVENTS``), so Flower lists the tasks as for any Celery worker;
 - on warm shutdown (SIGTERM) stops taking, finishes the batch in hand, stores its results and
   pushes anything still unacked back to the queue.
 
@@ -48,6 +49,7 @@ from imgq.worker.health import imgq_status  # noqa: F401 (registers the control 
 from imgq.worker.intake import Intake
 from imgq.worker.metrics import process_metrics
 from imgq.worker.misrouting import advice, misrouted
+from imgq.worker.schedule import release_due
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.events import TaskEvents
@@ -245,6 +247,7 @@ class BulkService:
                         "a batch runner made no progress for %.1f s; not renewing the lease, so "
                         "other workers will take over its messages", stalled_s,
                     )  # fmt: skip
+                release_due(self.redis, settings.queue, time.time())
                 if now >= next_restore:
                     next_restore = now + settings.restore_interval_s
                     moved, stale = self.intake.restore_dead()

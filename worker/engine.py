@@ -49,7 +49,7 @@ from imgq.worker.handler import (
 )
 from imgq.worker.intake import Lane, LeaseLost, Oversized, Taken
 from imgq.worker.metrics import WorkerMetrics
-from imgq.worker.outcome import EXPIRED, REVOKED, TERMINATED, BatchOutcome, Revoked
+from imgq.worker.outcome import EXPIRED, REVOKED, TERMINATED, BatchOutcome, Revoked, Scheduled
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.settle import Settler, WindowCounts, done_key, once_token
 from imgq.worker.wire.events import TaskEvents
@@ -230,7 +230,7 @@ class BatchEngine:
         out = BatchOutcome(time.time())
         raws = taken.messages
         # Per message, in lane order: its engine-level outcome now, or its handler's later.
-        decided: list[Outcome | Revoked | None] = [None] * len(raws)
+        decided: list[Outcome | Revoked | Scheduled | None] = [None] * len(raws)
         parsed: list[TaskRequest | None] = [None] * len(raws)
         dead: list[tuple[int, InvalidTask, str]] = []  # (message, why, task id)
         by_handler: dict[str, list[tuple[int, Request]]] = collections.defaultdict(list)
@@ -255,8 +255,8 @@ class BatchEngine:
                 decided[i] = Failure(req.error)
             elif req.expires is not None and req.expires < out.picked_at:
                 decided[i] = EXPIRED
-            elif (early := not_due(req, out.picked_at)) is not None:
-                decided[i] = Failure(early)
+            elif not_due(req, out.picked_at):
+                decided[i] = Scheduled(req.eta or 0.0)
             elif req.task_name not in self.handlers:
                 decided[i] = Failure(self._no_handler(req.task_name))
             elif is_revoked(req):
@@ -285,7 +285,8 @@ class BatchEngine:
             request = parsed[i]
             if request is not None:  # else dead-lettered
                 out.record(request, decided[i])
-        done = len(out.records) + out.give_back + sum(1 for d in out.dead if not d.task_id)
+        done = len(out.records) + len(out.scheduled) + out.give_back
+        done += sum(1 for d in out.dead if not d.task_id)
         if done != len(raws):
             raise RuntimeError(
                 f"batch contract broken: {len(raws)} messages taken but {done} outcomes made"
@@ -409,7 +410,9 @@ class BatchEngine:
         window = self._window(out, None)
         if self._results_redis is self.redis:
             pipe = self.redis.pipeline(transaction=False)
-            index = self.settler.settle(pipe, lane, results, out.dead, window)
+            index = self.settler.settle(
+                pipe, lane, results, out.dead, window, scheduled=out.scheduled
+            )
             self._extras(pipe, out)
             reply = pipe.execute(raise_on_error=False)[index]
             if isinstance(reply, Exception):
@@ -423,7 +426,9 @@ class BatchEngine:
             flags = rpipe.execute()[index][1:]
             pipe = self.redis.pipeline(transaction=False)
             subset = self._window(out, flags) if any(flags) else None
-            index = self.settler.settle(pipe, lane, [], out.dead, subset, once_token(lane))
+            index = self.settler.settle(
+                pipe, lane, [], out.dead, subset, once_token(lane), scheduled=out.scheduled
+            )
             self._extras(pipe, out)
             reply = pipe.execute(raise_on_error=False)[index]
             if isinstance(reply, Exception):

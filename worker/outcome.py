@@ -2,7 +2,8 @@
 
 The engine's own outcomes sit beside the handlers' (:class:`~imgq.worker.handler.Success`,
 ``Failure``, ``Deferred``): a task that expired, was revoked, or was terminated while its batch
-ran ends REVOKED without (or instead of) its handler's answer, as Celery's worker ends it.
+ran ends REVOKED without (or instead of) its handler's answer, as Celery's worker ends it; one
+whose ``eta`` is ahead is :class:`Scheduled`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from imgq.worker.settle import DeadMessage
 from imgq.worker.wire.message import TaskRequest
 from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
 
-__all__ = ["EXPIRED", "REVOKED", "TERMINATED", "BatchOutcome", "Revoked"]
+__all__ = ["EXPIRED", "REVOKED", "TERMINATED", "BatchOutcome", "Revoked", "Scheduled"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,13 @@ class Revoked:
     reason (``expired``, ``revoked``, ``terminated``), also the metric's outcome and reason."""
 
     reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduled:
+    """The engine's outcome of a task whose ``eta`` is ahead: it waits in Redis until then."""
+
+    eta: float
 
 
 EXPIRED = Revoked("expired")
@@ -52,6 +60,8 @@ class BatchOutcome:
     observations: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
     #: How many of the newest messages go back to the queue (deferred by their handler).
     give_back: int = 0
+    #: ``(eta, message)`` of each task whose time is ahead (``worker/schedule.py``).
+    scheduled: list[tuple[float, bytes]] = dataclasses.field(default_factory=list)
 
     def add(self, req: TaskRequest, state: str, result: Any, outcome: str, reason: str) -> int:
         """One task's result record (``state`` and ``result`` as Celery stores them); its index."""
@@ -65,9 +75,11 @@ class BatchOutcome:
         reason = getattr(exc, "reason", type(exc).__name__)
         self.add(req, "FAILURE", exception_result(exc), "failure", reason)
 
-    def record(self, req: TaskRequest, outcome: Outcome | Revoked | None) -> None:
-        """One message's outcome as its result record."""
-        if isinstance(outcome, Revoked):
+    def record(self, req: TaskRequest, outcome: Outcome | Revoked | Scheduled | None) -> None:
+        """One message's outcome as its result record (or its place in the schedule)."""
+        if isinstance(outcome, Scheduled):
+            self.scheduled.append((outcome.eta, req.raw))
+        elif isinstance(outcome, Revoked):
             revoked = exception_result(TaskRevokedError(outcome.reason))
             self.add(req, "REVOKED", revoked, outcome.reason, outcome.reason)
         elif isinstance(outcome, Success):

@@ -4,7 +4,8 @@ One Lua script does it all, in this order, so that an error part-way (a Redis at
 refusing a write) stops before the ack and the batch is retried whole, never lost:
 
 1. the dead letters of the batch (messages nobody can be answered for, poison pills, messages a
-   bug refused) — before the ack that deletes them from the lane;
+   bug refused), and the messages whose ``eta`` is ahead (``worker/schedule.py``) — before the
+   ack that deletes them from the lane;
 2. every result with ``SET key value NX EX ttl``, then ``PUBLISH`` on the key for a waiting
    ``AsyncResult`` only when it was stored: the first stored result wins, so a redelivered task
    (a worker that stalled past its lease and woke up, a retried round trip) never changes an
@@ -30,6 +31,7 @@ import redis
 
 from imgq.worker.deadletters_lua import LUA_DEAD_LETTER
 from imgq.worker.intake import LANES_KEY, Lane
+from imgq.worker.schedule import eta_key
 from imgq.worker.wire.codec import json_dumps
 
 __all__ = ["DONE_TTL_S", "DeadMessage", "Settler", "WindowCounts", "done_key", "once_token"]
@@ -53,14 +55,15 @@ def once_token(lane: Lane) -> tuple[str, int]:
     return f"imgq:once:{lane.intake.worker_id}:{lane.index}", lane.seq
 
 
-# Dead letters, results (first wins, published when stored), ack, window counts. KEYS: lane (''
-# for none), lanes hash, window ('' for none), once mark ('' for none: count when every result
-# is new; else count only if the batch's seq is above the runner's mark), then one key per
-# result. ARGV: result ttl, queue, worker, dead-letter ttl, max entries, max body bytes, n dead
-# letters, images in the window counts, "slot increment ..." of the window, window ttl, batch
-# seq, marker ttl, then 7 values per dead letter (body, length, sha1, head, reason, detail, task
-# id), then one value per result ('' for a marker: ignore_result). Returns {window count (-1: not
-# counted, -2: counting failed), stored flag per result...}.
+# Dead letters, scheduled messages, results (first wins, published when stored), ack, window
+# counts. KEYS: lane ('' for none), lanes hash, window ('' for none), once mark ('' for none:
+# count when every result is new; else count only if the batch's seq is above the runner's
+# mark), the queue's eta sorted set, then one key per result. ARGV: result ttl, queue, worker,
+# dead-letter ttl, max entries, max body bytes, n dead letters, images in the window counts,
+# "slot increment ..." of the window, window ttl, batch seq, marker ttl, n scheduled, then 7
+# values per dead letter (body, length, sha1, head, reason, detail, task id), 2 per scheduled
+# message (eta, message), then one value per result ('' for a marker: ignore_result). Returns
+# {window count (-1: not counted, -2: counting failed), stored flag per result...}.
 _SETTLE_BODY = """
 local ttl, queue, worker = ARGV[1], ARGV[2], ARGV[3]
 local n_dead = tonumber(ARGV[7])
@@ -70,7 +73,7 @@ local function once(mark, seq)
   redis.call('SET', mark, seq, 'EX', 86400)
   return true
 end
-local a = 12
+local a = 13
 for i = 1, n_dead do
   local body = ARGV[a + 1]
   dead_letter(queue, body ~= '' and body or false, tonumber(ARGV[a + 2]), ARGV[a + 3],
@@ -78,10 +81,14 @@ for i = 1, n_dead do
     ARGV[4], ARGV[5], ARGV[6])
   a = a + 7
 end
+for i = 1, tonumber(ARGV[13]) do
+  redis.call('ZADD', KEYS[5], ARGV[a + 1], ARGV[a + 2])
+  a = a + 2
+end
 local out = {-1}
 local all_new = true
-for i = 5, #KEYS do
-  local value = ARGV[a + i - 4]
+for i = 6, #KEYS do
+  local value = ARGV[a + i - 5]
   if value == '' then  -- ignore_result: a marker, nobody waits for it
     out[#out + 1] = redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[12]) and 1 or 0
     all_new = all_new and out[#out] == 1
@@ -168,6 +175,8 @@ class Settler:
         dead: Sequence[DeadMessage],
         window: WindowCounts | None,
         once: tuple[str, int] | None = None,
+        *,
+        scheduled: Sequence[tuple[float, bytes]] = (),
     ) -> int:
         """Queue the settle script on ``pipe``.
 
@@ -181,6 +190,8 @@ class Settler:
             once: :func:`once_token` of the batch, for counts sent apart from their results:
                 they are added only if the batch is above the runner's mark (instead of only
                 if every result is new).
+            scheduled: ``(eta, message)`` of the batch's tasks whose time is ahead, kept in
+                ``worker/schedule.py``'s sorted set before the ack deletes them from the lane.
 
         Returns:
             The index of the script's reply in ``pipe.execute()``: ``[window count (-1 when not
@@ -189,7 +200,8 @@ class Settler:
         ttl_s, max_entries, max_body = self.dead_letters
         mark, seq = once if once is not None else ("", 0)
         keys: list[str | bytes] = [lane.key if lane is not None else "", LANES_KEY,
-                                   window.key if window else "", mark]  # fmt: skip
+                                   window.key if window else "", mark,
+                                   eta_key(self.queue)]  # fmt: skip
         keys += [key for key, _ in results]
         args: list[Any] = [self.result_expires_s, self.queue, self.worker_id, ttl_s,
                            max_entries, max_body, len(dead)]  # fmt: skip
@@ -197,9 +209,11 @@ class Settler:
             args += [window.images, window.pairs, window.ttl_s, seq]
         else:
             args += [0, "", 0, seq]
-        args.append(min(DONE_TTL_S, self.result_expires_s))
+        args += [min(DONE_TTL_S, self.result_expires_s), len(scheduled)]
         for d in dead:
             args += [d.body, d.length, d.sha1, d.head, d.reason, d.detail[:500], d.task_id]
+        for eta, message in scheduled:
+            args += [repr(eta), message]
         args += [b"" if record is None else json_dumps(record) for _, record in results]
         index = len(pipe)
         pipe.eval(self._script, len(keys), *keys, *args)

@@ -47,8 +47,6 @@ MAX_JSON_CONTAINERS = 10_000
 #: Most stamps a task may carry (Celery's stamping; each is compared with revoked stamps).
 MAX_STAMPS = 100
 #: A task id in kombu's headers, found without parsing (in an oversized or over-complex message).
-#: A task's ``eta`` this close ahead is served (the clocks of client and worker differ a little).
-ETA_SLACK_S = 1.0
 _PROTOCOL_1 = InvalidTask(
     "unsupported",
     "Celery message protocol 1 (the task id in the body, none in the headers); imgq reads "
@@ -79,9 +77,8 @@ class TaskRequest:
         raw: The message exactly as it was in Redis (for redelivery and dead letters).
         error: Why the task must not run (refused content type, unusable body, a header no time
             can be made of), or None; such a task ends in FAILURE without being executed.
-        eta: Celery's ``eta`` (``countdown``/``eta``) as epoch seconds, or None. imgq serves
-            tasks as they come; one whose time is still ahead when it is taken fails as
-            ``unsupported`` rather than run early.
+        eta: Celery's ``eta`` (``countdown``/``eta``) as epoch seconds, or None; a task taken
+            before it waits in Redis until then.
         ignore_result: The producer's ``ignore_result``: no result is stored.
         time_limit: The smaller of the ``time_limit``/``soft_time_limit`` it was sent with, in
             seconds, or None.
@@ -213,23 +210,16 @@ def parse_task_id(value: Any) -> str:
     return value
 
 
-def not_due(req: TaskRequest, now: float) -> InvalidTask | None:
-    """Why a task whose ``countdown``/``eta`` is more than :data:`ETA_SLACK_S` ahead of ``now``
-    is not run, or None when it is due. imgq keeps no task aside for later (Celery's worker
-    holds such a task in its memory, unacknowledged, until its time), so it answers at once
-    rather than run it early or lose it.
+def not_due(req: TaskRequest, now: float) -> bool:
+    """Whether the task's ``countdown``/``eta`` is still ahead of ``now``: it waits in Redis
+    (``worker/schedule.py``) instead of running early.
 
-    >>> not_due(TaskRequest("t", "", {}, None, None, None, "q", b"", eta=100.5), now=100.0)
-    >>> print(not_due(TaskRequest("t", "", {}, None, None, None, "q", b"", eta=160.0), now=100.0))
-    unsupported: countdown/eta 60 s ahead: imgq serves tasks as they arrive and keeps none ...
+    >>> not_due(TaskRequest("t", "", {}, None, None, None, "q", b"", eta=100.0), now=100.0)
+    False
+    >>> not_due(TaskRequest("t", "", {}, None, None, None, "q", b"", eta=160.0), now=100.0)
+    True
     """
-    if req.eta is None or req.eta <= now + ETA_SLACK_S:
-        return None
-    return InvalidTask(
-        "unsupported",
-        f"countdown/eta {req.eta - now:.0f} s ahead: imgq serves tasks as they arrive and keeps "
-        "none for later; send the task when it is due (or schedule it with celery beat)",
-    )
+    return req.eta is not None and req.eta > now
 
 
 def find_task_id(fragment: bytes) -> str | None:
