@@ -26,6 +26,7 @@ from typing import Any
 from imgq.shared.b64 import b64decode_strict
 from imgq.shared.errors import InvalidTask
 from imgq.worker.wire import SENT_AT_HEADER
+from imgq.worker.wire.canvas import Canvas, parse_canvas
 from imgq.worker.wire.codec import json_loads
 
 __all__ = [
@@ -79,6 +80,8 @@ class TaskRequest:
         eta: Celery's ``eta`` (``countdown``/``eta``) as epoch seconds, or None. imgq serves
             tasks as they come; one whose time is still ahead when it is taken fails as
             ``unsupported`` rather than run early.
+        canvas: What to do after the task (callbacks, errbacks, the rest of a chain, a chord's
+            part; ``worker/wire/canvas.py``), or None when nothing (nearly every task).
     """
 
     task_id: str
@@ -91,6 +94,7 @@ class TaskRequest:
     raw: bytes
     error: InvalidTask | None = None
     eta: float | None = None
+    canvas: Canvas | None = None
 
 
 def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
@@ -156,10 +160,11 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
                 f"a body compressed with {headers['compression']!r:.60} is refused; imgq reads "
                 "uncompressed JSON (send without compression=)",
             )
-        kwargs = _body_kwargs(envelope, properties)
+        kwargs, embed = _body_kwargs(envelope, properties)
+        canvas = parse_canvas(embed, headers, properties)
         error = None
     except InvalidTask as exc:
-        kwargs, expires, sent_at, eta, error = {}, None, None, None, exc
+        kwargs, expires, sent_at, eta, canvas, error = {}, None, None, None, None, exc
     return TaskRequest(
         task_id=task_id,
         task_name=task_name,
@@ -171,6 +176,7 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         raw=raw_bytes,
         error=error,
         eta=eta,
+        canvas=canvas,
     )
 
 
@@ -265,8 +271,9 @@ def _containers_in(data: bytes, a: int, b: int) -> int:
     return data.count(b"{", a, b) + data.count(b"[", a, b) + data.count(b",", a, b)
 
 
-def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
-    """The keyword arguments of a JSON protocol 2 body; InvalidTask for anything else."""
+def _body_kwargs(envelope: dict[str, Any], properties: Any) -> tuple[dict[str, Any], Any]:
+    """The keyword arguments and the embed of a JSON protocol 2 body; InvalidTask for anything
+    else."""
     content_type = envelope.get("content-type")
     if content_type != "application/json":
         raise InvalidTask(
@@ -285,7 +292,7 @@ def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
                 f"the body has {containers} JSON separators and brackets, over the "
                 f"{MAX_JSON_CONTAINERS} a valid task can have; it was not parsed",
             )
-        args, kwargs, _embed = json_loads(body)
+        args, kwargs, embed = json_loads(body)
     except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
         raise InvalidTask(
             "malformed_message", f"body is not a JSON [args, kwargs, embed] list: {exc}"
@@ -299,7 +306,7 @@ def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
             "bad_argument",
             f"imgq tasks take keyword arguments only, got {len(args)} positional",
         )
-    return kwargs
+    return kwargs, embed
 
 
 def _epoch_s(value: Any) -> float | None:
