@@ -39,6 +39,7 @@ import redis
 from celery.exceptions import TaskRevokedError
 
 from imgq.shared.errors import InvalidTask
+from imgq.worker.followups import Followups
 from imgq.worker.handler import (
     Deferred,
     Failure,
@@ -139,6 +140,7 @@ class BatchEngine:
         metrics: Where to count.
         events: The worker's :class:`~imgq.worker.wire.events.TaskEvents`, or None.
         wait_ms: How long a partial batch waits for more (``max_wait_ms``, by device).
+        followups: Sends callbacks, chain steps and chord parts of results stored new, or None.
 
     Attributes:
         last_progress_s: ``time.monotonic()`` of the last step (each message, each item a
@@ -157,6 +159,7 @@ class BatchEngine:
         metrics: WorkerMetrics,
         events: TaskEvents | None = None,
         wait_ms: float = 0.0,
+        followups: Followups | None = None,
     ) -> None:
         self.settings = settings
         self.handlers = dict(handlers)
@@ -165,6 +168,7 @@ class BatchEngine:
         self.backend = backend
         self.metrics = metrics
         self.events = events
+        self.followups = followups
         observers = [o for h in self.handlers.values() for o in h.observers]
         if len(observers) > 1:
             raise ValueError(
@@ -450,6 +454,8 @@ class BatchEngine:
                 raise reply
             count = int(reply[0])
         lane.settled()
+        if self.followups is not None:  # once, by the worker whose results were stored new
+            self.followups.after_settle(out.requests, out.records, flags)
         if count == -2:
             self._log_rarely("observer", "observer counts not stored (results are)")
         elif count >= 0 and self.observer is not None:
