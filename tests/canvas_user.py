@@ -15,8 +15,10 @@ import redis
 from celery import Celery
 
 BROKER_URL = os.environ.get("CANVAS_BROKER_URL", "redis://127.0.0.1:6379/0")
+#: Results in another Redis (or database) than the queue, when set.
+BACKEND_URL = os.environ.get("CANVAS_BACKEND_URL", BROKER_URL)
 
-app = Celery("user", broker=BROKER_URL, backend=BROKER_URL)
+app = Celery("user", broker=BROKER_URL, backend=BACKEND_URL)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

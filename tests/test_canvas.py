@@ -18,9 +18,12 @@ import pytest
 import redis
 from celery import Celery, chord
 from celery.exceptions import ChordError
+from prometheus_client import CollectorRegistry
 
 from imgq.launcher import WorkerProcess
 from imgq.shared.errors import InvalidImage, InvalidTask
+from imgq.worker.followups import Followups
+from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.canvas import MAX_SIGNATURES, parse_canvas
 from tests.hostile import envelope
@@ -31,21 +34,28 @@ ROOT = Path(__file__).resolve().parents[1]
 _TIMEOUT_S = 30
 
 
+@pytest.fixture(params=["one-redis"])
+def backend_url(request, redis_server) -> str:
+    """Where results live: the queue's Redis, or (``"results-apart"``) another database, which
+    takes the engine's other settle path (results stored first, their flags from there)."""
+    return redis_server.url if request.param == "one-redis" else redis_server.url[:-1] + "1"
+
+
 @pytest.fixture
-def client(redis_server) -> Celery:
+def client(redis_server, backend_url) -> Celery:
     """A stock Celery app of another service: JSON, imgq.classify routed to queue imgq."""
-    app = Celery("service", broker=redis_server.url, backend=redis_server.url)
+    app = Celery("service", broker=redis_server.url, backend=backend_url)
     app.conf.update(task_serializer="json", task_routes={TASK_NAME: {"queue": "imgq"}})
     return app
 
 
 @pytest.fixture
-def user_worker(redis_server, tmp_path, client) -> Iterator[WorkerProcess]:
+def user_worker(redis_server, backend_url, tmp_path, client) -> Iterator[WorkerProcess]:
     """An ordinary ``celery worker`` serving the user's tasks on queue ``user``."""
     command = [sys.executable, "-m", "celery", "-A", "tests.canvas_user", "worker", "-Q", "user",
                "--pool", "solo", "-c", "1", "-n", "user@%h", "--without-mingle",
                "--without-gossip", "-l", "info"]  # fmt: skip
-    env = dict(os.environ, CANVAS_BROKER_URL=redis_server.url)
+    env = dict(os.environ, CANVAS_BROKER_URL=redis_server.url, CANVAS_BACKEND_URL=backend_url)
     worker = WorkerProcess("user@%h", tmp_path / "user.log", command=command, env=env, cwd=ROOT)
     try:
         worker.wait_ready(client)
@@ -55,9 +65,9 @@ def user_worker(redis_server, tmp_path, client) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture
-def imgq_worker(workers, client, user_worker) -> WorkerProcess:
+def imgq_worker(workers, client, user_worker, backend_url) -> WorkerProcess:
     """One `imgq worker` on queue imgq, ready."""
-    worker = workers.start("w1")
+    worker = workers.start("w1", IMGQ_RESULT_BACKEND=backend_url)
     worker.wait_ready(client)
     return worker
 
@@ -117,6 +127,7 @@ def test_link_error_runs_with_the_task_id(client, imgq_worker, redis_server) -> 
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("backend_url", ["one-redis", "results-apart"], indirect=True)
 def test_chain_continues_with_the_result(client, imgq_worker) -> None:
     """(c) ``classify | store``: the chain's result is what the user's task returned; a failed
     first step fails the rest of the chain instead of leaving it PENDING."""
@@ -144,6 +155,7 @@ def test_chord_body_fires_once_with_every_result(client, imgq_worker, redis_serv
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("backend_url", ["one-redis", "results-apart"], indirect=True)
 def test_chord_with_a_failed_part_fails_not_hangs(client, imgq_worker, redis_server) -> None:
     """(e) A chord with one undecodable part: its result fails with ChordError naming the
     part's error, and its body never runs."""
@@ -220,3 +232,23 @@ def test_hostile_canvas_fails_the_task_and_the_worker_serves_on(
     assert result.get(timeout=_TIMEOUT_S) == {"stored": "b"}
     assert imgq_worker.running()
     assert "the callback follow-up of task " + unbuildable in imgq_worker.log_tail(20000)
+
+
+def test_without_fail_chain_the_chain_fails_as_celery_5_5_does(redis_server) -> None:
+    """Celery 5.5's backends have no ``_fail_chain``: the rest of the chain gets the failure
+    stored step by step, and a step that is a chord's part is returned failed."""
+    calls: list[tuple[str, str | None]] = []
+
+    class Celery55Backend:
+        def store_result(self, task_id: str, exc: Exception, state: str, request: Any) -> None:
+            calls.append(("store", task_id))
+
+        def on_chord_part_return(self, request: Any, state: str, exc: Exception) -> None:
+            calls.append(("chord", request.id))
+
+    followups = Followups(Celery("w", broker=redis_server.url), WorkerMetrics(CollectorRegistry()))
+    followups.backend = Celery55Backend()
+    chain = [{"task": "user.store", "options": {"task_id": "s2", "chord": {"task": "x"}}},
+             {"task": "user.store", "options": {"task_id": "s1"}}]  # fmt: skip
+    followups._fail_chain(chain, InvalidTask("internal_error"), "FAILURE")
+    assert calls == [("store", "s2"), ("chord", "s2"), ("store", "s1")]
