@@ -107,13 +107,17 @@ class Followups:
     ) -> None:
         """Send the follow-ups of every task of the batch that has a canvas and whose result
         was stored new (``stored_new``: the settle script's flag per record). Raises nothing."""
+        if not len(requests) == len(records) == len(stored_new):  # a bug; the batch is settled
+            self._failed("callback", f"(one of {len(requests)})")
+            return
         for req, (_, record), new in zip(requests, records, stored_new, strict=True):
-            if req.canvas is not None and new:
-                try:
-                    self.send(req.task_id, req.task_name, req.canvas, record)
-                except Exception:  # a bug here must not reach the engine: the batch is settled
-                    self._failed("errback" if record["status"] != "SUCCESS" else "callback",
-                                 req.task_id)  # fmt: skip
+            if req.canvas is None or not new:
+                continue
+            try:
+                self.send(req.task_id, req.task_name, req.canvas, record)
+            except Exception:  # a bug here must not reach the engine either
+                self._failed("errback" if record["status"] != "SUCCESS" else "callback",
+                             req.task_id)  # fmt: skip
 
     def send(self, task_id: str, task_name: str, canvas: Canvas, record: ResultRecord) -> None:
         """One task's follow-ups, for its stored ``record``; each kind is tried on its own, so
