@@ -44,6 +44,7 @@ from kombu.common import QoS
 from imgq.worker.app import ImgqCelery
 from imgq.worker.celery_state import load_revoked
 from imgq.worker.engine import BatchEngine
+from imgq.worker.followups import Followups
 from imgq.worker.handler import HandlerContext, load_handler
 from imgq.worker.health import imgq_status  # noqa: F401 (registers the control command)
 from imgq.worker.intake import Intake
@@ -122,6 +123,7 @@ class BulkService:
             events = TaskEvents(app, hostname, broker_db)
         providers = {getattr(h, "provider", "CPUExecutionProvider") for h in self.handlers.values()}
         wait_ms = max(settings.wait_ms_for(p) for p in providers)
+        followups = Followups(app, self.metrics)  # callbacks, chains, chords (sent on demand)
         self.runners = [
             BatchEngine(
                 settings,
@@ -132,6 +134,7 @@ class BulkService:
                 self.metrics,
                 events,
                 wait_ms,
+                followups,
             )  # fmt: skip
             for lane in self.intake.lanes
         ]

@@ -38,6 +38,7 @@ from celery.exceptions import TimeLimitExceeded
 
 from imgq.shared.errors import InvalidTask
 from imgq.worker.celery_state import HeldTask, is_revoked
+from imgq.worker.followups import Followups
 from imgq.worker.handler import (
     Deferred,
     Failure,
@@ -91,6 +92,7 @@ class BatchEngine:
         metrics: Where to count.
         events: The worker's :class:`~imgq.worker.wire.events.TaskEvents`, or None.
         wait_ms: How long a partial batch waits for more (``max_wait_ms``, by device).
+        followups: Sends callbacks, chain steps and chord parts of results stored new, or None.
 
     Attributes:
         last_progress_s: ``time.monotonic()`` of the last step (each message, each item a
@@ -109,6 +111,7 @@ class BatchEngine:
         metrics: WorkerMetrics,
         events: TaskEvents | None = None,
         wait_ms: float = 0.0,
+        followups: Followups | None = None,
     ) -> None:
         self.settings = settings
         self.handlers = dict(handlers)
@@ -117,6 +120,7 @@ class BatchEngine:
         self.backend = backend
         self.metrics = metrics
         self.events = events
+        self.followups = followups
         observers = [o for h in self.handlers.values() for o in h.observers]
         if len(observers) > 1:
             raise ValueError(
@@ -435,6 +439,8 @@ class BatchEngine:
                 raise reply
             count = int(reply[0])
         lane.settled()
+        if self.followups is not None:  # once, by the worker whose results were stored new
+            self.followups.after_settle(out.requests, out.records, flags)
         if count == -2:
             self._log_rarely("observer", "observer counts not stored (results are)")
         elif count >= 0 and self.observer is not None:

@@ -14,6 +14,9 @@ Names (all prefixed ``imgq_``):
   pick-up per task taken, whatever its outcome (for tasks that carry ``imgq_sent_at``, as
   ``ImgqClient`` sends them; Celery's own messages carry no send time), decode + preprocess per
   model call, the model call itself.
+- ``followups_total{kind,outcome}``: what was sent after a task for its canvas
+  (``worker/followups.py``): kind ``callback``, ``chain``, ``chord``, ``errback``; outcome
+  ``sent`` or ``failed`` (logged; the task's own result is stored either way).
 - ``model_info{name,sha256,provider}`` = 1.
 - ``drift_psi{model,feature}``, ``drift_alerts_open{model}``, ``drift_alerts_total{model,feature}``,
   ``drift_windows_total{model}``: set by ``worker/drift.py``.
@@ -46,6 +49,10 @@ class WorkerMetrics:
         self.tasks = Counter(
             "imgq_tasks", "Tasks finished, by outcome and reason code.",
             ["outcome", "reason"], registry=registry,
+        )  # fmt: skip
+        self.followups = Counter(
+            "imgq_followups", "Callbacks, chain steps, chord parts and errbacks of tasks.",
+            ["kind", "outcome"], registry=registry,
         )  # fmt: skip
         self.images = Counter("imgq_images", "Images run through the model.", registry=registry)
         self.batch_size = Histogram(

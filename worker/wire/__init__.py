@@ -5,6 +5,7 @@ format is written out here, exactly as Celery and kombu do it, and tested agains
 
 - :mod:`~imgq.worker.wire.envelope` — a task message as a producer LPUSHes it (the client);
 - :mod:`~imgq.worker.wire.message` — reading one back, every field validated (the worker);
+- :mod:`~imgq.worker.wire.canvas` — its callbacks, errbacks, chain and chord, checked;
 - :mod:`~imgq.worker.wire.result` — a finished task's record in the result backend;
 - :mod:`~imgq.worker.wire.events` — Celery task events (Flower) for a whole batch;
 - :mod:`~imgq.worker.wire.codec` — the JSON those are made of.

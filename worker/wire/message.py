@@ -26,6 +26,7 @@ from typing import Any
 from imgq.shared.b64 import b64decode_strict
 from imgq.shared.errors import InvalidTask
 from imgq.worker.wire import SENT_AT_HEADER
+from imgq.worker.wire.canvas import Canvas, parse_canvas
 from imgq.worker.wire.codec import json_loads
 
 __all__ = [
@@ -83,6 +84,8 @@ class TaskRequest:
         time_limit: The smaller of the ``time_limit``/``soft_time_limit`` it was sent with, in
             seconds, or None.
         stamps: Its Celery stamps (``revoke_by_stamped_headers`` matches them), or None.
+        canvas: What to do after the task (callbacks, errbacks, the rest of a chain, a chord's
+            part; ``worker/wire/canvas.py``), or None when nothing (nearly every task).
     """
 
     task_id: str
@@ -98,6 +101,7 @@ class TaskRequest:
     ignore_result: bool = False
     time_limit: float | None = None
     stamps: dict[str, Any] | None = None
+    canvas: Canvas | None = None
 
 
 def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
@@ -165,10 +169,11 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
             )
         time_limit = _time_limit(headers.get("timelimit"))
         stamps = _stamps(headers.get("stamps"))
-        kwargs = _body_kwargs(envelope, properties)
+        kwargs, embed = _body_kwargs(envelope, properties)
+        canvas = parse_canvas(embed, headers, properties)
         error = None
     except InvalidTask as exc:
-        kwargs, expires, sent_at, eta, error = {}, None, None, None, exc
+        kwargs, expires, sent_at, eta, canvas, error = {}, None, None, None, None, exc
         time_limit, stamps = None, None
     return TaskRequest(
         task_id=task_id,
@@ -184,6 +189,7 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         ignore_result=headers.get("ignore_result") is True,
         time_limit=time_limit,
         stamps=stamps,
+        canvas=canvas,
     )
 
 
@@ -271,8 +277,9 @@ def _containers_in(data: bytes, a: int, b: int) -> int:
     return data.count(b"{", a, b) + data.count(b"[", a, b) + data.count(b",", a, b)
 
 
-def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
-    """The keyword arguments of a JSON protocol 2 body; InvalidTask for anything else."""
+def _body_kwargs(envelope: dict[str, Any], properties: Any) -> tuple[dict[str, Any], Any]:
+    """The keyword arguments and the embed of a JSON protocol 2 body; InvalidTask for anything
+    else."""
     content_type = envelope.get("content-type")
     if content_type != "application/json":
         raise InvalidTask(
@@ -291,7 +298,7 @@ def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
                 f"the body has {containers} JSON separators and brackets, over the "
                 f"{MAX_JSON_CONTAINERS} a valid task can have; it was not parsed",
             )
-        args, kwargs, _embed = json_loads(body)
+        args, kwargs, embed = json_loads(body)
     except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
         raise InvalidTask(
             "malformed_message", f"body is not a JSON [args, kwargs, embed] list: {exc}"
@@ -305,7 +312,7 @@ def _body_kwargs(envelope: dict[str, Any], properties: Any) -> dict[str, Any]:
             "bad_argument",
             f"imgq tasks take keyword arguments only, got {len(args)} positional",
         )
-    return kwargs
+    return kwargs, embed
 
 
 def _time_limit(value: Any) -> float | None:
