@@ -15,8 +15,9 @@ Redis layout:
   (its body fails with ``ChordError`` instead of waiting forever) and the errbacks are called
   (``link_error`` tasks are sent as a group with ``(task_id,)``); the rest of the chain gets
   this failure stored as its result, as ``mark_as_failure`` stores it.
-- REVOKED (an expired task): ``backend.mark_as_revoked(store_result=False)``: the chord part
-  only. Celery's worker calls no errback and fails no chain for a revoked task; nor does imgq.
+- REVOKED (expired, revoked or terminated): ``backend.mark_as_revoked(store_result=False)``:
+  the chord part only. Celery's worker calls no errback and fails no chain for a revoked
+  task; nor does imgq.
 
 The task's own result is already stored (first wins) by the batch's settle; follow-ups are sent
 only for results stored new, by the worker that stored them, after the settle. A worker killed
@@ -51,7 +52,8 @@ __all__ = ["Followups", "sender_app"]
 
 logger = logging.getLogger(__name__)
 
-#: What the follow-ups' app takes from the worker's: JSON only, results kept as long, routes.
+#: What the follow-ups' app takes from the worker's: JSON only, results kept as long, routes,
+#: the clients' transport options (priority lists).
 _SHARED_SETTINGS = (
     "task_serializer",
     "result_serializer",
@@ -60,6 +62,7 @@ _SHARED_SETTINGS = (
     "result_expires",
     "task_routes",
     "task_inherit_parent_priority",
+    "broker_transport_options",
     "broker_connection_retry_on_startup",
     "enable_utc",
 )
