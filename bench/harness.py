@@ -45,6 +45,20 @@ _THROUGHPUT = Path(__file__).with_name("throughput.py")
 # -- models and images -----------------------------------------------------------------------------
 
 
+def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a benchmark's imgq fleet and its sample model (throughput.py's defaults:
+    2 processes x 1 batch thread x 1 onnxruntime thread, batches of 32, no batch wait)."""
+    p.add_argument("--workers", type=int, default=2, help="worker processes (cores)")
+    p.add_argument("--concurrency", type=int, default=1, help="batch threads per imgq worker")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per process")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=0.0)
+    p.add_argument("--train-epochs", type=int, default=5, help="epochs for the sample model")
+    p.add_argument("--per-class", type=int, default=100, help="sample images per class")
+    p.add_argument("--work-dir", help="keep data, models and logs here (reused when re-run)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+
+
 def sample_images(work: Path, per_class: int) -> tuple[Path, list[bytes]]:
     """The sample data set (made once per work folder) and its encoded files, shuffled."""
     from imgq.shared.labelled import list_labelled_files

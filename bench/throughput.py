@@ -57,6 +57,7 @@ from typing import Any
 import redis
 from harness import (
     BenchFleet,
+    add_fleet_arguments,
     count_failures,
     cycled,
     done_times,
@@ -423,15 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=5000, help="tasks per drain")
     p.add_argument("--naive-tasks", type=int, help="tasks for the naive drain (default --tasks)")
     p.add_argument("--paced-s", type=float, default=10.0, help="seconds per paced load level")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (cores)")
-    p.add_argument("--concurrency", type=int, default=1, help="batch threads per imgq worker")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per process")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-wait-ms", type=float, default=0.0)
-    p.add_argument("--train-epochs", type=int, default=5, help="epochs for the sample model")
-    p.add_argument("--per-class", type=int, default=100, help="sample images per class")
-    p.add_argument("--work-dir", help="keep data, models and logs here (reused when re-run)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    add_fleet_arguments(p)
     p.add_argument("--profile", action="store_true", help="add a profiled drain of imgq")
     p.add_argument(
         "--drift-pairs",

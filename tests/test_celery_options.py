@@ -46,22 +46,22 @@ def _done_at(r: redis.Redis, task_id: str) -> datetime.datetime:
 
 def test_priority_lists_are_served_higher_first_without_starving(client, workers, redis_server):
     """`priority=` puts a task on kombu's list of its step; urgent tasks queued behind a backlog
-    are served first, and every batch keeps a place for the backlog."""
+    are served first, and every batch keeps places for each lower level that has work."""
     r = redis.Redis.from_url(redis_server.url)
     low = [client.send_task(TASK_NAME, kwargs=_kwargs(i), priority=9) for i in range(40)]
     mid = [client.send_task(TASK_NAME, kwargs=_kwargs(i), priority=5) for i in range(4)]
     high = [client.send_task(TASK_NAME, kwargs=_kwargs(i), priority=0) for i in range(8)]
     assert r.llen("imgq\x06\x169") == 40 and r.llen("imgq\x06\x163") == 4 and r.llen("imgq") == 8
-    worker = workers.start("w1", IMGQ_MAX_BATCH="4")
+    worker = workers.start("w1", IMGQ_MAX_BATCH="16")
     for res in high + mid + low:
         res.get(timeout=60)
     high_done = max(_done_at(r, res.id) for res in high)
     mid_done = max(_done_at(r, res.id) for res in mid)
     low_done = sorted(_done_at(r, res.id) for res in low)
-    # Batches of 4 keep one place for lower levels: the 8 urgent tasks take 3 batches, the 4
-    # middle ones the next 2; the backlog moved all along (one task per batch), not after.
-    assert high_done < low_done[len(low) // 4] and mid_done < low_done[len(low) // 4]
-    assert low_done[0] < high_done
+    # Batches of 16 keep two places for lower levels, one per level: the 8 urgent tasks and one
+    # of each lower level go first, then the middle ones; the backlog moved all along.
+    assert high_done < mid_done < low_done[len(low) // 4]
+    assert low_done[0] < mid_done
     assert r.llen("imgq\x06\x169") == r.llen("imgq\x06\x163") == r.llen("imgq") == 0
     assert worker.stop() == 0
 

@@ -426,3 +426,25 @@ def test_a_suspect_is_served_alone_so_it_kills_no_batch_mate(r) -> None:
     _ack(r, intake)
     assert lane.take(8).messages == [b"f1", b"f2", b"f3"]
     assert r.keys("imgq:deliveries:*") == []
+
+
+def test_priority_levels_share_takes_so_none_starves(r, monkeypatch) -> None:
+    """Takes serve the highest level first; a lower level that waits gets places in every batch
+    (and every eighth take of one message), and an urgent batch is not filled with backlog."""
+    monkeypatch.setattr("imgq.worker.intake.URGENT_WINDOW_S", 3600.0)  # not a race with the clock
+    levels = ["q", "q\x06\x163", "q\x06\x169"]
+    intake = Intake(r, "q", "w", 10.0, dead_letters=DEAD_LETTERS, lists=levels)
+    intake.renew_lease()
+    _enqueue(r, *(b"hi%d" % i for i in range(40)), queue=levels[0])
+    _enqueue(r, *(b"lo%d" % i for i in range(20)), queue=levels[2])
+    lane = intake.lanes[0]
+    taken = lane.take(8)
+    assert taken.messages == [b"hi%d" % i for i in range(7)] + [b"lo0"]
+    _ack(r, intake)
+    singles = []
+    for _ in range(16):
+        singles += lane.take(1).messages
+        _ack(r, intake)
+    assert sum(m.startswith(b"lo") for m in singles) == 2  # every eighth
+    r.delete(levels[0])
+    assert len(lane.take(8).messages) == 4  # backlog alone, right after urgent work: half

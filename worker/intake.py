@@ -62,7 +62,7 @@ import redis
 
 from imgq.worker import intake_lua as lua
 from imgq.worker.capped import ReplyTooLarge, capped_client
-from imgq.worker.priority import plan_take
+from imgq.worker.priority import LOWER_SHARE, URGENT_WINDOW_S, is_urgent, plan_take
 
 __all__ = [
     "DELIVERIES_TTL_S",
@@ -284,6 +284,8 @@ class Lane:
         self.unsure = False
         self._short = False  # the last take found fewer messages than it asked for
         self._recent_max_bytes = 0  # largest message of the last takes, to size the next one
+        self._urgent_until = -float("inf")  # see worker/priority.py's URGENT_WINDOW_S
+        self._takes = 0
 
     def take(self, max_n: int) -> Taken:
         """Move up to ``max_n`` messages, oldest first, from the queue's lists (shared between
@@ -317,7 +319,12 @@ class Lane:
             *lengths, suspects, poisoned = pipe.execute()
             if not any(lengths) and not suspects and not poisoned:
                 return Taken()
-            plan = plan_take(lengths, max_n)
+            now = time.monotonic()
+            self._takes += 1
+            plan = plan_take(lengths, max_n, recently_urgent=now < self._urgent_until,
+                             lower_turn=self._takes % round(1 / LOWER_SHARE) == 0)  # fmt: skip
+            if is_urgent(lengths, plan):
+                self._urgent_until = now + URGENT_WINDOW_S
             max_n = sum(plan)
         pipe = intake.take_redis.pipeline(transaction=True)
         pipe.hset(LANES_KEY, self.key, intake.queue)  # registered before it can hold anything

@@ -9,10 +9,11 @@ priority. A Celery user changes this with ``broker_transport_options`` (``priori
 (``IMGQ_BROKER_TRANSPORT_OPTIONS``), so client and worker agree on the list names.
 
 kombu pops one message at a time, always from the highest non-empty level: a steady flow of
-urgent tasks starves the rest forever. A take here fills a batch from the highest levels first
-but keeps :data:`LOWER_SHARE` of its places for lower levels that have messages waiting, so under
-any load every level moves at least at that share of the throughput, and urgent tasks wait at
-most for the batch in hand.
+urgent tasks starves the rest forever. A take here (:func:`plan_take`) serves the highest level
+with messages but keeps :data:`LOWER_SHARE` of the batch's places for the lower levels that have
+messages waiting, one each in turn, so every level keeps moving under any load; and it does not
+fill a batch of urgent tasks up with the backlog, so an urgent task waits for the batch in hand
+and then rides in a small batch, not in a full one.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["LOWER_SHARE", "PRIORITY_STEPS", "QueueLists", "plan_take"]
+__all__ = ["LOWER_SHARE", "PRIORITY_STEPS", "URGENT_WINDOW_S", "QueueLists", "is_urgent",
+           "plan_take"]  # fmt: skip
 
 #: kombu's defaults (``kombu.transport.redis``).
 PRIORITY_STEPS = (0, 3, 6, 9)
 SEP = "\x06\x16"
 #: Places of a batch (at least one, from batches of two) kept for lower priority levels.
 LOWER_SHARE = 1 / 8
+#: For this long after a batch served a level above others that wait, a batch of the lowest
+#: waiting level alone is at most half full: the next urgent task waits for half a batch.
+URGENT_WINDOW_S = 1.0
 _STRATEGIES = ("round_robin", "sorted", "priority")
 
 
@@ -97,34 +102,58 @@ class QueueLists:
         return cls(tuple(steps), sep, prefix)
 
 
-def plan_take(lengths: Sequence[int], n: int) -> list[int]:
-    """How many messages to take from each level (highest first) for a batch of ``n``.
+def plan_take(
+    lengths: Sequence[int], n: int, recently_urgent: bool = False, lower_turn: bool = False
+) -> list[int]:
+    """How many messages to take from each level (highest first) for a batch of up to ``n``.
 
-    Higher levels first, except that :data:`LOWER_SHARE` of the batch (at least one place when
-    ``n >= 2``) is kept for the levels below while they have messages; places nobody below
-    needs go back to the higher levels.
+    The highest level with messages gets up to ``n`` places less :data:`LOWER_SHARE` of them
+    (at least one when ``n >= 2``), which go one by one, in turn, to the lower levels that have
+    messages, so none of them starves. Places the highest level leaves empty are not filled
+    with lower tasks: an urgent task rides in a small batch instead of a full batch of the
+    backlog (it waits for the batch in hand, not for two). While ``recently_urgent`` (a batch
+    served urgent tasks less than :data:`URGENT_WINDOW_S` ago), a batch of a single level is at
+    most half full, so the next urgent task waits for half a batch in hand, not a whole one.
+    A batch of one has no place to keep: it goes to a lower level when ``lower_turn`` (every
+    eighth take, :data:`LOWER_SHARE`).
 
     >>> plan_take([100, 0, 0, 100], 32)
     [28, 0, 0, 4]
     >>> plan_take([3, 0, 0, 100], 32)
-    [3, 0, 0, 29]
-    >>> plan_take([100, 0, 0, 2], 32)
-    [30, 0, 0, 2]
-    >>> plan_take([5, 7], 1)
-    [1, 0]
+    [3, 0, 0, 4]
+    >>> plan_take([3, 1, 0, 100], 32)
+    [3, 1, 0, 3]
+    >>> plan_take([0, 0, 0, 100], 32)
+    [0, 0, 0, 32]
+    >>> plan_take([0, 0, 0, 100], 32, recently_urgent=True)
+    [0, 0, 0, 16]
+    >>> plan_take([5, 7], 1), plan_take([5, 7], 1, lower_turn=True)
+    ([1, 0], [0, 1])
     """
-    n = max(0, n)
     lengths = [max(0, int(x)) for x in lengths]
-    keep = max(1, int(n * LOWER_SHARE)) if n >= 2 else 0
-    waiting_below = [sum(lengths[i + 1 :]) for i in range(len(lengths))]
     plan = [0] * len(lengths)
-    left = n
-    for i, length in enumerate(lengths):
-        reserved = min(keep, waiting_below[i])
-        plan[i] = min(length, max(0, left - reserved))
-        left -= plan[i]
-    for i, length in enumerate(lengths):
-        more = min(length - plan[i], left)
-        plan[i] += more
-        left -= more
+    waiting = [i for i, length in enumerate(lengths) if length > 0]
+    if not waiting or n <= 0:
+        return plan
+    top, lower = waiting[0], waiting[1:]
+    keep = max(1, int(n * LOWER_SHARE)) if n >= 2 else int(lower_turn)
+    keep = min(keep, sum(lengths[i] for i in lower))
+    if recently_urgent and not lower:
+        n = max(1, n // 2)
+    plan[top] = min(lengths[top], n - keep)
+    while keep > 0:
+        for i in lower:
+            if keep > 0 and plan[i] < lengths[i]:
+                plan[i] += 1
+                keep -= 1
     return plan
+
+
+def is_urgent(lengths: Sequence[int], plan: Sequence[int]) -> bool:
+    """Whether a batch of ``plan`` served a level while a lower one had messages waiting.
+
+    >>> is_urgent([3, 0, 9], [1, 0, 0]), is_urgent([0, 0, 9], [0, 0, 8])
+    (True, False)
+    """
+    served = [i for i, count in enumerate(plan) if count]
+    return bool(served) and any(lengths[i] for i in range(served[0] + 1, len(lengths)))
