@@ -21,6 +21,8 @@ fi
 [ -n "$PY" ] || { echo "setup: Python 3.11 or 3.12 is required (set IMGQ_PYTHON to its path)" >&2; exit 1; }
 
 # IMGQ_VENV lets a caller reuse an existing environment (the clone test does); default .venv here.
+# IMGQ_SKIP_INSTALL=1 leaves it as it is (the clone test puts the clone's code first on
+# PYTHONPATH instead of re-pointing the caller's editable install at a temporary clone).
 VENV="${IMGQ_VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV with $($PY --version)"
@@ -34,7 +36,9 @@ fi
 # Reinstall only when pyproject.toml changed since the last successful install.
 stamp="$VENV/.imgq-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+if [ "${IMGQ_SKIP_INSTALL:-0}" = 1 ]; then
+  echo "setup: IMGQ_SKIP_INSTALL=1: using $VENV as it is"
+elif [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing imgq[trainer,worker,review,dev] into $VENV (a few minutes the first time)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e ".[trainer,worker,review,dev]"
