@@ -171,6 +171,21 @@ def test_chord_with_a_failed_part_fails_not_hangs(client, imgq_worker, redis_ser
     assert r.llen("user:collect") == 0
 
 
+@pytest.mark.integration
+def test_a_revoked_chord_part_fails_the_chord_not_hangs(client, imgq_worker, redis_server) -> None:
+    """A chord part revoked before it is taken ends REVOKED and returns its part as Celery's
+    worker does, so the chord fails with ChordError instead of waiting forever."""
+    r = _redis(redis_server.url)
+    replies = client.control.revoke("part-revoked", reply=True, timeout=30, limit=1)
+    assert replies, "the imgq worker did not answer the revoke"
+    parts = [_classify(client, 0), _classify(client, 1).set(task_id="part-revoked")]
+    result = chord(parts)(_user(client, "collect"))
+    error = result.get(timeout=_TIMEOUT_S, propagate=False)
+    assert isinstance(error, ChordError) and "revoked" in str(error).lower(), repr(error)
+    assert client.AsyncResult("part-revoked").state == "REVOKED"
+    assert r.llen("user:collect") == 0
+
+
 _GOOD_SIG = {"task": "user.store", "args": [], "kwargs": {}, "options": {"queue": "user"},
              "subtask_type": None, "immutable": False}  # fmt: skip
 #: Embeds and headers of the wrong type or size, each a FAILURE malformed_message naming it.
@@ -184,6 +199,11 @@ _HOSTILE: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "group_a_number": ({"chord": _GOOD_SIG}, {"group": 5}, "`group` header must be an id"),
     "group_index_text": ({"chord": _GOOD_SIG}, {"group_index": "1"}, "`group_index` header"),
     "too_many": ({"callbacks": [_GOOD_SIG] * (MAX_SIGNATURES + 1)}, {}, "over 100"),
+    "too_many_nested": (  # one callback whose own links fan out: counted too
+        {"callbacks": [{**_GOOD_SIG, "options": {"link": [_GOOD_SIG] * MAX_SIGNATURES}}]},
+        {},
+        "holds 101 signatures, over the 100",
+    ),
     "embed_a_list": ([_GOOD_SIG], {}, "embed must be an object"),  # type: ignore[dict-item]
 }
 

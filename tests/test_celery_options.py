@@ -225,3 +225,19 @@ def test_a_countdown_waits_in_redis_survives_a_killed_worker_and_runs_on_time(
     assert later.get(timeout=60)["label"] == "b"
     assert _done_at(r, later.id).timestamp() >= sent + 8
     assert r.zcard("imgq:eta:imgq") == 0
+
+
+def test_key_prefixes_of_the_clients_transport_options(redis_server, workers) -> None:
+    """A client that prefixes its broker and result keys (`global_keyprefix`, usual on a shared
+    Redis) is served by workers given the same options."""
+    options = {"global_keyprefix": "shop:"}
+    app = Celery("service", broker=redis_server.url, backend=redis_server.url)
+    app.conf.update(task_routes={TASK_NAME: {"queue": "imgq"}}, broker_transport_options=options,
+                    result_backend_transport_options=options)  # fmt: skip
+    r = redis.Redis.from_url(redis_server.url)
+    res = app.send_task(TASK_NAME, kwargs=_kwargs(1), priority=9)
+    assert r.llen("shop:imgq\x06\x169") == 1
+    workers.start("w1", IMGQ_BROKER_TRANSPORT_OPTIONS=json.dumps(options),
+                  IMGQ_RESULT_BACKEND_TRANSPORT_OPTIONS=json.dumps(options))  # fmt: skip
+    assert res.get(timeout=30)["label"] == "b"
+    assert r.exists(f"shop:celery-task-meta-{res.id}") == 1

@@ -50,6 +50,7 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
         task_default_queue=settings.queue,
         # The clients' options: the same priority lists, key prefix and pub/sub names.
         broker_transport_options=settings.broker_transport_options,
+        result_backend_transport_options=settings.result_backend_transport_options,
         task_routes={name: {"queue": settings.queue} for name in _task_names(settings)},
         result_expires=settings.result_expires_s,
         broker_connection_retry_on_startup=True,

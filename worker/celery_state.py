@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from celery.utils.functional import maybe_list
 from celery.worker import state as worker_state
-from celery.worker.control import Panel
+from celery.worker.control import Panel, control_command
 
 from imgq.worker.wire.message import TaskRequest
 
@@ -194,32 +194,40 @@ def load_revoked(client: redis.Redis) -> int:
     return len(ids)
 
 
-def _remembering(original: Any) -> Any:
-    """Celery's ``revoke`` command, which also adds the ids to :data:`REVOKED_KEY`."""
+@control_command(
+    variadic="task_id",
+    signature="[id1 [id2 [... [idN]]]]",
+)
+def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None,
+           **kwargs: Any) -> dict[str, str]:  # fmt: skip
+    """Revoke tasks by id: not computed when taken; with ``terminate``, a task of a batch in
+    hand is answered REVOKED instead of its result.
 
-    def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None,
-               **kwargs: Any) -> Any:  # fmt: skip
-        reply = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
-        service = getattr(state.app, "imgq_service", None)
-        ids = [i for i in maybe_list(task_id) or [] if isinstance(i, str) and len(i) <= 512]
-        if service is not None and ids:
-            try:
-                pipe = service.redis.pipeline(transaction=False)
-                pipe.zadd(REVOKED_KEY, dict.fromkeys(ids, time.time()))
-                pipe.zremrangebyrank(REVOKED_KEY, 0, -worker_state.REVOKES_MAX - 1)
-                pipe.expire(REVOKED_KEY, int(worker_state.REVOKE_EXPIRES))
-                pipe.execute()
-            except redis.RedisError as exc:
-                logger.warning("revoke of %d tasks not kept in Redis (broadcast only): %s",
-                               len(ids), exc)  # fmt: skip
-        return reply
-
-    revoke.__doc__ = original.__doc__
-    return revoke
-
-
-_meta = Panel.meta["revoke"]
-Panel.register(
-    _remembering(Panel.data["revoke"]), name="revoke", type=_meta.type,
-    signature=_meta.signature, args=_meta.args, variadic=_meta.variadic,
-)  # fmt: skip
+    Celery's own command (5.7) also stores REVOKED at once for a task no worker holds. imgq does
+    not: the worker that takes the task stores it, with what Celery's worker does for a revoked
+    task (a chord part returned, task events), and a task already running elsewhere keeps its
+    result, as documented. The ids are kept in :data:`REVOKED_KEY` for workers started later.
+    """
+    ids = [i for i in maybe_list(task_id) or [] if isinstance(i, str) and 0 < len(i) <= 512]
+    worker_state.revoked.update(ids)
+    terminated = []
+    if terminate:
+        for held in (worker_state.requests.get(i) for i in ids):
+            if isinstance(held, HeldTask):
+                held.terminate(None, signal)
+                terminated.append(held.id)
+    service = getattr(state.app, "imgq_service", None)
+    if service is not None and ids:
+        try:
+            pipe = service.redis.pipeline(transaction=False)
+            pipe.zadd(REVOKED_KEY, dict.fromkeys(ids, time.time()))
+            pipe.zremrangebyrank(REVOKED_KEY, 0, -worker_state.REVOKES_MAX - 1)
+            pipe.expire(REVOKED_KEY, int(worker_state.REVOKE_EXPIRES))
+            pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("revoke of %d tasks not kept in Redis (broadcast only): %s",
+                           len(ids), exc)  # fmt: skip
+    if terminate:
+        return {"ok": f"terminate: {', '.join(terminated)}" if terminated
+                else "terminate: tasks unknown"}  # fmt: skip
+    return {"ok": f"tasks {set(ids)} flagged as revoked"}

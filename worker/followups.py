@@ -63,10 +63,12 @@ _SHARED_SETTINGS = (
     "task_routes",
     "task_inherit_parent_priority",
     "broker_transport_options",
+    "result_backend_transport_options",
     "broker_connection_retry_on_startup",
     "enable_utc",
 )
 _LOG_EVERY_S = 10.0  # a broker outage fails every follow-up: logged this often, all counted
+_CLAIM_TTL_S = 86_400  # how long a revoked task's claimed follow-ups are remembered
 
 
 def sender_app(app: Celery) -> Celery:
@@ -114,13 +116,32 @@ class Followups:
             self._failed("callback", f"(one of {len(requests)})")
             return
         for req, (_, record), new in zip(requests, records, stored_new, strict=True):
-            if req.canvas is None or not new:
+            if req.canvas is None:
+                continue
+            if not new and record["status"] == celery_states.REVOKED:
+                new = self._claim_revoked(req.task_id)
+            if not new:
                 continue
             try:
                 self.send(req.task_id, req.task_name, req.canvas, record)
             except Exception:  # a bug here must not reach the engine either
                 self._failed("errback" if record["status"] != "SUCCESS" else "callback",
                              req.task_id)  # fmt: skip
+
+    def _claim_revoked(self, task_id: str) -> bool:
+        """A revoked task whose REVOKED record someone else stored: a plain Celery worker's
+        ``revoke`` command (5.7+) stores it when the broadcast arrives, without the task's
+        request, so its chord part was never returned. The first worker that takes the message
+        and finds REVOKED there claims the follow-ups (a marker, set once) and returns it."""
+        try:
+            client = self.backend.client
+            meta = self.backend.decode_result(client.get(self.backend.get_key_for_task(task_id)))
+            if meta.get("status") != celery_states.REVOKED:
+                return False  # answered by a worker that had begun it: its follow-ups are sent
+            return bool(client.set(f"imgq:followed:{task_id}", 1, nx=True, ex=_CLAIM_TTL_S))
+        except Exception:
+            self._failed("chord", task_id)
+            return False
 
     def send(self, task_id: str, task_name: str, canvas: Canvas, record: ResultRecord) -> None:
         """One task's follow-ups, for its stored ``record``; each kind is tried on its own, so

@@ -23,8 +23,10 @@ import redis
 
 __all__ = ["MAX_RELEASE", "eta_key", "release_due"]
 
-#: Most messages one release moves (the next keeper tick moves more).
-MAX_RELEASE = 1000
+#: Most messages one release script moves: each is copied inside Redis, which serves nothing
+#: else meanwhile; a tick runs scripts until fewer are due, up to :data:`_MAX_CALLS`.
+MAX_RELEASE = 100
+_MAX_CALLS = 100
 
 # KEYS: the sorted set, the queue. ARGV: now (epoch seconds), most to move. Returns how many.
 _RELEASE = """
@@ -44,5 +46,11 @@ def eta_key(queue: str) -> str:
 
 def release_due(client: redis.Redis, queue: str, now: float) -> int:
     """Move ``queue``'s messages whose time is at or before ``now`` to the queue's consuming
-    end; returns how many moved."""
-    return int(client.eval(_RELEASE, 2, eta_key(queue), queue, repr(now), MAX_RELEASE))
+    end (up to 10,000 per call, in scripts of :data:`MAX_RELEASE`); returns how many moved."""
+    total = 0
+    for _ in range(_MAX_CALLS):
+        moved = int(client.eval(_RELEASE, 2, eta_key(queue), queue, repr(now), MAX_RELEASE))
+        total += moved
+        if moved < MAX_RELEASE:
+            break
+    return total

@@ -77,6 +77,52 @@ def _parse_json_object(raw: str) -> dict[str, Any]:
     return value
 
 
+#: Transport options whose value kombu or redis-py use as a number, a flag or a name: checked at
+#: start, so that a wrong type stops the worker with its name instead of a TypeError deep in
+#: Celery once it runs (others pass through: kombu ignores what it does not know).
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(
+        ("visibility_timeout", "socket_timeout", "socket_connect_timeout", "polling_interval",
+         "brpop_timeout", "health_check_interval", "reauth_check_interval", "max_connections",
+         "unacked_mutex_expire", "unacked_restore_limit", "unacked_restore_interval",
+         "unacked_restore_throttle", "max_retries", "interval_start", "interval_step",
+         "interval_max"),
+        (int, float),
+    ),
+    **dict.fromkeys(
+        ("socket_keepalive", "retry_on_timeout", "ack_emulation", "fanout_patterns",
+         "sentinel_fanout_compat"),
+        (bool,),
+    ),
+    **dict.fromkeys(
+        ("client_name", "master_name", "unacked_key", "unacked_index_key", "unacked_mutex_key",
+         "global_keyprefix", "sep", "username", "password"),
+        (str,),
+    ),
+    "fanout_prefix": (bool, str),
+}  # fmt: skip
+
+
+def transport_problem(options: Any) -> str | None:
+    """What is wrong with Celery transport options (a JSON object), or None.
+
+    >>> transport_problem({"visibility_timeout": "x"})
+    "visibility_timeout must be a number >= 0, got 'x'"
+    """
+    if not isinstance(options, dict):
+        return f"must be a JSON object, got {type(options).__name__}"
+    for key, value in options.items():
+        kinds = _OPTION_TYPES.get(key)
+        if kinds is None:
+            continue
+        numeric = kinds == (int, float)
+        negative = isinstance(value, int | float) and (isinstance(value, bool) or value < 0)
+        if not isinstance(value, kinds) or (numeric and negative):
+            want = "a number >= 0" if numeric else " or ".join(k.__name__ for k in kinds)
+            return f"{key} must be {want}, got {value!r:.40}"
+    return None
+
+
 def _parse_float(raw: str) -> float:
     try:
         return float(raw)
@@ -108,6 +154,10 @@ _VARS: tuple[_Var, ...] = (
     _Var("IMGQ_BROKER_TRANSPORT_OPTIONS", "broker_transport_options", _parse_json_object, "{}",
          "the clients' Celery broker_transport_options as JSON; priority_steps, sep and "
          "global_keyprefix name the queue's Redis lists, as kombu does"),
+    _Var("IMGQ_RESULT_BACKEND_TRANSPORT_OPTIONS", "result_backend_transport_options",
+         _parse_json_object, "{}",
+         "the clients' Celery result_backend_transport_options as JSON (global_keyprefix "
+         "prefixes the result keys)"),
     _Var("IMGQ_HANDLERS", "handlers", _parse_names, "classify",
          "comma-separated handlers the worker serves: classify (imgq.classify, needs a model), "
          "null (imgq.null, answers at once: for measuring the engine)"),
@@ -185,6 +235,7 @@ class WorkerSettings:
         queue: The queue name (a Redis list of that name, and one per priority level).
         broker_transport_options: Celery's ``broker_transport_options`` of the clients: the
             worker's Celery app uses them, and :attr:`queue_lists` reads the list names.
+        result_backend_transport_options: The clients' ``result_backend_transport_options``.
         handlers: The handlers served (``worker/handler.py``'s ``HANDLERS``).
         concurrency: Batch runner threads per process.
         max_batch: Most tasks taken, served and stored together.
@@ -218,6 +269,7 @@ class WorkerSettings:
     model_dir: Path | None = None
     queue: str = "imgq"
     broker_transport_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    result_backend_transport_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     handlers: tuple[str, ...] = ("classify",)
     concurrency: int = 1
     max_batch: int = 32
@@ -291,14 +343,20 @@ class WorkerSettings:
         )
         model_ok = self.model_dir is None or self.model_dir.is_dir()
         try:
-            lists_problem = None
+            lists_problem = transport_problem(self.broker_transport_options)
             self.queue_lists  # noqa: B018 (validates the options)
         except (ValueError, AttributeError) as exc:
-            lists_problem = f"{name('broker_transport_options')}: {exc}"
+            lists_problem = str(exc)
+        if lists_problem:
+            lists_problem = f"{name('broker_transport_options')}: {lists_problem}"
+        results_problem = transport_problem(self.result_backend_transport_options)
+        if results_problem:
+            results_problem = f"{name('result_backend_transport_options')}: {results_problem}"
         return [
             url("broker_url"),
             url("result_backend"),
             lists_problem,
+            results_problem,
             None if model_ok else f"{name('model_dir')} {self.model_dir} is not a folder",
             None
             if queue_ok
@@ -407,7 +465,7 @@ class WorkerSettings:
             value = getattr(self, field.name)
             if field.name in ("broker_url", "result_backend"):
                 value = mask_url(value)
-            elif field.name == "broker_transport_options":
+            elif field.name.endswith("transport_options"):
                 value = {k: "***" if _SECRET.search(k) else v for k, v in value.items()}
             elif field.name == "decode_limits":
                 value = dataclasses.asdict(value)

@@ -22,9 +22,10 @@ from imgq.shared.errors import InvalidTask
 
 __all__ = ["MAX_SIGNATURES", "Canvas", "parse_canvas"]
 
-#: Most signatures (callbacks + errbacks + chain steps + the chord body) one task may carry. A
-#: real one has a handful; each is a Celery message sent by the worker, so the bound is what
-#: one hostile message can make a worker send.
+#: Most signatures one task may carry, counting those nested in others (a callback's own
+#: ``link``, a chord body's chain...): a real task has a handful. Each may become a message,
+#: and nested ones become messages later, so counting them all bounds what one hostile message
+#: makes the whole fleet send, not only this worker.
 MAX_SIGNATURES = 100
 #: Longest task name, group id, root or parent id accepted (Celery's ids are 36 characters).
 _MAX_ID_CHARS = 512
@@ -96,7 +97,7 @@ def parse_canvas(embed: Any, headers: dict[str, Any], properties: dict[str, Any]
     chord = embed.get("chord")
     if chord is not None:
         _check_signature(chord, "the embed's `chord`")
-    count = len(callbacks) + len(errbacks) + len(chain) + (chord is not None)
+    count = _nested_signatures(embed)
     if count > MAX_SIGNATURES:
         raise _bad(f"the embed holds {count} signatures, over the {MAX_SIGNATURES} accepted")
     group_index = headers.get("group_index")
@@ -118,6 +119,20 @@ def parse_canvas(embed: Any, headers: dict[str, Any], properties: dict[str, Any]
         parent_id=_id_header(headers, "parent_id"),
         priority=priority,
     )
+
+
+def _nested_signatures(embed: dict[str, Any]) -> int:
+    """Signatures anywhere in the embed (objects with a ``task``), counted without recursion
+    (the message parser bounds how many containers there are, not how deep they nest)."""
+    count, stack = 0, [embed]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            count += "task" in value
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
 
 
 def _signatures(embed: dict[str, Any], name: str) -> tuple[dict[str, Any], ...]:

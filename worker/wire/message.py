@@ -186,7 +186,7 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         raw=raw_bytes,
         error=error,
         eta=eta,
-        ignore_result=headers.get("ignore_result") is True,
+        ignore_result=bool(headers.get("ignore_result")),  # truthy, as Celery's worker reads it
         time_limit=time_limit,
         stamps=stamps,
         canvas=canvas,
