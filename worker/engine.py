@@ -8,12 +8,15 @@ A :class:`BatchEngine` thread repeats one cycle:
    ``max_wait_ms`` for more only when that is set (it pays on a GPU, not on a CPU); an idle
    engine looks again after a short pause that grows with the idle time (reads only: a wait that
    wrote would be refused by a full Redis);
-2. per message: parse (``worker/wire/message.py``), poison pill, refused content, expiry, and
-   the handler of its task name; then each handler's requests in one ``handle`` call, whose
-   outcomes are checked against the batch contract;
-3. one Redis round trip: the settle script (dead letters, results stored first-wins, the ack,
-   the observers' counts once; ``worker/settle.py``), the observers' extras and one message of
-   Celery task events.
+2. per message: parse (``worker/wire/message.py``), poison pill, refused content, expiry, an
+   ``eta`` still ahead (put aside in Redis, ``worker/schedule.py``), the handler of its task
+   name, a revoke (``worker/celery_state.py``); then each handler's requests in one ``handle``
+   call, registered in Celery's worker state meanwhile, whose outcomes are checked against the
+   batch contract (and overruled by ``terminate`` or a time limit the batch ran past);
+3. one Redis round trip: the settle script (dead letters, tasks put aside, results stored
+   first-wins, the ack, the observers' counts once; ``worker/settle.py``), the observers'
+   extras and one message of Celery task events; then the follow-ups of results stored new
+   (callbacks, chains, chords: ``worker/followups.py``).
 
 Exactly one outcome per message: a stored result, a dead letter for a message that does not
 even carry a task id, or back to the head of the queue for a request its handler deferred. An
