@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -58,9 +57,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedi
     try:
         yield server
     finally:
-        # Celery's AsyncResult unsubscribes from its result when collected: let the test's
-        # results held in reference cycles go while their Redis still answers.
-        gc.collect()
         server.stop()
 
 

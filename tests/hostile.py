@@ -37,7 +37,7 @@ request_id_object          FAILURE      bad_argument
 positional_args            FAILURE      bad_argument
 unknown_keyword            FAILURE      unknown_argument
 pickle                     FAILURE      content_refused (never unpickled)
-wrong_task_name            FAILURE      malformed_message
+wrong_task_name            FAILURE      unknown_task
 body_not_json              FAILURE      malformed_message
 args_not_a_list            FAILURE      malformed_message
 kwargs_not_an_object       FAILURE      malformed_message
@@ -301,7 +301,7 @@ def catalogue(trap_path: Path) -> list[Hostile]:
         ("pickle", "content_refused", lambda i: envelope(
             i, pickle.dumps(((), {"image": _Trap(trap_path)}, {})),
             content_type="application/x-python-serialize")),
-        ("wrong_task_name", "malformed_message",
+        ("wrong_task_name", "unknown_task",
          lambda i: envelope(i, json_body([], {"image": good}), task="celery.backend_cleanup")),
         ("body_not_json", "malformed_message", lambda i: envelope(i, b"{not json")),
         ("args_not_a_list", "malformed_message", lambda i: envelope(i, json_body(5, {}))),

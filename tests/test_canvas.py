@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,6 +184,35 @@ def test_a_revoked_chord_part_fails_the_chord_not_hangs(client, imgq_worker, red
     error = result.get(timeout=_TIMEOUT_S, propagate=False)
     assert isinstance(error, ChordError) and "revoked" in str(error).lower(), repr(error)
     assert client.AsyncResult("part-revoked").state == "REVOKED"
+    assert r.llen("user:collect") == 0
+
+
+@pytest.mark.integration
+def test_a_running_part_revoked_by_a_plain_worker_still_returns_its_part(
+    client, workers, user_worker, redis_server
+) -> None:
+    """A mixed fleet: the plain Celery worker serving the user's tasks also gets the revoke
+    broadcast and stores REVOKED at once (Celery 5.7) for a chord part an imgq worker is
+    computing. The imgq worker's result is then not new, yet the part is returned (claimed
+    once), so the chord fails instead of waiting forever."""
+    r = _redis(redis_server.url)
+    worker = workers.start("w1", IMGQ_HANDLERS="classify,null")
+    worker.wait_ready(client)
+    held = client.signature("imgq.null", kwargs={"hold_until": "test:go"}, queue="imgq")
+    result = chord([held.set(task_id="held-part"), _classify(client, 1)])(_user(client, "collect"))
+    deadline = time.monotonic() + _TIMEOUT_S
+    while not any(
+        t["id"] == "held-part"
+        for tasks in (client.control.inspect(timeout=1.0).active() or {}).values()
+        for t in tasks
+    ):
+        assert time.monotonic() < deadline, "the held part never became active"
+    replies = client.control.revoke("held-part", reply=True, timeout=30, limit=2)
+    assert len(replies) == 2, replies  # the imgq worker and the plain one
+    assert client.AsyncResult("held-part").state == "REVOKED"  # stored by the plain worker
+    r.set("test:go", 1)
+    error = result.get(timeout=_TIMEOUT_S, propagate=False)
+    assert isinstance(error, ChordError) and "revoked" in str(error).lower(), repr(error)
     assert r.llen("user:collect") == 0
 
 

@@ -229,15 +229,21 @@ def test_a_countdown_waits_in_redis_survives_a_killed_worker_and_runs_on_time(
 
 def test_key_prefixes_of_the_clients_transport_options(redis_server, workers) -> None:
     """A client that prefixes its broker and result keys (`global_keyprefix`, usual on a shared
-    Redis) is served by workers given the same options."""
+    Redis) is served by workers given the same options, and only it: tasks waiting for their
+    `eta` stay under the prefix too."""
     options = {"global_keyprefix": "shop:"}
     app = Celery("service", broker=redis_server.url, backend=redis_server.url)
     app.conf.update(task_routes={TASK_NAME: {"queue": "imgq"}}, broker_transport_options=options,
                     result_backend_transport_options=options)  # fmt: skip
     r = redis.Redis.from_url(redis_server.url)
+    other_tenant = Celery("other", broker=redis_server.url, backend=redis_server.url)
+    theirs = other_tenant.send_task(TASK_NAME, kwargs=_kwargs(2), queue="imgq")
     res = app.send_task(TASK_NAME, kwargs=_kwargs(1), priority=9)
-    assert r.llen("shop:imgq\x06\x169") == 1
+    later = app.send_task(TASK_NAME, kwargs=_kwargs(1), countdown=1)
+    assert r.llen("shop:imgq\x06\x169") == 1 and r.llen("imgq") == 1
     workers.start("w1", IMGQ_BROKER_TRANSPORT_OPTIONS=json.dumps(options),
                   IMGQ_RESULT_BACKEND_TRANSPORT_OPTIONS=json.dumps(options))  # fmt: skip
-    assert res.get(timeout=30)["label"] == "b"
+    assert res.get(timeout=30)["label"] == "b" and later.get(timeout=30)["label"] == "b"
     assert r.exists(f"shop:celery-task-meta-{res.id}") == 1
+    # Another tenant's task on the bare list is not this fleet's, even when due tasks come back.
+    assert r.llen("imgq") == 1 and theirs.state == "PENDING"

@@ -103,7 +103,7 @@ class BulkService:
             self.handlers[handler.task_name] = handler
         self.intake = Intake(
             self.redis,
-            settings.queue,
+            settings.queue_list,
             self.worker_id,
             settings.lease_ttl_s,
             runners=settings.concurrency,
@@ -250,7 +250,7 @@ class BulkService:
                         "a batch runner made no progress for %.1f s; not renewing the lease, so "
                         "other workers will take over its messages", stalled_s,
                     )  # fmt: skip
-                release_due(self.redis, settings.queue, time.time())
+                release_due(self.redis, settings.queue_list, time.time())
                 if now >= next_restore:
                     next_restore = now + settings.restore_interval_s
                     moved, stale = self.intake.restore_dead()

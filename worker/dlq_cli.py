@@ -89,7 +89,7 @@ def _run(
         )
     limits = DeadLetterLimits.from_settings(settings)
     try:
-        action(args, DeadLetters(client, settings.queue, limits, results=results))
+        action(args, DeadLetters(client, settings.queue_list, limits, results=results))
         return 0
     except _Usage as exc:
         return _fail(str(exc), 2)

@@ -139,7 +139,7 @@ class BatchEngine:
         dead_letters = (settings.dead_letter_ttl_s, settings.dead_letter_max_entries,
                         settings.dead_letter_max_bytes)  # fmt: skip
         add_window = self.observer.lua_add_window if self.observer is not None else None
-        self.settler = Settler(redis_client, self._results_redis, settings.queue,
+        self.settler = Settler(redis_client, self._results_redis, settings.queue_list,
                                lane.intake.worker_id, settings.result_expires_s, dead_letters,
                                add_window)  # fmt: skip
         self._stop = threading.Event()

@@ -118,30 +118,44 @@ class Followups:
         for req, (_, record), new in zip(requests, records, stored_new, strict=True):
             if req.canvas is None:
                 continue
-            if not new and record["status"] == celery_states.REVOKED:
-                new = self._claim_revoked(req.task_id)
             if not new:
-                continue
+                claimed = self._claim_revoked(req.task_id)
+                if claimed is None:
+                    continue
+                record = claimed
+            elif record["status"] == celery_states.REVOKED:
+                self._claim_revoked(req.task_id)  # so that a redelivery does not claim it again
             try:
                 self.send(req.task_id, req.task_name, req.canvas, record)
             except Exception:  # a bug here must not reach the engine either
                 self._failed("errback" if record["status"] != "SUCCESS" else "callback",
                              req.task_id)  # fmt: skip
 
-    def _claim_revoked(self, task_id: str) -> bool:
-        """A revoked task whose REVOKED record someone else stored: a plain Celery worker's
-        ``revoke`` command (5.7+) stores it when the broadcast arrives, without the task's
-        request, so its chord part was never returned. The first worker that takes the message
-        and finds REVOKED there claims the follow-ups (a marker, set once) and returns it."""
+    def _claim_revoked(self, task_id: str) -> ResultRecord | None:
+        """The stored record of a task whose result was not new, when it is a REVOKED that
+        someone else stored and nobody has claimed yet; else None. A plain Celery worker's
+        ``revoke`` command (5.7+) stores REVOKED when the broadcast arrives, without the task's
+        request, so its chord part was never returned (whether or not an imgq worker then
+        computed the task). The first worker that finds it claims the follow-ups (a marker,
+        set once) and sends them for that REVOKED."""
         try:
             client = self.backend.client
             meta = self.backend.decode_result(client.get(self.backend.get_key_for_task(task_id)))
             if meta.get("status") != celery_states.REVOKED:
-                return False  # answered by a worker that had begun it: its follow-ups are sent
-            return bool(client.set(f"imgq:followed:{task_id}", 1, nx=True, ex=_CLAIM_TTL_S))
+                return None  # answered by a worker of this fleet: its follow-ups went with it
+            if not client.set(f"imgq:followed:{task_id}", 1, nx=True, ex=_CLAIM_TTL_S):
+                return None
+            return {
+                "status": meta["status"],
+                "result": meta.get("result"),
+                "traceback": None,
+                "children": [],
+                "date_done": meta.get("date_done", ""),
+                "task_id": task_id,
+            }
         except Exception:
             self._failed("chord", task_id)
-            return False
+            return None
 
     def send(self, task_id: str, task_name: str, canvas: Canvas, record: ResultRecord) -> None:
         """One task's follow-ups, for its stored ``record``; each kind is tried on its own, so

@@ -96,22 +96,27 @@ def _check_redis(url: str, timeout_s: float) -> str:
         client.close()
 
 
-def _ping_worker(app: Celery, timeout_s: float, local: bool) -> str | None:
-    """Name of the first worker that answers a ping, or None; returns on the first answer."""
+def _ping_worker(app: Celery, timeout_s: float, local: bool) -> list[str]:
+    """Names of the workers that answer a ping: waits for the first, then up to a second more
+    for the others (a plain Celery worker on the same Redis answers pings too)."""
     where: dict[str, Any] = {"pattern": local_node_pattern(), "matcher": "pcre"} if local else {}
     replies = app.control.ping(timeout=timeout_s, limit=1, **where)
-    names = [name for reply in replies for name in reply]
-    return names[0] if names else None
+    if not replies:
+        return []
+    replies += app.control.ping(timeout=min(1.0, timeout_s), **where)
+    return sorted({name for reply in replies for name in reply})
 
 
-def _model_status(app: Celery, node: str, timeout_s: float) -> dict[str, Any] | None:
+def _model_status(app: Celery, nodes: list[str], timeout_s: float) -> tuple[str, dict[str, Any]]:
+    """The first of ``nodes`` that answers as an imgq worker (its model status), preferring one
+    whose model is loaded; ``("", {})`` when none does."""
     replies = app.control.broadcast(
-        STATUS_COMMAND, destination=[node], reply=True, timeout=timeout_s, limit=1
+        STATUS_COMMAND, destination=nodes, reply=True, timeout=timeout_s, limit=len(nodes)
     )
-    for reply in replies:
-        if node in reply:
-            return dict(reply[node])
-    return None
+    found = [(node, dict(status)) for reply in replies for node, status in reply.items()
+             if isinstance(status, dict) and "loaded" in status]  # fmt: skip
+    found.sort(key=lambda item: (not item[1].get("loaded"), item[0]))
+    return found[0] if found else ("", {})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -145,16 +150,15 @@ def main(args: argparse.Namespace) -> int:
 
     app = make_app(settings)
     where = f"on this host ({socket.gethostname()})" if args.local else "on the broker"
-    node = _ping_worker(app, left_s(), args.local)
-    if node is None:
+    nodes = _ping_worker(app, left_s(), args.local)
+    if not nodes:
         report("worker", False, f"no imgq worker {where} answered a ping in {args.timeout:g} s")
         return 1
-    report("worker", True, f"{node} answered a ping")
-
-    status = _model_status(app, node, left_s())
-    if status is None:
-        report("model", False, f"{node} did not answer {STATUS_COMMAND} in time")
+    node, status = _model_status(app, nodes, left_s())
+    if not node:
+        report("worker", False, f"{', '.join(nodes)} answered a ping, but none is an imgq worker")
         return 1
+    report("worker", True, f"{node} answered a ping")
     if not status.get("loaded"):
         report("model", False, f"{node} has no model loaded yet")
         return 1

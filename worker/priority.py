@@ -51,8 +51,16 @@ class QueueLists:
     prefix: str = ""
 
     def names(self, queue: str) -> list[str]:
-        """Every list of ``queue``, in the order they are served."""
-        return [self._name(queue, step) for step in self.steps]
+        """Every list of ``queue``, in the order they are served: the queue's own first (where
+        a message without a priority step goes, and what is given back), then the steps'."""
+        home = self.home(queue)
+        levels = [self._name(queue, step) for step in self.steps]
+        return [home, *(name for name in levels if name != home)]
+
+    def home(self, queue: str) -> str:
+        """The queue's own list (under the key prefix): served first, where given-back and
+        due messages go, and the name of imgq's keys for the queue (dead letters, ``eta``)."""
+        return f"{self.prefix}{queue}"
 
     def list_for(self, queue: str, priority: int) -> str:
         """The list kombu puts a message of ``priority`` (0-9) on."""

@@ -444,6 +444,11 @@ class WorkerSettings:
         return QueueLists.from_transport_options(self.broker_transport_options)
 
     @property
+    def queue_list(self) -> str:
+        """The queue's own Redis list: :attr:`queue` under the clients' ``global_keyprefix``."""
+        return self.queue_lists.home(self.queue)
+
+    @property
     def max_message_bytes(self) -> int:
         """The largest message that can carry a valid task: the image's base64 inside a JSON
         body that kombu base64-encodes again (x 16/9), plus 256 KiB of headers. A worker never

@@ -110,7 +110,7 @@ class TaskEvents:
             fields: dict[str, Any]
             if state == "SUCCESS":
                 kind = "task-succeeded"
-                shown = repr({"label": result["label"], "score": result["score"]})
+                shown = _result_repr(result)
                 fields = {"result": shown, "runtime": now - picked_at}
             elif state == "FAILURE":
                 kind = "task-failed"
@@ -124,6 +124,18 @@ class TaskEvents:
             done = Event(kind, **common, clock=forward(), timestamp=now, uuid=task_id, **fields)
             events += (received, done)
         return events
+
+
+def _result_repr(result: Any) -> str:
+    """A result for monitors: a classification's label and score, any other handler's result
+    as it is, cut short.
+
+    >>> _result_repr({"label": "cat", "score": 0.5, "top_k": []}), _result_repr({"ok": True})
+    ("{'label': 'cat', 'score': 0.5}", "{'ok': True}")
+    """
+    if isinstance(result, dict) and "label" in result and "score" in result:
+        result = {"label": result["label"], "score": result["score"]}
+    return repr(result)[:_REPR_MAX_CHARS]
 
 
 def kwargs_repr(kwargs: dict[str, Any]) -> str:
