@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("worker", help="run a Celery worker that serves a bundle")
     s.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
+    s.add_argument(
+        "--model-version",
+        help="published version to serve without --model (IMGQ_MODEL_VERSION; default: the "
+        "queue's stable version)",
+    )
     s.add_argument("--queue", help="queue name (IMGQ_QUEUE, default imgq)")
     s.add_argument(
         "--handlers",
@@ -131,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("purge", parents=[queue], help="delete every dead letter of the queue")
     d.add_argument("--yes", action="store_true", help="really delete them")
     d.set_defaults(func=_handler("imgq.worker.dlq_cli:purge_main"))
+
+    s = sub.add_parser("models", help="model versions published to the fleet through Redis")
+    msub = s.add_subparsers(dest="models_command", required=True)
+    d = msub.add_parser("publish", help="store a bundle in Redis; print its version")
+    d.add_argument("bundle", help="bundle folder written by `imgq train`")
+    d.add_argument("--queue", help="queue whose stable version it becomes if it has none")
+    d.add_argument("--stable", action="store_true", help="make it the queue's stable version")
+    d.set_defaults(func=_handler("imgq.worker.models_cli:publish_main"))
+    d = msub.add_parser("list", help="published versions, sizes, and the workers serving them")
+    d.add_argument("--queue", help="queue whose stable version is marked (default imgq)")
+    d.add_argument("--json", action="store_true", help="one JSON object per version")
+    d.set_defaults(func=_handler("imgq.worker.models_cli:list_main"))
 
     s = sub.add_parser("health", help="exit 0 when Redis answers and a worker has its model")
     s.add_argument("--timeout", type=float, default=5.0)

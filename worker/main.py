@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import logging
 import math
 import os
@@ -71,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = WorkerSettings.from_env(
             model_dir=args.model,
+            model_version=getattr(args, "model_version", None),
             queue=args.queue,
             handlers=_names(getattr(args, "handlers", None)),
             concurrency=args.concurrency,
@@ -100,6 +102,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if not _wait_for_redis(settings):
         return 1
+    if settings.model_dir is None and "classify" in settings.handlers:
+        try:
+            settings = _published_bundle(settings)
+        except (ImgqError, redis.RedisError, OSError) as exc:
+            print(f"imgq worker: cannot fetch a published model: {exc}", file=sys.stderr)
+            return 2
     app = make_app(settings)
     try:
         worker = app.Worker(
@@ -118,6 +126,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"imgq worker: stopped by a fault: {service.fault}", file=sys.stderr)
         return 1
     return int(worker.exitcode or 0)
+
+
+def _published_bundle(settings: WorkerSettings) -> WorkerSettings:
+    """``settings`` with the folder of the published version it names (or its queue's stable
+    one), fetched and checked (``worker/bundles.py``)."""
+    from imgq.worker.bundles import fetch, resolve
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=60)
+    version = resolve(client, settings.model_version, settings.queue_list)
+    folder = fetch(client, version, settings.model_cache, settings.bundle_max_bytes)
+    logger.info("model version fetched", extra={"version": version.version, "model": version.name,
+                                                "folder": str(folder)})  # fmt: skip
+    return dataclasses.replace(settings, model_dir=folder)
 
 
 def _names(raw: str | None) -> tuple[str, ...] | None:

@@ -148,8 +148,15 @@ _VARS: tuple[_Var, ...] = (
          "a password goes in the URL and is masked in logs"),
     _Var("IMGQ_RESULT_BACKEND", "result_backend", str, "= IMGQ_BROKER_URL",
          "Redis URL where results are stored"),
-    _Var("IMGQ_MODEL", "model_dir", Path, "(required by `imgq worker`)",
-         "model bundle folder written by `imgq train`"),
+    _Var("IMGQ_MODEL", "model_dir", Path, "(the queue's published version)",
+         "model bundle folder written by `imgq train`; without it the worker fetches a "
+         "version published with `imgq models publish`"),
+    _Var("IMGQ_MODEL_VERSION", "model_version", str, "(the queue's stable version)",
+         "published model version to serve when no folder is given (a sha256 prefix)"),
+    _Var("IMGQ_MODEL_CACHE", "model_cache", Path, "~/.cache/imgq/bundles",
+         "where fetched model versions are kept, checked, and reused"),
+    _Var("IMGQ_BUNDLE_MAX_BYTES", "bundle_max_bytes", _parse_int, "268435456",
+         "largest bundle `imgq models publish` stores in Redis"),
     _Var("IMGQ_QUEUE", "queue", str, "imgq", "queue the worker serves"),
     _Var("IMGQ_BROKER_TRANSPORT_OPTIONS", "broker_transport_options", _parse_json_object, "{}",
          "the clients' Celery broker_transport_options as JSON; priority_steps, sep and "
@@ -231,7 +238,12 @@ class WorkerSettings:
     Attributes:
         broker_url: Redis URL of the task queue.
         result_backend: Redis URL of the results; defaults to ``broker_url``.
-        model_dir: The model bundle folder; ``None`` only for processes that do not serve.
+        model_dir: The model bundle folder; ``None``: fetch a published version
+            (``worker/bundles.py``), or a process that does not serve.
+        model_version: The published version to fetch (a sha256 prefix); ``None``: the queue's
+            stable version.
+        model_cache: Where fetched versions are kept.
+        bundle_max_bytes: Largest bundle ``imgq models publish`` stores.
         queue: The queue name (a Redis list of that name, and one per priority level).
         broker_transport_options: Celery's ``broker_transport_options`` of the clients: the
             worker's Celery app uses them, and :attr:`queue_lists` reads the list names.
@@ -267,6 +279,11 @@ class WorkerSettings:
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = ""
     model_dir: Path | None = None
+    model_version: str | None = None
+    model_cache: Path = dataclasses.field(
+        default_factory=lambda: Path.home() / ".cache" / "imgq" / "bundles"
+    )
+    bundle_max_bytes: int = 256 << 20
     queue: str = "imgq"
     broker_transport_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     result_backend_transport_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -299,6 +316,7 @@ class WorkerSettings:
             object.__setattr__(self, "result_backend", self.broker_url)
         if self.model_dir is not None:
             object.__setattr__(self, "model_dir", Path(self.model_dir))
+        object.__setattr__(self, "model_cache", Path(self.model_cache).expanduser())
         problems = [p for p in self._problems() if p]
         if problems:
             raise ValueError("invalid worker settings: " + "; ".join(problems))
@@ -378,6 +396,7 @@ class WorkerSettings:
             number("idle_poll_ms", 1, 1000, integer=False),
             number("batch_pixels", self.decode_limits.max_pixels, 10**11),
             number("dead_letter_max_bytes", 0, 2**40),
+            number("bundle_max_bytes", 1, 2**29),
             number("dead_letter_max_entries", 1, 10**7),
             number("dead_letter_ttl_s", 60, 365 * 86400),
             number("metrics_port", 0, 65535),
