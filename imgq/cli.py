@@ -105,16 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("drift", help="review input drift: status, alerts, report")
     dsub = s.add_subparsers(dest="drift_command", required=True, metavar="ACTION")
-    d = dsub.add_parser("status", help="per feature: reference vs current, statistic, state")
-    d.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", help="bundle folder (IMGQ_MODEL; default: a published version)")
+    model.add_argument(
+        "--model-version",
+        help="published version (IMGQ_MODEL_VERSION; default: the queue's stable version)",
+    )
+    d = dsub.add_parser(
+        "status", parents=[model], help="per feature: reference vs current, statistic, state"
+    )
     d.set_defaults(func=_handler("imgq.worker.drift.review:status_main"))
-    d = dsub.add_parser("alerts", help="list drift alerts")
-    d.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
+    d = dsub.add_parser("alerts", parents=[model], help="list drift alerts")
     d.add_argument("--all", action="store_true", help="include cleared and acknowledged")
     d.add_argument("--ack", metavar="ID", help="acknowledge an alert")
     d.set_defaults(func=_handler("imgq.worker.drift.review:alerts_main"))
-    d = dsub.add_parser("report", help="write PNG figures of what drifted")
-    d.add_argument("--model", help="bundle folder (IMGQ_MODEL)")
+    d = dsub.add_parser("report", parents=[model], help="write PNG figures of what drifted")
     d.add_argument("--out", required=True)
     d.set_defaults(func=_handler("imgq.worker.drift.review:report_main"))
 

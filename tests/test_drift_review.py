@@ -139,12 +139,15 @@ def test_report_writes_histograms_and_the_strip(
 
 
 def test_commands_need_a_model(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Without --model or IMGQ_MODEL the command exits 2 and says how to give one."""
+    """Without --model, IMGQ_MODEL or a published version the command exits 2 and says how to
+    give one."""
     monkeypatch.delenv("IMGQ_MODEL", raising=False)
+    monkeypatch.setenv("IMGQ_BROKER_URL", redis_server.url)
     assert status_main(args(None)) == 2
-    assert "pass --model MODEL_DIR or set IMGQ_MODEL" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "imgq models publish BUNDLE_DIR" in err and "--model DIR or IMGQ_MODEL" in err
 
 
 def test_unreachable_redis_is_reported_with_the_password_masked(

@@ -86,6 +86,10 @@ def test_a_worker_needs_only_the_redis_url(redis_server, bundle_dir, client, sta
     assert row["served_by"] == [worker.name]
     again = _publish(redis_server.url, bundle_dir)  # the same files: the same version
     assert again == version
+    # Reviewing drift needs the Redis URL alone too.
+    status = _imgq(redis_server.url, "drift", "status", IMGQ_MODEL_CACHE=str(tmp_path / "c2"))
+    assert status.returncode == 0, status.stderr
+    assert load_manifest(bundle_dir).name in status.stdout
 
 
 def test_a_pinned_version_is_served(redis_server, bundle_dir, client, start, tmp_path) -> None:

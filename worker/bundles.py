@@ -216,7 +216,7 @@ def resolve(client: redis.Redis, version: str | None, queue: str) -> BundleVersi
         if stable is None:
             raise PublishError(
                 f"queue {queue!r} has no stable model version: publish one with `imgq models "
-                "publish BUNDLE_DIR`, or start the worker with --model DIR"
+                "publish BUNDLE_DIR`, or give a bundle folder (--model DIR or IMGQ_MODEL)"
             )
         version = _text(stable)
     wanted = version.strip().lower()

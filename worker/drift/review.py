@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
 import random
@@ -139,17 +140,33 @@ def report_main(args: argparse.Namespace) -> int:
     return _run(args, _report)
 
 
+def _published(settings: WorkerSettings, client: redis.Redis) -> WorkerSettings:
+    """``settings`` with the folder of the model version named (``--model-version``), or of
+    the queue's stable one, fetched from Redis (``worker/bundles.py``)."""
+    from imgq.worker.bundles import fetch, resolve
+
+    version = resolve(client, settings.model_version, settings.queue_list)
+    folder = fetch(client, version, settings.model_cache, settings.bundle_max_bytes)
+    return dataclasses.replace(settings, model_dir=folder)
+
+
 def _run(args: argparse.Namespace, command: Any) -> int:
     """Open the bundle and Redis, run ``command``, and turn known failures into messages."""
     try:
-        settings = WorkerSettings.from_env(model_dir=args.model)
-        if settings.model_dir is None:
-            raise _UsageError("no model: pass --model MODEL_DIR or set IMGQ_MODEL")
-        manifest = load_manifest(settings.model_dir)
+        settings = WorkerSettings.from_env(
+            model_dir=args.model, model_version=getattr(args, "model_version", None)
+        )
         client = redis.Redis.from_url(settings.broker_url)
+        if settings.model_dir is None:  # a published version: the Redis URL is enough
+            settings = _published(settings, client)
+        assert settings.model_dir is not None  # a folder given, or the published one fetched
+        manifest = load_manifest(settings.model_dir)
     except (ImgqError, ValueError) as exc:
         print(f"imgq drift: {exc}", file=sys.stderr)
         return 2
+    except redis.RedisError as exc:
+        print(f"imgq drift: Redis at {mask_url(settings.broker_url)}: {exc}", file=sys.stderr)
+        return 1
     try:
         command(args, client, manifest, settings.model_dir)
         return 0
