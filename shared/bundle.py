@@ -12,6 +12,8 @@ the trainer's export uses to check the served path (so neither package imports t
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,7 +28,7 @@ from imgq.shared.errors import BundleError, ImgqError
 from imgq.shared.manifest import Manifest, load_manifest, sha256_file
 from imgq.shared.preprocess import preprocess_batch
 
-__all__ = ["DEVICES", "ModelBundle", "choose_providers"]
+__all__ = ["DEVICES", "ModelBundle", "bundle_sha256", "choose_providers", "serving_files"]
 
 #: Values of ``device``: ``auto`` takes CUDA when onnxruntime can use it, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")
@@ -87,6 +89,21 @@ def _provider_options(providers: list[str]) -> list[dict[str, str]]:
     # The CUDA provider uses TF32 matmuls/convolutions by default on Ampere and newer; their ~1e-3
     # relative error would break the 1e-4 parity promise of the golden set, so keep full float32.
     return [{"use_tf32": "0"} if p == _CUDA else {} for p in providers]
+
+
+def serving_files(manifest: Manifest) -> list[str]:
+    """The files of a bundle that serving reads, as paths relative to it: the manifest, the
+    model file it names, the golden set."""
+    return ["manifest.json", manifest.model_file, *(g.file for g in manifest.golden)]
+
+
+def bundle_sha256(file_shas: dict[str, str]) -> str:
+    """A bundle's identity: the hash of each serving file's path and sha256, so the same model
+    with another manifest is another bundle."""
+    digest = hashlib.sha256()
+    for name in sorted(file_shas):
+        digest.update(f"{name}\0{file_shas[name]}\n".encode())
+    return digest.hexdigest()
 
 
 class ModelBundle:
@@ -173,6 +190,13 @@ class ModelBundle:
         if check_golden:
             bundle.check_golden()
         return bundle
+
+    @functools.cached_property
+    def version(self) -> str:
+        """The bundle's version id (the first 12 hex digits of :func:`bundle_sha256`), the same
+        whether it was loaded from a folder or fetched as a published version."""
+        shas = {name: sha256_file(self.directory / name) for name in serving_files(self.manifest)}
+        return bundle_sha256(shas)[:12]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a preprocessed batch, in onnxruntime calls of at most

@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 
 from imgq.launcher import WorkerProcess, worker_env
+from imgq.shared.bundle import ModelBundle
 from imgq.shared.manifest import load_manifest
 from imgq.worker.wire import TASK_NAME
 from tests.tinymodel import COLOURS, colour_image, encode_png
@@ -78,6 +79,9 @@ def test_a_worker_needs_only_the_redis_url(redis_server, bundle_dir, client, sta
     worker.wait_ready(client)
     result = _classify(client)
     assert result["model"]["sha256"] == load_manifest(bundle_dir).model_sha256
+    assert result["model"]["version"] == version
+    # A worker given the folder reports the same version.
+    assert ModelBundle.load(bundle_dir, device="cpu", check_golden=False).version == version
     (cached,) = (tmp_path / "cache").iterdir()
     assert cached.name.startswith(version) and (cached / "manifest.json").is_file()
     listed = _imgq(redis_server.url, "models", "list", "--json")

@@ -36,6 +36,7 @@ from typing import Any
 
 import redis
 
+from imgq.shared.bundle import bundle_sha256, serving_files
 from imgq.shared.errors import ImgqError
 from imgq.shared.manifest import load_manifest
 
@@ -105,8 +106,7 @@ def bundle_files(directory: Path) -> dict[str, Path]:
         ManifestError: the manifest is missing or invalid.
         PublishError: a file it names is missing.
     """
-    manifest = load_manifest(directory)
-    names = ["manifest.json", manifest.model_file, *(g.file for g in manifest.golden)]
+    names = serving_files(load_manifest(directory))
     files = {}
     for name in names:
         _check_name(name)
@@ -126,10 +126,7 @@ def _check_name(name: str) -> None:
 
 
 def _bundle_sha256(file_shas: dict[str, str]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(file_shas):
-        digest.update(f"{name}\0{file_shas[name]}\n".encode())
-    return digest.hexdigest()
+    return bundle_sha256(file_shas)
 
 
 def _sha256(data: bytes) -> str:
@@ -295,10 +292,10 @@ def _matches(folder: Path, version: BundleVersion) -> bool:
 
 
 def served_by(replies: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Model sha256 -> the worker nodes serving it, from ``imgq_status`` replies."""
+    """Version -> the worker nodes serving it, from ``imgq_status`` replies."""
     out: dict[str, list[str]] = {}
     for reply in replies:
         for node, status in reply.items():
             if isinstance(status, dict) and status.get("loaded"):
-                out.setdefault(str(status.get("sha256", "")), []).append(node)
+                out.setdefault(str(status.get("version", "")), []).append(node)
     return out

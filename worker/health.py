@@ -55,6 +55,7 @@ def publish_model(app: Celery, bundle: ModelBundle) -> None:
     _models[app] = {
         "loaded": True,
         "model": bundle.manifest.name,
+        "version": bundle.version,
         "sha256": bundle.manifest.model_sha256,
         "provider": bundle.provider,
     }

@@ -64,13 +64,13 @@ def list_main(args: argparse.Namespace) -> int:
                 timespec="seconds"
             ),
             "model_sha256": v.model_sha256,
-            "served_by": sorted(serving.get(v.model_sha256, [])),
+            "served_by": sorted(serving.get(v.version, [])),
         }
         if args.json:
             print(json.dumps(row))
         else:
             mark = "stable" if row["stable"] else "      "
-            servers = ", ".join(serving.get(v.model_sha256, [])) or "-"
+            servers = ", ".join(sorted(serving.get(v.version, []))) or "-"
             print(f"{v.version}  {mark}  {v.name:<20} {v.size:>11} B  {row['published']}  "
                   f"served by: {servers}")  # fmt: skip
     return 0

@@ -74,7 +74,8 @@ class ClassifyHandler:
         manifest = bundle.manifest
         self._labels = manifest.labels
         self._spec = manifest.preprocess
-        self._model = {"name": manifest.name, "sha256": manifest.model_sha256}
+        self._model = {"name": manifest.name, "sha256": manifest.model_sha256,
+                       "version": bundle.version}  # fmt: skip
         self._limits = settings.decode_limits
         self._batch_pixels = settings.batch_pixels
         self.metrics = metrics
