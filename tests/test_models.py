@@ -157,3 +157,26 @@ def test_a_hostile_entry_in_redis_writes_nothing_outside_the_cache(
     assert worker.process.wait(timeout=60) == 2
     assert "no published version matches" in worker.log_tail()
     assert not (tmp_path / "cache" / "escaped.txt").exists()
+
+
+def test_workers_sharing_a_cache_fetch_at_once_and_a_damaged_cache_is_refetched(
+    redis_server, bundle_dir, tmp_path
+) -> None:
+    """Several workers starting together on one cache all get one checked folder; a cached
+    file changed afterwards is noticed at the next fetch and replaced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgq.worker.bundles import fetch, publish
+
+    client = redis.Redis.from_url(redis_server.url)
+    version, stable = publish(client, bundle_dir, 1 << 28, "imgq")
+    assert stable
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: fetch(client, version, cache, 1 << 28), range(8)))
+    assert len(set(folders)) == 1 and [p.name for p in cache.iterdir()] == [version.sha256]
+    folder = folders[0]
+    assert ModelBundle.load(folder, device="cpu", check_golden=False).version == version.version
+    (folder / "manifest.json").write_text("{}")
+    assert fetch(client, version, cache, 1 << 28) == folder
+    assert ModelBundle.load(folder, device="cpu", check_golden=False).version == version.version

@@ -23,6 +23,7 @@ it whole to each fetching worker. A larger model is served from a folder every m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -91,7 +92,22 @@ class BundleVersion:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> BundleVersion:
-        return cls(**json.loads(raw))
+        """Raises:
+        ValueError: not a version's JSON (an entry in Redis is hostile input)."""
+        data = json.loads(raw)
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) != set(fields):
+            raise ValueError("not a bundle version")
+        files, size, when = data["files"], data["size"], data["published_at"]
+        if not (
+            all(isinstance(data[k], str) for k in ("sha256", "name", "model_sha256"))
+            and isinstance(files, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+            and type(size) is int and size >= 0
+            and isinstance(when, int | float) and not isinstance(when, bool)
+        ):  # fmt: skip
+            raise ValueError("not a bundle version")
+        return cls(**data)
 
 
 def stable_key(queue: str) -> str:
@@ -161,11 +177,16 @@ def publish(
         )
     contents = {name: path.read_bytes() for name, path in files.items()}
     shas = {name: _sha256(data) for name, data in contents.items()}
-    manifest = json.loads(contents["manifest.json"])
+    manifest = load_manifest(Path(directory))
+    if shas[manifest.model_file] != manifest.model_sha256:
+        raise PublishError(
+            f"{manifest.model_file} has sha256 {shas[manifest.model_file]}, but the manifest "
+            f"expects {manifest.model_sha256}: the model file was replaced or damaged"
+        )
     version = BundleVersion(
         sha256=_bundle_sha256(shas),
-        name=str(manifest.get("name", "")),
-        model_sha256=str(manifest.get("model_sha256", "")),
+        name=manifest.name,
+        model_sha256=manifest.model_sha256,
         files=shas,
         size=size,
         published_at=time.time(),
@@ -265,12 +286,31 @@ def fetch(client: redis.Redis, version: BundleVersion, cache_dir: Path, max_byte
             path.write_bytes(data)
         if _bundle_sha256(shas) != version.sha256:
             raise PublishError(f"the files of version {version.version} do not make its sha256")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        return target
+        return _place(staging, target, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _place(staging: Path, target: Path, version: BundleVersion) -> Path:
+    """Move a checked staging folder to ``target``. Workers sharing a cache may fetch at once:
+    a target another one put in place meanwhile is used if it matches; a damaged one is moved
+    aside first (never deleted in place under a reader)."""
+    for _ in range(3):
+        if target.is_dir() and _matches(target, version):
+            return target
+        if target.exists() or target.is_symlink():
+            aside = target.with_name(f".old-{target.name}-{os.getpid()}-{time.monotonic_ns()}")
+            with contextlib.suppress(OSError):
+                os.replace(target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                aside.unlink()
+        try:
+            os.replace(staging, target)
+            return target
+        except OSError:
+            continue  # another worker placed it first: check theirs
+    raise PublishError(f"could not place version {version.version} in {target.parent}")
 
 
 def _raw(reply: object) -> bytes | None:
