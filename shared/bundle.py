@@ -17,7 +17,7 @@ import hashlib
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -92,9 +92,22 @@ def _provider_options(providers: list[str]) -> list[dict[str, str]]:
 
 
 def serving_files(manifest: Manifest) -> list[str]:
-    """The files of a bundle that serving reads, as paths relative to it: the manifest, the
-    model file it names, the golden set."""
-    return ["manifest.json", manifest.model_file, *(g.file for g in manifest.golden)]
+    """The files of a bundle that serving reads, as normalised paths relative to it (each
+    once): the manifest, the model file it names, the golden set.
+
+    Raises:
+        BundleError: a path that is absolute, leaves the bundle or holds a control character.
+    """
+    names = ["manifest.json", manifest.model_file, *(g.file for g in manifest.golden)]
+    out: list[str] = []
+    for name in names:
+        path = PurePosixPath(name)
+        if (not name or path.is_absolute() or ".." in path.parts or "\\" in name
+                or len(name) > 255 or any(ord(c) < 32 or c == "\x7f" for c in name)):  # fmt: skip
+            raise BundleError(f"a bundle file must be a relative path inside it, got {name!r:.80}")
+        if path.as_posix() not in out:
+            out.append(path.as_posix())
+    return out
 
 
 def bundle_sha256(file_shas: dict[str, str]) -> str:

@@ -38,6 +38,7 @@ class FakeBundle:
     """The tiny bundle's manifest with a model we control: fixed probabilities, or an error."""
 
     provider = "CPUExecutionProvider"
+    version = "0123456789ab"
 
     def __init__(self, manifest: Any, fail: Exception | None = None, rows: int | None = None):
         self.manifest = manifest
@@ -138,7 +139,8 @@ def test_one_bad_image_fails_only_itself(redis_server, client, manifest) -> None
         assert (value["label"], value["batch_size"], value["request_id"]) == ("b", 3, i)
         assert value["top_k"] == [{"label": "b", "score": pytest.approx(0.7)},
                                   {"label": "c", "score": pytest.approx(0.2)}]  # fmt: skip
-        assert value["model"] == {"name": "tiny", "sha256": manifest.model_sha256}
+        assert value["model"] == {"name": "tiny", "sha256": manifest.model_sha256,
+                                  "version": FakeBundle.version}  # fmt: skip
         assert set(value["timings_ms"]) == {"queue", "preprocess", "infer"}
     with pytest.raises(InvalidImage, match="^undecodable: "):
         bad.get(timeout=5)

@@ -119,15 +119,31 @@ def test_a_pinned_version_is_served(redis_server, bundle_dir, client, start, tmp
     assert {r["version"]: r["stable"] for r in rows} == {first: True, second: False}
 
 
-def test_a_damaged_stored_bundle_is_refused(redis_server, bundle_dir, start) -> None:
-    """A stored file that no longer matches its sha256 stops the worker at start, saying so."""
+def test_a_damaged_stored_bundle_is_refused_and_publishing_repairs_it(
+    redis_server, bundle_dir, client, start
+) -> None:
+    """A stored file that no longer matches its sha256 stops the worker at start, saying so;
+    publishing the bundle again, as the message says, repairs it."""
     version = _publish(redis_server.url, bundle_dir)
     r = redis.Redis.from_url(redis_server.url)
     (key,) = r.keys(f"imgq:bundle:{version}*")
     r.hset(key, "model.onnx", b"not a model")
     worker = start("w1")
     assert worker.process.wait(timeout=60) == 2
-    assert "changed or damaged" in worker.log_tail()
+    assert "changed or damaged; publish it again" in worker.log_tail()
+    assert _publish(redis_server.url, bundle_dir) == version
+    start("w2").wait_ready(client)
+    assert _classify(client)["model"]["version"] == version
+
+
+def test_a_bundle_with_a_link_out_of_its_folder_is_refused(redis_server, bundle_dir, tmp_path):
+    linked = tmp_path / "linked"
+    shutil.copytree(bundle_dir, linked)
+    golden = load_manifest(linked).golden[0].file
+    (linked / golden).unlink()
+    (linked / golden).symlink_to("/etc/hostname")
+    refused = _imgq(redis_server.url, "models", "publish", str(linked))
+    assert refused.returncode == 1 and "leads outside the bundle folder" in refused.stderr
 
 
 def test_publishing_is_bounded_and_a_queue_without_a_version_says_so(
@@ -151,6 +167,11 @@ def test_a_hostile_entry_in_redis_writes_nothing_outside_the_cache(
     entry = {"sha256": sha, "name": "evil", "model_sha256": "", "size": 4, "published_at": 0.0,
              "files": {"../escaped.txt": "00" * 32}}  # fmt: skip
     r.hset("imgq:bundles", sha, json.dumps(entry))
+    odd = {"cd" * 32: {"files": {"a\x00b": "00" * 32}}, "ef" * 32: {"published_at": 1e300}}
+    for key, change in odd.items():
+        r.hset("imgq:bundles", key, json.dumps({**entry, **change, "sha256": key}))
+    listed = _imgq(redis_server.url, "models", "list")
+    assert listed.returncode == 0 and listed.stdout == "", listed.stderr
     r.hset(f"imgq:bundle:{sha}", "../escaped.txt", b"evil")
     r.set("imgq:stable:imgq", sha)
     worker = start("w1", cache=tmp_path / "cache" / "inner")

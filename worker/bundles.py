@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from imgq.shared.bundle import bundle_sha256, serving_files
+from imgq.shared.bundle import ModelBundle, bundle_sha256, serving_files
 from imgq.shared.errors import ImgqError
 from imgq.shared.manifest import load_manifest
 
@@ -56,6 +56,9 @@ __all__ = [
 BUNDLES_KEY = "imgq:bundles"
 _VERSION_CHARS = 12
 _SHA256 = re.compile("[0-9a-f]{64}")
+_LATEST_EPOCH_S = 253_402_300_799  # the end of year 9999: a time every tool can print
+#: A staging or moved-aside folder older than this was left by a worker killed meanwhile.
+_STALE_S = 3600
 
 
 class PublishError(ImgqError):
@@ -105,6 +108,7 @@ class BundleVersion:
             and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
             and type(size) is int and size >= 0
             and isinstance(when, int | float) and not isinstance(when, bool)
+            and 0 <= when <= _LATEST_EPOCH_S
         ):  # fmt: skip
             raise ValueError("not a bundle version")
         return cls(**data)
@@ -122,22 +126,25 @@ def bundle_files(directory: Path) -> dict[str, Path]:
         ManifestError: the manifest is missing or invalid.
         PublishError: a file it names is missing.
     """
-    names = serving_files(load_manifest(directory))
+    root = Path(directory).resolve()
     files = {}
-    for name in names:
-        _check_name(name)
-        path = directory / name
+    for name in serving_files(load_manifest(directory)):
+        path = Path(directory) / name
         if not path.is_file():
             raise PublishError(f"{path}, named by the bundle's manifest, does not exist")
-        files[Path(name).as_posix()] = path
+        if not path.resolve().is_relative_to(root):
+            raise PublishError(f"{path} leads outside the bundle folder (a symbolic link)")
+        files[name] = path
     return files
 
 
 def _check_name(name: str) -> None:
-    """A bundle's file name stays inside the bundle's folder (a manifest or a Redis entry is
-    hostile input: ``../`` or an absolute path would write elsewhere)."""
+    """A bundle's file name stays inside the bundle's folder and is written as it is named (a
+    Redis entry is hostile input: ``../``, an absolute path, a NUL)."""
     path = PurePosixPath(name)
-    if not name or path.is_absolute() or ".." in path.parts or "\\" in name or len(name) > 255:
+    if (not name or path.is_absolute() or ".." in path.parts or "\\" in name
+            or path.as_posix() != name or len(name) > 255
+            or any(ord(c) < 32 or c == "\x7f" for c in name)):  # fmt: skip
         raise PublishError(f"a bundle file must be a relative path inside it, got {name!r:.80}")
 
 
@@ -175,14 +182,12 @@ def publish(
             "it in memory and sends it to every worker that fetches it; raise the limit, or serve "
             "the bundle from a folder every machine mounts (`imgq worker --model DIR`)"
         )
+    # The checks a worker runs at start (model hash, signature, golden set), before any worker
+    # can be pointed at it.
+    ModelBundle.load(Path(directory), device="cpu")
     contents = {name: path.read_bytes() for name, path in files.items()}
     shas = {name: _sha256(data) for name, data in contents.items()}
     manifest = load_manifest(Path(directory))
-    if shas[manifest.model_file] != manifest.model_sha256:
-        raise PublishError(
-            f"{manifest.model_file} has sha256 {shas[manifest.model_file]}, but the manifest "
-            f"expects {manifest.model_sha256}: the model file was replaced or damaged"
-        )
     version = BundleVersion(
         sha256=_bundle_sha256(shas),
         name=manifest.name,
@@ -192,13 +197,17 @@ def publish(
         published_at=time.time(),
     )
     existing = client.hget(BUNDLES_KEY, version.sha256)
-    if existing is not None:
-        version = BundleVersion.from_json(existing)
-    else:
-        pipe = client.pipeline(transaction=True)
-        pipe.hset(f"imgq:bundle:{version.sha256}", mapping=contents)  # type: ignore[arg-type]
-        pipe.hset(BUNDLES_KEY, version.sha256, version.to_json())
-        pipe.execute()
+    with contextlib.suppress(ValueError, TypeError):
+        if existing is not None:  # the same version again: keep when it was first published
+            version = dataclasses.replace(
+                version, published_at=BundleVersion.from_json(existing).published_at
+            )
+    # The contents are stored again every time: publishing repairs a damaged stored copy.
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(f"imgq:bundle:{version.sha256}")
+    pipe.hset(f"imgq:bundle:{version.sha256}", mapping=contents)  # type: ignore[arg-type]
+    pipe.hset(BUNDLES_KEY, version.sha256, version.to_json())
+    pipe.execute()
     if make_stable:
         client.set(stable_key(queue), version.sha256)
         return version, True
@@ -265,6 +274,7 @@ def fetch(client: redis.Redis, version: BundleVersion, cache_dir: Path, max_byte
         return target
     key = f"imgq:bundle:{version.sha256}"
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    _sweep(Path(cache_dir))
     staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_dir))
     try:
         shas = {}
@@ -319,7 +329,17 @@ def _raw(reply: object) -> bytes | None:
 
 
 def _text(reply: object) -> str:
-    return reply.decode() if isinstance(reply, bytes) else str(reply)
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
+def _sweep(cache_dir: Path) -> None:
+    """Remove staging and moved-aside folders that workers killed mid-fetch left behind."""
+    now = time.time()
+    for entry in cache_dir.iterdir():
+        if entry.name.startswith((".fetch-", ".old-")):
+            with contextlib.suppress(OSError):
+                if now - entry.lstat().st_mtime > _STALE_S:
+                    shutil.rmtree(entry, ignore_errors=True)
 
 
 def _matches(folder: Path, version: BundleVersion) -> bool:

@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     if settings.model_dir is None and "classify" in settings.handlers:
         try:
             settings = _published_bundle(settings)
-        except (ImgqError, redis.RedisError, OSError) as exc:
+        except (ImgqError, redis.RedisError, OSError, ValueError) as exc:
             print(f"imgq worker: cannot fetch a published model: {exc}", file=sys.stderr)
             return 2
     app = make_app(settings)

@@ -48,7 +48,7 @@ def list_main(args: argparse.Namespace) -> int:
     try:
         versions = list_versions(client)
         raw = client.get(stable_key(settings.queue_list))
-        stable = raw.decode() if isinstance(raw, bytes) else ""
+        stable = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
     except redis.RedisError as exc:
         print(f"imgq models list: Redis: {exc}", file=sys.stderr)
         return 1

@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace, command: Any) -> int:
             settings = _published(settings, client)
         assert settings.model_dir is not None  # a folder given, or the published one fetched
         manifest = load_manifest(settings.model_dir)
-    except (ImgqError, ValueError) as exc:
+    except (ImgqError, ValueError, OSError) as exc:
         print(f"imgq drift: {exc}", file=sys.stderr)
         return 2
     except redis.RedisError as exc:
