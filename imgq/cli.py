@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--queue", help="queue whose stable version is marked (default imgq)")
     d.add_argument("--json", action="store_true", help="one JSON object per version")
     d.set_defaults(func=_handler("imgq.worker.models_cli:list_main"))
+    d = msub.add_parser("delete", help="remove a version no queue has as stable, none serves")
+    d.add_argument("version", help="the version (6 to 64 hex digits of its sha256)")
+    d.set_defaults(func=_handler("imgq.worker.models_cli:delete_main"))
 
     s = sub.add_parser("health", help="exit 0 when Redis answers and a worker has its model")
     s.add_argument("--timeout", type=float, default=5.0)

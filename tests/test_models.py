@@ -117,6 +117,14 @@ def test_a_pinned_version_is_served(redis_server, bundle_dir, client, start, tmp
         if x
     ]
     assert {r["version"]: r["stable"] for r in rows} == {first: True, second: False}
+    # Deleting: not the stable version, then the other one (no worker serves it any more).
+    refused = _imgq(redis_server.url, "models", "delete", first)
+    assert refused.returncode == 1 and "is the stable version of queue 'imgq'" in refused.stderr
+    deleted = _imgq(redis_server.url, "models", "delete", second)
+    assert deleted.returncode == 0, deleted.stderr
+    left = _imgq(redis_server.url, "models", "list", "--json").stdout.splitlines()
+    assert [json.loads(line)["version"] for line in left] == [first]
+    assert redis.Redis.from_url(redis_server.url).keys(f"imgq:bundle:{second}*") == []
 
 
 def test_a_damaged_stored_bundle_is_refused_and_publishing_repairs_it(

@@ -46,6 +46,7 @@ __all__ = [
     "BundleVersion",
     "PublishError",
     "bundle_files",
+    "delete",
     "fetch",
     "list_versions",
     "publish",
@@ -213,6 +214,25 @@ def publish(
         return version, True
     stable = client.set(stable_key(queue), version.sha256, nx=True)
     return version, bool(stable) or client.get(stable_key(queue)) == version.sha256.encode()
+
+
+def delete(client: redis.Redis, version: BundleVersion) -> None:
+    """Remove a published version from Redis (workers that fetched it keep their copy).
+
+    Raises:
+        PublishError: it is some queue's stable version.
+    """
+    for key in client.scan_iter(match="imgq:stable:*", count=1000):
+        if _text(client.get(key)) == version.sha256:
+            queue = _text(key).removeprefix("imgq:stable:")
+            raise PublishError(
+                f"version {version.version} is the stable version of queue {queue!r}: make "
+                "another one stable first (`imgq models publish DIR --stable`)"
+            )
+    pipe = client.pipeline(transaction=True)
+    pipe.hdel(BUNDLES_KEY, version.sha256)
+    pipe.delete(f"imgq:bundle:{version.sha256}")
+    pipe.execute()
 
 
 def list_versions(client: redis.Redis) -> list[BundleVersion]:

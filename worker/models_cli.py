@@ -1,5 +1,5 @@
-"""``imgq models publish BUNDLE_DIR`` and ``imgq models list``: model versions in Redis
-(``worker/bundles.py``), for workers started without ``--model``."""
+"""``imgq models publish BUNDLE_DIR``, ``imgq models list`` and ``imgq models delete VERSION``:
+model versions in Redis (``worker/bundles.py``), for workers started without ``--model``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import redis
 
 from imgq.shared.errors import ImgqError
-from imgq.worker.bundles import list_versions, publish, served_by, stable_key
+from imgq.worker.bundles import delete, list_versions, publish, resolve, served_by, stable_key
 from imgq.worker.settings import WorkerSettings
 
-__all__ = ["list_main", "publish_main"]
+__all__ = ["delete_main", "list_main", "publish_main"]
 
 _INSPECT_TIMEOUT_S = 1.0
 
@@ -73,6 +73,25 @@ def list_main(args: argparse.Namespace) -> int:
             servers = ", ".join(sorted(serving.get(v.version, []))) or "-"
             print(f"{v.version}  {mark}  {v.name:<20} {v.size:>11} B  {row['published']}  "
                   f"served by: {servers}")  # fmt: skip
+    return 0
+
+
+def delete_main(args: argparse.Namespace) -> int:
+    """Remove a published version that no queue has as stable and no worker serves."""
+    settings = WorkerSettings.from_env()
+    client = _client(settings)
+    try:
+        version = resolve(client, args.version, settings.queue_list)
+        servers = served_by(_statuses(settings)).get(version.version, [])
+        if servers:
+            print(f"imgq models delete: version {version.version} is served by "
+                  f"{', '.join(sorted(servers))}", file=sys.stderr)  # fmt: skip
+            return 1
+        delete(client, version)
+    except (ImgqError, redis.RedisError) as exc:
+        print(f"imgq models delete: {exc}", file=sys.stderr)
+        return 1
+    print(f"deleted {version.version}  {version.name}  {version.size} bytes")
     return 0
 
 
