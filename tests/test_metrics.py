@@ -16,6 +16,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgq.localredis import free_port
+from imgq.shared.bundle import ModelBundle
 from imgq.shared.manifest import load_manifest
 from imgq.worker.client import ImgqClient
 from tests.tinymodel import COLOURS, colour_image, encode_png
@@ -119,8 +120,9 @@ def test_metrics_agree_with_the_load_sent(redis_server, workers, client, bundle_
     assert success_wait_s - 1e-3 <= _value(samples, "imgq_queue_wait_seconds_sum") < 60 * n_tasks
 
     manifest = load_manifest(bundle_dir)
+    version = ModelBundle.load(bundle_dir, device="cpu", check_golden=False).version
     assert _value(samples, "imgq_model_info", name=manifest.name, sha256=manifest.model_sha256,
-                  provider="CPUExecutionProvider") == 1  # fmt: skip
+                  version=version, provider="CPUExecutionProvider") == 1  # fmt: skip
     assert _value(samples, "process_cpu_seconds_total") > 0
     assert _value(samples, "process_resident_memory_bytes") > 0
     assert worker.stop() == 0

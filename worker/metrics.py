@@ -17,7 +17,7 @@ Names (all prefixed ``imgq_``):
 - ``followups_total{kind,outcome}``: what was sent after a task for its canvas
   (``worker/followups.py``): kind ``callback``, ``chain``, ``chord``, ``errback``; outcome
   ``sent`` or ``failed`` (logged; the task's own result is stored either way).
-- ``model_info{name,sha256,provider}`` = 1.
+- ``model_info{name,sha256,version,provider}`` = 1.
 - ``drift_psi{model,feature}``, ``drift_alerts_open{model}``, ``drift_alerts_total{model,feature}``,
   ``drift_windows_total{model}``: set by ``worker/drift.py``.
 """
@@ -71,7 +71,8 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS_S, registry=registry,
         )  # fmt: skip
         self.model_info = Gauge(
-            "imgq_model_info", "The served model (value 1).", ["name", "sha256", "provider"],
+            "imgq_model_info", "The served model (value 1).",
+            ["name", "sha256", "version", "provider"],
             registry=registry,
         )  # fmt: skip
         self.drift_psi = Gauge(

@@ -274,7 +274,9 @@ def create(context: HandlerContext) -> ClassifyHandler:
             metrics=context.metrics,
         )
     manifest = bundle.manifest
-    context.metrics.model_info.labels(manifest.name, manifest.model_sha256, bundle.provider).set(1)
+    context.metrics.model_info.labels(
+        manifest.name, manifest.model_sha256, bundle.version, bundle.provider
+    ).set(1)
     logger.info(
         "model loaded",
         extra={
