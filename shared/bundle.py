@@ -28,7 +28,14 @@ from imgq.shared.errors import BundleError, ImgqError
 from imgq.shared.manifest import Manifest, load_manifest, sha256_file
 from imgq.shared.preprocess import preprocess_batch
 
-__all__ = ["DEVICES", "ModelBundle", "bundle_sha256", "choose_providers", "serving_files"]
+__all__ = [
+    "DEVICES",
+    "ModelBundle",
+    "bundle_file",
+    "bundle_sha256",
+    "choose_providers",
+    "serving_files",
+]
 
 #: Values of ``device``: ``auto`` takes CUDA when onnxruntime can use it, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")
@@ -91,23 +98,29 @@ def _provider_options(providers: list[str]) -> list[dict[str, str]]:
     return [{"use_tf32": "0"} if p == _CUDA else {} for p in providers]
 
 
+def bundle_file(name: str) -> str:
+    """A bundle file's path, normalised (``./a//b`` is ``a/b``).
+
+    Raises:
+        BundleError: a path that is absolute, leaves the bundle or holds a control character
+            (a manifest, or a name stored in Redis, is hostile input).
+    """
+    path = PurePosixPath(name)
+    if (not name or path.is_absolute() or ".." in path.parts or "\\" in name
+            or len(name) > 255 or any(ord(c) < 32 or c == "\x7f" for c in name)):  # fmt: skip
+        raise BundleError(f"a bundle file must be a relative path inside it, got {name!r:.80}")
+    return path.as_posix()
+
+
 def serving_files(manifest: Manifest) -> list[str]:
     """The files of a bundle that serving reads, as normalised paths relative to it (each
     once): the manifest, the model file it names, the golden set.
 
     Raises:
-        BundleError: a path that is absolute, leaves the bundle or holds a control character.
+        BundleError: a path :func:`bundle_file` refuses.
     """
     names = ["manifest.json", manifest.model_file, *(g.file for g in manifest.golden)]
-    out: list[str] = []
-    for name in names:
-        path = PurePosixPath(name)
-        if (not name or path.is_absolute() or ".." in path.parts or "\\" in name
-                or len(name) > 255 or any(ord(c) < 32 or c == "\x7f" for c in name)):  # fmt: skip
-            raise BundleError(f"a bundle file must be a relative path inside it, got {name!r:.80}")
-        if path.as_posix() not in out:
-            out.append(path.as_posix())
-    return out
+    return list(dict.fromkeys(bundle_file(name) for name in names))
 
 
 def bundle_sha256(file_shas: dict[str, str]) -> str:

@@ -9,7 +9,6 @@ import base64
 import json
 import os
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.canvas import MAX_SIGNATURES, parse_canvas
 from tests.hostile import envelope
 from tests.tinymodel import COLOURS, colour_image, encode_png
-from tests.workerproc import wait_all
+from tests.workerproc import active_task_ids, wait_all, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 _TIMEOUT_S = 30
@@ -200,13 +199,7 @@ def test_a_running_part_revoked_by_a_plain_worker_still_returns_its_part(
     worker.wait_ready(client)
     held = client.signature("imgq.null", kwargs={"hold_until": "test:go"}, queue="imgq")
     result = chord([held.set(task_id="held-part"), _classify(client, 1)])(_user(client, "collect"))
-    deadline = time.monotonic() + _TIMEOUT_S
-    while not any(
-        t["id"] == "held-part"
-        for tasks in (client.control.inspect(timeout=1.0).active() or {}).values()
-        for t in tasks
-    ):
-        assert time.monotonic() < deadline, "the held part never became active"
+    wait_for(lambda: "held-part" in active_task_ids(client), _TIMEOUT_S)
     replies = client.control.revoke("held-part", reply=True, timeout=30, limit=2)
     assert len(replies) == 2, replies  # the imgq worker and the plain one
     assert client.AsyncResult("held-part").state == "REVOKED"  # stored by the plain worker

@@ -17,6 +17,7 @@ from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 
 from imgq.worker.wire import TASK_NAME
 from tests.tinymodel import COLOURS, colour_image, encode_png
+from tests.workerproc import active_task_ids, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -78,28 +79,12 @@ def test_priority_steps_come_from_the_clients_transport_options(redis_server, wo
     assert res.get(timeout=30)["label"] == "b"
 
 
-def _until(what: Callable[[], Any], timeout_s: float = 60.0) -> Any:
-    """``what()`` once it is truthy (state polled, not a guess of how long it takes)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not true within {timeout_s} s: {what}")
-
-
 def _ask(command: Callable[..., Any], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
     """A remote-control command, once the (single) worker has answered it: replies are waited
     for, not assumed to come within Celery's default second."""
     replies = command(*args, reply=True, timeout=30, limit=1, **kwargs)
     assert replies, f"no worker answered {command.__name__}{args}"
     return replies
-
-
-def _active_ids(client: Celery) -> set[str]:
-    replies = client.control.inspect(timeout=1.0).active() or {}
-    return {task["id"] for tasks in replies.values() for task in tasks}
 
 
 def test_inspect_revoke_and_terminate_as_celery_does(client, workers, redis_server) -> None:
@@ -111,7 +96,7 @@ def test_inspect_revoke_and_terminate_as_celery_does(client, workers, redis_serv
     doomed, running = client.send_task(NULL), client.send_task(NULL)
     worker = workers.start("w1", IMGQ_HANDLERS="null")
     batch = {held.id, doomed.id, running.id}
-    _until(lambda: batch <= _active_ids(client))
+    wait_for(lambda: batch <= active_task_ids(client))
     info = next(t for t in client.control.inspect(timeout=30, limit=1).active()[worker.name]
                 if t["id"] == held.id)  # fmt: skip
     assert info["name"] == NULL and info["kwargs"]["note"] == "<100 chars>"
@@ -161,7 +146,7 @@ def test_a_time_limit_the_batch_overran_fails_the_task(client, workers, redis_se
     limited = client.send_task(NULL, kwargs={"hold_until": "test:go"}, soft_time_limit=0.5)
     roomy = client.send_task(NULL, time_limit=600)
     workers.start("w1", IMGQ_HANDLERS="null")
-    _until(lambda: {limited.id, roomy.id} <= _active_ids(client))
+    wait_for(lambda: {limited.id, roomy.id} <= active_task_ids(client))
     time.sleep(1.0)  # the batch is now held past 0.5 s whatever the machine's speed
     r.set("test:go", 1)
     with pytest.raises(TimeLimitExceeded):
@@ -219,7 +204,7 @@ def test_a_countdown_waits_in_redis_survives_a_killed_worker_and_runs_on_time(
     due = client.send_task(TASK_NAME, kwargs=_kwargs(2), eta=past)
     assert due.get(timeout=30)["label"] == "c"
     # Taken and put aside in Redis (or, on a machine slower than 8 s for this, already run).
-    _until(lambda: r.zcard("imgq:eta:imgq") == 1 or r.exists(f"celery-task-meta-{later.id}"))
+    wait_for(lambda: r.zcard("imgq:eta:imgq") == 1 or r.exists(f"celery-task-meta-{later.id}"))
     first.kill()
     workers.start("w2")
     assert later.get(timeout=60)["label"] == "b"

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ from imgq.launcher import WorkerFleet, WorkerProcess, worker_env
 from imgq.worker.wire import TASK_NAME
 
 __all__ = ["LEASE_TTL_S", "RESTORE_INTERVAL_S", "REDELIVERY_BOUND_S", "Published", "Worker",
-           "Workers", "freeze_holding_messages", "lanes_of", "redelivery_s", "send_many",
-           "wait_all"]  # fmt: skip
+           "Workers", "active_task_ids", "freeze_holding_messages", "lanes_of", "redelivery_s",
+           "send_many", "wait_all", "wait_for"]  # fmt: skip
 
 #: Short lease settings so that tests see redelivery within seconds.
 LEASE_TTL_S = 2.0
@@ -164,3 +164,20 @@ def redelivery_s(r: redis.Redis, worker: WorkerProcess, since: float) -> float:
         assert time.monotonic() - since < REDELIVERY_BOUND_S + 10, "never redelivered"
         time.sleep(0.01)
     return time.monotonic() - since
+
+
+def wait_for(what: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    """``what()`` once it is truthy (state polled, not a guess of how long it takes)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {timeout_s} s: {what}")
+
+
+def active_task_ids(app: Celery) -> set[str]:
+    """The ids ``inspect active`` lists, over every worker that answers within a second."""
+    replies = app.control.inspect(timeout=1.0).active() or {}
+    return {task["id"] for tasks in replies.values() for task in tasks}

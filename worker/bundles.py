@@ -32,13 +32,13 @@ import re
 import shutil
 import tempfile
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from imgq.shared.bundle import ModelBundle, bundle_sha256, serving_files
-from imgq.shared.errors import ImgqError
+from imgq.shared.bundle import ModelBundle, bundle_file, bundle_sha256, serving_files
+from imgq.shared.errors import BundleError, ImgqError
 from imgq.shared.manifest import load_manifest
 
 __all__ = [
@@ -140,17 +140,13 @@ def bundle_files(directory: Path) -> dict[str, Path]:
 
 
 def _check_name(name: str) -> None:
-    """A bundle's file name stays inside the bundle's folder and is written as it is named (a
-    Redis entry is hostile input: ``../``, an absolute path, a NUL)."""
-    path = PurePosixPath(name)
-    if (not name or path.is_absolute() or ".." in path.parts or "\\" in name
-            or path.as_posix() != name or len(name) > 255
-            or any(ord(c) < 32 or c == "\x7f" for c in name)):  # fmt: skip
-        raise PublishError(f"a bundle file must be a relative path inside it, got {name!r:.80}")
-
-
-def _bundle_sha256(file_shas: dict[str, str]) -> str:
-    return bundle_sha256(file_shas)
+    """A stored file name is written as it is named, inside the bundle's folder."""
+    try:
+        if bundle_file(name) == name:
+            return
+    except BundleError:
+        pass
+    raise PublishError(f"a bundle file must be a normalised path inside it, got {name!r:.80}")
 
 
 def _sha256(data: bytes) -> str:
@@ -190,7 +186,7 @@ def publish(
     shas = {name: _sha256(data) for name, data in contents.items()}
     manifest = load_manifest(Path(directory))
     version = BundleVersion(
-        sha256=_bundle_sha256(shas),
+        sha256=bundle_sha256(shas),
         name=manifest.name,
         model_sha256=manifest.model_sha256,
         files=shas,
@@ -314,7 +310,7 @@ def fetch(client: redis.Redis, version: BundleVersion, cache_dir: Path, max_byte
             path = staging / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        if _bundle_sha256(shas) != version.sha256:
+        if bundle_sha256(shas) != version.sha256:
             raise PublishError(f"the files of version {version.version} do not make its sha256")
         return _place(staging, target, version)
     finally:

@@ -96,7 +96,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     ),
     **dict.fromkeys(
         ("client_name", "master_name", "unacked_key", "unacked_index_key", "unacked_mutex_key",
-         "global_keyprefix", "sep", "username", "password"),
+         "global_keyprefix", "username", "password"),
         (str,),
     ),
     "fanout_prefix": (bool, str),
