@@ -66,12 +66,12 @@ class FakeDrift:
         self.replies: list[Any] = []
         self.thumbnails: list[list[str]] = []
 
-    def window_counts(self, observations: list[Any]) -> WindowCounts:
+    def window_counts(self, observations: list[Any]) -> list[WindowCounts]:
         self.added.append(list(observations))
-        return WindowCounts("drift-count", len(observations), "", 0)
+        return [WindowCounts("drift-count", len(observations), "", 0)]
 
-    def after_settle(self, window_count: int) -> None:
-        self.replies.append(window_count)
+    def after_settle(self, counted: dict[str, int]) -> None:
+        self.replies.append(counted["drift-count"])
 
     def extras(self, pipe: Any, observations: list[Any]) -> None:
         for o in observations:

@@ -57,7 +57,7 @@ def _ack(r: redis.Redis, intake: Intake, lane: int = 0) -> None:
     the_lane = intake.lanes[lane]
     the_lane.prepare_ack()
     pipe = r.pipeline(transaction=False)
-    Settler(r, r, "q", intake.worker_id, 60, DEAD_LETTERS).settle(pipe, the_lane, [], [], None)
+    Settler(r, r, "q", intake.worker_id, 60, DEAD_LETTERS).settle(pipe, the_lane, [], [], [])
     pipe.execute()
     the_lane.settled()
 

@@ -414,62 +414,65 @@ class BatchEngine:
             else (self.backend.get_key_for_task(task_id), record)
             for (task_id, record), req in zip(out.records, out.requests, strict=True)
         ]
-        window = self._window(out, None)
+        windows = self._windows(out, None)
         if self._results_redis is self.redis:
             pipe = self.redis.pipeline(transaction=False)
             index = self.settler.settle(
-                pipe, lane, results, out.dead, window, scheduled=out.scheduled
+                pipe, lane, results, out.dead, windows, scheduled=out.scheduled
             )
             self._extras(pipe, out)
             reply = pipe.execute(raise_on_error=False)[index]
             if isinstance(reply, Exception):
                 raise reply
-            count, flags = int(reply[0]), reply[1:]
-            if window is not None and count == -1 and any(flags):
-                count = self._count_new(out, flags, once_token(lane))
+            counts, flags = reply[: len(windows)], reply[len(windows) :]
+            if windows and counts[0] == -1 and any(flags):
+                windows, counts = self._count_new(out, flags, once_token(lane))
         else:
             rpipe = self._results_redis.pipeline(transaction=False)
-            index = self.settler.settle(rpipe, None, results, [], None)
-            flags = rpipe.execute()[index][1:]
+            index = self.settler.settle(rpipe, None, results, [], [])
+            flags = rpipe.execute()[index]
             pipe = self.redis.pipeline(transaction=False)
-            subset = self._window(out, flags) if any(flags) else None
+            windows = self._windows(out, flags) if any(flags) else []
             index = self.settler.settle(
-                pipe, lane, [], out.dead, subset, once_token(lane), scheduled=out.scheduled
+                pipe, lane, [], out.dead, windows, once_token(lane), scheduled=out.scheduled
             )
             self._extras(pipe, out)
             reply = pipe.execute(raise_on_error=False)[index]
             if isinstance(reply, Exception):
                 raise reply
-            count = int(reply[0])
+            counts = reply
         lane.settled()
         if self.followups is not None:  # once, by the worker whose results were stored new
             self.followups.after_settle(out.requests, out.records, flags)
-        if count == -2:
+        if any(int(c) == -2 for c in counts):
             self._log_rarely("observer", "observer counts not stored (results are)")
-        elif count >= 0 and self.observer is not None:
-            self.observer.after_settle(count)
+        counted = {w.key: int(c) for w, c in zip(windows, counts, strict=True) if int(c) >= 0}
+        if counted and self.observer is not None:
+            self.observer.after_settle(counted)
 
-    def _window(self, out: BatchOutcome, flags: Sequence[int] | None) -> WindowCounts | None:
+    def _windows(self, out: BatchOutcome, flags: Sequence[int] | None) -> list[WindowCounts]:
         """The observer's counts of the batch (of the results ``flags`` says were new)."""
         if self.observer is None or not out.observations:
-            return None
+            return []
         seen = [o for i, o in out.observations if flags is None or flags[i]]
         try:
-            return self.observer.window_counts(seen) if seen else None
+            return list(self.observer.window_counts(seen)) if seen else []
         except Exception:
             self._log_rarely("observer", "observer counts failed; the batch is stored without",
                              exc_info=True)  # fmt: skip
-            return None
+            return []
 
-    def _count_new(self, out: BatchOutcome, flags: Sequence[int], once: tuple[str, int]) -> int:
+    def _count_new(
+        self, out: BatchOutcome, flags: Sequence[int], once: tuple[str, int]
+    ) -> tuple[list[WindowCounts], list[int]]:
         """Some results of the batch were there already (a redelivery): count only the new."""
-        subset = self._window(out, flags)
-        if subset is None:
-            return -1
+        subset = self._windows(out, flags)
+        if not subset:
+            return [], []
         pipe = self.redis.pipeline(transaction=False)
         index = self.settler.settle(pipe, None, [], [], subset, once)
         reply = pipe.execute(raise_on_error=False)[index]
-        return -2 if isinstance(reply, Exception) else int(reply[0])
+        return subset, [-2] * len(subset) if isinstance(reply, Exception) else list(reply)
 
     def _extras(self, pipe: Any, out: BatchOutcome) -> None:
         """After the settle script on the same round trip: the task events, observer extras."""

@@ -129,12 +129,13 @@ class Observer(Protocol):
     #: A Lua function ``add_window(key, n, pairs, ttl)`` the settle script includes.
     lua_add_window: str
 
-    def window_counts(self, observations: Sequence[Any]) -> WindowCounts | None:
-        """The counts of these observations (of successes), or None for nothing to count."""
+    def window_counts(self, observations: Sequence[Any]) -> Sequence[WindowCounts]:
+        """The counts of these observations (of successes), one per window they go to (none
+        for nothing to count)."""
         ...
 
-    def after_settle(self, window_count: int) -> None:
-        """The settle script added the counts; ``window_count`` is what it returned."""
+    def after_settle(self, counted: Mapping[str, int]) -> None:
+        """The settle script added the counts: each window's key and the count it returned."""
         ...
 
     def extras(self, pipe: redis.client.Pipeline, observations: Sequence[Any]) -> None:

@@ -56,14 +56,14 @@ def once_token(lane: Lane) -> tuple[str, int]:
 
 
 # Dead letters, scheduled messages, results (first wins, published when stored), ack, window
-# counts. KEYS: lane ('' for none), lanes hash, window ('' for none), once mark ('' for none:
-# count when every result is new; else count only if the batch's seq is above the runner's
-# mark), the queue's eta sorted set, then one key per result. ARGV: result ttl, queue, worker,
-# dead-letter ttl, max entries, max body bytes, n dead letters, images in the window counts,
-# "slot increment ..." of the window, window ttl, batch seq, marker ttl, n scheduled, then 7
-# values per dead letter (body, length, sha1, head, reason, detail, task id), 2 per scheduled
-# message (eta, message), then one value per result ('' for a marker: ignore_result). Returns
-# {window count (-1: not counted, -2: counting failed), stored flag per result...}.
+# counts. KEYS: lane ('' for none), lanes hash, (unused), once mark ('' for none: count when every
+# result is new; else count only if the batch's seq is above the runner's mark), the queue's eta
+# sorted set, then one key per window, then one key per result. ARGV: result ttl, queue, worker,
+# dead-letter ttl, max entries, max body bytes, n dead letters, n windows, (unused), (unused),
+# batch seq, marker ttl, n scheduled, then 7 values per dead letter (body, length, sha1, head,
+# reason, detail, task id), 2 per scheduled message (eta, message), 3 per window (images,
+# "slot increment ...", ttl), then one value per result ('' for a marker: ignore_result).
+# Returns {count per window (-1: not counted, -2: counting failed)..., stored flag per result...}.
 _SETTLE_BODY = """
 local ttl, queue, worker = ARGV[1], ARGV[2], ARGV[3]
 local n_dead = tonumber(ARGV[7])
@@ -85,10 +85,13 @@ for i = 1, tonumber(ARGV[13]) do
   redis.call('ZADD', KEYS[5], ARGV[a + 1], ARGV[a + 2])
   a = a + 2
 end
-local out = {-1}
+local n_windows = tonumber(ARGV[8])
+local out = {}
+for w = 1, n_windows do out[w] = -1 end
 local all_new = true
-for i = 6, #KEYS do
-  local value = ARGV[a + i - 5]
+local first = 6 + n_windows
+for i = first, #KEYS do
+  local value = ARGV[a + 3 * n_windows + i - first + 1]
   if value == '' then  -- ignore_result: a marker, nobody waits for it
     out[#out + 1] = redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[12]) and 1 or 0
     all_new = all_new and out[#out] == 1
@@ -104,9 +107,12 @@ if KEYS[1] ~= '' then
   redis.call('DEL', KEYS[1])
   redis.call('HDEL', KEYS[2], KEYS[1])
 end
-if KEYS[3] ~= '' and all_new and tonumber(ARGV[8]) > 0 and once(KEYS[4], ARGV[11]) then
-  local ok, count = pcall(add_window, KEYS[3], ARGV[8], ARGV[9], ARGV[10])
-  out[1] = ok and count or -2
+if n_windows > 0 and all_new and once(KEYS[4], ARGV[11]) then
+  for w = 1, n_windows do
+    local ok, count = pcall(add_window, KEYS[5 + w], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+    out[w] = ok and count or -2
+    a = a + 3
+  end
 end
 return out
 """
@@ -173,7 +179,7 @@ class Settler:
         lane: Lane | None,
         results: Sequence[tuple[str | bytes, Mapping[str, Any] | None]],
         dead: Sequence[DeadMessage],
-        window: WindowCounts | None,
+        windows: Sequence[WindowCounts],
         once: tuple[str, int] | None = None,
         *,
         scheduled: Sequence[tuple[float, bytes]] = (),
@@ -186,7 +192,7 @@ class Settler:
             results: ``(result key, record)`` per task; ``(done_key(id), None)`` for one sent
                 with ``ignore_result``.
             dead: The batch's dead letters.
-            window: The batch's drift counts, or None.
+            windows: The batch's counts per window (drift: one per model version served).
             once: :func:`once_token` of the batch, for counts sent apart from their results:
                 they are added only if the batch is above the runner's mark (instead of only
                 if every result is new).
@@ -194,26 +200,24 @@ class Settler:
                 ``worker/schedule.py``'s sorted set before the ack deletes them from the lane.
 
         Returns:
-            The index of the script's reply in ``pipe.execute()``: ``[window count (-1 when not
-            counted, -2 when counting failed), stored flag per result...]``.
+            The index of the script's reply in ``pipe.execute()``: ``[count per window (-1 when
+            not counted, -2 when counting failed)..., stored flag per result...]``.
         """
         ttl_s, max_entries, max_body = self.dead_letters
         mark, seq = once if once is not None else ("", 0)
-        keys: list[str | bytes] = [lane.key if lane is not None else "", LANES_KEY,
-                                   window.key if window else "", mark,
+        keys: list[str | bytes] = [lane.key if lane is not None else "", LANES_KEY, "", mark,
                                    eta_key(self.queue)]  # fmt: skip
+        keys += [w.key for w in windows]
         keys += [key for key, _ in results]
         args: list[Any] = [self.result_expires_s, self.queue, self.worker_id, ttl_s,
-                           max_entries, max_body, len(dead)]  # fmt: skip
-        if window is not None:
-            args += [window.images, window.pairs, window.ttl_s, seq]
-        else:
-            args += [0, "", 0, seq]
-        args += [min(DONE_TTL_S, self.result_expires_s), len(scheduled)]
+                           max_entries, max_body, len(dead), len(windows), "", "", seq,
+                           min(DONE_TTL_S, self.result_expires_s), len(scheduled)]  # fmt: skip
         for d in dead:
             args += [d.body, d.length, d.sha1, d.head, d.reason, d.detail[:500], d.task_id]
         for eta, message in scheduled:
             args += [repr(eta), message]
+        for w in windows:
+            args += [w.images, w.pairs, w.ttl_s]
         args += [b"" if record is None else json_dumps(record) for _, record in results]
         index = len(pipe)
         pipe.eval(self._script, len(keys), *keys, *args)

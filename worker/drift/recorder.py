@@ -13,7 +13,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -180,17 +180,18 @@ class DriftRecorder:
     #: (``worker/settle.py``) includes, so that the counts go in with the results, once.
     lua_add_window = _ADD_WINDOW_FUNCTION_LUA
 
-    def window_counts(self, observations: Sequence[Observation]) -> WindowCounts | None:
+    def window_counts(self, observations: Sequence[Observation]) -> list[WindowCounts]:
         """The counts of these images for the open window, for the settle script."""
         if not observations:
-            return None
+            return []
         features = np.stack([o.features for o in observations])
         probs = np.stack([o.probs for o in observations])
-        return self.counts_of(features, probs)
+        return [self.counts_of(features, probs)]
 
-    def after_settle(self, window_count: int) -> None:
-        """:meth:`after_pipeline`."""
-        self.after_pipeline(window_count)
+    def after_settle(self, counted: Mapping[str, int]) -> None:
+        """:meth:`after_pipeline` with the open window's count."""
+        if self.keys.open in counted:
+            self.after_pipeline(counted[self.keys.open])
 
     def extras(self, pipe: Any, observations: Sequence[Observation]) -> None:
         """A thumbnail of the batch's first out-of-range input, rate limited."""
