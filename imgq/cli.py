@@ -157,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("version", help="the version (6 to 64 hex digits of its sha256)")
     d.set_defaults(func=_handler("imgq.worker.models_cli:delete_main"))
 
+    s = sub.add_parser("rollout", help="a new model version on running workers: canary, shadow")
+    rsub = s.add_subparsers(dest="rollout_command", required=True)
+    queue = argparse.ArgumentParser(add_help=False)
+    queue.add_argument("--queue", default=None, help="queue name (IMGQ_QUEUE, default imgq)")
+    d = rsub.add_parser("start", parents=[queue], help="start rolling a published version out")
+    d.add_argument("version", help="the candidate (6 to 64 hex digits of its sha256)")
+    d.add_argument("--canary", type=float, default=10.0, help="%% of tasks it answers (10)")
+    d.add_argument("--shadow", type=float, default=0.0, help="%% of the others it also runs")
+    d.add_argument("--max-failure-rate", type=float, default=0.05,
+                   help="share of the candidate's model failures that aborts (0.05)")  # fmt: skip
+    d.add_argument("--min-tasks", type=int, default=50, help="tasks before that is judged (50)")
+    d.set_defaults(func=_handler("imgq.worker.rollout.cli:start_main"))
+    d = rsub.add_parser("status", parents=[queue], help="the rollout, versions side by side")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    d.set_defaults(func=_handler("imgq.worker.rollout.cli:status_main"))
+    d = rsub.add_parser("promote", parents=[queue], help="make the candidate stable everywhere")
+    d.set_defaults(func=_handler("imgq.worker.rollout.cli:promote_main"))
+    d = rsub.add_parser("abort", parents=[queue], help="return to the stable version")
+    d.add_argument("--reason", default="aborted by an operator")
+    d.set_defaults(func=_handler("imgq.worker.rollout.cli:abort_main"))
+
     s = sub.add_parser("health", help="exit 0 when Redis answers and a worker has its model")
     s.add_argument("--timeout", type=float, default=5.0)
     s.add_argument("--local", action="store_true", help="ping only this host's workers")

@@ -154,7 +154,13 @@ def _sha256(data: bytes) -> str:
 
 
 def publish(
-    client: redis.Redis, directory: Path, max_bytes: int, queue: str, make_stable: bool = False
+    client: redis.Redis,
+    directory: Path,
+    max_bytes: int,
+    queue: str,
+    make_stable: bool = False,
+    *,
+    check: bool = True,
 ) -> tuple[BundleVersion, bool]:
     """Store a bundle (idempotent: the same files are the same version).
 
@@ -164,6 +170,8 @@ def publish(
         max_bytes: Largest bundle accepted.
         queue: The queue whose stable version it becomes when it has none (or ``make_stable``).
         make_stable: Make it the queue's stable version even if there is one.
+        check: Run a worker's start-up checks first. Workers run them again on their own
+            execution provider in any case; False stores a bundle checked elsewhere.
 
     Returns:
         The version, and whether it is now the queue's stable version.
@@ -181,7 +189,8 @@ def publish(
         )
     # The checks a worker runs at start (model hash, signature, golden set), before any worker
     # can be pointed at it.
-    ModelBundle.load(Path(directory), device="cpu")
+    if check:
+        ModelBundle.load(Path(directory), device="cpu")
     contents = {name: path.read_bytes() for name, path in files.items()}
     shas = {name: _sha256(data) for name, data in contents.items()}
     manifest = load_manifest(Path(directory))
@@ -374,4 +383,6 @@ def served_by(replies: list[dict[str, Any]]) -> dict[str, list[str]]:
         for node, status in reply.items():
             if isinstance(status, dict) and status.get("loaded"):
                 out.setdefault(str(status.get("version", "")), []).append(node)
+                if isinstance(status.get("candidate"), str):
+                    out.setdefault(status["candidate"], []).append(node)
     return out

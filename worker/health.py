@@ -42,15 +42,17 @@ STATUS_COMMAND = "imgq_status"
 _models: weakref.WeakKeyDictionary[Celery, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def publish_model(app: Celery, bundle: ModelBundle) -> None:
-    """Make the worker's ``imgq_status`` answer report ``bundle`` as loaded.
+def publish_model(app: Celery, bundle: ModelBundle, candidate: ModelBundle | None = None) -> None:
+    """Make the worker's ``imgq_status`` answer report ``bundle`` as loaded (and the rollout
+    candidate it also serves, if any).
 
     Call it once the bundle has passed its start-up checks (hash, signature, golden set), so a
     healthy answer means the worker can serve, not merely that its process runs.
 
     Args:
         app: The worker's Celery app.
-        bundle: The loaded bundle.
+        bundle: The loaded (stable) bundle.
+        candidate: The candidate version loaded beside it during a rollout.
     """
     _models[app] = {
         "loaded": True,
@@ -58,6 +60,7 @@ def publish_model(app: Celery, bundle: ModelBundle) -> None:
         "version": bundle.version,
         "sha256": bundle.manifest.model_sha256,
         "provider": bundle.provider,
+        "candidate": candidate.version if candidate is not None else None,
     }
 
 

@@ -129,8 +129,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _published_bundle(settings: WorkerSettings) -> WorkerSettings:
-    """``settings`` with the folder of the published version it names (or its queue's stable
-    one), fetched and checked (``worker/bundles.py``)."""
+    """``settings`` with the folder of the published version it pins (``--model-version``),
+    fetched and checked (``worker/bundles.py``); without a pin, unchanged once the queue's
+    stable version is fetched: the worker follows the queue's rollout (``worker/rollout/``)."""
     from imgq.worker.bundles import fetch, resolve
 
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=60)
@@ -138,6 +139,8 @@ def _published_bundle(settings: WorkerSettings) -> WorkerSettings:
     folder = fetch(client, version, settings.model_cache, settings.bundle_max_bytes)
     logger.info("model version fetched", extra={"version": version.version, "model": version.name,
                                                 "folder": str(folder)})  # fmt: skip
+    if settings.model_version is None:
+        return settings
     return dataclasses.replace(settings, model_dir=folder)
 
 

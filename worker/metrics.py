@@ -75,6 +75,11 @@ class WorkerMetrics:
             ["name", "sha256", "version", "provider"],
             registry=registry,
         )  # fmt: skip
+        self.model_tasks = Counter(
+            "imgq_model_tasks", "Tasks per model version: success, failure (the model's), "
+            "invalid (the input's), shadow (run beside the stable version, not answered).",
+            ["version", "outcome"], registry=registry,
+        )  # fmt: skip
         self.drift_psi = Gauge(
             "imgq_drift_psi", "PSI of the last closed window against the reference.",
             ["model", "feature"], registry=registry,

@@ -17,13 +17,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_base64, decode_image, probe_image
-from imgq.shared.errors import BundleError, ImgqError, InvalidTask
+from imgq.shared.errors import ImgqError, InvalidTask
 from imgq.shared.imagestats import IMAGE_FEATURES, image_features
 from imgq.shared.preprocess import normalise_batch, resize_image
 from imgq.shared.reference import RangeCheck
@@ -34,7 +35,10 @@ from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.wire import TASK_NAME
 
-__all__ = ["ClassifyHandler", "create", "validate_kwargs"]
+if TYPE_CHECKING:
+    from imgq.worker.rollout.serving import VersionedHandler
+
+__all__ = ["ClassifyHandler", "build", "create", "validate_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -250,19 +254,33 @@ def validate_kwargs(kwargs: Any, n_labels: int) -> tuple[str, int, str | int | N
     return image, top_k, request_id
 
 
-def create(context: HandlerContext) -> ClassifyHandler:
-    """The worker's classification handler: the bundle loaded and checked (sha256, signature,
-    golden set on this worker's execution provider), its model calls sized, reported to
-    ``imgq health``, and drift statistics when on.
+def create(context: HandlerContext) -> ClassifyHandler | VersionedHandler:
+    """The worker's classification handler: the bundle folder it is given, or, without one,
+    the queue's published versions, following its rollout (``worker/rollout/``).
 
     Raises:
-        BundleError, ManifestError: no bundle given, or it fails its checks.
+        BundleError, ManifestError: the bundle fails its checks.
+        PublishError: no version is published for the queue.
+    """
+    if context.settings.model_dir is None:
+        from imgq.worker.rollout.serving import VersionedHandler
+
+        return VersionedHandler(context, lambda folder: build(context, folder))
+    handler = build(context, context.settings.model_dir)
+    publish_model(context.app, handler.bundle)
+    return handler
+
+
+def build(context: HandlerContext, folder: Path) -> ClassifyHandler:
+    """The handler of the bundle in ``folder``: loaded and checked (sha256, signature, golden
+    set on this worker's execution provider), its model calls sized, and drift statistics when
+    on.
+
+    Raises:
+        BundleError, ManifestError: the bundle fails its checks.
     """
     settings = context.settings
-    if settings.model_dir is None:
-        raise BundleError("no model bundle given: pass --model MODEL_DIR or set IMGQ_MODEL")
-    bundle = ModelBundle.load(settings.model_dir, device=settings.device, threads=settings.threads)
-    publish_model(context.app, bundle)
+    bundle = ModelBundle.load(folder, device=settings.device, threads=settings.threads)
     ms_per_image = _size_model_calls(bundle, settings)
     drift = None
     if settings.drift_enabled:
@@ -282,6 +300,7 @@ def create(context: HandlerContext) -> ClassifyHandler:
         extra={
             "model": manifest.name,
             "sha256": manifest.model_sha256,
+            "version": bundle.version,
             "provider": bundle.provider,
             "bundle": str(bundle.directory),
             "max_wait_ms": settings.wait_ms_for(bundle.provider),
