@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_handler("imgq.trainer.sample_data:main"))
 
     s = sub.add_parser("train", help="train on DATA_DIR (one sub-folder per class) and export")
-    s.add_argument("data_dir")
+    s.add_argument(
+        "data_dir",
+        nargs="+",
+        metavar="DATA_DIR",
+        help="folder of one sub-folder per class; more folders add images to its classes "
+        "(e.g. labelled `imgq drift samples`)",
+    )
     s.add_argument("--out", required=True, help="bundle folder to write")
     s.add_argument("--image-size", type=int, default=32)
     s.add_argument("--arch", choices=["small", "mobilenetv2"], default="small")
@@ -122,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("report", parents=[model], help="write PNG figures of what drifted")
     d.add_argument("--out", required=True)
     d.set_defaults(func=_handler("imgq.worker.drift.review:report_main"))
+    d = dsub.add_parser(
+        "samples", parents=[model], help="write a window's sampled inputs as folders to label"
+    )
+    which = d.add_mutually_exclusive_group(required=True)
+    which.add_argument("--alert", metavar="ID", help="the window of this alert")
+    which.add_argument("--window", metavar="ID", help="this judged window")
+    d.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
+    d.set_defaults(func=_handler("imgq.worker.drift.samples:samples_main"))
+    d = dsub.add_parser(
+        "serve", parents=[model], help="the review page in the browser (127.0.0.1 only)"
+    )
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    d.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
+    d.set_defaults(func=_handler("imgq.worker.drift.page:serve_main"))
 
     s = sub.add_parser("dlq", help="dead letters (messages no worker could serve): review, requeue")
     dsub = s.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")

@@ -2,8 +2,17 @@
 # Idempotent set-up for a fresh Debian/Ubuntu machine with Python 3.11:
 # a virtual environment in .venv with imgq and all extras, and Debian's redis-server
 # when no redis-server binary is on PATH. A second run only checks and returns.
+# --browser also installs Debian's chromium, for the review page's headless-browser test
+# (scripts/test.sh passes it; the demo does not need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+browser=0
+for arg in "$@"; do
+  case "$arg" in
+    --browser) browser=1 ;;
+    *) echo "setup: unknown option $arg (known: --browser)" >&2; exit 2 ;;
+  esac
+done
 
 need_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_updated=0
@@ -53,6 +62,7 @@ fi
 pkgs=()
 if ! command -v redis-server >/dev/null 2>&1 && [ -z "${IMGQ_BROKER_URL:-}" ]; then pkgs+=(redis-server); fi
 if ! command -v docker-compose >/dev/null 2>&1 && [ "${IMGQ_SKIP_COMPOSE:-0}" != 1 ]; then pkgs+=(docker-compose); fi
+if [ "$browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then pkgs+=(chromium); fi
 if [ "${#pkgs[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${pkgs[*]}"
   apt_install "${pkgs[@]}"

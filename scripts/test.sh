@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite, after the same idempotent set-up as the demo: first the linter, the
-# formatter check and the type checker (any finding fails the run), then pytest. Arguments go
-# to pytest.
+# The whole test suite, after the same idempotent set-up as the demo plus chromium (the review
+# page's browser test): first the linter, the formatter check and the type checker (any finding
+# fails the run), then pytest. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --browser
 PY="${IMGQ_VENV:-.venv}/bin/python"
 echo "test: ruff check, ruff format --check, mypy"
 "$PY" -m ruff check --quiet .

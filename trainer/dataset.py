@@ -7,12 +7,15 @@ byte, the tensor a worker makes from the same file with
 ``preprocess_batch([decode_image(data)], spec)``.
 
 The folder layout itself is read by :func:`imgq.shared.labelled.list_labelled_files`, which
-``imgq verify`` uses in a worker's environment too.
+``imgq verify`` uses in a worker's environment too. Several folders train together, classes
+merged by name (:func:`list_training_files`): the old data, then e.g. the labelled samples of a
+drift alert (``imgq drift samples``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +23,13 @@ import numpy as np
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import InvalidImage
 from imgq.shared.imagestats import image_features
-from imgq.shared.labelled import list_labelled_files
+from imgq.shared.labelled import IMAGE_SUFFIXES, list_labelled_files
 from imgq.shared.preprocess import PreprocessSpec, resize_image
 
 __all__ = [
     "Dataset",
     "Split",
+    "list_training_files",
     "load_dataset",
     "stratified_split",
 ]
@@ -94,17 +98,60 @@ class Dataset:
     features: np.ndarray
 
 
-def load_dataset(data_dir: str | Path, spec: PreprocessSpec) -> Dataset:
-    """Decode every image of ``data_dir`` once, keep it resized to ``spec``'s size.
+DataDirs = str | Path | Sequence[str | Path]
+
+
+def list_training_files(data_dirs: DataDirs) -> tuple[list[Path], list[str]]:
+    """The image files of one or several labelled folders, and each file's class name.
+
+    The first folder defines the classes (every class folder must hold an image). Each later
+    folder adds images to those classes by folder name; a class folder there left empty (every
+    image moved out while labelling) is skipped. A class the first folder does not have is
+    refused: a class trained on a handful of production samples alone would be a guess.
+
+    Raises:
+        ValueError: a folder's layout is wrong, or a later folder has a class the first lacks.
+    """
+    dirs = [Path(d) for d in ([data_dirs] if isinstance(data_dirs, str | Path) else data_dirs)]
+    if not dirs:
+        raise ValueError("no data folder given")
+    files, labels = list_labelled_files(dirs[0])
+    classes = set(labels)
+    for extra in dirs[1:]:
+        if not extra.is_dir():
+            raise ValueError(f"{extra} is not a folder; expected one sub-folder per class")
+        for folder in sorted(p for p in extra.iterdir() if p.is_dir()):
+            if folder.name.startswith("."):
+                continue
+            found = sorted(
+                p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if found and folder.name not in classes:
+                known = ", ".join(sorted(classes))
+                raise ValueError(
+                    f"class folder {folder} is not a class of {dirs[0]} ({known}): "
+                    f"move its images into one of those, or add the class to {dirs[0]} with "
+                    "enough images of its own to train and test it"
+                )
+            files += found
+            labels += [folder.name] * len(found)
+    return files, labels
+
+
+def load_dataset(data_dirs: DataDirs, spec: PreprocessSpec) -> Dataset:
+    """Decode every image of ``data_dirs`` (one folder, or several: :func:`list_training_files`)
+    once, keep it resized to ``spec``'s size.
 
     Raises:
         ValueError: the folder layout is wrong, there are fewer than 2 classes, or a file cannot
             be decoded (the message names it, with the decoder's reason).
     """
-    files, labels = list_labelled_files(data_dir)
+    files, labels = list_training_files(data_dirs)
     class_names = tuple(sorted(set(labels)))
     if len(class_names) < 2:
-        raise ValueError(f"{data_dir} has {len(class_names)} class folder; a classifier needs >= 2")
+        raise ValueError(
+            f"{data_dirs} has {len(class_names)} class folder; a classifier needs >= 2"
+        )
     images = np.empty((len(files), spec.height, spec.width, 3), np.uint8)
     originals = np.empty((len(files), 3), np.float64)  # width, height, encoded bytes
     for i, path in enumerate(files):

@@ -28,7 +28,7 @@ from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES, output_featu
 from imgq.shared.manifest import MANIFEST_FILE
 from imgq.shared.preprocess import PreprocessSpec, compute_mean_std, normalise_batch
 from imgq.shared.reference import ReferenceStats, build_reference
-from imgq.trainer.dataset import Dataset, Split, load_dataset, stratified_split
+from imgq.trainer.dataset import DataDirs, Dataset, Split, load_dataset, stratified_split
 from imgq.trainer.export import MIN_PARITY_IMAGES, export_bundle
 from imgq.trainer.model import ARCHITECTURES, build_model
 from imgq.trainer.plots import plot_confusion_matrix, plot_training_curves
@@ -215,6 +215,12 @@ def _write_samples(data: Dataset, split: Split, out: Path) -> None:
                 (folder / f"{path.stem}.jpg").write_bytes(buf.tobytes())
 
 
+def _relative(path: Path, roots: list[Path]) -> str:
+    """A data file as ``history.json`` names it: inside the first folder relative to it, as
+    before; a later folder's file with that folder's path as given."""
+    return str(path.relative_to(roots[0]) if path.is_relative_to(roots[0]) else path)
+
+
 def _parity_rows(split: Split) -> np.ndarray:
     """Held-out rows (validation, test), topped up with training rows to the gate's minimum."""
     held_out = np.concatenate([split.val, split.test])
@@ -238,7 +244,7 @@ def _check_args(image_size: int, arch: str, epochs: int, patience: int, batch_si
 
 
 def train_bundle(
-    data_dir: str | Path,
+    data_dir: DataDirs,
     out_dir: str | Path,
     *,
     image_size: int = 32,
@@ -253,13 +259,15 @@ def train_bundle(
     name: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train on ``data_dir`` (one sub-folder per class) and write a checked bundle to ``out_dir``.
+    """Train on ``data_dir`` (one sub-folder per class; or several such folders, classes merged
+    by name, the first defining them) and write a checked bundle to ``out_dir``.
 
     Writes ``model.onnx``, ``manifest.json`` (last), ``golden/``, ``samples/``, ``history.json``,
     ``training_curves.png`` and ``confusion_matrix.png``.
 
     Args:
-        data_dir: Folder with one sub-folder of images per class.
+        data_dir: Folder with one sub-folder of images per class, or a list of them (the old
+            data first, then e.g. labelled drift samples: ``trainer.dataset.list_training_files``).
         out_dir: Bundle folder to write (created; a previous manifest is removed first, so a
             failed run never leaves a loadable, stale bundle).
         image_size: Model input side in pixels. Defaults to 32, enough for `imgq sample-data`
@@ -272,7 +280,7 @@ def train_bundle(
         test_split: Share of each class for the test. Defaults to 0.15.
         augment: Flip/crop/brightness augmentation of training images. Defaults to True.
         seed: Seed of the split, the weights and the augmentation. Defaults to 0.
-        name: Model name. Defaults to the data folder's name.
+        name: Model name. Defaults to the (first) data folder's name.
         progress: Show Keras' progress and print a summary. Defaults to True.
 
     Returns:
@@ -284,13 +292,14 @@ def train_bundle(
     """
     _check_args(image_size, arch, epochs, patience, batch_size)
     started = time.perf_counter()
-    data_dir, out = Path(data_dir), Path(out_dir)
+    roots = [Path(d) for d in ([data_dir] if isinstance(data_dir, str | Path) else data_dir)]
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
     say = print if progress else (lambda *a, **k: None)
 
     base = PreprocessSpec(height=image_size, width=image_size)
-    data = load_dataset(data_dir, base)
+    data = load_dataset(roots, base)
     split = stratified_split(data.y, val_split=val_split, test_split=test_split, seed=seed)
     mean, std = compute_mean_std(data.images[split.train], base.scale)
     spec = dataclasses.replace(base, mean=mean, std=std)
@@ -365,7 +374,7 @@ def train_bundle(
         "seed": seed,
         "fit_s": round(fit_s, 1),
     }
-    relative = [str(f.relative_to(data_dir)) for f in data.files]
+    relative = [_relative(f, roots) for f in data.files]
     (out / "history.json").write_text(
         json.dumps(
             {
@@ -385,7 +394,7 @@ def train_bundle(
     manifest = export_bundle(
         model,
         out,
-        name=name or data_dir.resolve().name,
+        name=name or roots[0].resolve().name,
         spec=spec,
         dataset=data,
         parity_rows=_parity_rows(split),
@@ -411,7 +420,8 @@ def train_bundle(
 
 
 def main(args: argparse.Namespace) -> int:
-    """`imgq train DATA_DIR --out MODEL_DIR [...]`; exit 1 with the reason when it fails."""
+    """`imgq train DATA_DIR [DATA_DIR ...] --out MODEL_DIR [...]`; exit 1 with the reason when
+    it fails."""
     try:
         train_bundle(
             args.data_dir, args.out, image_size=args.image_size, arch=args.arch,

@@ -22,8 +22,10 @@ Redis keys, all under ``imgq:drift:<sha12>:`` (see :class:`DriftKeys`): ``window
 i64 slots, :class:`WindowLayout`: the open window), ``seq`` (window ids), ``window:<id>`` (closed
 windows, expire after a day), ``latest`` (JSON:
 the last evaluated window's statistics), ``alerts`` (stream of alert and clear events),
-``open_alerts`` (hash: feature -> id of its open alert), ``acked`` (hash: alert id -> time), and
-``out_of_range`` (list: recent out-of-range thumbnails for the report).
+``open_alerts`` (hash: feature -> id of its open alert), ``acked`` (hash: alert id -> time),
+``out_of_range`` (list: recent out-of-range thumbnails for the report), ``verdicts`` (list: the
+last 500 judged windows' verdicts, newest first) and ``samples`` (capped stream: sampled inputs
+with the model's answers, :mod:`~imgq.worker.drift.samples`).
 
 None of them outlives its model: every key but the closed windows expires ``state_ttl_s``
 (30 days) after the model was last served or reviewed. Each write refreshes the key it writes
@@ -34,7 +36,9 @@ alert open for weeks, an acknowledgement) stays while that of a retired model go
 The package, one concept per module: :mod:`~imgq.worker.drift.statistics` (pure),
 :mod:`~imgq.worker.drift.layout` (Redis keys, window slots, Lua),
 :mod:`~imgq.worker.drift.detector`, :mod:`~imgq.worker.drift.recorder`, and
-:mod:`~imgq.worker.drift.review` (``imgq drift status | alerts | report``).
+:mod:`~imgq.worker.drift.review` (``imgq drift status | alerts | report``),
+:mod:`~imgq.worker.drift.page` (``imgq drift serve``) and :mod:`~imgq.worker.drift.samples`
+(``imgq drift samples``).
 """
 
 from __future__ import annotations

@@ -142,6 +142,9 @@ class DriftDetector:
         ttl_s = self.state_ttl_s
         pipe.multi()
         pipe.set(self.keys.latest, json.dumps(latest), ex=ttl_s)
+        pipe.lpush(self.keys.verdicts, json.dumps(latest))
+        pipe.ltrim(self.keys.verdicts, 0, 499)
+        pipe.expire(self.keys.verdicts, ttl_s)
         if new:
             alert = {
                 "type": "alert",

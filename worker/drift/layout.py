@@ -155,6 +155,8 @@ class DriftKeys:
         self.open_alerts = prefix + "open_alerts"
         self.acked = prefix + "acked"
         self.out_of_range = prefix + "out_of_range"
+        self.verdicts = prefix + "verdicts"
+        self.samples = prefix + "samples"
 
     @property
     def state(self) -> tuple[str, ...]:
@@ -167,6 +169,8 @@ class DriftKeys:
             self.open_alerts,
             self.acked,
             self.out_of_range,
+            self.verdicts,
+            self.samples,
         )
 
     def window(self, window_id: int) -> str:

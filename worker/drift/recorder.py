@@ -38,6 +38,7 @@ from imgq.worker.drift.layout import (
     _check_ttl,
     _iso,
 )
+from imgq.worker.drift.samples import SampleWriter
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settle import WindowCounts
 
@@ -55,13 +56,16 @@ class Observation:
         probs: The model's probabilities for it.
         out_of_range: Its features outside the training range.
         model_input: The image as the model saw it, kept only when it is out of range (for a
-            thumbnail in ``imgq drift report``).
+            thumbnail in ``imgq drift report``) or :attr:`sampled`.
+        sampled: Kept as a sample of the window (``worker/drift/samples.py``): the handler
+            marks at most one image per batch when :meth:`DriftRecorder.sample_due` says so.
     """
 
     features: np.ndarray
     probs: np.ndarray
     out_of_range: list[str]
     model_input: np.ndarray | None = None
+    sampled: bool = False
 
 
 class DriftRecorder:
@@ -85,6 +89,8 @@ class DriftRecorder:
             needs a few per bin). Defaults to ``min(50, window_size)``.
         thumbnails_per_s: Most out-of-range thumbnails this worker stores per second.
             Defaults to 5.
+        samples_per_s: Most window samples (an input with its answer, for retraining) this
+            worker stores per second, one per batch at most. Defaults to 5.
         window_ttl_s: How long closed windows stay in Redis. Defaults to one day.
         state_ttl_s: How long every other key of the model's drift state (the open window,
             ``seq``, ``latest``, ``alerts``, ``open_alerts``, ``acked``, ``out_of_range``)
@@ -104,6 +110,7 @@ class DriftRecorder:
         psi_floor: float = 0.1,
         min_window_size: int | None = None,
         thumbnails_per_s: float = 5.0,
+        samples_per_s: float = 5.0,
         window_ttl_s: int = 86_400,
         state_ttl_s: int = STATE_TTL_S,
         metrics: WorkerMetrics | None = None,
@@ -146,6 +153,7 @@ class DriftRecorder:
         self._dropped_logged = False
         self._thumbnail_interval_s = 1.0 / thumbnails_per_s
         self._last_thumbnail_s = -math.inf
+        self.samples = SampleWriter(self.keys, manifest, samples_per_s, state_ttl_s)
         ref = manifest.reference.features
         layout = self.detector.layout
         # Every bin of every feature numbered by its slot in the window's Redis string: the hot
@@ -194,11 +202,21 @@ class DriftRecorder:
             self.after_pipeline(counted[self.keys.open])
 
     def extras(self, pipe: Any, observations: Sequence[Observation]) -> None:
-        """A thumbnail of the batch's first out-of-range input, rate limited."""
+        """A thumbnail of the batch's first out-of-range input, rate limited, and the batch's
+        sampled input with its answer."""
         for o in observations:
             if o.out_of_range and o.model_input is not None:
-                self.add_out_of_range_thumbnail(pipe, o.model_input, o.out_of_range)
-                return
+                label = self.manifest.labels[int(np.argmax(o.probs))]
+                self.add_out_of_range_thumbnail(pipe, o.model_input, o.out_of_range, label)
+                break
+        for o in observations:
+            if o.sampled and o.model_input is not None:
+                self.samples.add(pipe, o.model_input, o.probs, o.out_of_range)
+
+    def sample_due(self) -> bool:
+        """Whether the handler should mark one image of this batch :attr:`Observation.sampled`
+        (rate limited per worker; a True is counted as taken)."""
+        return self.samples.due()
 
     # -- counts ---------------------------------------------------------------------------------
 
@@ -249,11 +267,15 @@ class DriftRecorder:
         idx += self._first_bin
         return idx.ravel()
 
-    def add_out_of_range_thumbnail(self, pipe: Any, rgb: np.ndarray, features: list[str]) -> bool:
+    def add_out_of_range_thumbnail(
+        self, pipe: Any, rgb: np.ndarray, features: list[str], label: str | None = None
+    ) -> bool:
         """Keep a small JPEG of an out-of-range input for ``imgq drift report`` (LPUSH + LTRIM
         on ``pipe``), at most ``thumbnails_per_s`` per second per worker.
 
-        Call it for the first image of a batch whose :meth:`out_of_range` is not empty.
+        Call it for the first image of a batch whose :meth:`out_of_range` is not empty;
+        ``label`` is the class the model predicted for it (the review page shows training
+        samples of that class beside it).
 
         Returns:
             True when a thumbnail was queued, False when the rate limit skipped it.
@@ -278,6 +300,8 @@ class DriftRecorder:
             "height": h,
             "jpeg_b64": base64.b64encode(jpeg.tobytes()).decode("ascii"),
         }
+        if label is not None:
+            item["label"] = label
         pipe.lpush(self.keys.out_of_range, json.dumps(item))
         pipe.ltrim(self.keys.out_of_range, 0, THUMBNAILS_KEPT - 1)
         pipe.expire(self.keys.out_of_range, self.state_ttl_s)

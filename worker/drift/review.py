@@ -17,7 +17,7 @@ import random
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import redis
@@ -37,6 +37,8 @@ __all__ = [
     "list_alerts",
     "ack_alert",
     "feature_state",
+    "find_window",
+    "read_verdicts",
 ]
 
 #: Images per row of the out-of-range strip.
@@ -46,6 +48,17 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 class _UsageError(ImgqError):
     """A problem with what the user asked for; printed, exit status 2."""
+
+
+class NamedModel(Protocol):
+    """What the alert functions need of a model: a :class:`Manifest`, or the review page's
+    record of a model known only by its drift state."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def short_sha(self) -> str: ...
 
 
 # ----------------------------------------------------------------------------- reading
@@ -84,10 +97,11 @@ def feature_state(feature: dict[str, Any], open_alerts: dict[str, str]) -> str:
 
 
 def list_alerts(
-    client: redis.Redis, manifest: Manifest, *, include_all: bool
+    client: redis.Redis, manifest: NamedModel, *, include_all: bool
 ) -> list[dict[str, Any]]:
     """Alerts, oldest first, each with ``state`` (``open`` while any of its features is still
-    drifting, else ``cleared``) and ``acked``. Without ``include_all``: open, unacknowledged."""
+    drifting, else ``cleared``) and ``acked``. Without ``include_all``: open, unacknowledged.
+    An entry that is not an alert's JSON object with a string id is skipped."""
     keys = DriftKeys(manifest.short_sha)
     pipe = client.pipeline(transaction=False)
     pipe.xrange(keys.alerts)
@@ -98,8 +112,13 @@ def list_alerts(
     acked_ids = {k.decode() for k in acked}
     alerts = []
     for _, fields in entries:
-        event = json.loads(fields[b"json"])
-        if event["type"] != "alert":
+        try:
+            event = json.loads(fields[b"json"])
+        except (KeyError, ValueError):
+            continue
+        if not isinstance(event, dict) or event.get("type") != "alert":
+            continue
+        if not isinstance(event.get("id"), str) or not isinstance(event.get("window"), dict):
             continue
         event["state"] = "open" if event["id"] in open_ids else "cleared"
         event["acked"] = event["id"] in acked_ids
@@ -108,7 +127,7 @@ def list_alerts(
     return alerts
 
 
-def ack_alert(client: redis.Redis, manifest: Manifest, alert_id: str) -> None:
+def ack_alert(client: redis.Redis, manifest: NamedModel, alert_id: str) -> None:
     """Mark an alert acknowledged: it leaves the default listing; its features stay open (no
     new alert for them) until they clear.
 
@@ -120,6 +139,44 @@ def ack_alert(client: redis.Redis, manifest: Manifest, alert_id: str) -> None:
         shown = ", ".join(known[-10:]) or "none yet"
         raise _UsageError(f"no drift alert {alert_id!r} for model {manifest.name}; ids: {shown}")
     DriftKeys(manifest.short_sha).ack(client, alert_id, datetime.now(UTC).isoformat())
+
+
+def read_verdicts(client: redis.Redis, short_sha: str, count: int = 500) -> list[dict[str, Any]]:
+    """The judged windows' verdicts, newest first (the detector keeps the last 500); an entry
+    that is not a JSON object with a ``window`` object is skipped."""
+    verdicts = []
+    for raw in client.lrange(DriftKeys(short_sha).verdicts, 0, count - 1):
+        try:
+            verdict = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(verdict, dict) and isinstance(verdict.get("window"), dict):
+            verdicts.append(verdict)
+    return verdicts
+
+
+def find_window(
+    client: redis.Redis, manifest: NamedModel, *, alert_id: str | None, window_id: str | None
+) -> dict[str, Any]:
+    """The window (``id``, ``start``, ``end``, ...) of an alert, or of a judged window by id.
+
+    Raises:
+        _UsageError: neither or both given, or no such alert or window.
+    """
+    if (alert_id is None) == (window_id is None):
+        raise _UsageError("give one of --alert ID or --window ID")
+    if alert_id is not None:
+        for alert in list_alerts(client, manifest, include_all=True):
+            if alert["id"] == alert_id:
+                return dict(alert["window"])
+        raise _UsageError(f"no drift alert {alert_id!r} for model {manifest.name}")
+    for verdict in read_verdicts(client, manifest.short_sha):
+        if str(verdict["window"].get("id")) == window_id:
+            return dict(verdict["window"])
+    raise _UsageError(
+        f"no judged window {window_id!r} of model {manifest.name} is kept; "
+        "`imgq drift serve` or `imgq drift status` shows recent ones"
+    )
 
 
 # ----------------------------------------------------------------------------- commands

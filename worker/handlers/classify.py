@@ -14,6 +14,7 @@ No I/O: the engine (``worker/engine.py``) takes, stores and acks.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class ClassifyHandler:
         self.metrics = metrics
         self.drift = drift
         self.observers = [drift] if drift is not None else []
+        self._rng = random.Random()
         self._range_check = (
             RangeCheck(manifest.reference, IMAGE_FEATURES) if drift is not None else None
         )
@@ -164,6 +166,10 @@ class ClassifyHandler:
         features, outside = self._drift_statistics(stacked, originals)
         preprocess_ms, infer_ms = round((t1 - t0) * 1000, 3), round((t2 - t1) * 1000, 3)
         order = np.argsort(-probs, axis=1)
+        # One image of the batch, at random, kept as a sample of its window (rate limited).
+        sampled = (
+            self._rng.randrange(n) if self.drift is not None and self.drift.sample_due() else -1
+        )
         for i, g in enumerate(good):
             p = probs[i]
             top = [{"label": self._labels[j], "score": float(p[j])} for j in order[i, : g.top_k]]
@@ -180,8 +186,8 @@ class ClassifyHandler:
             observation = None
             if features is not None and outside is not None:
                 result["drift"] = {"out_of_range": outside[i]}
-                thumbnail = images[i] if outside[i] else None
-                observation = Observation(features[i], p, outside[i], thumbnail)
+                kept = images[i] if outside[i] or i == sampled else None
+                observation = Observation(features[i], p, outside[i], kept, i == sampled)
             outcomes[g.index] = Success(result, observation)
 
     def _drift_statistics(

@@ -1,0 +1,260 @@
+"""The review page (`imgq drift serve`) in headless Chromium, and the loop back to training
+(`imgq drift samples` then `imgq train` on the old data and the samples), against a real
+redis-server holding the drift state a real `imgq worker` wrote while serving."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from imgq.cli import main as imgq_main
+from imgq.shared.manifest import load_manifest, save_manifest
+from imgq.trainer.dataset import list_training_files
+from imgq.worker.bundles import publish
+from imgq.worker.client import ImgqClient
+from imgq.worker.drift import DriftKeys
+from imgq.worker.drift.page import ReviewData, make_server
+from imgq.worker.drift.samples import write_samples
+from imgq.worker.settings import WorkerSettings
+from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
+from tests.workerproc import Workers, wait_for
+
+HOSTILE = "<script>alert(1)</script>"
+WINDOW = 50
+CHROMIUM = shutil.which("chromium")
+SHOT_W, SHOT_H = 1200, 900
+
+
+def images(n: int, *, gain: float = 1.0, seed: int = 0) -> list[bytes]:
+    """``n`` PNGs of the tiny model's three colours in turn, brightness times ``gain``."""
+    return [
+        encode_png((colour_image(COLOURS[i % 3], seed=seed + i) * gain).astype(np.uint8))
+        for i in range(n)
+    ]
+
+
+@dataclasses.dataclass
+class Served:
+    db: redis.Redis
+    keys: DriftKeys
+    url: str
+    bundle: Path
+    judge: Any
+
+
+@pytest.fixture
+def served(redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+    """The tiny bundle, named with a script tag, published (so only the Redis URL is needed) and
+    served by one real worker with drift on in windows of 50; ``judge(images)`` sends one window
+    in small requests and waits until it is judged."""
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    save_manifest(dataclasses.replace(load_manifest(bundle), name=f"tiny{HOSTILE}"), bundle)
+    db = redis.Redis.from_url(redis_server.url)
+    publish(db, bundle, 1 << 24, "imgq")
+    monkeypatch.setenv("IMGQ_BROKER_URL", redis_server.url)
+    monkeypatch.setenv("IMGQ_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("IMGQ_MODEL", raising=False)
+    workers = Workers(bundle, redis_server.url, tmp_path)
+    worker = workers.start(
+        "page", IMGQ_DRIFT="1", IMGQ_DRIFT_WINDOW=str(WINDOW), IMGQ_DRIFT_WINDOW_S="3600"
+    )
+    client = ImgqClient(redis_server.url)
+    keys = DriftKeys(load_manifest(bundle).short_sha)
+
+    def judge(window: list[bytes]) -> None:
+        expected = int(db.get(keys.seq) or 0) + 1
+        for start in range(0, len(window), 5):
+            outcomes = client.results(client.classify_many(window[start : start + 5]), 60)
+            assert all(isinstance(o, dict) for o in outcomes), worker.log_tail()
+        wait_for(lambda: db.llen(keys.verdicts) >= expected)
+
+    try:
+        yield Served(db, keys, redis_server.url, bundle, judge)
+    finally:
+        workers.kill_all()
+        client.close()
+        db.close()
+
+
+@pytest.fixture
+def page(served: Served) -> Iterator[str]:
+    """`imgq drift serve` on a free port, in a thread; yields its base URL."""
+    settings = WorkerSettings.from_env()
+    server = make_server(ReviewData(redis.Redis.from_url(served.url), settings))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def chromium(tmp_path: Path, *args: str) -> str:
+    """Run headless Chromium (a fresh profile) and return its standard output."""
+    assert CHROMIUM, "chromium is not installed: bash scripts/setup.sh --browser"
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+         *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def post(url: str, form: dict[str, str], **headers: str) -> int:
+    data = "&".join(f"{k}={urllib.request.quote(v)}" for k, v in form.items()).encode()
+    request = urllib.request.Request(url, data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium: bash scripts/setup.sh --browser")
+def test_review_page_in_headless_chromium(served: Served, page: str, tmp_path: Path) -> None:
+    """Windows judged from a real worker's traffic (plain, then dark: an alert and out-of-range
+    inputs), a hostile alert and a verdict with tier and estimated accuracy as the shared
+    contract writes them: Chromium renders the tiers, the accuracy, the alerts with their
+    Acknowledge button and the histograms, shows hostile text as text, takes a non-blank
+    screenshot; the page's token acknowledges, other origins and hosts are refused."""
+    served.judge(images(WINDOW))
+    served.judge(images(WINDOW, gain=0.15, seed=100))
+    sha = served.keys.prefix.split(":")[2]
+    real_alerts = [a for a in served.db.xrange(served.keys.alerts)]
+    assert real_alerts, "the dark window raised no alert"
+    hostile = {
+        "type": "alert", "id": "666", "tier": "notice", "model": HOSTILE,
+        "window": {"id": 2, "n_images": 1}, "time": HOSTILE, "still_open": [],
+        "features": [{"feature": HOSTILE, "summary": '<img src=x onerror="alert(2)">',
+                      "psi": 0.5}],
+    }  # fmt: skip
+    served.db.xadd(served.keys.alerts, {"json": json.dumps(hostile)})
+    latest = json.loads(served.db.get(served.keys.latest))
+    contract = latest | {"tier": "notice", "estimated_accuracy": 0.931}
+    contract["window"] = latest["window"] | {"id": 3}
+    served.db.lpush(served.keys.verdicts, json.dumps(contract))
+
+    dom = chromium(tmp_path, "--dump-dom", f"{page}/model/{sha}")
+    assert "<script" not in dom.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+    assert '&lt;img src=x onerror="alert(2)"&gt;' in dom  # as text
+    assert all(tag.startswith('<img src="data:') for tag in re.findall(r"<img[^>]*>", dom))
+    assert re.search(r'class="verdict" data-window="3">.*?data-tier="notice".*?93\.1%', dom)
+    assert re.search(r'data-window="2">.*?data-tier="page"', dom)  # no tier recorded: page
+    assert 'class="card histogram" data-feature="brightness"' in dom
+    assert 'alt="out-of-range input"' in dom and 'alt="training sample of ' in dom
+    first_alert = json.loads(real_alerts[0][1][b"json"])["id"]
+    assert f'id="ack-{first_alert}"' in dom
+    index = chromium(tmp_path, "--dump-dom", f"{page}/")
+    assert f'href="/model/{sha}"' in index and "tiny&lt;script&gt;" in index
+
+    shot = tmp_path / "page.png"
+    chromium(tmp_path, f"--screenshot={shot}", f"--window-size={SHOT_W},{SHOT_H}",
+             f"{page}/model/{sha}")  # fmt: skip
+    with Image.open(shot) as im:
+        assert im.format == "PNG" and im.size == (SHOT_W, SHOT_H)
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+    assert len(np.unique(pixels, axis=0)) > 50, "blank screenshot"
+    red = np.abs(pixels - (0xC6, 0x28, 0x28)).sum(axis=1) < 30  # the page tier's colour
+    assert red.sum() > 50, "no page tier rendered"
+
+    token = re.search(r'name="token" value="([^"]+)"', dom)
+    assert token is not None
+    ack = f"{page}/model/{sha}/ack"
+    form = {"token": token.group(1), "alert": first_alert}
+    assert post(ack, {**form, "token": "x"}) == 403
+    assert post(ack, form, Origin="http://evil.example") == 403
+    assert post(ack, form, Host="evil.example") == 403
+    assert served.db.hget(served.keys.acked, first_alert) is None
+    assert post(ack, form, Origin=page) in (200, 303)
+    assert served.db.hget(served.keys.acked, first_alert) is not None
+    after = chromium(tmp_path, "--dump-dom", f"{page}/model/{sha}")
+    assert f'id="ack-{first_alert}"' not in after
+    assert json.loads(urllib.request.urlopen(f"{page}/api/models").read())[0]["windows"] == 3
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_samples_of_a_window_train_with_the_old_data(served: Served, tmp_path: Path) -> None:
+    """A real worker serves a window; `imgq drift samples` writes its sampled inputs as class
+    folders with samples.csv, from the Redis URL alone; `imgq train OLD SAMPLES` trains on both,
+    the samples in its split."""
+    served.judge(images(WINDOW))
+    out = tmp_path / "samples"
+    assert imgq_main(["drift", "samples", "--window", "1", "--out", str(out)]) == 0
+    pngs = sorted(out.glob("*/*.png"))
+    assert pngs, "no sample written"
+    rows = (out / "samples.csv").read_text().splitlines()
+    assert rows[0] == "id,time,predicted_label,score,out_of_range" and len(rows) == len(pngs) + 1
+    assert {p.parent.name for p in pngs} <= {"a", "b", "c"}
+    assert (out / "README.txt").read_text().startswith("Each image is in the folder")
+    with Image.open(pngs[0]) as im:
+        assert im.size == (16, 16)  # the model's input
+    assert imgq_main(["drift", "samples", "--window", "1", "--out", str(out)]) == 2  # not empty
+
+    old = tmp_path / "old"
+    for k, label in enumerate("abc"):
+        (old / label).mkdir(parents=True)
+        for i in range(8):
+            (old / label / f"{i}.png").write_bytes(encode_png(colour_image(COLOURS[k], seed=i)))
+    model = tmp_path / "retrained"
+    assert imgq_main(["train", str(old), str(out), "--out", str(model), "--image-size", "16",
+                      "--epochs", "2", "--patience", "1", "--no-augment", "--val-split", "0.25",
+                      "--test-split", "0.25"]) == 0  # fmt: skip
+    history = json.loads((model / "history.json").read_text())
+    used = [f for part in history["split"].values() for f in part]
+    assert len(used) == 24 + len(pngs)
+    assert sum(f.startswith(str(out)) for f in used) == len(pngs)
+    assert load_manifest(model).labels == ("a", "b", "c")
+
+
+def test_training_folders_merge_by_class_and_refuse_a_new_one(tmp_path: Path) -> None:
+    """Later folders add images to the first's classes by name; a class folder emptied while
+    labelling is skipped; a class the first folder lacks is refused with the fix."""
+    for folder, label, n in (("old", "a", 2), ("old", "b", 2), ("new", "a", 1), ("new", "b", 0)):
+        (tmp_path / folder / label).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / folder / label / f"{i}.png").write_bytes(b"x")
+    (tmp_path / "new" / "samples.csv").write_text("id\n")
+    files, labels = list_training_files([tmp_path / "old", tmp_path / "new"])
+    assert labels == ["a", "a", "b", "b", "a"] and files[-1] == tmp_path / "new" / "a" / "0.png"
+    (tmp_path / "new" / "zebra").mkdir()
+    (tmp_path / "new" / "zebra" / "0.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"zebra is not a class of .*old \(a, b\)"):
+        list_training_files([tmp_path / "old", tmp_path / "new"])
+
+
+def test_written_samples_stay_inside_the_folder(tmp_path: Path) -> None:
+    """Samples from Redis are hostile: a label that is not the model's, a path, or bytes that
+    are not a PNG are skipped, never written."""
+    png = encode_png(colour_image(COLOURS[0]))
+    samples = [
+        ("1-0", {"label": "a", "score": 0.9, "out_of_range": ["brightness"]}, png),
+        ("2-0", {"label": "../../escape", "score": 0.9}, png),
+        ("3-0", {"label": "b", "score": 0.9}, b"<script>"),
+        ("4-0", {"label": "zebra", "score": 0.9}, png),
+    ]
+    written, skipped = write_samples(samples, ("a", "b"), tmp_path / "out")
+    assert (written, skipped) == (1, 3)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png")) == [
+        Path("out/a/1-0.png")
+    ]
+    assert "1-0,,a,0.9,brightness" in (tmp_path / "out" / "samples.csv").read_text()

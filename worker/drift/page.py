@@ -1,0 +1,425 @@
+"""`imgq drift serve`: the drift review page in the browser, per model version, from Redis alone.
+
+Per model (every published version, ``worker/bundles.py``, and every model with drift state):
+the window timeline with tiers and estimated accuracy (the verdict history the detector keeps),
+the alerts with an Acknowledge button (the same as ``imgq drift alerts --ack ID``), per-feature
+histograms of the training reference (from the model's manifest, fetched from its published
+bundle) against the latest window, and recent out-of-range inputs beside training images of the
+class the model predicted (the bundle's ``samples/`` when it has them, else its golden set).
+``/api/models`` and ``/api/model/<sha12>`` return the same as JSON.
+
+The standard library's HTTP server, bound to 127.0.0.1 by default. Every request must name this
+server as its ``Host`` (a page another site loads through DNS rebinding is refused); a POST must
+carry the token of a page this server rendered and, when the browser sends them, an ``Origin``
+of this server and ``Sec-Fetch-Site: same-origin``. Pages forbid scripts, frames and every
+request but to this server (Content-Security-Policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+import secrets
+import sys
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs
+
+import redis
+
+from imgq.shared.errors import ImgqError
+from imgq.shared.labelled import IMAGE_SUFFIXES
+from imgq.shared.manifest import Manifest, load_manifest
+from imgq.worker.drift.layout import DriftKeys, WindowLayout
+from imgq.worker.drift.page_html import render_error, render_index, render_model
+from imgq.worker.drift.review import (
+    _bin_labels,
+    _UsageError,
+    ack_alert,
+    list_alerts,
+    read_verdicts,
+)
+from imgq.worker.logs import mask_url
+from imgq.worker.settings import WorkerSettings
+
+__all__ = ["ReviewData", "make_server", "serve_main"]
+
+log = logging.getLogger("imgq.drift.page")
+
+_SHA12 = re.compile(r"[0-9a-f]{12}")
+_MODEL_PATH = re.compile(r"/model/([0-9a-f]{12})")
+_API_PATH = re.compile(r"/api/model/([0-9a-f]{12})")
+_ACK_PATH = re.compile(r"/model/([0-9a-f]{12})/ack")
+#: Windows shown per model; thumbnails shown; training images per class; their largest file.
+_VERDICTS_SHOWN, _THUMBS_SHOWN, _SAMPLES_PER_CLASS, _SAMPLE_MAX_BYTES = 200, 16, 4, 256 << 10
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+class ModelRef(NamedTuple):
+    """A model known by its drift state only (no manifest at hand)."""
+
+    name: str
+    short_sha: str
+
+
+class ReviewData:
+    """What the page shows, read from Redis (and the models' bundles) on each request.
+
+    Args:
+        client: The broker's Redis.
+        settings: For the model cache and bundle size limit (published bundles are fetched
+            as the other ``imgq drift`` commands fetch them).
+        local: A bundle folder given with ``--model``: its manifest is used for its model.
+    """
+
+    def __init__(
+        self, client: redis.Redis, settings: WorkerSettings, local: Path | None = None
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self._bundles: dict[str, tuple[Path, Manifest] | str] = {}
+        if local is not None:
+            manifest = load_manifest(local)
+            self._bundles[manifest.short_sha] = (local, manifest)
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model with a published version or drift state, by name."""
+        from imgq.worker.bundles import list_versions
+
+        found: dict[str, dict[str, Any]] = {}
+        for sha, bundle in self._bundles.items():
+            if not isinstance(bundle, str):
+                found[sha] = {"short_sha": sha, "name": bundle[1].name, "versions": []}
+        for v in list_versions(self.client):
+            entry = found.setdefault(
+                v.model_sha256[:12], {"short_sha": v.model_sha256[:12], "name": v.name}
+            )
+            entry.setdefault("versions", []).append(v.version)
+        for key in self.client.scan_iter(match="imgq:drift:*:latest", count=1000):
+            sha = key.decode(errors="replace")[len("imgq:drift:") : -len(":latest")]
+            if _SHA12.fullmatch(sha) and sha not in found:
+                found[sha] = {"short_sha": sha, "name": self._name_from_state(sha), "versions": []}
+            if len(found) >= 1000:
+                break
+        pipe = self.client.pipeline(transaction=False)
+        for sha in found:
+            pipe.llen(DriftKeys(sha).verdicts)
+            pipe.hlen(DriftKeys(sha).open_alerts)
+        counts = pipe.execute()
+        for i, entry in enumerate(found.values()):
+            entry["windows"], entry["open_alerts"] = counts[2 * i], counts[2 * i + 1]
+        return sorted(found.values(), key=lambda m: (m["name"], m["short_sha"]))
+
+    def _name_from_state(self, sha: str) -> str:
+        latest = _json(self.client.get(DriftKeys(sha).latest))
+        name = latest.get("model") if isinstance(latest, dict) else None
+        return name if isinstance(name, str) else f"model {sha}"
+
+    def bundle(self, sha: str) -> tuple[Path, Manifest] | str:
+        """The bundle folder and manifest of a model, or why there is none (cached)."""
+        if sha not in self._bundles:
+            from imgq.worker.bundles import fetch, list_versions
+
+            versions = [v for v in list_versions(self.client) if v.model_sha256[:12] == sha]
+            if not versions:
+                return "no published version of this model: histograms need its reference"
+            try:
+                folder = fetch(
+                    self.client,
+                    versions[0],
+                    self.settings.model_cache,
+                    self.settings.bundle_max_bytes,
+                )
+                self._bundles[sha] = (folder, load_manifest(folder))
+            except (ImgqError, OSError, ValueError) as exc:
+                return f"cannot fetch published version {versions[0].version}: {exc}"
+        return self._bundles[sha]
+
+    def model(self, sha: str) -> Manifest | ModelRef:
+        bundle = self.bundle(sha)
+        return ModelRef(self._name_from_state(sha), sha) if isinstance(bundle, str) else bundle[1]
+
+    def model_view(self, sha: str) -> dict[str, Any]:
+        """Everything the model's page shows (``page_html.render_model``)."""
+        from imgq.worker.bundles import list_versions
+
+        bundle = self.bundle(sha)
+        model = self.model(sha)
+        keys = DriftKeys(sha)
+        verdicts = [_verdict(v) for v in read_verdicts(self.client, sha, _VERDICTS_SHOWN)]
+        latest = _json(self.client.get(keys.latest))
+        open_window = self.client.get(keys.open)
+        view: dict[str, Any] = {
+            "short_sha": sha,
+            "name": model.name,
+            "versions": [
+                v.version for v in list_versions(self.client) if v.model_sha256[:12] == sha
+            ],
+            "error": bundle if isinstance(bundle, str) else None,
+            "verdicts": verdicts,
+            "alerts": list_alerts(self.client, model, include_all=True)[::-1],
+            "open_window_images": "n/a",
+            "histograms": [],
+            "histogram_window": None,
+            "out_of_range": _thumbnails(self.client.lrange(keys.out_of_range, 0, _THUMBS_SHOWN)),
+            "training_samples": {},
+        }
+        if not isinstance(bundle, str):
+            folder, manifest = bundle
+            layout = WindowLayout(manifest.reference)
+            raw_open = open_window if isinstance(open_window, bytes) else None
+            view["open_window_images"] = layout.parse(0, raw_open).n_images
+            if isinstance(latest, dict) and isinstance(latest.get("window"), dict):
+                view["histograms"] = _histograms(manifest, latest)
+                view["histogram_window"] = latest["window"].get("id")
+            view["training_samples"] = _training_samples(folder, manifest)
+        return view
+
+
+def _json(raw: Any) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def _verdict(v: dict[str, Any]) -> dict[str, Any]:
+    """A stored verdict as the page shows it: a missing tier is ``page`` (older data), a
+    missing estimated accuracy is null, and the features that are not ok, by PSI."""
+    tier = v.get("tier")
+    accuracy = v.get("estimated_accuracy")
+    features = [f for f in v.get("features", []) if isinstance(f, dict)]
+    flagged = []
+    for f in features:
+        feature_tier = f.get("tier")
+        if feature_tier is None:  # older data: flag what was significant and over the floor
+            significant = f.get("significant") is True
+            feature_tier = "page" if significant and _number(f.get("psi")) >= 0.1 else "ok"
+        if feature_tier != "ok":
+            flagged.append({"name": str(f.get("name")), "tier": str(feature_tier),
+                            "psi": _number(f.get("psi"))})  # fmt: skip
+    return {
+        "window": v["window"],
+        "tier": tier if tier in ("page", "notice", "ok") else "page",
+        "tier_assumed": tier is None,
+        "estimated_accuracy": _number(accuracy) if isinstance(accuracy, int | float) else None,
+        "flagged": sorted(flagged, key=lambda f: -f["psi"]),
+    }
+
+
+def _histograms(manifest: Manifest, latest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Reference vs window shares per bin for each feature of the latest verdict."""
+    out = []
+    for f in latest.get("features", []):
+        if not isinstance(f, dict) or f.get("name") not in manifest.reference.features:
+            continue
+        ref = manifest.reference.features[f["name"]]
+        counts = f.get("counts")
+        if not isinstance(counts, list) or len(counts) != len(ref.counts):
+            continue
+        window = [_number(c) for c in counts]
+        out.append({
+            "name": f["name"],
+            "psi": _number(f.get("psi")),
+            "tier": f.get("tier") if f.get("tier") in ("page", "notice", "ok") else "ok",
+            "summary": str(f.get("summary", "")),
+            "bins": _bin_labels(ref, manifest.labels),
+            "reference": [c / max(1, sum(ref.counts)) for c in ref.counts],
+            "window": [c / max(1.0, sum(window)) for c in window],
+        })  # fmt: skip
+    return out
+
+
+def _thumbnails(raw: list[Any]) -> list[dict[str, Any]]:
+    """Recent out-of-range thumbnails whose JPEG is valid base64 (others are skipped)."""
+    out = []
+    for item in map(_json, raw):
+        if not isinstance(item, dict) or not isinstance(item.get("jpeg_b64"), str):
+            continue
+        try:
+            jpeg = base64.b64decode(item["jpeg_b64"], validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        features = item.get("features")
+        label = item.get("label")
+        out.append({
+            "time": str(item.get("time", "")),
+            "features": [str(x) for x in features] if isinstance(features, list) else [],
+            "label": label if isinstance(label, str) else None,
+            "jpeg_b64": base64.b64encode(jpeg).decode("ascii"),
+        })  # fmt: skip
+    return out
+
+
+def _training_samples(folder: Path, manifest: Manifest) -> dict[str, list[str]]:
+    """Up to four training images per class as data URIs: the bundle's ``samples/<class>/``,
+    else its golden images of that class."""
+    golden: dict[str, list[Path]] = {}
+    for g in manifest.golden:
+        if g.label is not None:
+            golden.setdefault(g.label, []).append(folder / g.file)
+    found: dict[str, list[Path]] = {}
+    for label in manifest.labels:
+        class_dir = folder / "samples" / label
+        own = (
+            sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if class_dir.is_dir()
+            else []
+        )
+        found[label] = (own or golden.get(label, []))[:_SAMPLES_PER_CLASS]
+    uris: dict[str, list[str]] = {}
+    root = folder.resolve()
+    for label, paths in found.items():
+        for path in paths:
+            mime = _MIME.get(path.suffix.lower())
+            if mime is None or not path.resolve().is_relative_to(root) or not path.is_file():
+                continue
+            if path.stat().st_size > _SAMPLE_MAX_BYTES:
+                continue
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            uris.setdefault(label, []).append(f"data:{mime};base64,{data}")
+    return uris
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _ReviewServer
+    server_version = "imgq-drift"
+    sys_version = ""
+
+    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+        if not self._host_ok():
+            return
+        path = self.path.split("?", 1)[0]
+        data = self.server.data
+        if path == "/":
+            models = data.models()
+            self._send(HTTPStatus.OK, render_index(models, mask_url(data.settings.broker_url)))
+        elif path == "/api/models":
+            self._send_json(data.models())
+        elif m := _API_PATH.fullmatch(path):
+            self._send_json(data.model_view(m.group(1)))
+        elif m := _MODEL_PATH.fullmatch(path):
+            self._send(HTTPStatus.OK, render_model(data.model_view(m.group(1)), self.server.token))
+        else:
+            self._send(HTTPStatus.NOT_FOUND, render_error("Not found", path))
+
+    def do_POST(self) -> None:  # noqa: N802
+        if not self._host_ok():
+            return
+        m = _ACK_PATH.fullmatch(self.path)
+        if m is None:
+            self._send(HTTPStatus.NOT_FOUND, render_error("Not found", self.path))
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= 4096:
+            self._send(HTTPStatus.BAD_REQUEST, render_error("Bad request", "form too large"))
+            return
+        form = parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
+        token, alert = form.get("token", [""])[0], form.get("alert", [""])[0]
+        origin, site = self.headers.get("Origin"), self.headers.get("Sec-Fetch-Site")
+        if (
+            not hmac.compare_digest(token.encode(), self.server.token.encode())
+            or (origin is not None and origin != f"http://{self.headers.get('Host')}")
+            or (site is not None and site != "same-origin")
+        ):
+            self._send(
+                HTTPStatus.FORBIDDEN,
+                render_error("Refused", "acknowledge only from this server's own page"),
+            )
+            return
+        sha = m.group(1)
+        try:
+            ack_alert(self.server.data.client, self.server.data.model(sha), alert)
+        except _UsageError as exc:
+            self._send(HTTPStatus.NOT_FOUND, render_error("No such alert", str(exc)))
+            return
+        self.send_response(HTTPStatus.SEE_OTHER)
+        self.send_header("Location", f"/model/{sha}#alerts")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _host_ok(self) -> bool:
+        if self.headers.get("Host") in self.server.hosts:
+            return True
+        self._send(HTTPStatus.FORBIDDEN, render_error("Refused", "unknown Host header"))
+        return False
+
+    def _send_json(self, value: Any) -> None:
+        self._send(HTTPStatus.OK, json.dumps(value), "application/json")
+
+    def _send(self, status: HTTPStatus, body: str, content_type: str = "text/html") -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Security-Policy", _CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except redis.RedisError as exc:
+            log.warning("review page: Redis error: %s", exc)
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, render_error("Redis unavailable", str(exc)))
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's name)
+        log.info(format, *args)
+
+
+class _ReviewServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], data: ReviewData) -> None:
+        super().__init__(address, _Handler)
+        self.data = data
+        self.token = secrets.token_urlsafe(32)
+        port = self.server_address[1]
+        names = {"127.0.0.1", "localhost", "[::1]", address[0]}
+        self.hosts = {f"{name}:{port}" for name in names}
+
+
+def make_server(data: ReviewData, host: str = "127.0.0.1", port: int = 0) -> _ReviewServer:
+    """The review page's HTTP server, bound (``port`` 0: a free one); call ``serve_forever``."""
+    return _ReviewServer((host, port), data)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """`imgq drift serve [--host 127.0.0.1] [--port 8765] [--model DIR]`."""
+    try:
+        settings = WorkerSettings.from_env(model_dir=args.model)
+        client = redis.Redis.from_url(settings.broker_url)
+        data = ReviewData(client, settings, settings.model_dir)
+        server = make_server(data, args.host, args.port)
+    except (ImgqError, ValueError, OSError) as exc:
+        print(f"imgq drift serve: {exc}", file=sys.stderr)
+        return 2
+    host, port = str(server.server_address[0]), server.server_address[1]
+    print(f"imgq drift serve: http://{host}:{port}/ (Redis {mask_url(settings.broker_url)})")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        client.close()
+    return 0
