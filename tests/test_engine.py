@@ -70,6 +70,9 @@ class FakeDrift:
         self.added.append(list(observations))
         return [WindowCounts("drift-count", len(observations), "", 0)]
 
+    def sample_due(self) -> bool:
+        return False
+
     def after_settle(self, counted: dict[str, int]) -> None:
         self.replies.append(counted["drift-count"])
 
