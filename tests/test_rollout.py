@@ -67,8 +67,8 @@ def start(redis_server, tmp_path) -> Iterator[object]:
     started: list[WorkerProcess] = []
 
     def run(name: str, **env: str) -> WorkerProcess:
-        env = worker_env(redis_server.url, IMGQ_METRICS_PORT="0", IMGQ_DRIFT="0",
-                         IMGQ_MODEL_CACHE=str(tmp_path / f"cache-{name}"), **env)  # fmt: skip
+        env = worker_env(redis_server.url, **{"IMGQ_METRICS_PORT": "0", "IMGQ_DRIFT": "0",
+                         "IMGQ_MODEL_CACHE": str(tmp_path / f"cache-{name}"), **env})  # fmt: skip
         worker = WorkerProcess(f"{name}@%h", tmp_path / f"{name}.log",
                                options=["--device", "cpu"], env=env)  # fmt: skip
         started.append(worker)
@@ -170,12 +170,26 @@ def test_abort_returns_to_the_stable_version(
 ) -> None:
     v1 = _publish(redis_server.url, bundle_dir)
     v2 = _publish(redis_server.url, candidate_dir)
-    w1 = start("w1")
+    w1 = start("w1", IMGQ_DRIFT="1", IMGQ_DRIFT_WINDOW="20")
     w1.wait_ready(client)
     assert _imgq(redis_server.url, "rollout", "start", v2, "--canary", "50").returncode == 0
     wait_for(lambda: _all_serve(client, {w1.name}, (v1, v2)))
     mixed = {r.get(timeout=60)["model"]["version"] for r in _send(client, _images(100, 2))}
     assert mixed == {v1, v2}
+
+    def judged() -> dict | None:  # a drift window of each version, against its own reference
+        report = json.loads(_imgq(redis_server.url, "rollout", "status", "--json").stdout)
+        versions = [report["versions"][role] for role in ("stable", "candidate")]
+        counted = sum(v["tasks"] for v in versions) == 100  # each version's tasks, flushed
+        return (
+            report
+            if counted and all((v["drift"] or {}).get("last_window") for v in versions)
+            else None
+        )
+
+    wait_for(judged)
+    refused = _imgq(redis_server.url, "models", "delete", v2)
+    assert refused.returncode == 1 and "candidate of the rollout running on imgq" in refused.stderr
     aborted = _imgq(redis_server.url, "rollout", "abort", "--reason", "looks wrong")
     assert aborted.returncode == 0, aborted.stderr
     wait_for(lambda: _all_serve(client, {w1.name}, (v1, None)))

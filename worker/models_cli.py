@@ -82,6 +82,12 @@ def delete_main(args: argparse.Namespace) -> int:
     client = _client(settings)
     try:
         version = resolve(client, args.version, settings.queue_list)
+        rolling = _rolled_out_on(client, version.sha256)
+        if rolling:
+            print(f"imgq models delete: version {version.version} is the candidate of the "
+                  f"rollout running on {', '.join(rolling)}: `imgq rollout abort` first",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         servers = served_by(_statuses(settings)).get(version.version, [])
         if servers:
             print(f"imgq models delete: version {version.version} is served by "
@@ -93,6 +99,24 @@ def delete_main(args: argparse.Namespace) -> int:
         return 1
     print(f"deleted {version.version}  {version.name}  {version.size} bytes")
     return 0
+
+
+def _rolled_out_on(client: redis.Redis, sha256: str) -> list[str]:
+    """The queues whose running rollout has this version as its candidate."""
+    from imgq.worker.rollout.state import RUNNING, Rollout
+
+    queues = []
+    for key in client.scan_iter(match="imgq:rollout:*", count=1000):
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        if name.endswith(":stats"):
+            continue
+        try:
+            rollout = Rollout.from_json(client.get(key) or b"")
+        except (ValueError, TypeError):
+            continue
+        if rollout.state == RUNNING and rollout.candidate == sha256:
+            queues.append(name.removeprefix("imgq:rollout:"))
+    return queues
 
 
 def _statuses(settings: WorkerSettings) -> list[dict]:
