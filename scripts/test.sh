@@ -4,7 +4,7 @@
 # to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+IMGQ_SETUP_ALERTING=1 bash scripts/setup.sh   # also promtool and amtool (tests/test_alerting.py)
 PY="${IMGQ_VENV:-.venv}/bin/python"
 echo "test: ruff check, ruff format --check, mypy"
 "$PY" -m ruff check --quiet .
