@@ -26,7 +26,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from imgq.localredis import LocalRedis, free_port
-from imgq.shared.manifest import Manifest
+from imgq.shared.manifest import Manifest, load_manifest
 from imgq.worker.drift import DriftKeys, DriftRecorder
 from imgq.worker.drift.notify import (
     DEAD_LETTERS,
@@ -38,7 +38,7 @@ from imgq.worker.drift.webhook import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, veri
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from tests.drift_synthetic import make_manifest, make_reference, traffic
-from tests.workerproc import wait_for
+from tests.workerproc import Workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_test_0123456789abcdef"
@@ -50,8 +50,9 @@ Answer = int | str | tuple[Any, ...]
 
 class Receiver:
     """A real HTTP server in a thread that records every request and answers as scripted:
-    a status code, ``"hang"`` (no answer until the test ends), ``("redirect", status)``, or
-    ``("huge", n_bytes)`` (200 and a body of that size). Past the script it answers 200."""
+    a status code, ``"hang"`` (no answer until the test ends), ``("redirect", status)``,
+    ``("retry_after", status, seconds)``, or ``("huge", n_bytes)`` (200 and a body of that
+    size). Past the script it answers 200."""
 
     def __init__(self, port: int = 0) -> None:
         self.requests: list[dict[str, Any]] = []
@@ -89,10 +90,15 @@ class Receiver:
                     except OSError:
                         pass  # the sender closed the connection: it did not read it all
                     return
+                headers: dict[str, str] = {}
+                if isinstance(answer, tuple) and answer[0] == "retry_after":
+                    answer, headers = answer[1], {"Retry-After": answer[2]}
                 status = int(answer)  # type: ignore[arg-type]
                 payload = b'{"error": "scripted"}' + b"." * 5000
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(payload)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(payload)
 
@@ -156,8 +162,10 @@ def judge_windows(client: redis.Redis, manifest: Manifest, shifts: list[float]) 
     rng = np.random.default_rng(len(client.keys("*")))
     try:
         for shift in shifts:
+            features, probs = traffic(rng, 200, brightness=shift)
+            probs = rng.dirichlet(np.ones(len(manifest.labels)), 200) if shift else probs
             pipe = client.pipeline()
-            recorder.add_to_pipeline(pipe, *traffic(rng, 200, brightness=shift))
+            recorder.add_to_pipeline(pipe, features, probs)
             pipe.execute()
             window_id = recorder.close_window(min_images=1)
             assert window_id is not None
@@ -176,7 +184,7 @@ def add_notice(client: redis.Redis, manifest: Manifest, alert_id: str) -> None:
 
 def config(url: str, **overrides: Any) -> WebhookConfig:
     values: dict[str, Any] = {
-        "url": url, "secret": SECRET, "timeout_s": 2.0, "attempts": 4, "backoff_s": 0.05,
+        "url": url, "secret": SECRET, "timeout_s": 30.0, "attempts": 4, "backoff_s": 0.05,
         "backoff_max_s": 0.2, "claim_idle_s": 60.0,
     }  # fmt: skip
     return WebhookConfig(**(values | overrides))
@@ -295,6 +303,21 @@ def test_retries_with_back_off_after_500s(
     times = [r["time"] for r in receiver.requests]
     assert times[1] - times[0] >= 0.1 and times[2] - times[1] >= 0.2
     assert outcome(metrics, "retried") == 2 and outcome(metrics, "delivered") == 1
+
+
+def test_retry_after_is_honoured(
+    client: redis.Redis,
+    manifest: Manifest,
+    receiver: Receiver,
+    notifiers: Callable[..., AlertNotifier],
+) -> None:
+    """A 429 with Retry-After: 1 delays the retry by a second, whatever the back-off says."""
+    receiver.script = [("retry_after", 429, "1")]
+    judge_windows(client, manifest, [0.15])
+    notifiers(receiver.url, backoff_s=0.01, backoff_max_s=5.0)
+    wait_for(lambda: settled(client, manifest), 20)
+    first, second = (r["time"] for r in receiver.requests)
+    assert second - first >= 1.0
 
 
 def test_receiver_down_at_first_then_up(
@@ -527,6 +550,31 @@ def test_a_killed_notifier_process_is_taken_over(
     assert client.llen(DEAD_LETTERS) == 0
 
 
+def test_own_pending_entry_is_picked_up_again(
+    client: redis.Redis,
+    manifest: Manifest,
+    receiver: Receiver,
+    notifiers: Callable[..., AlertNotifier],
+    metrics: WorkerMetrics,
+) -> None:
+    """An entry this notifier read but never finished (Redis failed mid-alert, or the same
+    consumer restarted) is delivered at its next look, without waiting for claim_idle_s."""
+    judge_windows(client, manifest, [0.15])
+    stream = stream_of(manifest)
+    client.xgroup_create(stream, GROUP, id="0")
+    notifier = AlertNotifier(
+        client, config(receiver.url), lambda: [stream], metrics=metrics, poll_s=0.02
+    )
+    client.xreadgroup(GROUP, notifier.consumer, {stream: ">"})
+    assert pending(client, manifest) == 1
+    notifier.start()
+    try:
+        wait_for(lambda: settled(client, manifest), 20)
+    finally:
+        notifier.close()
+    assert len(receiver.requests) == 1
+
+
 def test_an_entry_handed_over_too_often_is_dead_lettered(
     client: redis.Redis,
     manifest: Manifest,
@@ -567,6 +615,27 @@ def test_redis_outage_is_survived(
     assert notifier._thread is not None and notifier._thread.is_alive()
     assert caplog.text.count("Redis unavailable") == 1
     assert [b["idempotency_key"] for b in receiver.bodies()][-1] == f"{manifest.short_sha}:3"
+
+
+@pytest.mark.integration
+def test_a_worker_sends_its_models_pages_and_stops_cleanly(
+    client: redis.Redis, workers: Workers, bundle_dir: Path, receiver: Receiver
+) -> None:
+    """A real `imgq worker` with the webhook set runs the sender thread for the model it
+    serves: a page of that model arrives signed; the worker still stops cleanly."""
+    worker = workers.start(
+        "w1", IMGQ_DRIFT="1", IMGQ_ALERT_WEBHOOK_URL=receiver.url,
+        IMGQ_ALERT_WEBHOOK_SECRET=SECRET,
+    )  # fmt: skip
+    wait_for(lambda: "alert webhook on" in worker.log_tail(100_000), 120)
+    manifest = load_manifest(bundle_dir)
+    judge_windows(client, manifest, [0.3])
+    wait_for(lambda: receiver.requests, 30)
+    [request] = receiver.requests
+    assert verify(SECRET, request["body"], request["headers"][SIGNATURE_HEADER])
+    assert json.loads(request["body"])["idempotency_key"] == f"{manifest.short_sha}:1"
+    assert worker.stop() == 0
+    assert SECRET not in worker.log_tail(1_000_000)
 
 
 # ----------------------------------------------------------------------------- settings

@@ -181,29 +181,36 @@ class AlertNotifier:
     # -- one pass ---------------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Take over entries dead notifiers left (every ``claim_idle_s / 4``), then read new
-        ones, and handle each (deliver, skip or dead-letter). Returns how many were handled."""
+        """Every ``claim_idle_s / 4``: this notifier's own pending entries (left when Redis
+        failed mid-alert) and those of dead notifiers; then new entries. Handles each (deliver,
+        skip or dead-letter) and returns how many were handled."""
         streams = [s for s in self._streams() if self._has_group(s)]
         entries: list[tuple[str, bytes, dict[bytes, bytes]]] = []
-        if time.monotonic() >= self._next_claim:
+        claim = time.monotonic() >= self._next_claim
+        if claim:
             self._next_claim = time.monotonic() + self.config.claim_idle_s / 4
-            for stream in streams:
-                entries += self._claim_abandoned(stream)
         for stream in streams:
-            try:
-                reply: Any = self.redis.xreadgroup(
-                    GROUP, self.consumer, {stream: ">"}, count=_BATCH
-                )
-            except redis.ResponseError as exc:
-                self._lost_group(stream, exc)
-                continue
-            for _, messages in reply or []:
-                entries += [(stream, entry_id, fields) for entry_id, fields in messages]
+            if claim:
+                entries += self._read(stream, "0") + self._claim_abandoned(stream)
+            entries += self._read(stream, ">")
         for stream, entry_id, fields in entries:
             if self._stop.is_set():
                 break
             self._handle(stream, entry_id, fields)
         return len(entries)
+
+    def _read(self, stream: str, start: str) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        """Entries never handed out (``">"``) or this notifier's pending ones (``"0"``)."""
+        try:
+            reply: Any = self.redis.xreadgroup(GROUP, self.consumer, {stream: start}, _BATCH)
+        except redis.ResponseError as exc:
+            self._lost_group(stream, exc)
+            return []
+        return [
+            (stream, entry_id, fields)
+            for _, messages in reply or []
+            for entry_id, fields in messages
+        ]
 
     def _has_group(self, stream: str) -> bool:
         """Create the group on ``stream`` the first time (existing streams only: a stream made
