@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", default=None)
     s.set_defaults(func=_handler("imgq.worker.classify_cli:classify_main"))
 
-    s = sub.add_parser("drift", help="review input drift: status, alerts, report")
+    s = sub.add_parser("drift", help="review input drift: status, alerts, report, notify")
     dsub = s.add_subparsers(dest="drift_command", required=True, metavar="ACTION")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", help="bundle folder (IMGQ_MODEL; default: a published version)")
@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     d.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
     d.set_defaults(func=_handler("imgq.worker.drift.page:serve_main"))
+    d = dsub.add_parser(
+        "notify",
+        help="send every model's drift pages to IMGQ_ALERT_WEBHOOK_URL (signed, retried) "
+        "until stopped",
+    )
+    d.set_defaults(func=_handler("imgq.worker.drift.notify_cli:notify_main"))
 
     s = sub.add_parser("dlq", help="dead letters (messages no worker could serve): review, requeue")
     dsub = s.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")

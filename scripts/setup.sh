@@ -63,10 +63,24 @@ pkgs=()
 if ! command -v redis-server >/dev/null 2>&1 && [ -z "${IMGQ_BROKER_URL:-}" ]; then pkgs+=(redis-server); fi
 if ! command -v docker-compose >/dev/null 2>&1 && [ "${IMGQ_SKIP_COMPOSE:-0}" != 1 ]; then pkgs+=(docker-compose); fi
 if [ "$browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then pkgs+=(chromium); fi
+# IMGQ_SETUP_ALERTING=1 (scripts/test.sh sets it): promtool and amtool, from Debian's prometheus
+# and prometheus-alertmanager, to check docker/'s Prometheus and Alertmanager files. The demo
+# does without them.
+alerting_pkgs=()
+if [ "${IMGQ_SETUP_ALERTING:-0}" = 1 ]; then
+  command -v promtool >/dev/null 2>&1 || alerting_pkgs+=(prometheus)
+  command -v amtool >/dev/null 2>&1 || alerting_pkgs+=(prometheus-alertmanager)
+  pkgs+=("${alerting_pkgs[@]}")
+fi
 if [ "${#pkgs[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${pkgs[*]}"
   apt_install "${pkgs[@]}"
   # Debian may start a system redis on 6379; imgq always starts its own on a free port.
+fi
+# The packages also install services (Prometheus on 9090, Alertmanager on 9093) that a test
+# machine does not want running: only their command-line tools are used.
+if [ "${#alerting_pkgs[@]}" -gt 0 ] && [ -d /run/systemd/system ]; then
+  need_root systemctl disable --now prometheus prometheus-alertmanager >/dev/null 2>&1 || true
 fi
 command -v redis-server >/dev/null 2>&1 && echo "setup: $(redis-server --version | cut -d' ' -f1-3)"
 exit 0

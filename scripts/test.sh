@@ -4,7 +4,8 @@
 # fails the run), then pytest. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --browser
+# Also promtool and amtool for tests/test_alerting.py (IMGQ_SETUP_ALERTING=0: skip them).
+IMGQ_SETUP_ALERTING="${IMGQ_SETUP_ALERTING:-1}" bash scripts/setup.sh --browser
 PY="${IMGQ_VENV:-.venv}/bin/python"
 echo "test: ruff check, ruff format --check, mypy"
 "$PY" -m ruff check --quiet .

@@ -49,7 +49,9 @@ def _yaml_to_json(text: str) -> Any:
 def _config(files: list[str]) -> dict[str, Any]:
     """`docker-compose config` of the files (with no deployment variables set), as a dict."""
     assert _COMPOSE is not None
-    deployment = ("IMGQ_", "REDIS_", "FLOWER_", "PROMETHEUS_", "GPU_", "TRAIN_")
+    deployment = (
+        "IMGQ_", "REDIS_", "FLOWER_", "PROMETHEUS_", "GPU_", "TRAIN_", "ALERTMANAGER_", "GRAFANA_",
+    )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(deployment)}
     args = [_COMPOSE, *(a for f in files for a in ("-f", f)), "config"]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -92,7 +94,8 @@ def _dockerfile_stages() -> list[list[str]]:
 def test_compose_files_validate(files: list[str]) -> None:
     """docker-compose 1.29.2 accepts the file(s) and sees the expected services."""
     services = set(_config(files)["services"])
-    expected = {"redis", "worker", "trainer", "flower", "prometheus"} | set(WORKERS[files[-1]])
+    expected = {"redis", "worker", "trainer", "flower", "prometheus", "alertmanager", "grafana"}
+    expected |= set(WORKERS[files[-1]])
     assert services == expected
 
 
@@ -204,6 +207,40 @@ def test_prometheus_scrapes_every_worker_replica() -> None:
     assert dns["names"] == ["imgq-workers"] and dns["type"] == "A"
     assert str(dns["port"]) == ENV_VARS["IMGQ_METRICS_PORT"][0]
     assert _config(BASE)["services"]["worker"]["environment"]["IMGQ_METRICS_PORT"] == "9808"
+
+
+@needs_compose
+def test_alerting_services_are_pinned_provisioned_and_wired() -> None:
+    """Prometheus loads the alert rules and sends to Alertmanager; Alertmanager and Grafana
+    run pinned images with their configuration mounted read-only and publish on loopback by
+    default; Grafana's data source points at Prometheus."""
+    services = _config(BASE)["services"]
+    for name, svc in services.items():
+        if "build" not in svc:
+            image = svc["image"]
+            assert re.search(r":v?\d+\.\d+\.\d+", image) and "latest" not in image, name
+    prometheus = services["prometheus"]
+    assert "./docker/alert-rules.yml:/etc/prometheus/alert-rules.yml:ro" in [
+        v.replace(str(ROOT), ".") for v in prometheus["volumes"]
+    ]
+    conf = _yaml_to_json((ROOT / "docker" / "prometheus.yml").read_text())
+    assert conf["rule_files"] == ["alert-rules.yml"]
+    targets = conf["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert targets == ["alertmanager:9093"]
+    volumes = {
+        name: [v.replace(str(ROOT), ".") for v in services[name]["volumes"]]
+        for name in ("alertmanager", "grafana")
+    }
+    assert (
+        "./docker/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro" in volumes["alertmanager"]
+    )
+    assert "./docker/grafana/provisioning:/etc/grafana/provisioning:ro" in volumes["grafana"]
+    assert "./docker/grafana/dashboards:/var/lib/grafana/dashboards:ro" in volumes["grafana"]
+    assert services["alertmanager"]["ports"] == ["127.0.0.1:9093:9093/tcp"]
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000/tcp"]
+    provisioning = ROOT / "docker" / "grafana" / "provisioning"
+    source = _yaml_to_json((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
 
 
 def _documented_variables(doc: str) -> list[tuple[str, str, str]]:

@@ -20,6 +20,9 @@ Names (all prefixed ``imgq_``):
 - ``model_info{name,sha256,version,provider}`` = 1.
 - ``drift_psi{model,feature}``, ``drift_alerts_open{model}``, ``drift_alerts_total{model,feature}``,
   ``drift_windows_total{model}``: set by ``worker/drift.py``.
+- ``alert_webhook_total{outcome}``: drift entries the alert webhook handled
+  (``worker/drift/notify.py``): ``delivered``, ``retried`` (per failed attempt retried),
+  ``dead_letter``, ``skipped`` (notices, clears of notices).
 """
 
 from __future__ import annotations
@@ -93,6 +96,10 @@ class WorkerMetrics:
         self.drift_windows = Counter(
             "imgq_drift_windows", "Drift windows judged.", ["model"], registry=registry
         )
+        self.alert_webhook = Counter(
+            "imgq_alert_webhook", "Drift alert stream entries the alert webhook handled.",
+            ["outcome"], registry=registry,
+        )  # fmt: skip
 
 
 _process_metrics: WorkerMetrics | None = None

@@ -11,70 +11,31 @@ installed can use :meth:`WorkerSettings.from_env` for the broker URL and queue.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+from imgq.worker.envvars import _ENV_OF, _LIMIT_FIELDS, _VARS, ENV_VARS, parse_infer_batch
 from imgq.worker.logs import LOG_FORMATS, mask_url
 from imgq.worker.priority import QueueLists
 
 if TYPE_CHECKING:
     from imgq.shared.decode import DecodeLimits
 
-__all__ = ["DEVICES", "ENV_VARS", "WorkerSettings", "parse_infer_batch"]
+__all__ = ["DEVICES", "ENV_VARS", "WorkerSettings", "parse_infer_batch", "webhook_origin"]
 
 DEVICES = ("auto", "cpu", "cuda")
 _SECRET = re.compile("password|secret|token|credential", re.IGNORECASE)
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 def _default_limits() -> DecodeLimits:
     from imgq.shared.decode import DecodeLimits
 
     return DecodeLimits()
-
-
-def _parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"is not a boolean; use one of {_TRUE + _FALSE}")
-
-
-def _parse_int(raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError("is not an integer") from None
-
-
-def parse_infer_batch(raw: str) -> int:
-    """``auto`` (0: measured at start) or a positive number of images per model call."""
-    if raw.strip().lower() == "auto":
-        return 0
-    return _parse_int(raw)
-
-
-def _parse_names(raw: str) -> tuple[str, ...]:
-    """A comma-separated list of names, e.g. ``"classify,null"``."""
-    return tuple(name.strip() for name in raw.split(",") if name.strip())
-
-
-def _parse_json_object(raw: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        raise ValueError("is not JSON") from None
-    if not isinstance(value, dict):
-        raise ValueError("is not a JSON object")
-    return value
 
 
 #: Transport options whose value kombu or redis-py use as a number, a flag or a name: checked at
@@ -123,112 +84,21 @@ def transport_problem(options: Any) -> str | None:
     return None
 
 
-def _parse_float(raw: str) -> float:
+def webhook_origin(url: str) -> str:
+    """Scheme, host and port of a webhook URL, for logs: its path, query and user part may
+    hold a token (Slack, PagerDuty and most receivers put one there). ``""`` when not a URL.
+
+    >>> webhook_origin("https://user:pw@hooks.example.com:8443/T0/B1/s3cret?token=x")
+    'https://hooks.example.com:8443'
+    """
     try:
-        return float(raw)
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
     except ValueError:
-        raise ValueError("is not a number") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Var:
-    """One environment variable: the field it sets, how to parse it, its default and meaning."""
-
-    env: str
-    field: str
-    parse: Callable[[str], Any]
-    default: str
-    meaning: str
-
-
-#: The worker's environment variables, in the order of the README's reference.
-_VARS: tuple[_Var, ...] = (
-    _Var("IMGQ_BROKER_URL", "broker_url", str, "redis://127.0.0.1:6379/0",
-         "Redis URL of the task queue (redis://, rediss:// for TLS, unix://); "
-         "a password goes in the URL and is masked in logs"),
-    _Var("IMGQ_RESULT_BACKEND", "result_backend", str, "= IMGQ_BROKER_URL",
-         "Redis URL where results are stored"),
-    _Var("IMGQ_MODEL", "model_dir", Path, "(the queue's published version)",
-         "model bundle folder written by `imgq train`; without it the worker fetches a "
-         "version published with `imgq models publish`"),
-    _Var("IMGQ_MODEL_VERSION", "model_version", str, "(the queue's stable version)",
-         "published model version to serve when no folder is given (a sha256 prefix)"),
-    _Var("IMGQ_MODEL_CACHE", "model_cache", Path, "~/.cache/imgq/bundles",
-         "where fetched model versions are kept, checked, and reused"),
-    _Var("IMGQ_BUNDLE_MAX_BYTES", "bundle_max_bytes", _parse_int, "268435456",
-         "largest bundle `imgq models publish` stores in Redis"),
-    _Var("IMGQ_QUEUE", "queue", str, "imgq", "queue the worker serves"),
-    _Var("IMGQ_BROKER_TRANSPORT_OPTIONS", "broker_transport_options", _parse_json_object, "{}",
-         "the clients' Celery broker_transport_options as JSON; priority_steps, sep and "
-         "global_keyprefix name the queue's Redis lists, as kombu does"),
-    _Var("IMGQ_RESULT_BACKEND_TRANSPORT_OPTIONS", "result_backend_transport_options",
-         _parse_json_object, "{}",
-         "the clients' Celery result_backend_transport_options as JSON (global_keyprefix "
-         "prefixes the result keys)"),
-    _Var("IMGQ_HANDLERS", "handlers", _parse_names, "classify",
-         "comma-separated handlers the worker serves: classify (imgq.classify, needs a model), "
-         "null (imgq.null, answers at once: for measuring the engine)"),
-    _Var("IMGQ_CONCURRENCY", "concurrency", _parse_int, "1",
-         "batch runner threads per worker process"),
-    _Var("IMGQ_MAX_BATCH", "max_batch", _parse_int, "32",
-         "most tasks taken from the queue, served and stored together"),
-    _Var("IMGQ_INFER_BATCH", "infer_batch", parse_infer_batch, "auto",
-         "most images per onnxruntime call (a batch is split into calls of this size); auto "
-         "measures the size that costs least per image at start on CPU, the whole batch on CUDA"),
-    _Var("IMGQ_MAX_WAIT_MS", "max_wait_ms", _parse_float, "0 on CPU, 2 on CUDA",
-         "how long a partial batch waits for more tasks; waiting pays only on a GPU"),
-    _Var("IMGQ_DEVICE", "device", str, "auto",
-         "auto (CUDA when onnxruntime-gpu and a GPU are present), cpu or cuda"),
-    _Var("IMGQ_THREADS", "threads", _parse_int, "1",
-         "onnxruntime intra-op threads per process; keep processes x threads <= cores"),
-    _Var("IMGQ_RESULT_EXPIRES_S", "result_expires_s", _parse_int, "86400",
-         "seconds a stored result is kept"),
-    _Var("IMGQ_LEASE_TTL_S", "lease_ttl_s", _parse_float, "10",
-         "a worker that has not renewed its lease for this long is dead; its tasks are "
-         "redelivered within IMGQ_LEASE_TTL_S + IMGQ_RESTORE_INTERVAL_S"),
-    _Var("IMGQ_RESTORE_INTERVAL_S", "restore_interval_s", _parse_float, "2",
-         "how often each worker looks for dead workers' tasks"),
-    _Var("IMGQ_MAX_DELIVERIES", "max_deliveries", _parse_int, "3",
-         "a message handed out this many times without a stored result (its workers died or "
-         "hung) ends in FAILURE redelivered_too_often and goes to the dead letters"),
-    _Var("IMGQ_IDLE_POLL_MS", "idle_poll_ms", _parse_float, "20",
-         "longest pause between two looks at an empty queue (the wait reads, never writes)"),
-    _Var("IMGQ_MAX_BYTES", "max_bytes", _parse_int, "20971520",
-         "largest encoded image accepted, in bytes"),
-    _Var("IMGQ_MAX_PIXELS", "max_pixels", _parse_int, "40000000",
-         "largest width x height accepted (decompression bomb guard)"),
-    _Var("IMGQ_MAX_ASPECT", "max_aspect", _parse_float, "20",
-         "largest long side / short side accepted"),
-    _Var("IMGQ_MIN_SIDE_PX", "min_side_px", _parse_int, "8", "shortest side accepted, pixels"),
-    _Var("IMGQ_BATCH_PIXELS", "batch_pixels", _parse_int, "100000000",
-         "most decoded pixels per batch; the rest of a batch of huge images goes back to the "
-         "head of the queue and is served next"),
-    _Var("IMGQ_DEAD_LETTER_MAX_BYTES", "dead_letter_max_bytes", _parse_int, "67108864",
-         "most bytes of raw messages the dead letters keep per queue (oldest bodies dropped "
-         "first; their entries stay)"),
-    _Var("IMGQ_DEAD_LETTER_MAX_ENTRIES", "dead_letter_max_entries", _parse_int, "10000",
-         "most dead-letter entries kept per queue (oldest dropped)"),
-    _Var("IMGQ_DEAD_LETTER_TTL_S", "dead_letter_ttl_s", _parse_int, "604800",
-         "seconds a dead-letter entry and its message are kept"),
-    _Var("IMGQ_METRICS_PORT", "metrics_port", _parse_int, "9808",
-         "Prometheus metrics port; 0 turns the endpoint off"),
-    _Var("IMGQ_DRIFT_WINDOW", "drift_window", _parse_int, "200", "images per drift window"),
-    _Var("IMGQ_DRIFT_WINDOW_S", "drift_window_s", _parse_float, "300",
-         "seconds after which a drift window closes even if not full"),
-    _Var("IMGQ_DRIFT", "drift_enabled", _parse_bool, "true",
-         "collect input statistics for drift detection"),
-    _Var("IMGQ_TASK_EVENTS", "task_events", _parse_bool, "true",
-         "send Celery task events (received, succeeded, failed, revoked) so Flower shows tasks; "
-         "one publish per batch"),
-    _Var("IMGQ_LOG_FORMAT", "log_format", str, "json", "json (one object per line) or text"),
-)  # fmt: skip
-
-#: Environment variable -> (default, meaning), for the README's configuration reference.
-ENV_VARS: dict[str, tuple[str, str]] = {v.env: (v.default, v.meaning) for v in _VARS}
-
-#: The fields of ``shared.decode.DecodeLimits`` that environment variables set.
-_LIMIT_FIELDS = ("max_bytes", "max_pixels", "max_aspect", "min_side_px")
-_ENV_OF = {v.field: v.env for v in _VARS}
+        return ""
+    if not parts.scheme or not parts.hostname:
+        return ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -272,6 +142,14 @@ class WorkerSettings:
         drift_window: Images per drift window.
         drift_window_s: Seconds before a drift window closes anyway.
         drift_enabled: Collect input statistics for drift detection.
+        alert_webhook_url: Where drift pages are POSTed (``worker/drift/notify.py``); ``""``:
+            no webhook. Never logged whole (:func:`webhook_origin`).
+        alert_webhook_secret: The HMAC-SHA256 key of the signature header; never logged.
+        alert_webhook_timeout_s: Most seconds one delivery attempt takes.
+        alert_webhook_attempts: Attempts per alert before its dead letter.
+        alert_webhook_backoff_s: Wait before the first retry (doubled per attempt, jittered).
+        alert_webhook_backoff_max_s: Longest wait between two attempts.
+        alert_webhook_clears: Also send the clear of a paged alert.
         task_events: Send Celery task events (Flower) for the tasks served.
         log_format: ``"json"`` or ``"text"``.
     """
@@ -308,6 +186,13 @@ class WorkerSettings:
     drift_window: int = 200
     drift_window_s: float = 300.0
     drift_enabled: bool = True
+    alert_webhook_url: str = dataclasses.field(default="", repr=False)
+    alert_webhook_secret: str = dataclasses.field(default="", repr=False)
+    alert_webhook_timeout_s: float = 10.0
+    alert_webhook_attempts: int = 8
+    alert_webhook_backoff_s: float = 1.0
+    alert_webhook_backoff_max_s: float = 60.0
+    alert_webhook_clears: bool = True
     task_events: bool = True
     log_format: str = "json"
 
@@ -405,10 +290,38 @@ class WorkerSettings:
             None
             if isinstance(self.drift_enabled, bool)
             else f"{name('drift_enabled')} must be true or false, got {self.drift_enabled!r}",
+            *self._webhook_problems(name, number),
             None
             if isinstance(self.task_events, bool)
             else f"{name('task_events')} must be true or false, got {self.task_events!r}",
             choice("log_format", LOG_FORMATS),
+        ]
+
+    def _webhook_problems(
+        self, name: Callable[[str], str], number: Callable[..., str | None]
+    ) -> list[str | None]:
+        """The webhook's URL must be http(s) and come with a secret long enough to sign."""
+        url, secret = self.alert_webhook_url, self.alert_webhook_secret
+        if not isinstance(url, str) or not isinstance(secret, str):
+            return [f"{name('alert_webhook_url')} and its secret must be strings"]
+        url_ok = url == "" or (url.startswith(("http://", "https://")) and webhook_origin(url))
+        return [
+            None
+            if url_ok
+            else f"{name('alert_webhook_url')} must be an http:// or https:// URL with a host, "
+            f"got {webhook_origin(url) or 'something else'!r}",
+            None
+            if url == "" or len(secret) >= 16
+            else f"{name('alert_webhook_secret')} must be at least 16 characters when "
+            f"{_ENV_OF['alert_webhook_url']} is set (got {len(secret)}); make one with "
+            "`openssl rand -hex 32`",
+            number("alert_webhook_timeout_s", 0.1, 600, integer=False),
+            number("alert_webhook_attempts", 1, 100),
+            number("alert_webhook_backoff_s", 0.01, 3600, integer=False),
+            number("alert_webhook_backoff_max_s", self.alert_webhook_backoff_s, 86400, False),
+            None
+            if isinstance(self.alert_webhook_clears, bool)
+            else f"{name('alert_webhook_clears')} must be true or false",
         ]
 
     @classmethod
@@ -489,6 +402,10 @@ class WorkerSettings:
             value = getattr(self, field.name)
             if field.name in ("broker_url", "result_backend"):
                 value = mask_url(value)
+            elif field.name == "alert_webhook_url":
+                value = webhook_origin(value)
+            elif field.name == "alert_webhook_secret":
+                value = "***" if value else ""
             elif field.name.endswith("transport_options"):
                 value = {k: "***" if _SECRET.search(k) else v for k, v in value.items()}
             elif field.name == "decode_limits":

@@ -39,6 +39,10 @@ The package, one concept per module: :mod:`~imgq.worker.drift.statistics` (pure)
 :mod:`~imgq.worker.drift.review` (``imgq drift status | alerts | report``),
 :mod:`~imgq.worker.drift.page` (``imgq drift serve``) and :mod:`~imgq.worker.drift.samples`
 (``imgq drift samples``).
+
+Pages reach people through :mod:`~imgq.worker.drift.notify` (the alert streams to a signed
+webhook, once per alert across a fleet), :mod:`~imgq.worker.drift.webhook` (one POST) and
+:mod:`~imgq.worker.drift.notify_cli` (``imgq drift notify``).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from imgq.shared.errors import ImgqError, InvalidTask
 from imgq.shared.imagestats import IMAGE_FEATURES, image_features
 from imgq.shared.preprocess import normalise_batch, resize_image
 from imgq.shared.reference import RangeCheck
+from imgq.worker.drift.notify import AlertNotifier, notifier_for_model
 from imgq.worker.drift.recorder import DriftRecorder, Observation
 from imgq.worker.handler import DEFERRED, Failure, HandlerContext, Outcome, Request, Success
 from imgq.worker.health import publish_model
@@ -64,6 +65,7 @@ class ClassifyHandler:
         settings: Decode limits and the batch's decoded-pixel budget.
         metrics: Batch size, images, preprocessing and inference time.
         drift: The drift recorder (an observer of the outcomes), or None.
+        notifier: The thread that sends the model's drift pages to the webhook, or None.
     """
 
     task_name = TASK_NAME
@@ -74,8 +76,10 @@ class ClassifyHandler:
         settings: WorkerSettings,
         metrics: WorkerMetrics,
         drift: DriftRecorder | None = None,
+        notifier: AlertNotifier | None = None,
     ) -> None:
         self.bundle = bundle
+        self.notifier = notifier
         manifest = bundle.manifest
         self._labels = manifest.labels
         self._spec = manifest.preprocess
@@ -208,6 +212,8 @@ class ClassifyHandler:
     def close(self) -> None:
         if self.drift is not None:
             self.drift.close()
+        if self.notifier is not None:
+            self.notifier.close()
 
 
 def validate_kwargs(kwargs: Any, n_labels: int) -> tuple[str, int, str | int | None]:
@@ -314,7 +320,10 @@ def build(context: HandlerContext, folder: Path) -> ClassifyHandler:
             "ms_per_image_by_call_size": ms_per_image,
         },
     )
-    return ClassifyHandler(bundle, settings, context.metrics, drift)
+    notifier = None
+    if drift is not None:  # pages of this model to the webhook, when one is set
+        notifier = notifier_for_model(context.redis, settings, manifest.short_sha, context.metrics)
+    return ClassifyHandler(bundle, settings, context.metrics, drift, notifier)
 
 
 def _size_model_calls(bundle: ModelBundle, settings: WorkerSettings) -> dict[int, float] | None:

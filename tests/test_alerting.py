@@ -1,0 +1,161 @@
+"""Alerting and dashboards: Prometheus' rules and configuration, Alertmanager's routing and
+the Grafana dashboard, checked by their own tools where those are installed (Debian's
+`prometheus` ships promtool, `prometheus-alertmanager` amtool; scripts/setup.sh installs them
+for the test run), and every PromQL query checked against the metrics the worker exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from imgq.worker.metrics import WorkerMetrics
+from tests.test_compose import _yaml_to_json, needs_compose
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "imgq.json"
+RULES = DOCKER / "alert-rules.yml"
+
+_PROMTOOL = shutil.which("promtool")
+_AMTOOL = shutil.which("amtool")
+needs_promtool = pytest.mark.skipif(
+    _PROMTOOL is None, reason="promtool is missing: apt-get install prometheus"
+)
+needs_amtool = pytest.mark.skipif(
+    _AMTOOL is None, reason="amtool is missing: apt-get install prometheus-alertmanager"
+)
+#: Series Prometheus itself or the client library's process collector provide.
+_NOT_IMGQ = {"up", "process_cpu_seconds_total", "process_resident_memory_bytes"}
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
+                 "unless", "bool", "offset", "inf", "nan"}  # fmt: skip
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def exported_series() -> set[str]:
+    """Every series name a worker's metrics can have."""
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    registry = CollectorRegistry()
+    WorkerMetrics(registry)
+    return {
+        family.name + suffix
+        for family in registry.collect()
+        for suffix in suffixes.get(family.type, ("",))
+    }
+
+
+def metric_names(expr: str) -> set[str]:
+    """The series names a PromQL expression reads (functions, label names and values,
+    ranges and keywords left out)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # label values
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", text)  # matchers, ranges
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = re.findall(r"(?<![\w.])([a-zA-Z_:][\w:]*)\b(?!\s*\()", text)
+    return {n for n in names if n.lower() not in _PROMQL_WORDS}
+
+
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+def test_metric_names_finds_the_series_and_nothing_else() -> None:
+    """The checker the rule and dashboard tests rely on sees series, not syntax."""
+    expr = 'sum by (le) (rate(imgq_a_bucket{x="y_z"}[5m])) / ignoring(x) up > 0.5 or vector(0)'
+    assert metric_names(expr) == {"imgq_a_bucket", "up"}
+
+
+# ----------------------------------------------------------------------------- the tools
+
+
+@needs_promtool
+def test_prometheus_config_and_its_rules_check() -> None:
+    """`promtool check config` accepts prometheus.yml and the rule file it loads."""
+    out = _run(str(_PROMTOOL), "check", "config", "docker/prometheus.yml").stdout
+    assert "1 rule files found" in out
+    assert "8 rules found" in _run(str(_PROMTOOL), "check", "rules", str(RULES)).stdout
+
+
+@needs_promtool
+def test_alert_rules_pass_their_unit_tests() -> None:
+    """`promtool test rules`: a drift page pages, a notice does not; no worker up pages; one
+    worker down warns; an undeliverable page pages (tests/promtool/alert-rules-test.yml)."""
+    out = _run(str(_PROMTOOL), "test", "rules", "tests/promtool/alert-rules-test.yml").stdout
+    assert "SUCCESS" in out
+
+
+@needs_amtool
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [(["alertname=ImgqDriftPage", "severity=page", "model=shapes"], "imgq-pages"),
+     (["alertname=ImgqQueueWaitHigh", "severity=warning"], "imgq-ops")],
+)  # fmt: skip
+def test_alertmanager_config_checks_and_routes_pages(labels: list[str], receiver: str) -> None:
+    """`amtool check-config` accepts alertmanager.yml; pages and warnings reach their
+    receivers (`amtool config routes test`)."""
+    assert "SUCCESS" in _run(str(_AMTOOL), "check-config", "docker/alertmanager.yml").stdout
+    route = _run(
+        str(_AMTOOL), "config", "routes", "test", "--config.file=docker/alertmanager.yml", *labels
+    )
+    assert route.stdout.split() == [receiver]
+
+
+# ----------------------------------------------------------------------------- the queries
+
+
+@needs_compose
+def test_alert_rules_read_only_exported_metrics() -> None:
+    """Every rule's expression names series the worker exports, and every rule has a
+    severity Alertmanager routes on."""
+    exported = exported_series() | _NOT_IMGQ
+    rules = [r for g in _yaml_to_json(RULES.read_text())["groups"] for r in g["rules"]]
+    assert len(rules) == 8
+    for rule in rules:
+        unknown = metric_names(rule["expr"]) - exported
+        assert not unknown, f"{rule['alert']} reads {unknown}, which no worker exports"
+        assert rule["labels"]["severity"] in ("page", "warning"), rule["alert"]
+    drift = next(r for r in rules if r["alert"] == "ImgqDriftPage")
+    assert 'tier="page"' in drift["expr"]
+
+
+def test_dashboard_panels_query_exported_metrics_of_the_provisioned_source() -> None:
+    """The dashboard's JSON: unique panel ids, each panel on the provisioned data source, in
+    the 24-column grid, with queries (unique refIds) that name only exported series."""
+    dash = dashboard()
+    exported = exported_series() | _NOT_IMGQ
+    panels = dash["panels"]
+    assert dash["uid"] and panels
+    assert len({p["id"] for p in panels}) == len(panels)
+    read: set[str] = set()
+    for panel in panels:
+        title = panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "imgq-prometheus"}, title
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, title
+        targets = panel["targets"]
+        assert targets and len({t["refId"] for t in targets}) == len(targets), title
+        for target in targets:
+            names = metric_names(target["expr"])
+            assert names, f"{title}: {target['expr']!r} reads no series"
+            assert not names - exported, f"{title} reads {names - exported}: not exported"
+            read |= names
+    # The dashboard covers the fleet, drift and the webhook.
+    assert {"up", "imgq_images_total", "imgq_drift_psi", "imgq_alert_webhook_total"} <= read
+
+
+def test_provisioned_datasource_uid_matches_the_dashboard() -> None:
+    """The dashboard's panels name the uid the data source is provisioned with."""
+    source = (DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    assert re.search(r"^\s+uid: imgq-prometheus$", source, re.MULTILINE)
+    provider = (DOCKER / "grafana" / "provisioning" / "dashboards" / "imgq.yml").read_text()
+    assert "path: /var/lib/grafana/dashboards" in provider
