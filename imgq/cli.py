@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-augment", dest="augment", action="store_false")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default=None, help="model name (default: the data folder's name)")
+    s.add_argument(
+        "--publish", action="store_true",
+        help="then publish the bundle to IMGQ_BROKER_URL (`imgq models publish`)",
+    )  # fmt: skip
+    s.add_argument("--queue", help="with --publish: the queue (IMGQ_QUEUE, default imgq)")
     s.set_defaults(func=_handler("imgq.trainer.train:main"))
 
     s = sub.add_parser("verify", help="re-check a bundle's served path without TensorFlow")

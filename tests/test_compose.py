@@ -126,7 +126,11 @@ def test_workers_scale_and_serve_read_only_models(files: list[str]) -> None:
         assert svc["user"].split(":")[0] not in ("", "0", "root"), name
         assert svc["healthcheck"]["test"][1:4] == ["imgq", "health", "--local"], name
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
-        assert svc["environment"]["IMGQ_MODEL"] == "/models/current", name
+        if name == "worker":  # follows the queue's published versions and its rollout
+            assert "IMGQ_MODEL" not in svc["environment"], name
+            assert svc["environment"]["IMGQ_MODEL_CACHE"].startswith("/tmp/"), name  # tmpfs
+        else:  # the GPU override serves the trained folder
+            assert svc["environment"]["IMGQ_MODEL"] == "/models/current", name
         unknown = {k for k in svc["environment"] if k.startswith("IMGQ_")} - set(ENV_VARS)
         assert not unknown, f"{name} sets variables imgq does not read: {sorted(unknown)}"
 
@@ -138,6 +142,9 @@ def test_trainer_is_one_shot_and_writes_the_shared_volume() -> None:
     assert trainer["profiles"] == ["train"]
     assert trainer["command"][:2] == ["imgq", "train"]
     assert trainer["command"][trainer["command"].index("--out") + 1] == "/models/current"
+    assert trainer["command"][-1] == "--publish"  # then published for the workers to follow
+    assert trainer["environment"]["IMGQ_BROKER_URL"] == "redis://redis:6379/0"
+    assert trainer["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "models:/models:rw" in trainer["volumes"]
     assert trainer["build"]["args"]["IMGQ_EXTRAS"] == "trainer"
 

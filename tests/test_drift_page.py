@@ -24,7 +24,7 @@ from PIL import Image
 from imgq.cli import main as imgq_main
 from imgq.shared.manifest import load_manifest, save_manifest
 from imgq.trainer.dataset import list_training_files
-from imgq.worker.bundles import publish
+from imgq.worker.bundles import list_versions, publish
 from imgq.worker.client import ImgqClient
 from imgq.worker.drift import DriftKeys
 from imgq.worker.drift.page import ReviewData, make_server
@@ -218,12 +218,15 @@ def test_samples_of_a_window_train_with_the_old_data(served: Served, tmp_path: P
     model = tmp_path / "retrained"
     assert imgq_main(["train", str(old), str(out), "--out", str(model), "--image-size", "16",
                       "--epochs", "2", "--patience", "1", "--no-augment", "--val-split", "0.25",
-                      "--test-split", "0.25"]) == 0  # fmt: skip
+                      "--test-split", "0.25", "--publish"]) == 0  # fmt: skip
     history = json.loads((model / "history.json").read_text())
     used = [f for part in history["split"].values() for f in part]
     assert len(used) == 24 + len(pngs)
     assert sum(f.startswith(str(out)) for f in used) == len(pngs)
     assert load_manifest(model).labels == ("a", "b", "c")
+    # --publish: the retrained bundle is a version the fleet can roll out.
+    shas = {v.model_sha256 for v in list_versions(served.db)}
+    assert load_manifest(model).model_sha256 in shas
 
 
 def test_training_folders_merge_by_class_and_refuse_a_new_one(tmp_path: Path) -> None:
