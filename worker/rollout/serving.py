@@ -298,13 +298,18 @@ class VersionedHandler:
         if running is not None and running.id not in self._refused:
             if running.candidate[:12] == stable.bundle.version:
                 running = None
-            else:
+            elif running.candidate not in self._loaded:  # a load takes seconds: still running?
                 candidate = self._load_candidate(running)
+                if candidate is not None and read_rollout(self.redis, self.queue) != running:
+                    return  # ended or replaced meanwhile: the next read decides
+            else:
+                candidate = self._loaded[running.candidate]
         if candidate is None:
             running = None
-        if (stable, candidate, running) == (plan.stable, plan.candidate, plan.rollout):
-            return
-        self._switch(Plan(stable, candidate, running))
+        if (stable, candidate, running) != (plan.stable, plan.candidate, plan.rollout):
+            self._switch(Plan(stable, candidate, running))
+        for handler in [h for h in self._loaded.values() if h not in self._plan.handlers()]:
+            self._retire(handler)  # no batch holds it: _switch waited for the old plan
 
     def _switch(self, new: Plan) -> None:
         old, self._plan = self._plan, new
@@ -316,12 +321,8 @@ class VersionedHandler:
             f"shadow {new.rollout.shadow:g}%)" if new.candidate and new.rollout else "",
             extra={"event": "rollout_switch"},
         )  # fmt: skip
-        keep = {id(h) for h in new.handlers()}
-        retired = [h for h in old.handlers() if id(h) not in keep]
-        if retired:
-            old.wait_idle(60.0)  # the batches that read the old plan finish first
-            for handler in retired:
-                self._retire(handler)
+        if any(h not in new.handlers() for h in old.handlers()):
+            old.wait_idle(60.0)  # the batches that read the old plan finish before it retires
 
     def _load(self, sha256: str) -> ClassifyHandler:
         """The version's handler: held already, or fetched, loaded and checked now."""
