@@ -236,7 +236,8 @@ def test_shadow_agreement_equals_the_offline_agreement(
         offline.setdefault(a, {}).setdefault(b, 0)
         offline[a][b] += 1
     assert stats["shadow"]["confusion"] == offline
-    assert stats["versions"][v1]["tasks"] == 300 and v2 not in stats["versions"]
+    assert stats["versions"][v1]["tasks"] == 300 and stats["shadow"]["runs"] == 300
+    assert stats["versions"][v2].get("tasks", 0) == 0 and stats["versions"][v2]["shadow"] == 300
     status = _imgq(redis_server.url, "rollout", "status")
     assert f"top-1 agreement {agree / 300:.2%}" in status.stdout, status.stdout
 
@@ -292,3 +293,74 @@ def test_the_failure_threshold_aborts_through_the_tally(redis_server) -> None:
     reason = tally.failing(rollout)
     assert reason is not None and "failed 3 of 28 tasks" in reason
     assert r.ttl(stats_key("imgq", "r1")) > 0
+    # Shadow runs count too: a candidate failing only in the shadow is aborted as well.
+    shadowed = Rollout("r3", "b" * 64, "a" * 64, 0.0, 100.0, min_tasks=20, max_failure_rate=0.1)
+    tally.shadow(shadowed, "b" * 12, [], [Success({})] * 15 + [Failure(RuntimeError())] * 5, 1.0)
+    tally.flush()
+    reason = tally.failing(shadowed)
+    assert reason is not None and "failed 5 of 20 tasks" in reason
+
+
+def test_a_task_the_candidate_cannot_answer_stays_with_the_stable_version(
+    redis_server, bundle_dir, client, start, tmp_path
+) -> None:
+    """A candidate with two labels takes every task at --canary 100 but those asking for the
+    top 3, which the stable version answers: no task is refused by the rollout."""
+    v1 = _publish(redis_server.url, bundle_dir)
+    v2 = _publish(redis_server.url, make_tiny_bundle(tmp_path / "two", labels=("a", "b")))
+    w1 = start("w1")
+    w1.wait_ready(client)
+    assert _imgq(redis_server.url, "rollout", "start", v2, "--canary", "100").returncode == 0
+    wait_for(lambda: _all_serve(client, {w1.name}, (v1, v2)))
+    images = _images(40, seed=7)
+    top3 = [client.send_task(TASK_NAME, kwargs={"image": i, "top_k": 3}) for i in images]
+    top1 = _send(client, images)
+    assert {r.get(timeout=60)["model"]["version"] for r in top3} == {v1}
+    assert {r.get(timeout=60)["model"]["version"] for r in top1} == {v2}
+
+
+def test_hostile_rollout_state_and_refused_commands(redis_server, bundle_dir, candidate_dir):
+    """What the rollout commands refuse, and entries in Redis that are not what they claim."""
+    from imgq.worker.bundles import BUNDLES_KEY, stable_key
+    from imgq.worker.rollout.state import RolloutError, promote, stable_version, start
+
+    r = redis.Redis.from_url(redis_server.url)
+    publish(r, bundle_dir, 1 << 30, "imgq")
+    v2, _ = publish(r, candidate_dir, 1 << 30, "imgq")
+    with pytest.raises(RolloutError, match="--min-tasks is a count"):
+        start(r, "imgq", v2.version, canary=10, min_tasks=-1)
+    with pytest.raises(RolloutError, match="percentage from 0 to 100"):
+        start(r, "imgq", v2.version, canary=float("nan"))
+    start(r, "imgq", v2.version, canary=10)
+    with pytest.raises(RolloutError, match="is running on queue"):
+        start(r, "imgq", v2.version, canary=10)
+    r.hdel(BUNDLES_KEY, v2.sha256)  # deleted behind the rollout's back
+    with pytest.raises(RolloutError, match="no longer published"):
+        promote(r, "imgq")
+    assert stable_version(r, "imgq") != v2.sha256
+    for junk in (b"\xff\xfe garbage", b"0" * 63, b"../" * 30):
+        r.set(stable_key("imgq"), junk)
+        assert stable_version(r, "imgq") is None
+    r.set("imgq:rollout:imgq", b'{"id": "x", "candidate": 5}')
+    assert read_rollout(r, "imgq") is None
+    r.set("imgq:rollout:imgq", "\xff".encode("latin-1") * 100)
+    assert read_rollout(r, "imgq") is None
+
+
+def test_counts_are_added_once_when_redis_refuses_a_field(redis_server) -> None:
+    """A field of the stats hash that is not a number (hostile) loses its own counts; the
+    others are added once, not again at every flush."""
+    from prometheus_client import CollectorRegistry
+
+    from imgq.worker.handler import Success
+    from imgq.worker.metrics import WorkerMetrics
+    from imgq.worker.rollout.tally import Tally
+
+    r = redis.Redis.from_url(redis_server.url)
+    rollout = Rollout("r2", "b" * 64, "a" * 64, 10.0, 0.0)
+    r.hset(stats_key("imgq", "r2"), "bbbbbbbbbbbb:ms", "bogus")
+    tally = Tally(r, "imgq", WorkerMetrics(CollectorRegistry()))
+    tally.count(rollout, "b" * 12, [Success({})] * 7, 3.0)
+    tally.flush()
+    tally.flush()
+    assert read_stats(r, "imgq", rollout)["versions"]["bbbbbbbbbbbb"]["tasks"] == 7

@@ -42,7 +42,9 @@ STATUS_COMMAND = "imgq_status"
 _models: weakref.WeakKeyDictionary[Celery, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def publish_model(app: Celery, bundle: ModelBundle, candidate: ModelBundle | None = None) -> None:
+def publish_model(
+    app: Celery, bundle: ModelBundle, candidate: ModelBundle | None = None, follows: bool = False
+) -> None:
     """Make the worker's ``imgq_status`` answer report ``bundle`` as loaded (and the rollout
     candidate it also serves, if any).
 
@@ -53,6 +55,8 @@ def publish_model(app: Celery, bundle: ModelBundle, candidate: ModelBundle | Non
         app: The worker's Celery app.
         bundle: The loaded (stable) bundle.
         candidate: The candidate version loaded beside it during a rollout.
+        follows: Whether the worker follows its queue's rollout (False: pinned to a folder or
+            a version).
     """
     _models[app] = {
         "loaded": True,
@@ -61,6 +65,8 @@ def publish_model(app: Celery, bundle: ModelBundle, candidate: ModelBundle | Non
         "sha256": bundle.manifest.model_sha256,
         "provider": bundle.provider,
         "candidate": candidate.version if candidate is not None else None,
+        "follows": follows,
+        "queue": getattr(getattr(app, "settings", None), "queue", None),
     }
 
 

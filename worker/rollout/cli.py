@@ -59,6 +59,17 @@ def promote_main(args: argparse.Namespace) -> int:
         rollout = promote(client, settings.queue_list)
         print(f"rollout {rollout.id}: {rollout.candidate[:12]} is now the stable version of "
               f"queue {settings.queue}")  # fmt: skip
+        pinned = sorted(
+            node
+            for reply in _statuses(settings)
+            for node, status in reply.items()
+            if isinstance(status, dict) and status.get("loaded") and not status.get("follows")
+            and status.get("version") != rollout.candidate[:12]
+            and status.get("queue") == settings.queue
+        )  # fmt: skip
+        if pinned:
+            print(f"note: pinned workers (--model / --model-version) serve on unchanged: "
+                  f"{', '.join(pinned)}", file=sys.stderr)  # fmt: skip
         return 0
 
     return _run("promote", args, command)
@@ -102,14 +113,18 @@ def describe(
     for role, sha in (("stable", rollout.stable), ("candidate", rollout.candidate)):
         counts = stats["versions"].get(sha[:12], {})
         tasks = int(counts.get("tasks", 0))
+        runs = tasks + int(counts.get("shadow", 0))
+        failures = int(counts.get("failure", 0) + counts.get("shadow_failure", 0))
         published = names.get(sha)
         versions[role] = {
             "version": sha[:12],
             "name": published.name if published else None,
             "tasks": tasks,
             "failures": int(counts.get("failure", 0)),
+            "shadow_runs": int(counts.get("shadow", 0)),
+            "shadow_failures": int(counts.get("shadow_failure", 0)),
             "invalid_inputs": int(counts.get("invalid", 0)),
-            "failure_rate": counts.get("failure", 0) / tasks if tasks else None,
+            "failure_rate": failures / runs if runs else None,
             "ms_per_task": round(counts.get("ms_per_task", 0.0), 3) if tasks else None,
             "drift": _drift(client, published.model_sha256 if published else None),
             "served_by": sorted(serving.get(sha[:12], [])),
@@ -157,7 +172,7 @@ def _drift(client: redis.Redis, model_sha256: str | None) -> dict[str, Any] | No
 def _text(report: dict[str, Any]) -> str:
     lines = [
         f"rollout {report['rollout']}  {report['state']}"
-        + (f"  ({report['reason']})" if report["reason"] else ""),
+        + (f"  ({_printable(report['reason'])})" if report["reason"] else ""),
         f"canary {report['canary_percent']:g}%  shadow {report['shadow_percent']:g}%  "
         f"started {report['started']}" + (f"  ended {report['ended']}" if report["ended"] else ""),
         "",
@@ -166,6 +181,7 @@ def _text(report: dict[str, Any]) -> str:
     stable, candidate = report["versions"]["stable"], report["versions"]["candidate"]
     rows = [
         ("version", "version"), ("name", "name"), ("tasks", "tasks"), ("failures", "failures"),
+        ("shadow runs", "shadow_runs"), ("shadow failures", "shadow_failures"),
         ("invalid inputs", "invalid_inputs"), ("failure rate", "failure_rate"),
         ("ms per task", "ms_per_task"), ("served by", "served_by"),
     ]  # fmt: skip
@@ -178,17 +194,18 @@ def _text(report: dict[str, Any]) -> str:
             f"{_cell((candidate['drift'] or {}).get(key)):>24}"
         )
     shadow = report["shadow"]
+    if shadow["runs"]:
+        lines += ["", f"shadow: {int(shadow['runs'])} runs, {int(shadow['failed'])} failed, "
+                      f"{shadow['ms_per_task']:.2f} ms per run"]  # fmt: skip
     if shadow["n"]:
         lines += [
-            "",
-            f"shadow: {int(shadow['n'])} tasks compared, top-1 agreement "
-            f"{shadow['agreement']:.2%}, mean |score difference| {shadow['mean_score_diff']:.4f}, "
-            f"{shadow['ms_per_task']:.2f} ms per shadowed task, {int(shadow['failed'])} failed",
+            f"{int(shadow['n'])} tasks compared, top-1 agreement {shadow['agreement']:.2%}, "
+            f"mean |score difference| {shadow['mean_score_diff']:.4f}",
             "confusion (stable answer -> candidate answer):",
         ]
         for stable_label, row in sorted(shadow["confusion"].items()):
             cells = ", ".join(f"{label}: {n}" for label, n in sorted(row.items()))
-            lines.append(f"  {stable_label}: {cells}")
+            lines.append(_printable(f"  {stable_label}: {cells}"))
     return "\n".join(lines)
 
 
@@ -198,5 +215,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list):
-        return ", ".join(map(str, value)) or "-"
-    return str(value)[:22]
+        value = ", ".join(map(str, value)) or "-"
+    return _printable(str(value))[:22]
+
+
+def _printable(text: str) -> str:
+    """Text from Redis without control characters (no escape sequences reach a terminal)."""
+    return "".join(c if c.isprintable() else "?" for c in text)

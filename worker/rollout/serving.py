@@ -29,10 +29,10 @@ from typing import Any
 import redis
 
 from imgq.shared.errors import BundleError, ImgqError
-from imgq.worker.bundles import fetch, list_versions, stable_key
+from imgq.worker.bundles import fetch, list_versions
 from imgq.worker.drift.layout import _ADD_WINDOW_FUNCTION_LUA
 from imgq.worker.drift.recorder import DriftRecorder
-from imgq.worker.handler import DEFERRED, Failure, HandlerContext, Outcome, Request, Success
+from imgq.worker.handler import DEFERRED, HandlerContext, Outcome, Request, Success
 from imgq.worker.handlers.classify import ClassifyHandler
 from imgq.worker.health import publish_model
 from imgq.worker.rollout.state import (
@@ -43,6 +43,7 @@ from imgq.worker.rollout.state import (
     in_share,
     read_rollout,
     rollout_key,
+    stable_version,
 )
 from imgq.worker.rollout.tally import Tally
 from imgq.worker.settle import WindowCounts
@@ -138,7 +139,7 @@ class VersionedHandler:
         self._follow(stable_sha, rollout)
         plan = self._plan
         publish_model(context.app, plan.stable.bundle,
-                      plan.candidate.bundle if plan.candidate else None)  # fmt: skip
+                      plan.candidate.bundle if plan.candidate else None, follows=True)  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="imgq-rollout", daemon=True)
         self._thread.start()
 
@@ -164,15 +165,20 @@ class VersionedHandler:
     def _serve(
         self, plan: Plan, requests: Sequence[Request], tick: Callable[[], None]
     ) -> list[Outcome]:
-        rollout, candidate = plan.rollout, plan.candidate
+        rollout, candidate, stable = plan.rollout, plan.candidate, plan.stable
         if rollout is None or candidate is None:
-            return self._run_version(plan.stable, list(requests), tick, rollout)
-        to_candidate = [in_share(rollout.id, r.task_id, rollout.canary) for r in requests]
+            alone, ms = self._run_version(stable, list(requests), tick)
+            self.tally.count(rollout, stable.bundle.version, alone, ms)
+            return alone
+        n_labels = len(candidate.bundle.manifest.labels)
+        to_candidate = [
+            in_share(rollout.id, r.task_id, rollout.canary) and _fits(r.kwargs, n_labels)
+            for r in requests
+        ]
         stable_items = [i for i, c in enumerate(to_candidate) if not c]
         canary_items = [i for i, c in enumerate(to_candidate) if c]
         outcomes: list[Outcome] = [DEFERRED] * len(requests)
-        answered = self._run_version(plan.stable, [requests[i] for i in stable_items], tick,
-                                     rollout)  # fmt: skip
+        answered, ms_stable = self._run_version(stable, [requests[i] for i in stable_items], tick)
         for i, o in zip(stable_items, answered, strict=True):
             outcomes[i] = o
         shadowed = [
@@ -181,64 +187,53 @@ class VersionedHandler:
             if isinstance(outcomes[i], Success)
             and in_share(rollout.id, requests[i].task_id, rollout.shadow, "shadow")
         ]
-        n_labels = len(candidate.bundle.manifest.labels)
         extra = [
             Request(requests[i].task_id, {"image": requests[i].kwargs["image"],
                                           "top_k": n_labels}, requests[i].queue_ms)
             for i in shadowed
         ]  # fmt: skip
-        t0 = time.perf_counter()
-        served = self._run_version(
-            candidate, [requests[i] for i in canary_items] + extra, tick, rollout,
-            shadows=len(extra),
-        )  # fmt: skip
+        served, ms_candidate = self._run_version(
+            candidate, [requests[i] for i in canary_items] + extra, tick
+        )
         for i, o in zip(canary_items, served[: len(canary_items)], strict=True):
             outcomes[i] = o
+        outcomes = _deferred_suffix(outcomes)  # before counting: a deferred task runs again
+        self.tally.count(rollout, stable.bundle.version,
+                         [outcomes[i] for i in stable_items], ms_stable)  # fmt: skip
+        share = ms_candidate / max(1, len(served))
+        canary = [outcomes[i] for i in canary_items]
+        self.tally.count(rollout, candidate.bundle.version, canary, share * len(canary))
         if extra:
-            ms = (time.perf_counter() - t0) * 1000 * len(extra) / max(1, len(served))
-            self._compare(plan, rollout, [outcomes[i] for i in shadowed],
-                          served[len(canary_items):], ms)  # fmt: skip
-            for i, shadow in zip(shadowed, served[len(canary_items) :], strict=True):
+            shadows = zip(shadowed, served[len(canary_items) :], strict=True)
+            runs = [(i, shadow) for i, shadow in shadows if outcomes[i] is not DEFERRED]
+            pairs = []
+            for i, shadow in runs:
+                mine = outcomes[i]
+                if isinstance(mine, Success) and isinstance(shadow, Success):
+                    pairs.append((mine.result, shadow.result))
+            self.tally.shadow(rollout, candidate.bundle.version, pairs,
+                              [shadow for _, shadow in runs], share * len(runs))  # fmt: skip
+            for i, shadow in runs:
                 outcomes[i] = _with_shadow(outcomes[i], shadow)
-        return _deferred_suffix(outcomes)
+        return outcomes
 
     def _run_version(
-        self,
-        handler: ClassifyHandler,
-        requests: list[Request],
-        tick: Callable[[], None],
-        rollout: Rollout | None,
-        shadows: int = 0,
-    ) -> list[Outcome]:
-        """``handler``'s outcomes, tagged for its drift recorder and counted for its version
-        (the last ``shadows`` requests are shadow runs: counted apart, never answered)."""
+        self, handler: ClassifyHandler, requests: list[Request], tick: Callable[[], None]
+    ) -> tuple[list[Outcome], float]:
+        """``handler``'s outcomes, tagged for its drift recorder, and the milliseconds taken."""
         if not requests:
-            return []
+            return [], 0.0
         t0 = time.perf_counter()
         outcomes = handler.handle(requests, tick)
         ms = (time.perf_counter() - t0) * 1000
-        answered = outcomes[: len(outcomes) - shadows]
-        self.tally.count(
-            rollout, handler.bundle.version, answered, ms * len(answered) / len(outcomes)
-        )
         recorder = handler.drift
-        return [
+        tagged: list[Outcome] = [
             Success(o.result, Observed(((recorder, o.observation),)))
             if isinstance(o, Success) and recorder is not None and o.observation is not None
             else o
             for o in outcomes
         ]
-
-    def _compare(
-        self, plan: Plan, rollout: Rollout, stable: Sequence[Outcome], shadow: Sequence[Outcome],
-        ms: float,
-    ) -> None:  # fmt: skip
-        pairs = [
-            (s.result, c.result)
-            for s, c in zip(stable, shadow, strict=True)
-            if isinstance(s, Success) and isinstance(c, Success)
-        ]
-        self.tally.shadow(rollout, pairs, ms, failed=sum(isinstance(c, Failure) for c in shadow))
+        return tagged, ms
 
     # -- the Observer protocol: each version's observations to its own drift window ------------
 
@@ -268,24 +263,27 @@ class VersionedHandler:
     # -- following the rollout ----------------------------------------------------------------
 
     def _read(self) -> tuple[str | None, Rollout | None]:
-        stable = self.redis.get(stable_key(self.queue))
-        stable_sha = stable.decode() if isinstance(stable, bytes) else None
-        return stable_sha, read_rollout(self.redis, self.queue)
+        return stable_version(self.redis, self.queue), read_rollout(self.redis, self.queue)
 
     def _run(self) -> None:
         logged_s = 0.0
         while not self._stop.wait(self._poll_s):
-            try:
-                stable_sha, rollout = self._read()
-                self._follow(stable_sha, rollout)
-                self.tally.flush()
-                self._judge(rollout)
-            except redis.RedisError as exc:
-                if time.monotonic() - logged_s > 30:
-                    logged_s = time.monotonic()
-                    logger.warning("rollout: cannot read the rollout state: %s", exc)
-            except Exception:  # a bug here must not stop the worker from following
-                logger.exception("rollout: following the rollout failed")
+            rollout = None
+            for step in ("follow", "count", "judge"):
+                try:
+                    if step == "follow":
+                        stable_sha, rollout = self._read()
+                        self._follow(stable_sha, rollout)
+                    elif step == "count":
+                        self.tally.flush()
+                    else:
+                        self._judge(rollout)
+                except redis.RedisError as exc:
+                    if time.monotonic() - logged_s > 30:
+                        logged_s = time.monotonic()
+                        logger.warning("rollout: Redis (%s): %s", step, exc)
+                except Exception:  # a bug here must not stop the worker from following
+                    logger.exception("rollout: %s failed", step)
 
     def _follow(self, stable_sha: str | None, rollout: Rollout | None) -> None:
         """Load what the state asks for and not held, then switch to it (between batches)."""
@@ -314,7 +312,7 @@ class VersionedHandler:
     def _switch(self, new: Plan) -> None:
         old, self._plan = self._plan, new
         publish_model(self.context.app, new.stable.bundle,
-                      new.candidate.bundle if new.candidate else None)  # fmt: skip
+                      new.candidate.bundle if new.candidate else None, follows=True)  # fmt: skip
         logger.info(
             "serving version %s%s", new.stable.bundle.version,
             f" and candidate {new.candidate.bundle.version} (canary {new.rollout.canary:g}%, "
@@ -340,7 +338,7 @@ class VersionedHandler:
     def _load_stable(self, sha256: str) -> ClassifyHandler | None:
         """A new stable version (promoted, or published ``--stable``); on failure the worker
         keeps serving the one it has, and tries again a minute later."""
-        if time.monotonic() < self._retry_at.get(sha256, 0.0):
+        if sha256 not in self._loaded and time.monotonic() < self._retry_at.get(sha256, 0.0):
             return None
         try:
             return self._load(sha256)
@@ -389,7 +387,9 @@ class VersionedHandler:
             )
         except KeyError:
             pass
-        handler.close()
+        # Closing joins its drift thread, which may be judging a window: not on this thread,
+        # which must go on following the rollout.
+        threading.Thread(target=handler.close, name="imgq-retire", daemon=True).start()
 
     def close(self) -> None:
         self._stop.set()
@@ -415,6 +415,13 @@ def _with_shadow(outcome: Outcome, shadow: Outcome) -> Outcome:
         return outcome
     mine = outcome.observation.items if isinstance(outcome.observation, Observed) else ()
     return Success(outcome.result, Observed(mine + shadow.observation.items))
+
+
+def _fits(kwargs: Mapping[str, Any], n_labels: int) -> bool:
+    """Whether the candidate can answer the task as asked (a ``top_k`` past its labels is
+    valid for the stable version alone: such a task stays with the stable version)."""
+    top_k = kwargs.get("top_k", 1)
+    return not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > n_labels)
 
 
 def _deferred_suffix(outcomes: list[Outcome]) -> list[Outcome]:

@@ -18,13 +18,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import secrets
 import time
 from typing import Any, Final
 
 import redis
 
-from imgq.worker.bundles import PublishError, resolve, stable_key
+from imgq.worker.bundles import BUNDLES_KEY, PublishError, resolve, stable_key
 
 __all__ = [
     "ABORTED",
@@ -37,10 +38,12 @@ __all__ = [
     "promote",
     "read_rollout",
     "rollout_key",
+    "stable_version",
     "start",
     "stats_key",
 ]
 
+_SHA256: Final = re.compile(r"[0-9a-f]{64}")
 RUNNING: Final = "running"
 PROMOTED: Final = "promoted"
 ABORTED: Final = "aborted"
@@ -102,7 +105,8 @@ class Rollout:
             and _number(data["started_at"])
             and (data["ended_at"] is None or _number(data["ended_at"]))
             and type(data["min_tasks"]) is int and data["min_tasks"] >= 0
-            and len(data["id"]) <= 64 and len(data["candidate"]) == len(data["stable"]) == 64
+            and len(data["id"]) <= 64 and len(data["reason"]) <= 1000
+            and all(_SHA256.fullmatch(data[k]) for k in ("candidate", "stable"))
         )  # fmt: skip
         if not ok:
             raise ValueError("not a rollout")
@@ -145,6 +149,13 @@ def read_rollout(client: redis.Redis, queue: str) -> Rollout | None:
         return None
 
 
+def stable_version(client: redis.Redis, queue: str) -> str | None:
+    """The sha256 the queue's stable key holds; None when it holds none (or not a sha256)."""
+    raw = client.get(stable_key(queue))
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else ""
+    return text if _SHA256.fullmatch(text) else None
+
+
 def start(
     client: redis.Redis,
     queue: str,
@@ -166,6 +177,8 @@ def start(
             raise RolloutError(f"{name} is a percentage from 0 to 100, got {value!r}")
     if not (_number(max_failure_rate) and 0 <= max_failure_rate <= 1):
         raise RolloutError(f"the failure rate is a fraction 0..1, got {max_failure_rate!r}")
+    if isinstance(min_tasks, bool) or not isinstance(min_tasks, int) or min_tasks < 0:
+        raise RolloutError(f"--min-tasks is a count >= 0, got {min_tasks!r}")
     chosen = resolve(client, candidate, queue)
     rollout_id = secrets.token_hex(6)
     with client.pipeline() as pipe:
@@ -178,16 +191,16 @@ def start(
                         f"rollout {current.id} of {current.candidate[:12]} is running on queue "
                         f"{queue!r}: promote or abort it first (`imgq rollout status`)"
                     )
-                stable = pipe.get(stable_key(queue))
-                if not isinstance(stable, bytes):
+                stable = stable_version(pipe, queue)
+                if stable is None:
                     raise RolloutError(
                         f"queue {queue!r} has no stable version to roll out from: publish one "
                         "with `imgq models publish DIR --stable`"
                     )
-                if stable.decode() == chosen.sha256:
+                if stable == chosen.sha256:
                     raise RolloutError(f"{chosen.version} is already the stable version")
                 rollout = Rollout(
-                    rollout_id, chosen.sha256, stable.decode(), float(canary), float(shadow),
+                    rollout_id, chosen.sha256, stable, float(canary), float(shadow),
                     started_at=time.time(), max_failure_rate=float(max_failure_rate),
                     min_tasks=int(min_tasks),
                 )  # fmt: skip
@@ -224,12 +237,17 @@ def _end(
     with client.pipeline() as pipe:
         while True:
             try:
-                pipe.watch(rollout_key(queue))
+                pipe.watch(rollout_key(queue), BUNDLES_KEY)
                 current = read_rollout(pipe, queue)
                 if current is None or current.state != RUNNING:
                     raise RolloutError(f"no rollout is running on queue {queue!r}")
                 if rollout_id is not None and current.id != rollout_id:
                     raise RolloutError(f"rollout {rollout_id} is no longer the running one")
+                if state == PROMOTED and pipe.hget(BUNDLES_KEY, current.candidate) is None:
+                    raise RolloutError(
+                        f"candidate {current.candidate[:12]} is no longer published (deleted?): "
+                        "`imgq rollout abort`, or publish it again first"
+                    )
                 ended = dataclasses.replace(
                     current, state=state, reason=reason[:500], ended_at=time.time()
                 )

@@ -30,6 +30,7 @@ logger = logging.getLogger("imgq.rollout")
 #: Separates the stable and the candidate label in a confusion field of the stats hash.
 _SEP: Final = "\x1f"
 _FLOATS: Final = ("ms", "score_diff")
+_VERSION_FIELDS: Final = ("tasks", "failure", "invalid", "ms", "shadow", "shadow_failure")
 
 
 class Tally:
@@ -70,26 +71,33 @@ class Tally:
     def shadow(
         self,
         rollout: Rollout,
+        version: str,
         pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
+        runs: Sequence[Outcome],
         ms: float,
-        failed: int,
     ) -> None:
-        """Compare the stable version's answers with the candidate's on the same images."""
-        if pairs:
-            self.metrics.model_tasks.labels(rollout.candidate[:12], "shadow").inc(len(pairs))
+        """The candidate's shadow runs: its failures count toward its failure rate; where both
+        answered, the two answers are compared."""
+        kinds = collections.Counter(_kind(o) for o in runs if _kind(o))
+        if kinds:
+            self.metrics.model_tasks.labels(version, "shadow").inc(sum(kinds.values()))
         with self._lock:
             c = self._counter(rollout.id)
+            c[f"{version}:shadow"] += sum(kinds.values())
+            c[f"{version}:shadow_failure"] += kinds["failure"]
             for stable, candidate in pairs:
                 scores = {t["label"]: t["score"] for t in candidate["top_k"]}
                 c["shadow:n"] += 1
                 c["shadow:agree"] += stable["label"] == candidate["label"]
                 c["shadow:score_diff"] += abs(stable["score"] - scores.get(stable["label"], 0.0))
                 c[f"confusion:{stable['label']}{_SEP}{candidate['label']}"] += 1
-            c["shadow:failed"] += failed
+            c["shadow:runs"] += sum(kinds.values())
+            c["shadow:failed"] += kinds["failure"] + kinds["invalid"]
             c["shadow:ms"] += ms
 
     def flush(self) -> None:
-        """Add the counts kept so far to each rollout's stats hash."""
+        """Add the counts kept so far to each rollout's stats hash. A field Redis refuses (not a
+        number: hostile data) loses its counts; the others are added once."""
         with self._lock:
             pending, self._pending = self._pending, {}
         if not pending:
@@ -104,20 +112,26 @@ class Tally:
                     pipe.hincrby(key, field, int(value))
             pipe.expire(key, STATS_TTL_S)
         try:
-            pipe.execute()
-        except redis.RedisError:
-            with self._lock:  # kept for the next flush
+            replies = pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError):
+            with self._lock:  # nothing was added: kept for the next flush
                 for rollout_id, counts in pending.items():
                     mine = self._counter(rollout_id)
                     for field, value in counts.items():
                         mine[field] += value
             raise
+        refused = sum(isinstance(r, Exception) for r in replies)
+        if refused:
+            logger.warning("rollout: Redis refused %d of the rollout's counts (a field that is "
+                           "not a number?)", refused)  # fmt: skip
 
     def failing(self, rollout: Rollout) -> str | None:
-        """Why the candidate must be aborted (its model failures past the threshold), or None."""
+        """Why the candidate must be aborted (its model failures, answered or shadowed, past
+        the threshold), or None."""
         stats = read_stats(self.redis, self.queue, rollout)
         mine = stats["versions"].get(rollout.candidate[:12], {})
-        tasks, failures = int(mine.get("tasks", 0)), int(mine.get("failure", 0))
+        tasks = int(mine.get("tasks", 0) + mine.get("shadow", 0))
+        failures = int(mine.get("failure", 0) + mine.get("shadow_failure", 0))
         if tasks < max(1, rollout.min_tasks) or failures / tasks <= rollout.max_failure_rate:
             return None
         return (
@@ -135,11 +149,13 @@ def _kind(outcome: Outcome) -> str:
 
 
 def read_stats(client: redis.Redis, queue: str, rollout: Rollout) -> dict[str, Any]:
-    """The rollout's counts: per version (tasks, failure, invalid, ms per task) and the shadow
-    comparison (n, agreement, mean score difference, confusion stable label -> candidate's)."""
+    """The rollout's counts: per version (tasks answered, failure, invalid, ms per task; shadow
+    runs and their model failures) and the shadow comparison (runs, n compared, agreement, mean
+    score difference, confusion stable label -> candidate's)."""
     raw = client.hgetall(stats_key(queue, rollout.id))
     versions: dict[str, dict[str, float]] = {}
-    shadow: dict[str, Any] = {"n": 0, "agree": 0, "failed": 0, "score_diff": 0.0, "ms": 0.0}
+    shadow: dict[str, Any] = {"n": 0, "agree": 0, "runs": 0, "failed": 0, "score_diff": 0.0,
+                              "ms": 0.0}  # fmt: skip
     confusion: dict[str, dict[str, int]] = {}
     for k, v in raw.items():
         field, value = _text(k), _number(v)
@@ -151,7 +167,7 @@ def read_stats(client: redis.Redis, queue: str, rollout: Rollout) -> dict[str, A
         elif head == "confusion" and _SEP in rest:
             stable, candidate = rest.split(_SEP, 1)
             confusion.setdefault(stable, {})[candidate] = int(value)
-        elif rest in ("tasks", "failure", "invalid", "ms") and len(head) <= 64:
+        elif rest in _VERSION_FIELDS and len(head) <= 64:
             versions.setdefault(head, {})[rest] = value
     for counts in versions.values():
         counts["ms_per_task"] = counts.get("ms", 0.0) / max(1.0, counts.get("tasks", 0.0))
@@ -159,7 +175,7 @@ def read_stats(client: redis.Redis, queue: str, rollout: Rollout) -> dict[str, A
     shadow.update(
         agreement=shadow["agree"] / n if n else None,
         mean_score_diff=shadow["score_diff"] / n if n else None,
-        ms_per_task=shadow["ms"] / n if n else None,
+        ms_per_task=shadow["ms"] / shadow["runs"] if shadow["runs"] else None,
         confusion=confusion,
     )
     return {"versions": versions, "shadow": shadow}
