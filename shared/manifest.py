@@ -17,6 +17,7 @@ of the training images and of the model's outputs, the training summary and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -120,8 +121,17 @@ class Manifest:
 
     @property
     def short_sha(self) -> str:
-        """First 12 hex digits of the model hash, for keys and log lines."""
+        """First 12 hex digits of the model hash, for log lines."""
         return self.model_sha256[:12]
+
+    @functools.cached_property
+    def drift_id(self) -> str:
+        """Names the model's drift state in Redis (``imgq:drift:<drift_id>:...``): the first 12
+        hex digits of the sha256 of this manifest's canonical JSON. It names the model file's
+        hash, the preprocessing, the labels and the reference statistics, so two versions of one
+        ONNX file with another preprocessing or reference never share a drift window."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as written to ``manifest.json``."""

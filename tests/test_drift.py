@@ -517,7 +517,7 @@ def test_alerts_are_deduplicated_cleared_logged_and_counted(
     alert is in the stream, in one structured log line, and in the metrics."""
     recorder = make_recorder(window_size=100_000)
     detector = DriftDetector(client, manifest, metrics=metrics)
-    keys = DriftKeys(manifest.short_sha)
+    keys = DriftKeys(manifest.drift_id)
     rng = np.random.default_rng(13)
     outcomes = []
     with caplog.at_level(logging.INFO, logger="imgq.drift"):

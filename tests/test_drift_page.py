@@ -73,7 +73,7 @@ def served(redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         "page", IMGQ_DRIFT="1", IMGQ_DRIFT_WINDOW=str(WINDOW), IMGQ_DRIFT_WINDOW_S="3600"
     )
     client = ImgqClient(redis_server.url)
-    keys = DriftKeys(load_manifest(bundle).short_sha)
+    keys = DriftKeys(load_manifest(bundle).drift_id)
 
     def judge(window: list[bytes]) -> None:
         expected = int(db.get(keys.seq) or 0) + 1

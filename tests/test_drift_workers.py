@@ -90,7 +90,7 @@ def fleet(
     logs = [w.log for w in workers.started]
     client = ImgqClient(redis_server.url)
     db = redis.Redis.from_url(redis_server.url)
-    keys = DriftKeys(load_manifest(drift_bundle).short_sha)
+    keys = DriftKeys(load_manifest(drift_bundle).drift_id)
 
     def judge(images: list[bytes]) -> list[dict[str, Any]]:
         assert len(images) % WINDOW == 0, "send whole windows"

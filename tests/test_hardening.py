@@ -326,5 +326,5 @@ def test_a_redelivered_batch_is_counted_once(redis_server, app, workers, bundle_
     assert held > 0
     assert all(isinstance(o, dict) for o in outcomes)
     assert published.duplicates() == {}
-    window = r.get(DriftKeys(load_manifest(bundle_dir).short_sha).open) or b""
+    window = r.get(DriftKeys(load_manifest(bundle_dir).drift_id).open) or b""
     assert int.from_bytes(window[:8], "big", signed=True) == 300

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -76,6 +77,19 @@ def test_manifest_round_trips_through_json(tmp_path: Path) -> None:
     loaded = load_manifest(tmp_path)
     assert loaded == manifest
     assert loaded.version == MANIFEST_VERSION and loaded.short_sha == SHA[:12]
+
+
+def test_drift_id_names_the_model_with_its_contract(tmp_path: Path) -> None:
+    """The same manifest read back has the same drift id; the same model file with another
+    preprocessing or other labels has another one (its own drift windows)."""
+    manifest = _manifest()
+    save_manifest(manifest, tmp_path)
+    assert load_manifest(tmp_path).drift_id == manifest.drift_id
+    assert len(manifest.drift_id) == 12 and manifest.drift_id != manifest.short_sha
+    other_spec = _manifest(preprocess=dataclasses.replace(manifest.preprocess, mean=(0.5,) * 3))
+    other_labels = _manifest(labels=("cat", "dog", "emu"))
+    ids = {manifest.drift_id, other_spec.drift_id, other_labels.drift_id}
+    assert len(ids) == 3 and other_spec.short_sha == manifest.short_sha
 
 
 def test_wrong_version_is_refused(tmp_path: Path) -> None:

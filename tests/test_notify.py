@@ -139,7 +139,7 @@ def test_page_is_delivered_once_signed_and_nothing_secret_is_logged(
     assert not verify_documented(SECRET, body, replayed, now=timestamp + 301)
     payload = json.loads(body)
     assert payload["type"] == "drift.alert" and payload["tier"] == "page"
-    assert payload["idempotency_key"] == f"{manifest.short_sha}:1" == headers[IDEMPOTENCY_HEADER]
+    assert payload["idempotency_key"] == f"{manifest.drift_id}:1" == headers[IDEMPOTENCY_HEADER]
     assert payload["model"] == "shapes" and payload["event"]["features"][0]["feature"]
     assert "brightness" in payload["text"]
     assert outcome(metrics, "delivered") == 1 and outcome(metrics, "retried") == 0
@@ -263,7 +263,7 @@ def test_4xx_and_redirects_are_not_retried_and_dead_lettered(
     assert [r["path"] for r in receiver.requests] == [HOOK_PATH]
     record = json.loads(client.lindex(DEAD_LETTERS, 0))
     assert record["reason"] == reason and record["attempts"] == 1
-    assert record["payload"]["idempotency_key"] == f"{manifest.short_sha}:1"
+    assert record["payload"]["idempotency_key"] == f"{manifest.drift_id}:1"
     assert record["receiver"] == f"http://127.0.0.1:{receiver.port}"
     assert len(record["response"]) <= 200
     assert outcome(metrics, "dead_letter") == 1 and outcome(metrics, "retried") == 0
@@ -325,8 +325,8 @@ def test_notices_are_never_sent_and_clears_of_pages_are(
     wait_for(lambda: settled(client, manifest), 20)
     kinds = [(b["type"], b["idempotency_key"]) for b in receiver.bodies()]
     assert [k for k, _ in kinds] == ["drift.alert", "drift.clear"]
-    assert kinds[0][1] == f"{manifest.short_sha}:1"
-    assert kinds[1][1].startswith(f"{manifest.short_sha}:clear:")
+    assert kinds[0][1] == f"{manifest.drift_id}:1"
+    assert kinds[1][1].startswith(f"{manifest.drift_id}:clear:")
     assert receiver.bodies()[1]["model"] == "shapes"
     assert outcome(metrics, "skipped") == 2 and outcome(metrics, "delivered") == 2
 
@@ -480,7 +480,7 @@ def test_redis_outage_is_survived(
         wait_for(lambda: len(receiver.requests) == 3, 30)
     assert notifier._thread is not None and notifier._thread.is_alive()
     assert caplog.text.count("Redis unavailable") == 1
-    assert [b["idempotency_key"] for b in receiver.bodies()][-1] == f"{manifest.short_sha}:3"
+    assert [b["idempotency_key"] for b in receiver.bodies()][-1] == f"{manifest.drift_id}:3"
 
 
 @pytest.mark.integration
@@ -499,7 +499,7 @@ def test_a_worker_sends_its_models_pages_and_stops_cleanly(
     wait_for(lambda: receiver.requests, 30)
     [request] = receiver.requests
     assert verify(SECRET, request["body"], request["headers"][SIGNATURE_HEADER])
-    assert json.loads(request["body"])["idempotency_key"] == f"{manifest.short_sha}:1"
+    assert json.loads(request["body"])["idempotency_key"] == f"{manifest.drift_id}:1"
     assert worker.stop() == 0
     assert SECRET not in worker.log_tail(1_000_000)
 

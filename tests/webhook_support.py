@@ -104,7 +104,7 @@ class Receiver:
 
 
 def stream_of(manifest: Manifest) -> str:
-    return DriftKeys(manifest.short_sha).alerts
+    return DriftKeys(manifest.drift_id).alerts
 
 
 def judge_windows(client: redis.Redis, manifest: Manifest, shifts: list[float]) -> None:

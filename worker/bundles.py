@@ -39,13 +39,14 @@ import redis
 
 from imgq.shared.bundle import ModelBundle, bundle_file, bundle_sha256, serving_files
 from imgq.shared.errors import BundleError, ImgqError
-from imgq.shared.manifest import load_manifest
+from imgq.shared.manifest import MANIFEST_FILE, Manifest, load_manifest
 
 __all__ = [
     "BUNDLES_KEY",
     "BundleVersion",
     "PublishError",
     "bundle_files",
+    "drift_ids",
     "delete",
     "fetch",
     "list_versions",
@@ -374,6 +375,21 @@ def _matches(folder: Path, version: BundleVersion) -> bool:
     except OSError:
         return False
     return shas == version.files
+
+
+def drift_ids(client: redis.Redis, versions: list[BundleVersion]) -> dict[str, str]:
+    """Version sha256 -> the drift id of its stored manifest (``Manifest.drift_id``: where
+    its drift state lives), for the versions whose manifest reads as one."""
+    pipe = client.pipeline(transaction=False)
+    for v in versions:
+        pipe.hget(f"imgq:bundle:{v.sha256}", MANIFEST_FILE)
+    out = {}
+    for v, raw in zip(versions, pipe.execute(), strict=True):
+        try:
+            out[v.sha256] = Manifest.from_dict(json.loads(raw)).drift_id
+        except (ImgqError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return out
 
 
 def served_by(replies: list[dict[str, Any]]) -> dict[str, list[str]]:

@@ -18,7 +18,7 @@ per feature, a chi-square test of homogeneity between the reference counts and t
 Holm's correction across features, and a PSI floor so that a large window does not alert on a
 difference too small to matter. Alert = significant after correction AND PSI >= the floor.
 
-Redis keys, all under ``imgq:drift:<sha12>:`` (see :class:`DriftKeys`): ``window`` (string of
+Redis keys, all under ``imgq:drift:<drift_id>:`` (see :class:`DriftKeys`): ``window`` (string of
 i64 slots, :class:`WindowLayout`: the open window), ``seq`` (window ids), ``window:<id>`` (closed
 windows, expire after a day), ``latest`` (JSON:
 the last evaluated window's statistics), ``alerts`` (stream of alert and clear events),

@@ -65,7 +65,7 @@ class DriftDetector:
         _check_ttl("state_ttl_s", state_ttl_s)
         self.redis = redis_client
         self.manifest = manifest
-        self.keys = DriftKeys(manifest.short_sha)
+        self.keys = DriftKeys(manifest.drift_id)
         self.alpha = alpha
         self.psi_floor = psi_floor
         self.state_ttl_s = state_ttl_s

@@ -142,8 +142,8 @@ class DriftKeys:
     'imgq:drift:0123456789ab:window:7'
     """
 
-    def __init__(self, short_sha: str) -> None:
-        prefix = f"imgq:drift:{short_sha}:"
+    def __init__(self, drift_id: str) -> None:
+        prefix = f"imgq:drift:{drift_id}:"
         self.prefix = prefix
         # Windows are strings of i64 slots (WindowLayout); older imgq kept hashes under
         # "open" and "win:<id>", hence the new names.

@@ -3,7 +3,7 @@ retried, and dead-lettered when it cannot be delivered (``imgq drift notify``, i
 :mod:`~imgq.worker.drift.notify_cli`, or a thread of every worker whose
 ``IMGQ_ALERT_WEBHOOK_URL`` is set).
 
-Who sends what, across a fleet: every notifier reads ``imgq:drift:<short_sha>:alerts`` through
+Who sends what, across a fleet: every notifier reads ``imgq:drift:<drift_id>:alerts`` through
 one Redis consumer group, :data:`GROUP`, so each new entry goes to exactly one of them. An entry
 stays *pending* (Redis' PEL) until it is delivered or dead-lettered, then it is acknowledged
 (``XACK``). Between its attempts the notifier holding it refreshes its claim; when a notifier
@@ -325,7 +325,7 @@ class AlertNotifier:
             "idempotency_key": key,
             "tier": "page",
             "model": model,
-            "model_short_sha": short_sha,
+            "drift_id": short_sha,
             "stream_entry": _text(entry_id),
             "text": text,
             "event": alert,

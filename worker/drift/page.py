@@ -70,7 +70,7 @@ class ModelRef(NamedTuple):
     """A model known by its drift state only (no manifest at hand)."""
 
     name: str
-    short_sha: str
+    drift_id: str
 
 
 class ReviewData:
@@ -91,20 +91,22 @@ class ReviewData:
         self._bundles: dict[str, tuple[Path, Manifest] | str] = {}
         if local is not None:
             manifest = load_manifest(local)
-            self._bundles[manifest.short_sha] = (local, manifest)
+            self._bundles[manifest.drift_id] = (local, manifest)
 
     def models(self) -> list[dict[str, Any]]:
         """Every model with a published version or drift state, by name."""
-        from imgq.worker.bundles import list_versions
+        from imgq.worker.bundles import drift_ids, list_versions
 
         found: dict[str, dict[str, Any]] = {}
         for sha, bundle in self._bundles.items():
             if not isinstance(bundle, str):
                 found[sha] = {"short_sha": sha, "name": bundle[1].name, "versions": []}
-        for v in list_versions(self.client):
-            entry = found.setdefault(
-                v.model_sha256[:12], {"short_sha": v.model_sha256[:12], "name": v.name}
-            )
+        versions = list_versions(self.client)
+        ids = drift_ids(self.client, versions)
+        for v in versions:
+            if v.sha256 not in ids:
+                continue
+            entry = found.setdefault(ids[v.sha256], {"short_sha": ids[v.sha256], "name": v.name})
             entry.setdefault("versions", []).append(v.version)
         for key in self.client.scan_iter(match="imgq:drift:*:latest", count=1000):
             sha = key.decode(errors="replace")[len("imgq:drift:") : -len(":latest")]
@@ -129,9 +131,11 @@ class ReviewData:
     def bundle(self, sha: str) -> tuple[Path, Manifest] | str:
         """The bundle folder and manifest of a model, or why there is none (cached)."""
         if sha not in self._bundles:
-            from imgq.worker.bundles import fetch, list_versions
+            from imgq.worker.bundles import drift_ids, fetch, list_versions
 
-            versions = [v for v in list_versions(self.client) if v.model_sha256[:12] == sha]
+            every = list_versions(self.client)
+            ids = drift_ids(self.client, every)
+            versions = [v for v in every if ids.get(v.sha256) == sha]
             if not versions:
                 return "no published version of this model: histograms need its reference"
             try:
@@ -152,20 +156,20 @@ class ReviewData:
 
     def model_view(self, sha: str) -> dict[str, Any]:
         """Everything the model's page shows (``page_html.render_model``)."""
-        from imgq.worker.bundles import list_versions
+        from imgq.worker.bundles import drift_ids, list_versions
 
         bundle = self.bundle(sha)
         model = self.model(sha)
         keys = DriftKeys(sha)
+        versions = list_versions(self.client)
+        ids = drift_ids(self.client, versions)
         verdicts = [_verdict(v) for v in read_verdicts(self.client, sha, _VERDICTS_SHOWN)]
         latest = _json(self.client.get(keys.latest))
         open_window = self.client.get(keys.open)
         view: dict[str, Any] = {
             "short_sha": sha,
             "name": model.name,
-            "versions": [
-                v.version for v in list_versions(self.client) if v.model_sha256[:12] == sha
-            ],
+            "versions": [v.version for v in versions if ids.get(v.sha256) == sha],
             "error": bundle if isinstance(bundle, str) else None,
             "verdicts": verdicts,
             "alerts": list_alerts(self.client, model, include_all=True)[::-1],

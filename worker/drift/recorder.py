@@ -136,7 +136,7 @@ class DriftRecorder:
             )
         self.redis = redis_client
         self.manifest = manifest
-        self.keys = DriftKeys(manifest.short_sha)
+        self.keys = DriftKeys(manifest.drift_id)
         self.detector = DriftDetector(
             redis_client,
             manifest,

@@ -58,7 +58,7 @@ class NamedModel(Protocol):
     def name(self) -> str: ...
 
     @property
-    def short_sha(self) -> str: ...
+    def drift_id(self) -> str: ...
 
 
 # ----------------------------------------------------------------------------- reading
@@ -67,7 +67,7 @@ class NamedModel(Protocol):
 def read_status(client: redis.Redis, manifest: Manifest) -> dict[str, Any]:
     """The latest judged window (``None`` before the first), the open window's image count and
     the open alerts (feature -> alert id)."""
-    keys = DriftKeys(manifest.short_sha)
+    keys = DriftKeys(manifest.drift_id)
     pipe = client.pipeline(transaction=False)
     pipe.get(keys.latest)
     pipe.get(keys.open)
@@ -102,7 +102,7 @@ def list_alerts(
     """Alerts, oldest first, each with ``state`` (``open`` while any of its features is still
     drifting, else ``cleared``) and ``acked``. Without ``include_all``: open, unacknowledged.
     An entry that is not an alert's JSON object with a string id is skipped."""
-    keys = DriftKeys(manifest.short_sha)
+    keys = DriftKeys(manifest.drift_id)
     pipe = client.pipeline(transaction=False)
     pipe.xrange(keys.alerts)
     pipe.hgetall(keys.open_alerts)
@@ -138,7 +138,7 @@ def ack_alert(client: redis.Redis, manifest: NamedModel, alert_id: str) -> None:
     if alert_id not in known:
         shown = ", ".join(known[-10:]) or "none yet"
         raise _UsageError(f"no drift alert {alert_id!r} for model {manifest.name}; ids: {shown}")
-    DriftKeys(manifest.short_sha).ack(client, alert_id, datetime.now(UTC).isoformat())
+    DriftKeys(manifest.drift_id).ack(client, alert_id, datetime.now(UTC).isoformat())
 
 
 def read_verdicts(client: redis.Redis, short_sha: str, count: int = 500) -> list[dict[str, Any]]:
@@ -170,7 +170,7 @@ def find_window(
             if alert["id"] == alert_id:
                 return dict(alert["window"])
         raise _UsageError(f"no drift alert {alert_id!r} for model {manifest.name}")
-    for verdict in read_verdicts(client, manifest.short_sha):
+    for verdict in read_verdicts(client, manifest.drift_id):
         if str(verdict["window"].get("id")) == window_id:
             return dict(verdict["window"])
     raise _UsageError(
@@ -244,7 +244,8 @@ def _status(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _
     status = read_status(client, manifest)
     latest, open_alerts = status["latest"], status["open_alerts"]
     print(
-        f"model {manifest.name} (sha256 {manifest.short_sha}); open window: "
+        f"model {manifest.name} (sha256 {manifest.short_sha}, drift state {manifest.drift_id}); "
+        "open window: "
         f"{status['open_window_images']} images"
     )
     if latest is None:
@@ -322,7 +323,7 @@ def _report(
         written.append(_histograms(manifest, status["latest"], status["open_alerts"], out))
     thumbs = [
         json.loads(x)
-        for x in client.lrange(DriftKeys(manifest.short_sha).out_of_range, 0, STRIP_LEN - 1)
+        for x in client.lrange(DriftKeys(manifest.drift_id).out_of_range, 0, STRIP_LEN - 1)
     ]
     strip = _strip(thumbs, model_dir / "samples", out)
     if strip is None:

@@ -6,7 +6,7 @@ Workers (:class:`SampleWriter`, called from the drift recorder's ``extras``, aft
 settle script on the same round trip): at most one image per batch and ``samples_per_s`` per
 worker, chosen at random within the batch, stored as a PNG of the model's input (the image as
 the model saw it, at its input size) with its answer, in the capped stream
-``imgq:drift:<sha12>:samples``. The stream's entry ids are Redis server milliseconds, the same
+``imgq:drift:<drift_id>:samples``. The stream's entry ids are Redis server milliseconds, the same
 clock as a window's start and end, so a window's samples are one ``XRANGE``.
 """
 
@@ -217,7 +217,7 @@ def samples_main(args: argparse.Namespace) -> int:
 def _samples(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _: Path) -> None:
     from imgq.worker.drift.review import _UsageError, find_window
 
-    keys = DriftKeys(manifest.short_sha)
+    keys = DriftKeys(manifest.drift_id)
     window = find_window(client, manifest, alert_id=args.alert, window_id=args.window)
     samples = window_samples(client, keys, window)
     try:

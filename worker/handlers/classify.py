@@ -322,7 +322,7 @@ def build(context: HandlerContext, folder: Path) -> ClassifyHandler:
     )
     notifier = None
     if drift is not None:  # pages of this model to the webhook, when one is set
-        notifier = notifier_for_model(context.redis, settings, manifest.short_sha, context.metrics)
+        notifier = notifier_for_model(context.redis, settings, manifest.drift_id, context.metrics)
     return ClassifyHandler(bundle, settings, context.metrics, drift, notifier)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from imgq.shared.errors import ImgqError
-from imgq.worker.bundles import list_versions, served_by
+from imgq.worker.bundles import drift_ids, list_versions, served_by
 from imgq.worker.drift.layout import DriftKeys
 from imgq.worker.models_cli import _statuses
 from imgq.worker.rollout.state import Rollout, abort, promote, read_rollout, start
@@ -109,6 +109,7 @@ def describe(
     """Everything `status` shows, as JSON."""
     stats = read_stats(client, queue, rollout)
     names = {v.sha256: v for v in list_versions(client)}
+    ids = drift_ids(client, list(names.values()))
     versions = {}
     for role, sha in (("stable", rollout.stable), ("candidate", rollout.candidate)):
         counts = stats["versions"].get(sha[:12], {})
@@ -126,7 +127,7 @@ def describe(
             "invalid_inputs": int(counts.get("invalid", 0)),
             "failure_rate": failures / runs if runs else None,
             "ms_per_task": round(counts.get("ms_per_task", 0.0), 3) if tasks else None,
-            "drift": _drift(client, published.model_sha256 if published else None),
+            "drift": _drift(client, ids.get(sha)),
             "served_by": sorted(serving.get(sha[:12], [])),
         }
     when = datetime.datetime.fromtimestamp
@@ -146,11 +147,11 @@ def describe(
     }
 
 
-def _drift(client: redis.Redis, model_sha256: str | None) -> dict[str, Any] | None:
+def _drift(client: redis.Redis, drift_id: str | None) -> dict[str, Any] | None:
     """The version's last judged drift window against its own reference, in brief."""
-    if model_sha256 is None:
+    if drift_id is None:
         return None
-    keys = DriftKeys(model_sha256[:12])
+    keys = DriftKeys(drift_id)
     raw = client.get(keys.latest)
     open_alerts = client.hlen(keys.open_alerts)
     try:
