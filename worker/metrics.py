@@ -18,8 +18,9 @@ Names (all prefixed ``imgq_``):
   (``worker/followups.py``): kind ``callback``, ``chain``, ``chord``, ``errback``; outcome
   ``sent`` or ``failed`` (logged; the task's own result is stored either way).
 - ``model_info{name,sha256,version,provider}`` = 1.
-- ``drift_psi{model,feature}``, ``drift_alerts_open{model}``, ``drift_alerts_total{model,feature}``,
-  ``drift_windows_total{model}``: set by ``worker/drift.py``.
+- ``drift_psi{model,feature}``, ``drift_alerts_open{model,tier}``,
+  ``drift_alerts_total{model,feature,tier}``, ``drift_windows_total{model,tier}``,
+  ``drift_estimated_accuracy{model}``: set by ``worker/drift/detector.py``.
 """
 
 from __future__ import annotations
@@ -80,14 +81,22 @@ class WorkerMetrics:
             ["model", "feature"], registry=registry,
         )  # fmt: skip
         self.drift_alerts_open = Gauge(
-            "imgq_drift_alerts_open", "Drift alerts open now.", ["model"], registry=registry
-        )
+            "imgq_drift_alerts_open", "Drift alerts open now, by tier (page, notice).",
+            ["model", "tier"], registry=registry,
+        )  # fmt: skip
         self.drift_alerts = Counter(
-            "imgq_drift_alerts", "Drift alerts raised.", ["model", "feature"], registry=registry
-        )
+            "imgq_drift_alerts", "Drift alerts raised, per feature and tier (page, notice).",
+            ["model", "feature", "tier"], registry=registry,
+        )  # fmt: skip
         self.drift_windows = Counter(
-            "imgq_drift_windows", "Drift windows judged.", ["model"], registry=registry
-        )
+            "imgq_drift_windows", "Drift windows judged, by verdict tier (page, notice, ok).",
+            ["model", "tier"], registry=registry,
+        )  # fmt: skip
+        self.drift_estimated_accuracy = Gauge(
+            "imgq_drift_estimated_accuracy",
+            "Estimated accuracy (mean calibrated top-1 probability) of the last judged window.",
+            ["model"], registry=registry,
+        )  # fmt: skip
 
 
 _process_metrics: WorkerMetrics | None = None

@@ -50,11 +50,17 @@ from imgq.worker.drift.layout import (
 from imgq.worker.drift.recorder import DriftRecorder
 from imgq.worker.drift.statistics import (
     FeatureResult,
-    alert_transitions,
     chi2_homogeneity,
-    evaluate_window,
     holm,
     psi,
+)
+from imgq.worker.drift.verdict import (
+    NOTICE_ALPHA,
+    PAGE_ALPHA,
+    Transition,
+    alert_transitions,
+    evaluate_window,
+    window_tier,
 )
 
 __all__ = [
@@ -63,7 +69,10 @@ __all__ = [
     "DriftKeys",
     "DriftRecorder",
     "FeatureResult",
+    "NOTICE_ALPHA",
+    "PAGE_ALPHA",
     "STATE_TTL_S",
+    "Transition",
     "Window",
     "WindowLayout",
     "alert_transitions",
@@ -71,4 +80,5 @@ __all__ = [
     "evaluate_window",
     "holm",
     "psi",
+    "window_tier",
 ]
