@@ -87,19 +87,6 @@ def _pil_png(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def _zoom(rgb: np.ndarray) -> np.ndarray:
-    """A camera zoomed 2x onto the top-left corner: the shape is mostly cut off."""
-    h, w = rgb.shape[:2]
-    return cv2.resize(rgb[: h // 2, : w // 2], (w, h), interpolation=cv2.INTER_LINEAR)
-
-
-def _occlude(rgb: np.ndarray) -> np.ndarray:
-    """The right half covered (black)."""
-    out = rgb.copy()
-    out[:, rgb.shape[1] // 2 :] = 0
-    return out
-
-
 def _from_shifts(name: str) -> _Shift:
     return lambda data: shift_image(name, data)
 
@@ -118,8 +105,9 @@ WHOLE: dict[str, _Shift] = {
     "noise_50": _noise(50),
     "down_up_x8": _down_up(8),
     "blur_sigma4": _pixels(lambda rgb: cv2.GaussianBlur(rgb, (0, 0), 4.0)),
-    "zoom_corner": _pixels(_zoom),
-    "occlude_half": _pixels(_occlude),
+    "night": _from_shifts("night"),
+    "zoom_corner": _from_shifts("zoom_corner"),
+    "occlude_half": _from_shifts("occlude_half"),
 }
 #: Partial cases: (pool mixed in, share of the window).
 PARTIAL: dict[str, tuple[str, float]] = {

@@ -31,7 +31,8 @@ class Calibration:
     Attributes:
         temperature: The logits are divided by it (1 = unchanged; > 1 softens).
         n_images: Held-out images it was fitted on.
-        nll_before: Their mean negative log-likelihood with the raw probabilities.
+        nll_before: Their mean negative log-likelihood with the raw probabilities (None:
+            not recorded).
         nll_after: The same after scaling.
         ece_before: Expected calibration error (10 equal-width confidence bins) before.
         ece_after: The same after scaling.
@@ -42,10 +43,10 @@ class Calibration:
 
     temperature: float
     n_images: int
-    nll_before: float = float("nan")
-    nll_after: float = float("nan")
-    ece_before: float = float("nan")
-    ece_after: float = float("nan")
+    nll_before: float | None = None
+    nll_after: float | None = None
+    ece_before: float | None = None
+    ece_after: float | None = None
     held_out_confidence: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
@@ -57,11 +58,9 @@ class Calibration:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``NaN`` figures, unknown, are written as ``null``)."""
+        """JSON-ready form."""
         data = dataclasses.asdict(self) | {"held_out_confidence": list(self.held_out_confidence)}
-        return {"method": "temperature"} | {
-            k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in data.items()
-        }
+        return {"method": "temperature"} | data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
@@ -69,9 +68,9 @@ class Calibration:
         if data.get("method", "temperature") != "temperature":
             raise ValueError(f"unknown calibration method {data.get('method')!r}")
 
-        def figure(key: str) -> float:
+        def figure(key: str) -> float | None:
             value = data.get(key)
-            return float("nan") if value is None else float(value)
+            return None if value is None else float(value)
 
         return cls(
             temperature=float(data["temperature"]),

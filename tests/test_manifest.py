@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from imgq.shared.calibration import Calibration
 from imgq.shared.errors import ManifestError
 from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.manifest import (
@@ -76,6 +77,27 @@ def test_manifest_round_trips_through_json(tmp_path: Path) -> None:
     loaded = load_manifest(tmp_path)
     assert loaded == manifest
     assert loaded.version == MANIFEST_VERSION and loaded.short_sha == SHA[:12]
+
+
+def test_calibration_round_trips_and_a_version_1_manifest_has_none(tmp_path: Path) -> None:
+    """Version 2 stores the temperature scaling fitted at export (NaN figures as null);
+    a version 1 manifest, written before it, still loads, with calibration None (drift then
+    reports no estimated accuracy)."""
+    calibration = Calibration(
+        temperature=1.7, n_images=36, nll_before=0.4, held_out_confidence=(0.9, 0.55)
+    )
+    save_manifest(_manifest(calibration=calibration), tmp_path)
+    data = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert data["version"] == 2 and data["calibration"]["method"] == "temperature"
+    assert data["calibration"]["ece_after"] is None
+    assert load_manifest(tmp_path).calibration == calibration
+    del data["calibration"]
+    _write(tmp_path, data | {"version": 1})
+    old = load_manifest(tmp_path)
+    assert old.version == 1 and old.calibration is None
+    _write(tmp_path, data | {"calibration": {"temperature": 99.0, "n_images": 3}})
+    with pytest.raises(ManifestError, match="temperature must be in"):
+        load_manifest(tmp_path)
 
 
 def test_wrong_version_is_refused(tmp_path: Path) -> None:
