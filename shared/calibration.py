@@ -83,12 +83,16 @@ class Calibration:
         )
 
 
-def _scaled(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax of ``log(probs) / temperature``, row by row."""
+def _log_scaled(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Log-softmax of ``log(probs) / temperature``, row by row."""
     logits = np.log(np.maximum(np.asarray(probs, np.float64), _P_MIN)) / temperature
     logits -= logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+def _scaled(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax of ``log(probs) / temperature``, row by row."""
+    return np.exp(_log_scaled(probs, temperature))
 
 
 def calibrated_top1(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -121,7 +125,11 @@ def _ece(probs: np.ndarray, y: np.ndarray, n_bins: int = 10) -> float:
 
 
 def fit_temperature(probs: np.ndarray, y: np.ndarray) -> Calibration:
-    """Fit the temperature that minimises the held-out negative log-likelihood.
+    """Fit the temperature that minimises the held-out negative log-likelihood, raised if
+    need be until the mean calibrated confidence is at most the accuracy by Laplace's rule of
+    succession, ``(right + 1) / (N + 2)``: a validation split the model gets all right makes the
+    likelihood rise for ever as ``T -> 0`` (every answer certain), and the mean confidence of
+    the images it was fitted on should not claim more than they show.
 
     Args:
         probs: (N, K) probabilities of held-out images (not trained on).
@@ -138,8 +146,12 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> Calibration:
     >>> c = fit_temperature(probs, y)
     >>> c.temperature > 1, round(float(calibrated_top1(probs, c.temperature).mean()), 2)
     (True, 0.8)
+    >>> never_wrong = np.where(np.arange(2) == y[:, None], 0.9, 0.1)
+    >>> t = fit_temperature(never_wrong, y).temperature
+    >>> 0.05 < t < 1, 0.99 < float(calibrated_top1(never_wrong, t).mean()) < 1
+    (True, True)
     """
-    from scipy.optimize import minimize_scalar
+    from scipy.optimize import brentq, minimize_scalar
 
     probs = np.asarray(probs, np.float64)
     y = np.asarray(y, np.int64)
@@ -155,6 +167,13 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> Calibration:
         options={"xatol": 1e-4},
     )
     t = float(fit.x)
+    laplace = (int((probs.argmax(axis=1) == y).sum()) + 1) / (len(y) + 2)
+
+    def excess(temperature: float) -> float:
+        return float(calibrated_top1(probs, temperature).mean()) - laplace
+
+    if excess(t) > 0:  # the mean confidence falls as T rises
+        t = _T_MAX if excess(_T_MAX) > 0 else float(brentq(excess, t, _T_MAX, xtol=1e-6))
     after = _scaled(probs, t)
     return Calibration(
         temperature=t,
