@@ -131,8 +131,9 @@ def test_feature_result_dict_has_every_field_and_the_verdict(reference: Referenc
 
 
 def test_same_distribution_raises_no_alert() -> None:
-    """400 in-distribution windows of 200 images: alpha is 1% per window; allow up to 2% for
-    the sampling noise of 400 windows and of the one reference they share."""
+    """400 in-distribution windows of 200 images: the levels here are 1% per window for a
+    notice and 0.5% for a page; allow up to 2% for the sampling noise of 400 windows and of the
+    one reference they share."""
     rng = np.random.default_rng(1)
     reference = make_reference(rng)
     alerted = sum(
