@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", default=None)
     s.set_defaults(func=_handler("imgq.worker.classify_cli:classify_main"))
 
-    s = sub.add_parser("drift", help="review input drift: status, alerts, report, notify")
+    s = sub.add_parser("drift", help="review input drift: status, alerts, windows, report, serve")
     dsub = s.add_subparsers(dest="drift_command", required=True, metavar="ACTION")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", help="bundle folder (IMGQ_MODEL; default: a published version)")
@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--all", action="store_true", help="include cleared and acknowledged")
     d.add_argument("--ack", metavar="ID", help="acknowledge an alert")
     d.set_defaults(func=_handler("imgq.worker.drift.review:alerts_main"))
+    d = dsub.add_parser(
+        "windows", parents=[model], help="recent windows: tier, estimated accuracy, evidence"
+    )
+    d.add_argument("--count", type=int, default=20, help="most recent N (default 20)")
+    d.add_argument("--json", action="store_true", help="one JSON verdict per line")
+    d.set_defaults(func=_handler("imgq.worker.drift.review:windows_main"))
     d = dsub.add_parser("report", parents=[model], help="write PNG figures of what drifted")
     d.add_argument("--out", required=True)
     d.set_defaults(func=_handler("imgq.worker.drift.review:report_main"))

@@ -1,8 +1,9 @@
 """`imgq demo`: the whole product, end to end, on this machine.
 
 sample data -> training (live progress, curves, parity) -> a local Redis (or IMGQ_BROKER_URL)
--> worker processes -> single-image tasks with a progress bar -> a summary -> a stream of darkened,
-low-resolution images -> the drift alert -> `imgq drift report` figures -> everything stopped.
+-> worker processes -> single-image tasks with a progress bar -> a summary -> a stream of night
+images (darker and lower-resolution than any training image) -> the drift page ->
+`imgq drift report` figures -> everything stopped.
 """
 
 from __future__ import annotations
@@ -96,20 +97,21 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def _alert_ids(url: str, manifest: Any) -> set[str]:
-    """Ids of the open drift alerts of this model now."""
+def _alert_tiers(url: str, manifest: Any) -> dict[str, str]:
+    """Id -> tier (page, notice) of every drift alert of this model so far."""
     import redis
 
     from imgq.worker.drift.review import list_alerts
 
     with redis.Redis.from_url(url) as client:
-        return {a["id"] for a in list_alerts(client, manifest, include_all=True)}
+        alerts = list_alerts(client, manifest, include_all=True)
+        return {a["id"]: a.get("tier", "page") for a in alerts}
 
 
-def _wait_for_alert(
+def _wait_for_page(
     url: str, manifest: Any, timeout_s: float, seen: set[str]
 ) -> dict[str, Any] | None:
-    """The first drift alert of this model not in ``seen``, polled until ``timeout_s``: windows
+    """The first drift page of this model not in ``seen``, polled until ``timeout_s``: windows
     are judged by the workers in the background, a moment after they close."""
     import redis
 
@@ -119,7 +121,7 @@ def _wait_for_alert(
     with redis.Redis.from_url(url) as client:
         while time.monotonic() < deadline:
             alerts = list_alerts(client, manifest, include_all=True)
-            new = [a for a in alerts if a["id"] not in seen]
+            new = [a for a in alerts if a["id"] not in seen and a.get("tier", "page") == "page"]
             if new:
                 return new[0]
             time.sleep(0.5)
@@ -197,12 +199,20 @@ def main(args: argparse.Namespace) -> int:
             }
             print("SUMMARY " + json.dumps(summary))
             time.sleep(1.0)  # the last window is judged in the background
-            seen = _alert_ids(url, manifest)
-            print(f"drift alerts on this in-distribution traffic: {len(seen)}")
+            tiers = _alert_tiers(url, manifest)
+            seen = set(tiers)
+            pages = sum(tier == "page" for tier in tiers.values())
+            print(
+                f"drift alerts on this in-distribution traffic: {pages} pages, "
+                f"{len(tiers) - pages} notices"
+            )
 
-            _say(f"5/6 a darker, lower-resolution camera: {args.drift_tasks} more tasks")
+            _say(
+                f"5/6 a night camera (a fifth of the light, a quarter of the resolution): "
+                f"{args.drift_tasks} more tasks"
+            )
             shifted = [
-                shift_image("darken", shift_image("low_resolution", p))
+                shift_image("night", p)
                 for p in itertools.islice(itertools.cycle(payloads), args.drift_tasks)
             ]
             pending = client.classify_many(shifted)
@@ -211,9 +221,9 @@ def main(args: argparse.Namespace) -> int:
                 bool(r.get("drift", {}).get("out_of_range")) for r in drifted if isinstance(r, dict)
             )
             print(f"{flagged}/{len(drifted)} answers flagged out of the training range")
-            alert = _wait_for_alert(url, manifest, timeout_s=60, seen=seen)
+            alert = _wait_for_page(url, manifest, timeout_s=60, seen=seen)
             if alert is None:
-                print("no drift alert was raised", file=sys.stderr)
+                print("no drift page was raised", file=sys.stderr)
                 return 1
             print("DRIFT ALERT " + json.dumps(alert))
             subprocess.run(

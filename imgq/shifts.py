@@ -3,6 +3,8 @@ images. The drift benchmark, the worker drift tests and the demo apply the very 
 
 >>> sorted(SHIFTS)
 ['blur', 'colour_cast', 'darken', 'jpeg_q15', 'low_resolution']
+>>> sorted(HARMFUL)
+['night', 'occlude_half', 'zoom_corner']
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from PIL import Image, JpegImagePlugin
 
 from imgq.shared.decode import decode_image
 
-__all__ = ["SHIFTS", "BENIGN", "EXPECTED", "shift_image", "reencode_like"]
+__all__ = ["SHIFTS", "BENIGN", "HARMFUL", "EXPECTED", "shift_image", "reencode_like"]
 
 _Pixels = Callable[[np.ndarray], np.ndarray]
 
@@ -44,6 +46,24 @@ def _flip(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, ::-1])
 
 
+def _zoom_corner(rgb: np.ndarray) -> np.ndarray:
+    """A camera zoomed 2x onto the top-left corner: the object is mostly cut off."""
+    h, w = rgb.shape[:2]
+    return cv2.resize(rgb[: h // 2, : w // 2], (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _occlude_half(rgb: np.ndarray) -> np.ndarray:
+    """The right half covered (black)."""
+    out = rgb.copy()
+    out[:, rgb.shape[1] // 2 :] = 0
+    return out
+
+
+def _night(rgb: np.ndarray) -> np.ndarray:
+    """A fifth of the light and a quarter of the resolution: darker than any training image."""
+    return (_low_resolution(rgb) * 0.2).round().astype(np.uint8)
+
+
 #: Pixel shifts (re-encoded like the original, so only the pixels change), plus ``jpeg_q15``
 #: (the pixels are re-encoded at JPEG quality 15).
 SHIFTS: dict[str, _Pixels | None] = {
@@ -55,6 +75,13 @@ SHIFTS: dict[str, _Pixels | None] = {
 }
 #: Changes that must not alert.
 BENIGN: dict[str, _Pixels] = {"flip": _flip}
+#: Changes that must page: the first two cost the sample model half its accuracy or more;
+#: ``night`` leaves it right but puts inputs outside the training range.
+HARMFUL: dict[str, _Pixels] = {
+    "zoom_corner": _zoom_corner,
+    "occlude_half": _occlude_half,
+    "night": _night,
+}
 #: The features each shift is about: an alert is "right" when one of these is among its top two.
 EXPECTED: dict[str, frozenset[str]] = {
     "darken": frozenset({"brightness", "dark_fraction"}),
@@ -81,13 +108,13 @@ def reencode_like(original: bytes, rgb: np.ndarray) -> bytes:
 
 
 def shift_image(name: str, data: bytes) -> bytes:
-    """The encoded image ``data`` with shift ``name`` (a key of :data:`SHIFTS` or
-    :data:`BENIGN`) applied, encoded again."""
+    """The encoded image ``data`` with shift ``name`` (a key of :data:`SHIFTS`,
+    :data:`BENIGN` or :data:`HARMFUL`) applied, encoded again."""
     rgb = decode_image(data)
     if name == "jpeg_q15":
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 15])[1].tobytes()
-    pixels = SHIFTS.get(name) or BENIGN.get(name)
+    pixels = SHIFTS.get(name) or BENIGN.get(name) or HARMFUL.get(name)
     if pixels is None:
-        raise ValueError(f"unknown shift {name!r}; use one of {[*SHIFTS, *BENIGN]}")
+        raise ValueError(f"unknown shift {name!r}; use one of {[*SHIFTS, *BENIGN, *HARMFUL]}")
     return reencode_like(data, pixels(rgb))

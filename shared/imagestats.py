@@ -20,6 +20,7 @@ __all__ = [
     "IMAGE_FEATURES",
     "IMAGE_FEATURES_VERSION",
     "OUTPUT_FEATURES",
+    "PIXEL_FEATURES",
     "image_features",
     "decoded_image_features",
     "output_features",
@@ -47,6 +48,10 @@ IMAGE_FEATURES: tuple[str, ...] = (
     "aspect",  # width / height
     "bytes_per_pixel",  # encoded bytes / (width * height): compression level
 )
+
+#: The image features computed on the model's input (what the model sees), not on the
+#: original's size and encoding: the drift page tier's out-of-range share counts only these.
+PIXEL_FEATURES: tuple[str, ...] = IMAGE_FEATURES[: IMAGE_FEATURES.index("sharpness") + 1]
 
 #: Per-image model-output features, in column order of :func:`output_features`.
 OUTPUT_FEATURES: tuple[str, ...] = (

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from imgq.shared.calibration import Calibration
 from imgq.shared.errors import ManifestError
 from imgq.shared.preprocess import PreprocessSpec
 from imgq.shared.reference import ReferenceStats
@@ -31,6 +32,7 @@ from imgq.shared.reference import ReferenceStats
 __all__ = [
     "MANIFEST_VERSION",
     "MANIFEST_FILE",
+    "READABLE_VERSIONS",
     "GoldenImage",
     "Manifest",
     "load_manifest",
@@ -38,8 +40,11 @@ __all__ = [
     "sha256_file",
 ]
 
-#: Schema version written by this code; loading another version is an error that says so.
-MANIFEST_VERSION = 1
+#: Schema version written by this code (2: adds ``calibration``); versions in
+#: :data:`READABLE_VERSIONS` load, another is an error that says so.
+MANIFEST_VERSION = 2
+#: Versions this code reads: a version 1 manifest loads with ``calibration`` None.
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 
@@ -66,6 +71,8 @@ class Manifest:
         labels: Class names, index = output position.
         preprocess: The exact preprocessing used in training.
         reference: Reference histograms of image and output features (for drift).
+        calibration: Temperature scaling of the probabilities, fitted on held-out images at
+            export (for the drift windows' estimated accuracy); None in version 1 bundles.
         golden: Encoded images with expected probabilities, re-checked by every worker at start.
         training: Training summary (epochs, best epoch, losses, test accuracy, per-class metrics).
         parity: Train/serve parity results measured at export.
@@ -84,6 +91,7 @@ class Manifest:
     preprocess: PreprocessSpec
     reference: ReferenceStats
     golden: tuple[GoldenImage, ...] = ()
+    calibration: Calibration | None = None
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     parity: dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -147,6 +155,7 @@ class Manifest:
             "preprocess": self.preprocess.to_dict(),
             "reference": self.reference.to_dict(),
             "golden": [dataclasses.asdict(g) | {"probs": list(g.probs)} for g in self.golden],
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "training": self.training,
             "parity": self.parity,
             "versions": self.versions,
@@ -159,10 +168,11 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"manifest must be a JSON object, got {type(data).__name__}")
         version = data.get("version")
-        if version != MANIFEST_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ManifestError(
-                f"manifest version {version!r} is not supported by this imgq (reads version "
-                f"{MANIFEST_VERSION}); re-export the bundle with `imgq train` of this version"
+                f"manifest version {version!r} is not supported by this imgq (reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); re-export the bundle with `imgq "
+                "train` of this version"
             )
         required = (
             "name", "model_file", "model_sha256", "input_name", "output_name",
@@ -189,6 +199,11 @@ class Manifest:
                 golden=tuple(
                     GoldenImage(file=g["file"], probs=tuple(g["probs"]), label=g.get("label"))
                     for g in data.get("golden", [])
+                ),
+                calibration=(
+                    Calibration.from_dict(data["calibration"])
+                    if data.get("calibration") is not None
+                    else None
                 ),
                 training=dict(data.get("training", {})),
                 parity=dict(data.get("parity", {})),

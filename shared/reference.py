@@ -24,6 +24,7 @@ __all__ = [
     "ReferenceStats",
     "bin_counts",
     "build_reference",
+    "leave_one_out_outside",
     "out_of_range",
     "out_of_range_rows",
 ]
@@ -107,19 +108,36 @@ class ReferenceStats:
 
     ``image_features_version`` is the :data:`IMAGE_FEATURES_VERSION` of the code that computed
     them: image statistics from another version are not comparable (1: no version stored).
+
+    ``held_out_out_of_range`` is ``(k, n)``: of ``n`` held-out images (not the ones the range
+    was taken from), ``k`` had some image feature out of range; the drift detector compares a
+    window's share with it. None in references older than it (the share is then not tested).
     """
 
     features: dict[str, FeatureReference]
     n_images: int
     image_features_version: int = IMAGE_FEATURES_VERSION
+    held_out_out_of_range: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.held_out_out_of_range is not None:
+            k, n = self.held_out_out_of_range
+            if not 0 <= k <= n or n < 1:
+                raise ValueError(
+                    f"held_out_out_of_range must be (k, n) with 0 <= k <= n and n >= 1, got "
+                    f"{self.held_out_out_of_range}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored in the manifest's ``reference`` section."""
-        return {
+        data: dict[str, Any] = {
             "n_images": self.n_images,
             "image_features_version": self.image_features_version,
             "features": {name: f.to_dict() for name, f in self.features.items()},
         }
+        if self.held_out_out_of_range is not None:
+            data["held_out_out_of_range"] = list(self.held_out_out_of_range)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReferenceStats:
@@ -131,8 +149,14 @@ class ReferenceStats:
             if f.name != name:
                 raise ValueError(f"reference feature stored under {name!r} is named {f.name!r}")
         version = int(data.get("image_features_version", 1))
+        held_out = data.get("held_out_out_of_range")
         return cls(
-            features=features, n_images=int(data["n_images"]), image_features_version=version
+            features=features,
+            n_images=int(data["n_images"]),
+            image_features_version=version,
+            held_out_out_of_range=None
+            if held_out is None
+            else (int(held_out[0]), int(held_out[1])),
         )
 
 
@@ -256,6 +280,35 @@ def out_of_range_rows(
     return RangeCheck(reference, names)(values)
 
 
+def leave_one_out_outside(values: np.ndarray) -> int:
+    """How many rows of an (N, F) feature matrix would be out of range of a reference built
+    from the *other* rows (their min and max widened by 10% of the span, as
+    :func:`build_reference` does): a held-out estimate of the out-of-range rate from the
+    training images themselves. Only a row holding a feature's minimum or maximum can be out,
+    so it costs one pass. A range from N - 1 rows is a little narrower than from N, so the
+    estimate errs high (towards fewer false alarms).
+
+    >>> leave_one_out_outside(np.r_[np.arange(100.0), 1000.0][:, None])  # only the 1000
+    1
+    """
+    values = np.asarray(values, np.float64)
+    n = len(values)
+    if n < 3:
+        return 0
+    order = np.argsort(values, axis=0, kind="stable")
+    sorted_values = np.take_along_axis(values, order, axis=0)
+    outside = np.zeros(n, bool)
+    for end, inner, other_end in ((0, 1, -1), (-1, -2, 0)):
+        rows = order[end]  # the row holding each feature's minimum (maximum)
+        x = sorted_values[end]
+        lo = np.minimum(sorted_values[inner], sorted_values[other_end])
+        hi = np.maximum(sorted_values[inner], sorted_values[other_end])
+        span = hi - lo
+        out = (x < lo - 0.1 * span) | (x > hi + 0.1 * span)
+        outside[rows[out]] = True
+    return int(outside.sum())
+
+
 class RangeCheck:
     """:func:`out_of_range_rows` for one reference and feature order, its bounds gathered once:
     the worker checks every batch."""
@@ -267,7 +320,8 @@ class RangeCheck:
         self._high = np.array([f.high for f in features], np.float64)
         self._checked = np.array([not f.categorical for f in features])
 
-    def __call__(self, values: np.ndarray) -> list[list[str]]:
+    def outside(self, values: np.ndarray) -> np.ndarray:
+        """(N, F) booleans: which feature of which row is out of range."""
         values = np.asarray(values, np.float64)
         if values.ndim != 2 or values.shape[1] != len(self.names):
             raise ValueError(
@@ -275,6 +329,19 @@ class RangeCheck:
             )
         outside = ~((values >= self._low) & (values <= self._high))
         outside &= self._checked
+        return outside
+
+    def count(self, values: np.ndarray) -> int:
+        """How many rows have some feature out of range (a window's out-of-range count).
+
+        >>> check = RangeCheck(build_reference(np.arange(100.0)[:, None], ["x"]), ["x"])
+        >>> check.count(np.array([[50.0], [np.nan], [500.0]]))
+        2
+        """
+        return int(self.outside(values).any(axis=1).sum())
+
+    def __call__(self, values: np.ndarray) -> list[list[str]]:
+        outside = self.outside(values)
         if not outside.any():
             return [[] for _ in range(len(values))]
         names = self.names

@@ -31,6 +31,7 @@ from imgq.worker.drift import (
     DriftKeys,
     DriftRecorder,
     FeatureResult,
+    Transition,
     Window,
     WindowLayout,
     alert_transitions,
@@ -123,13 +124,16 @@ def test_feature_result_dict_has_every_field_and_the_verdict(reference: Referenc
     result = judge(reference, all_features(*traffic(np.random.default_rng(3), 100)))[0]
     fields = {f.name for f in dataclasses.fields(FeatureResult)}
     assert result.to_dict() == {f: getattr(result, f) for f in fields} | {
-        "drifting": result.drifting
+        "drifting": result.drifting,
+        "effect": result.psi if result.effect is None else result.effect,
+        "effect_floor": result.psi_floor if result.effect_floor is None else result.effect_floor,
     }
 
 
 def test_same_distribution_raises_no_alert() -> None:
-    """400 in-distribution windows of 200 images: alpha is 1% per window; allow up to 2% for
-    the sampling noise of 400 windows and of the one reference they share."""
+    """400 in-distribution windows of 200 images: the levels here are 1% per window for a
+    notice and 0.5% for a page; allow up to 2% for the sampling noise of 400 windows and of the
+    one reference they share."""
     rng = np.random.default_rng(1)
     reference = make_reference(rng)
     alerted = sum(
@@ -152,11 +156,11 @@ def test_shift_alerts_and_names_the_feature(reference: ReferenceStats) -> None:
 
 
 def test_class_mix_names_the_class(reference: ReferenceStats) -> None:
-    """One class arriving alerts on predicted_class and says which class's share changed."""
+    """One class arriving pages on predicted_class and says which class's share changed."""
     values = all_features(*traffic(np.random.default_rng(3), 200, one_class=True))
     top = judge(reference, values)[0]
-    assert top.name == "predicted_class" and top.drifting
-    assert top.summary.startswith("share of 'circle' 26% -> 9")
+    assert top.name == "predicted_class" and top.drifting and top.tier == "page"
+    assert top.summary.startswith("share of 'circle' 24% -> 9")
 
 
 def test_tiny_difference_in_huge_window_does_not_alert(reference: ReferenceStats) -> None:
@@ -175,10 +179,11 @@ def test_alert_transitions_deduplicate_and_clear(reference: ReferenceStats) -> N
         reference, all_features(*traffic(np.random.default_rng(5), 200, brightness=0.1))
     )
     normal = judge(reference, all_features(*traffic(np.random.default_rng(6), 200)))
-    new, cleared = alert_transitions(set(), shifted)
-    assert [r.name for r in new] == ["brightness"] and cleared == []
-    assert alert_transitions({"brightness"}, shifted) == ([], [])
-    assert alert_transitions({"brightness"}, normal) == ([], ["brightness"])
+    change = alert_transitions({}, shifted)
+    assert change.tier == "notice" and [r.name for r in change.new] == ["brightness"]
+    assert change.opened == ["brightness"] and change.cleared == []
+    assert alert_transitions({"brightness": "1"}, shifted) == Transition(None, [], [], {}, [])
+    assert alert_transitions({"brightness": "1"}, normal).cleared == ["brightness"]
 
 
 def test_window_layout_reads_the_redis_string(reference: ReferenceStats) -> None:
@@ -358,10 +363,13 @@ def test_full_window_is_judged_in_the_background(
         send(recorder, *traffic(rng, 30))
     latest = json.loads(wait_for(lambda: recorder.redis.get(recorder.keys.latest)))
     assert latest["window"]["id"] == 1 and latest["window"]["n_images"] == 120
-    assert {f["name"] for f in latest["features"]} == set(ALL_FEATURES)
+    shares = {"low_confidence_share", "out_of_range_share"}  # no calibration: no accuracy test
+    assert {f["name"] for f in latest["features"]} == set(ALL_FEATURES) | shares
     assert not any(f["drifting"] for f in latest["features"])
+    assert latest["tier"] == "ok" and latest["estimated_accuracy"] is None
     assert metrics.registry.get_sample_value(
-        "imgq_drift_windows_total", {"model": "shapes"}) == 1  # fmt: skip
+        "imgq_drift_windows_total",
+        {"model": "shapes", "drift_id": recorder.manifest.drift_id, "tier": "ok"}) == 1  # fmt: skip
     assert recorder.redis.xlen(recorder.keys.alerts) == 0
 
 
@@ -541,9 +549,42 @@ def test_alerts_are_deduplicated_cleared_logged_and_counted(
     assert len(alert_lines) == 2 and alert_lines[0].drift["id"] == "1"  # type: ignore[attr-defined]
     assert "brightness" in alert_lines[0].getMessage()
     sample = metrics.registry.get_sample_value
-    assert sample("imgq_drift_alerts_total", {"model": "shapes", "feature": "brightness"}) == 2
-    assert sample("imgq_drift_alerts_open", {"model": "shapes"}) == 1
-    assert sample("imgq_drift_psi", {"model": "shapes", "feature": "brightness"}) >= 0.1
+    m = {"model": "shapes", "drift_id": manifest.drift_id}
+    labels = {
+        "model": "shapes",
+        "drift_id": manifest.drift_id,
+        "feature": "brightness",
+        "tier": "notice",
+    }
+    assert sample("imgq_drift_alerts_total", labels) == 2
+    assert (
+        sample(
+            "imgq_drift_alerts_open",
+            m | {"tier": "notice"},
+        )
+        == 1
+    )
+    assert (
+        sample(
+            "imgq_drift_alerts_open",
+            m | {"tier": "page"},
+        )
+        == 0
+    )
+    assert (
+        sample(
+            "imgq_drift_windows_total",
+            m | {"tier": "notice"},
+        )
+        == 3
+    )
+    assert (
+        sample(
+            "imgq_drift_psi",
+            m | {"feature": "brightness"},
+        )
+        >= 0.1
+    )
 
 
 def test_out_of_range_and_thumbnails(

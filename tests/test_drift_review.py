@@ -4,6 +4,7 @@ write: a judged window with an alert, an out-of-range thumbnail, and a bundle wi
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from imgq.shared.manifest import Manifest, save_manifest
-from imgq.worker.drift import DriftRecorder
-from imgq.worker.drift.review import alerts_main, report_main, status_main
+from imgq.worker.drift import DriftKeys, DriftRecorder
+from imgq.worker.drift.review import alerts_main, report_main, status_main, windows_main
 from imgq.worker.metrics import WorkerMetrics
 from tests.drift_synthetic import make_manifest, make_reference, traffic
 
@@ -79,8 +80,9 @@ def test_status_shows_each_feature_with_its_state(
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1].isalpha()}
     assert rows["brightness"][-1] == "alert"
-    assert rows["sharpness"][-1] in ("ok", "drifting")
-    assert "latest window 1: 300 images" in out
+    assert rows["brightness"][1] == "notice" and rows["confidence"][1] == "page"
+    assert rows["sharpness"][-1] in ("ok", "watch")
+    assert "latest window 1: 300 images" in out and "NOTICE; estimated accuracy n/a" in out
     assert "brightness: mean 0.5" in out and "-> 0.3" in out
     assert "open alerts: brightness (alert 1)" in out
 
@@ -103,14 +105,14 @@ def test_alerts_list_ack_and_all(
     """The open alert is listed; once acknowledged it leaves the default list but not --all."""
     assert alerts_main(args(bundle[0], all=False, ack=None)) == 0
     out = capsys.readouterr().out
-    assert out.startswith("alert 1 [open]") and "window 1 (300 images" in out
+    assert out.startswith("NOTICE alert 1 [open]") and "window 1 (300 images" in out
     assert "brightness" in out and "PSI" in out and "p " in out
     assert alerts_main(args(bundle[0], all=False, ack="1")) == 0
     assert capsys.readouterr().out == "acknowledged alert 1\n"
     assert alerts_main(args(bundle[0], all=False, ack=None)) == 0
     assert capsys.readouterr().out.startswith("no open, unacknowledged drift alerts")
     assert alerts_main(args(bundle[0], all=True, ack=None)) == 0
-    assert capsys.readouterr().out.startswith("alert 1 [open, acked]")
+    assert capsys.readouterr().out.startswith("NOTICE alert 1 [open, acked]")
 
 
 def test_ack_of_an_unknown_alert_fails_clearly(
@@ -162,3 +164,27 @@ def test_unreachable_redis_is_reported_with_the_password_masked(
     assert status_main(args(bundle[0])) == 1
     err = capsys.readouterr().err
     assert "cannot reach Redis at redis://:***@127.0.0.1" in err and "s3cret" not in err
+
+
+def test_windows_json_lists_verdicts_newest_first(
+    drifted: redis.Redis, bundle: tuple[Path, Manifest], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`imgq drift windows --json`: one verdict per line, newest first, with its tier, the
+    estimated accuracy and every feature's evidence; the table names what alerted."""
+    manifest = bundle[1]
+    keys = DriftKeys(manifest.drift_id)
+    older = {"window": {"id": 0}, "features": []}  # a verdict of before tiers
+    drifted.rpush(keys.verdicts, json.dumps(older), b"\xff not json", b"[1]")
+    assert windows_main(args(bundle[0], json=True, count=10)) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [v["window"]["id"] for v in lines] == [1, 0]
+    newest = lines[0]
+    assert newest["tier"] == "notice" and newest["estimated_accuracy"] is None
+    brightness = next(f for f in newest["features"] if f["name"] == "brightness")
+    assert brightness["tier"] == "notice" and brightness["drifting"]
+    assert {"p_value", "psi", "effect", "counts"} <= brightness.keys()
+    assert lines[1]["tier"] == "page" and lines[1]["estimated_accuracy"] is None  # contract
+    assert windows_main(args(bundle[0], json=False, count=1)) == 0
+    table = capsys.readouterr().out
+    assert "notice" in table and "brightness (notice, p " in table and "window" in table
+    assert windows_main(args(bundle[0], json=False, count=0)) == 2

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +21,12 @@ import onnxruntime as ort
 import pytest
 import redis
 
+from imgq.shared.calibration import calibrated_top1
 from imgq.shared.decode import decode_image
-from imgq.shared.imagestats import decoded_image_features, output_features
+from imgq.shared.imagestats import PIXEL_FEATURES, decoded_image_features, output_features
 from imgq.shared.manifest import load_manifest, save_manifest
 from imgq.shared.preprocess import preprocess_batch
-from imgq.shared.reference import build_reference
+from imgq.shared.reference import build_reference, leave_one_out_outside
 from imgq.shifts import EXPECTED, SHIFTS, shift_image
 from imgq.trainer.sample_data import CLASS_NAMES, generate
 from imgq.worker.client import ImgqClient
@@ -37,9 +41,10 @@ WINDOW = 200
 @pytest.fixture(scope="module")
 def drift_bundle(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`trained_bundle` with its drift reference rebuilt as `imgq train` builds it (image
-    features, and the bundle's own model outputs) but on 1,000 fresh sample images. Its own
-    reference (168 training and 36 validation images) is too small a sample to detect a colour
-    cast: a two-sample test's power is bounded by the smaller sample (docs/drift.md)."""
+    features, the bundle's own model outputs and calibrated confidences, the out-of-range
+    count left one out) but on 1,000 fresh sample images. Its own reference (168 training and
+    72 held-out images) is too small a sample to detect a colour cast: a two-sample test's
+    power is bounded by the smaller sample (docs/drift.md)."""
     root = tmp_path_factory.mktemp("drift-bundle")
     out = Path(shutil.copytree(trained_bundle, root / "bundle"))
     manifest = load_manifest(out)
@@ -58,7 +63,14 @@ def drift_bundle(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
         ALL_FEATURES,
         categorical={"predicted_class": len(manifest.labels)},
     )
-    save_manifest(dataclasses.replace(manifest, reference=reference), out)
+    outside = leave_one_out_outside(features[:, : len(PIXEL_FEATURES)])
+    reference = dataclasses.replace(reference, held_out_out_of_range=(outside, len(features)))
+    assert manifest.calibration is not None, "the trainer stores a calibration"
+    confidence = calibrated_top1(probs, manifest.calibration.temperature).round(6)
+    calibration = dataclasses.replace(
+        manifest.calibration, held_out_confidence=tuple(confidence.tolist())
+    )
+    save_manifest(dataclasses.replace(manifest, reference=reference, calibration=calibration), out)
     return out
 
 
@@ -128,6 +140,36 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) 
     while not predicate():
         assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
         time.sleep(0.02)
+
+
+def test_harmful_shift_pages_and_harmless_change_only_notices(
+    fleet: Callable[[list[bytes]], list[dict[str, Any]]],
+    held_out: dict[str, list[bytes]],
+    redis_server: Any,
+    drift_bundle: Path,
+) -> None:
+    """Issue 18: a darker camera (the model answers as well as before) opens one notice; a
+    camera zoomed onto a corner (the model loses half its accuracy) then opens a page, with the
+    evidence on the output side and the estimated accuracy fallen; `imgq drift windows --json`
+    lists both windows with their tiers."""
+    images = interleaved(held_out)
+    darker = fleet([shift_image("darken", b) for b in images[:WINDOW]])
+    assert [a["tier"] for a in darker] == ["notice"], darker
+    alerts = fleet([shift_image("zoom_corner", b) for b in images[WINDOW : 3 * WINDOW]])
+    pages = [a for a in alerts if a["tier"] == "page"]
+    assert len(pages) == 1 and len(alerts) == 2, alerts
+    page_evidence = {f["feature"] for f in pages[0]["features"] if f["tier"] == "page"}
+    assert page_evidence & {"confidence", "low_confidence_share", "estimated_accuracy"}
+    out = subprocess.run(
+        [sys.executable, "-m", "imgq.cli", "drift", "windows", "--json", "--model",
+         str(drift_bundle)],
+        env=dict(os.environ, IMGQ_BROKER_URL=redis_server.url), capture_output=True, text=True,
+        check=True,
+    ).stdout  # fmt: skip
+    verdicts = [json.loads(line) for line in out.splitlines()]
+    assert [v["tier"] for v in verdicts] == ["page", "page", "notice"]
+    before, after = verdicts[-1]["estimated_accuracy"], verdicts[0]["estimated_accuracy"]
+    assert before > 0.85 and after < before - 0.05
 
 
 def test_in_distribution_and_flipped_images_raise_no_alert(

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from imgq.shared.calibration import Calibration
 from imgq.shared.errors import ManifestError
 from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.manifest import (
@@ -90,6 +91,27 @@ def test_drift_id_names_the_model_with_its_contract(tmp_path: Path) -> None:
     other_labels = _manifest(labels=("cat", "dog", "emu"))
     ids = {manifest.drift_id, other_spec.drift_id, other_labels.drift_id}
     assert len(ids) == 3 and other_spec.short_sha == manifest.short_sha
+
+
+def test_calibration_round_trips_and_a_version_1_manifest_has_none(tmp_path: Path) -> None:
+    """Version 2 stores the temperature scaling fitted at export (NaN figures as null);
+    a version 1 manifest, written before it, still loads, with calibration None (drift then
+    reports no estimated accuracy)."""
+    calibration = Calibration(
+        temperature=1.7, n_images=36, nll_before=0.4, held_out_confidence=(0.9, 0.55)
+    )
+    save_manifest(_manifest(calibration=calibration), tmp_path)
+    data = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert data["version"] == 2 and data["calibration"]["method"] == "temperature"
+    assert data["calibration"]["ece_after"] is None
+    assert load_manifest(tmp_path).calibration == calibration
+    del data["calibration"]
+    _write(tmp_path, data | {"version": 1})
+    old = load_manifest(tmp_path)
+    assert old.version == 1 and old.calibration is None
+    _write(tmp_path, data | {"calibration": {"temperature": 99.0, "n_images": 3}})
+    with pytest.raises(ManifestError, match="temperature must be in"):
+        load_manifest(tmp_path)
 
 
 def test_wrong_version_is_refused(tmp_path: Path) -> None:

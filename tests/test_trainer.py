@@ -143,6 +143,28 @@ def test_trained_bundle_contents(trained_bundle: Path) -> None:
     history = json.loads((trained_bundle / "history.json").read_text())
     assert len(history["split"]["train"]) == t["n_train"]
     assert len(history["history"]["val_loss"]) == t["epochs_run"]
+    # Drift: the output reference is every held-out image (validation and test), and so is the
+    # calibration's list of confidences; the out-of-range count adds leave-one-out training.
+    held_out = t["n_val"] + t["n_test"]
+    assert sum(m.reference.features["confidence"].counts) == held_out
+    assert m.reference.held_out_out_of_range is not None
+    assert m.reference.held_out_out_of_range[1] == held_out + t["n_train"]
+    assert m.calibration is not None and m.calibration.n_images == t["n_val"]
+    assert len(m.calibration.held_out_confidence) == held_out
+    before, after = m.calibration.nll_before, m.calibration.nll_after
+    assert before is not None and after is not None and after <= before + 1e-9
+
+
+def test_calibration_fits_the_validation_accuracy(trained_bundle: Path) -> None:
+    """Temperature scaling at export: on the validation images it was fitted on, the mean
+    calibrated confidence is near the model's accuracy (CBPE's premise). This fixture has 36
+    validation images, whose accuracy alone has a sampling error of ~2.5 points, so within 6;
+    bench/drift.py measures it on 600 held-out images (docs/benchmarks.md)."""
+    m = load_manifest(trained_bundle)
+    assert m.calibration is not None
+    n_val = m.training["n_val"]
+    estimated = float(np.mean(m.calibration.held_out_confidence[:n_val]))
+    assert abs(estimated - m.training["best_val_accuracy"]) <= 0.06
 
 
 def test_normalisation_statistics_are_from_training_split(

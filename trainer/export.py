@@ -27,6 +27,7 @@ import tensorflow as tf
 import tf2onnx
 
 from imgq.shared.bundle import ModelBundle
+from imgq.shared.calibration import Calibration
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import ParityError
 from imgq.shared.manifest import GoldenImage, Manifest, load_manifest, save_manifest, sha256_file
@@ -183,6 +184,7 @@ def export_bundle(
     parity_rows: np.ndarray,
     reference: ReferenceStats,
     training: dict[str, Any],
+    calibration: Calibration | None = None,
     serving_spec: PreprocessSpec | None = None,
 ) -> Manifest:
     """Write ``model.onnx``, pass the parity gate, write ``golden/`` and then ``manifest.json``.
@@ -197,6 +199,8 @@ def export_bundle(
             set is taken from them.
         reference: Reference statistics for drift detection.
         training: Training summary for the manifest.
+        calibration: Temperature scaling fitted on the validation split (drift's estimated
+            accuracy). Defaults to None (no estimate).
         serving_spec: Preprocessing of the served side of the parity gate. Defaults to ``spec``;
             another value is only for proving that the gate catches a mismatch.
 
@@ -218,6 +222,7 @@ def export_bundle(
         labels=dataset.class_names,
         preprocess=spec,
         reference=reference,
+        calibration=calibration,
         training=training,
         versions=_versions(),
     )

@@ -22,12 +22,23 @@ import cv2
 import keras
 import numpy as np
 
+from imgq.shared.calibration import Calibration, calibrated_top1, fit_temperature
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import ImgqError
-from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES, output_features
+from imgq.shared.imagestats import (
+    IMAGE_FEATURES,
+    OUTPUT_FEATURES,
+    PIXEL_FEATURES,
+    output_features,
+)
 from imgq.shared.manifest import MANIFEST_FILE
 from imgq.shared.preprocess import PreprocessSpec, compute_mean_std, normalise_batch
-from imgq.shared.reference import ReferenceStats, build_reference
+from imgq.shared.reference import (
+    RangeCheck,
+    ReferenceStats,
+    build_reference,
+    leave_one_out_outside,
+)
 from imgq.trainer.dataset import DataDirs, Dataset, Split, load_dataset, stratified_split
 from imgq.trainer.export import MIN_PARITY_IMAGES, export_bundle
 from imgq.trainer.model import ARCHITECTURES, build_model
@@ -187,16 +198,41 @@ def _class_metrics(
     return matrix, per_class
 
 
-def _reference(data: Dataset, split: Split, val_probs: np.ndarray) -> ReferenceStats:
-    """Drift reference: image features of the training split, model outputs on validation."""
+def _reference(data: Dataset, split: Split, held_out_probs: np.ndarray) -> ReferenceStats:
+    """Drift reference: image features of the training split; model outputs on the held-out
+    images (validation and test: the model is over-confident on what it was trained on, and
+    both splits together halve the reference's sampling noise); and how many held-out images
+    have a pixel feature outside the training range (the page tier's out-of-range share)."""
+    held_out = np.concatenate([split.val, split.test])
     images = build_reference(data.features[split.train], IMAGE_FEATURES)
     outputs = build_reference(
-        output_features(val_probs),
+        output_features(held_out_probs),
         OUTPUT_FEATURES,
         categorical={"predicted_class": len(data.class_names)},
     )
+    pixels = RangeCheck(images, PIXEL_FEATURES)
+    n_pixel = len(PIXEL_FEATURES)
+    outside = pixels.count(data.features[held_out][:, :n_pixel])
+    # Each training image against the range of the others: a held-out sample too, and three
+    # times the validation and test splits, so a window's share is judged against ~1,000
+    # images instead of ~300 (Fisher's test pays for a small reference in power).
+    outside += leave_one_out_outside(data.features[split.train][:, :n_pixel])
     return ReferenceStats(
-        features={**images.features, **outputs.features}, n_images=images.n_images
+        features={**images.features, **outputs.features},
+        n_images=images.n_images,
+        held_out_out_of_range=(outside, len(held_out) + len(split.train)),
+    )
+
+
+def _calibration(
+    val_probs: np.ndarray, y_val: np.ndarray, held_out_probs: np.ndarray
+) -> Calibration:
+    """Temperature scaling fitted on the validation split, with every held-out image's
+    calibrated confidence (the drift detector's estimated-accuracy reference)."""
+    fitted = fit_temperature(val_probs, y_val)
+    confidence = calibrated_top1(held_out_probs, fitted.temperature)
+    return dataclasses.replace(
+        fitted, held_out_confidence=tuple(round(float(c), 6) for c in confidence)
     )
 
 
@@ -352,6 +388,8 @@ def train_bundle(
     )  # fmt: skip
     plot_confusion_matrix(matrix, data.class_names, out / "confusion_matrix.png")
     val_probs = model.predict(x_val, batch_size=64, verbose=0)
+    held_out_probs = np.concatenate([val_probs, test_probs])
+    calibration = _calibration(val_probs, y_val, held_out_probs)
     _write_samples(data, split, out)
 
     training: dict[str, Any] = {
@@ -398,7 +436,8 @@ def train_bundle(
         spec=spec,
         dataset=data,
         parity_rows=_parity_rows(split),
-        reference=_reference(data, split, val_probs),
+        reference=_reference(data, split, held_out_probs),
+        calibration=calibration,
         training=training,
     )
     p = manifest.parity
@@ -411,6 +450,9 @@ def train_bundle(
         )
         + f"training curves: {curves}\n"
         f"confusion matrix: {out / 'confusion_matrix.png'}\n"
+        f"calibration: temperature {calibration.temperature:.3g} (validation NLL "
+        f"{calibration.nll_before:.4f} -> {calibration.nll_after:.4f}, ECE "
+        f"{calibration.ece_before:.4f} -> {calibration.ece_after:.4f})\n"
         f"parity (Keras vs served ONNX, {p['n_images']} images from their files): top-1 agree "
         f"{p['top1_agree']}/{p['n_images']}, max |diff| {p['max_abs_diff']:.2e} "
         f"(limit {p['atol']:g})\n"

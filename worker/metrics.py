@@ -18,8 +18,9 @@ Names (all prefixed ``imgq_``):
   (``worker/followups.py``): kind ``callback``, ``chain``, ``chord``, ``errback``; outcome
   ``sent`` or ``failed`` (logged; the task's own result is stored either way).
 - ``model_info{name,sha256,version,provider}`` = 1.
-- ``drift_psi{model,feature}``, ``drift_alerts_open{model}``, ``drift_alerts_total{model,feature}``,
-  ``drift_windows_total{model}``: set by ``worker/drift.py``.
+- ``drift_psi{model,drift_id,feature}``, ``drift_alerts_open{model,drift_id,tier}``,
+  ``drift_alerts_total{model,drift_id,feature,tier}``, ``drift_windows_total{model,drift_id,tier}``,
+  ``drift_estimated_accuracy{model,drift_id}``: set by ``worker/drift/detector.py``.
 - ``alert_webhook_total{outcome}``: drift entries the alert webhook handled
   (``worker/drift/notify.py``): ``delivered``, ``retried`` (per failed attempt retried),
   ``dead_letter``, ``skipped`` (notices, clears of notices).
@@ -85,17 +86,25 @@ class WorkerMetrics:
         )  # fmt: skip
         self.drift_psi = Gauge(
             "imgq_drift_psi", "PSI of the last closed window against the reference.",
-            ["model", "feature"], registry=registry,
+            ["model", "drift_id", "feature"], registry=registry,
         )  # fmt: skip
         self.drift_alerts_open = Gauge(
-            "imgq_drift_alerts_open", "Drift alerts open now.", ["model"], registry=registry
-        )
+            "imgq_drift_alerts_open", "Drift alerts open now, by tier (page, notice).",
+            ["model", "drift_id", "tier"], registry=registry,
+        )  # fmt: skip
         self.drift_alerts = Counter(
-            "imgq_drift_alerts", "Drift alerts raised.", ["model", "feature"], registry=registry
-        )
+            "imgq_drift_alerts", "Drift alerts raised, per feature and tier (page, notice).",
+            ["model", "drift_id", "feature", "tier"], registry=registry,
+        )  # fmt: skip
         self.drift_windows = Counter(
-            "imgq_drift_windows", "Drift windows judged.", ["model"], registry=registry
-        )
+            "imgq_drift_windows", "Drift windows judged, by verdict tier (page, notice, ok).",
+            ["model", "drift_id", "tier"], registry=registry,
+        )  # fmt: skip
+        self.drift_estimated_accuracy = Gauge(
+            "imgq_drift_estimated_accuracy",
+            "Estimated accuracy (mean calibrated top-1 probability) of the last judged window.",
+            ["model", "drift_id"], registry=registry,
+        )  # fmt: skip
         self.alert_webhook = Counter(
             "imgq_alert_webhook", "Drift alert stream entries the alert webhook handled.",
             ["outcome"], registry=registry,

@@ -9,23 +9,27 @@ The three parts, and where they run::
     background thread          DriftRecorder closes the open window when it is full (count) or old
                                (time) with an atomic Lua RENAME, so exactly one worker closes it,
                                then DriftDetector.evaluate judges it
-    pure statistics            psi, chi2_homogeneity, holm, evaluate_window, alert_transitions:
-                               numpy/scipy on count arrays, unit tested without Redis
+    pure statistics            psi, chi2_homogeneity, holm (statistics.py), the page tier's
+                               output-side tests (harm.py), evaluate_window, window_tier,
+                               alert_transitions (verdict.py): numpy/scipy on count arrays,
+                               unit tested without Redis
 
 Windows hold the summed traffic of *all* workers of one model, because fixed bins merge by
 addition (see :mod:`shared.imagestats`). Why these statistics is written up in ``docs/drift.md``:
-per feature, a chi-square test of homogeneity between the reference counts and the window counts,
-Holm's correction across features, and a PSI floor so that a large window does not alert on a
-difference too small to matter. Alert = significant after correction AND PSI >= the floor.
+two tiers, each with its own family-wise false-alarm level per window. *Notice*: per image
+feature, a chi-square test of homogeneity with the reference, Holm's correction, and a PSI floor.
+*Page*: output-side evidence of harm (class mix; confidence, margin, estimated accuracy lower;
+more low-confidence answers, more inputs out of range), one-sided where the direction of harm is
+known, with effect floors. A window pages, notices, or is ok.
 
 Redis keys, all under ``imgq:drift:<drift_id>:`` (see :class:`DriftKeys`): ``window`` (string of
 i64 slots, :class:`WindowLayout`: the open window), ``seq`` (window ids), ``window:<id>`` (closed
 windows, expire after a day), ``latest`` (JSON:
-the last evaluated window's statistics), ``alerts`` (stream of alert and clear events),
+the last evaluated window's verdict), ``verdicts`` (list: the last 500 verdicts, newest first),
+``alerts`` (stream of alert and clear events),
 ``open_alerts`` (hash: feature -> id of its open alert), ``acked`` (hash: alert id -> time),
-``out_of_range`` (list: recent out-of-range thumbnails for the report), ``verdicts`` (list: the
-last 500 judged windows' verdicts, newest first) and ``samples`` (capped stream: sampled inputs
-with the model's answers, :mod:`~imgq.worker.drift.samples`).
+``out_of_range`` (list: recent out-of-range thumbnails for the report) and ``samples`` (capped
+stream: sampled inputs with the model's answers, :mod:`~imgq.worker.drift.samples`).
 
 None of them outlives its model: every key but the closed windows expires ``state_ttl_s``
 (30 days) after the model was last served or reviewed. Each write refreshes the key it writes
@@ -33,10 +37,11 @@ None of them outlives its model: every key but the closed windows expires ``stat
 dropped, and each acknowledgement refresh them all, so the state of a model still in use (an
 alert open for weeks, an acknowledgement) stays while that of a retired model goes.
 
-The package, one concept per module: :mod:`~imgq.worker.drift.statistics` (pure),
+The package, one concept per module: :mod:`~imgq.worker.drift.statistics`,
+:mod:`~imgq.worker.drift.harm` and :mod:`~imgq.worker.drift.verdict` (pure),
 :mod:`~imgq.worker.drift.layout` (Redis keys, window slots, Lua),
 :mod:`~imgq.worker.drift.detector`, :mod:`~imgq.worker.drift.recorder`, and
-:mod:`~imgq.worker.drift.review` (``imgq drift status | alerts | report``),
+:mod:`~imgq.worker.drift.review` (``imgq drift status | alerts | windows | report``),
 :mod:`~imgq.worker.drift.page` (``imgq drift serve``) and :mod:`~imgq.worker.drift.samples`
 (``imgq drift samples``).
 
@@ -58,11 +63,17 @@ from imgq.worker.drift.layout import (
 from imgq.worker.drift.recorder import DriftRecorder
 from imgq.worker.drift.statistics import (
     FeatureResult,
-    alert_transitions,
     chi2_homogeneity,
-    evaluate_window,
     holm,
     psi,
+)
+from imgq.worker.drift.verdict import (
+    NOTICE_ALPHA,
+    PAGE_ALPHA,
+    Transition,
+    alert_transitions,
+    evaluate_window,
+    window_tier,
 )
 
 __all__ = [
@@ -71,7 +82,10 @@ __all__ = [
     "DriftKeys",
     "DriftRecorder",
     "FeatureResult",
+    "NOTICE_ALPHA",
+    "PAGE_ALPHA",
     "STATE_TTL_S",
+    "Transition",
     "Window",
     "WindowLayout",
     "alert_transitions",
@@ -79,4 +93,5 @@ __all__ = [
     "evaluate_window",
     "holm",
     "psi",
+    "window_tier",
 ]

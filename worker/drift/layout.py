@@ -42,6 +42,7 @@ THUMBNAIL_PX = 64
 THUMBNAILS_KEPT = 64
 #: Alert stream length kept (approximate trim).
 ALERTS_KEPT = 10_000
+
 #: Default lifetime of a model's drift keys after it was last served or reviewed: 30 days.
 STATE_TTL_S = 30 * 86_400
 
@@ -57,6 +58,9 @@ class Window:
         end_s: Server time of its last batch.
         counts: Count per reference bin, per feature present.
         sums: Sum of the values per continuous feature, for the current mean.
+        out_of_range: Images with some pixel feature outside the training range.
+        calibrated_confidence_sum: Sum of the calibrated top-1 probabilities (0 when the bundle
+            has no calibration).
     """
 
     id: int
@@ -65,6 +69,8 @@ class Window:
     end_s: float
     counts: dict[str, np.ndarray]
     sums: dict[str, float]
+    out_of_range: int = 0
+    calibrated_confidence_sum: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Summary for alerts and logs (no counts)."""
@@ -83,19 +89,23 @@ class WindowLayout:
 
     Slot 0 is the image count, 1 and 2 the server time (µs) of the first and last batch, then the
     bins of every feature in :data:`ALL_FEATURES` order (those the reference has), then the sums
-    of the continuous features in fixed point (:data:`SUM_SCALE` per unit), for the current mean.
+    of the continuous features in fixed point (:data:`SUM_SCALE` per unit), for the current mean,
+    then the count of out-of-range images and the fixed-point sum of calibrated confidences
+    (slots a window written by an older worker lacks read as 0).
     Every worker derives the same layout from the same reference. One ``BITFIELD`` of a batch's
     ~150 increments costs Redis a fraction of what ~150 ``HINCRBY`` on a hash did
     (``docs/benchmarks.md``).
 
     >>> from imgq.shared.reference import build_reference
     >>> layout = WindowLayout(build_reference(np.arange(40.0)[:, None], ["brightness"], n_bins=4))
-    >>> layout.first_bin, layout.sum_slots, layout.size
-    ({'brightness': 3}, {'brightness': 7}, 8)
-    >>> raw = np.array([5, 2_000_000, 3_500_000, 1, 0, 4, 0, 2_500_000], ">i8").tobytes()
-    >>> w = layout.parse(9, raw)
+    >>> layout.first_bin, layout.sum_slots, layout.out_of_range_slot, layout.size
+    ({'brightness': 3}, {'brightness': 7}, 8, 10)
+    >>> raw = np.array([5, 2_000_000, 3_500_000, 1, 0, 4, 0, 2_500_000, 2, 4_000_000], ">i8")
+    >>> w = layout.parse(9, raw.tobytes())
     >>> w.n_images, w.start_s, w.end_s, w.counts["brightness"].tolist(), w.sums["brightness"]
     (5, 2.0, 3.5, [1, 0, 4, 0], 2.5)
+    >>> w.out_of_range, w.calibrated_confidence_sum
+    (2, 4.0)
     """
 
     def __init__(self, reference: ReferenceStats) -> None:
@@ -111,7 +121,9 @@ class WindowLayout:
             if not features[name].categorical:
                 self.sum_slots[name] = slot
                 slot += 1
-        self.size = slot
+        self.out_of_range_slot = slot
+        self.calibrated_confidence_slot = slot + 1
+        self.size = slot + 2
         self._n_bins = {name: len(features[name].counts) for name in self.names}
 
     def parse(self, window_id: int, raw: bytes | None) -> Window:
@@ -132,6 +144,8 @@ class WindowLayout:
             end_s=float(values[_T1_SLOT]) / 1e6,
             counts=counts,
             sums=sums,
+            out_of_range=int(values[self.out_of_range_slot]),
+            calibrated_confidence_sum=float(values[self.calibrated_confidence_slot]) / SUM_SCALE,
         )
 
 

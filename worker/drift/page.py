@@ -220,7 +220,7 @@ def _verdict(v: dict[str, Any]) -> dict[str, Any]:
     return {
         "window": v["window"],
         "tier": tier if tier in ("page", "notice", "ok") else "page",
-        "tier_assumed": tier is None,
+        "tier_assumed": tier is None or v.get("tier_assumed") is True,
         "estimated_accuracy": _number(accuracy) if isinstance(accuracy, int | float) else None,
         "flagged": sorted(flagged, key=lambda f: -f["psi"]),
     }

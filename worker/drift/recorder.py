@@ -20,8 +20,14 @@ import cv2
 import numpy as np
 import redis
 
+from imgq.shared.calibration import calibrated_top1
 from imgq.shared.errors import ManifestError
-from imgq.shared.imagestats import IMAGE_FEATURES, IMAGE_FEATURES_VERSION, output_features
+from imgq.shared.imagestats import (
+    IMAGE_FEATURES,
+    IMAGE_FEATURES_VERSION,
+    PIXEL_FEATURES,
+    output_features,
+)
 from imgq.shared.manifest import Manifest
 from imgq.shared.reference import RangeCheck
 from imgq.worker.drift.detector import DriftDetector
@@ -39,6 +45,7 @@ from imgq.worker.drift.layout import (
     _iso,
 )
 from imgq.worker.drift.samples import SampleWriter
+from imgq.worker.drift.verdict import NOTICE_ALPHA, PAGE_ALPHA
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settle import WindowCounts
 
@@ -82,9 +89,11 @@ class DriftRecorder:
         window_size: A window closes once it has this many images (all workers together).
         window_s: A window older than this closes: judged if it has at least
             ``min_window_size`` images, else dropped unjudged (see :meth:`close_window`).
-        alpha: Family-wise false-alarm probability per window. Defaults to 0.001
-            (see docs/drift.md).
-        psi_floor: Smallest PSI that may alert. Defaults to 0.1.
+        alpha: The notice tier's family-wise false-alarm probability per window. Defaults to
+            :data:`~imgq.worker.drift.verdict.NOTICE_ALPHA` (see docs/drift.md).
+        psi_floor: Smallest PSI of an image feature that may alert. Defaults to 0.1.
+        page_alpha: The page tier's family-wise false-alarm probability per window. Defaults
+            to :data:`~imgq.worker.drift.verdict.PAGE_ALPHA`.
         min_window_size: Fewest images the time closer judges (the chi-square approximation
             needs a few per bin). Defaults to ``min(50, window_size)``.
         thumbnails_per_s: Most out-of-range thumbnails this worker stores per second.
@@ -106,8 +115,9 @@ class DriftRecorder:
         *,
         window_size: int,
         window_s: float,
-        alpha: float = 0.001,
+        alpha: float = NOTICE_ALPHA,
         psi_floor: float = 0.1,
+        page_alpha: float = PAGE_ALPHA,
         min_window_size: int | None = None,
         thumbnails_per_s: float = 5.0,
         samples_per_s: float = 5.0,
@@ -142,6 +152,7 @@ class DriftRecorder:
             manifest,
             alpha=alpha,
             psi_floor=psi_floor,
+            page_alpha=page_alpha,
             state_ttl_s=state_ttl_s,
             metrics=metrics,
         )
@@ -172,6 +183,12 @@ class DriftRecorder:
         )
         self._sum_slots = np.array([layout.sum_slots[ALL_FEATURES[j]] for j in self._sum_columns])
         self._range_check = RangeCheck(manifest.reference, IMAGE_FEATURES)
+        # The page tier's out-of-range share: images with a pixel feature out of range.
+        self._pixel_check = RangeCheck(manifest.reference, PIXEL_FEATURES)
+        self._out_of_range_slot = layout.out_of_range_slot
+        self._calibrated_slot = layout.calibrated_confidence_slot
+        calibration = manifest.calibration
+        self._temperature = None if calibration is None else calibration.temperature
         self._requests: queue.Queue[str | None] = queue.Queue()
         self._tick_s = min(self.window_s / 4, 5.0)
         self._thread = threading.Thread(target=self._run, name="imgq-drift", daemon=True)
@@ -235,6 +252,13 @@ class DriftRecorder:
         increments = np.bincount(self._bin_numbers(values), minlength=self._n_slots)
         finite = np.where(np.isfinite(values), values, 0.0)  # NaN is counted in the last bin
         increments[self._sum_slots] = np.rint(finite[:, self._sum_columns].sum(axis=0) * SUM_SCALE)
+        if len(probs):
+            increments[self._out_of_range_slot] = self._pixel_check.count(
+                image_features[:, : len(PIXEL_FEATURES)]
+            )
+            if self._temperature is not None:
+                calibrated = calibrated_top1(probs, self._temperature).sum()
+                increments[self._calibrated_slot] = np.rint(calibrated * SUM_SCALE)
         slots = np.flatnonzero(increments)
         # "slot increment slot increment ...": one argument instead of ~2 per slot, which
         # redis-py would encode one by one (~1 ms per batch of 32).

@@ -1,7 +1,9 @@
-"""`imgq drift status | alerts | report`: what the drift detector saw, for the people who review it.
+"""`imgq drift status | alerts | windows | report`: what the drift detector saw, for the people
+who review it.
 
 The workers keep everything in Redis (see :mod:`worker.drift`): the latest judged window's
-statistics, the alert stream and the open alerts, and recent out-of-range thumbnails. These
+statistics, the recent windows' verdicts, the alert stream and the open alerts, and recent
+out-of-range thumbnails. These
 commands read it for the model given by ``--model`` (else ``IMGQ_MODEL``), on the Redis of
 ``IMGQ_BROKER_URL``. How to read the numbers is in ``docs/drift.md``.
 """
@@ -32,8 +34,10 @@ from imgq.worker.settings import WorkerSettings
 __all__ = [
     "status_main",
     "alerts_main",
+    "windows_main",
     "report_main",
     "read_status",
+    "read_windows",
     "list_alerts",
     "ack_alert",
     "feature_state",
@@ -81,19 +85,30 @@ def read_status(client: redis.Redis, manifest: Manifest) -> dict[str, Any]:
 
 
 def feature_state(feature: dict[str, Any], open_alerts: dict[str, str]) -> str:
-    """``alert`` (an alert is open), ``drifting`` (significant or above the PSI floor in the
-    latest window, but not both: a change to watch), or ``ok``.
+    """``alert`` (an alert is open for it), ``drifting`` (alerting in the latest window, its
+    alert open under another feature's name or not yet), ``watch`` (significant, but under its
+    effect floor: a change to keep an eye on), or ``ok``. A difference above the floor that
+    the test does not reject is noise of a small window, not a state (issue 18).
 
-    >>> feature_state({"name": "x", "significant": True, "psi": 0.02, "psi_floor": 0.1}, {})
-    'drifting'
-    >>> feature_state({"name": "x", "significant": False, "psi": 0.02, "psi_floor": 0.1}, {})
+    >>> feature_state({"name": "x", "significant": True, "drifting": False}, {})
+    'watch'
+    >>> feature_state({"name": "x", "significant": False, "psi": 0.3, "psi_floor": 0.1}, {})
     'ok'
     """
     if feature["name"] in open_alerts:
         return "alert"
-    if feature["significant"] or feature["psi"] >= feature["psi_floor"]:
+    if feature.get("drifting"):
         return "drifting"
+    if feature["significant"]:
+        return "watch"
     return "ok"
+
+
+def read_windows(client: redis.Redis, manifest: Manifest, count: int) -> list[dict[str, Any]]:
+    """The ``count`` most recent judged windows' verdicts, newest first (:func:`read_verdicts`)."""
+    if count < 1:
+        raise _UsageError(f"--count must be >= 1, got {count}")
+    return read_verdicts(client, manifest.drift_id, count)
 
 
 def list_alerts(
@@ -141,16 +156,21 @@ def ack_alert(client: redis.Redis, manifest: NamedModel, alert_id: str) -> None:
     DriftKeys(manifest.drift_id).ack(client, alert_id, datetime.now(UTC).isoformat())
 
 
-def read_verdicts(client: redis.Redis, short_sha: str, count: int = 500) -> list[dict[str, Any]]:
-    """The judged windows' verdicts, newest first (the detector keeps the last 500); an entry
-    that is not a JSON object with a ``window`` object is skipped."""
+def read_verdicts(client: redis.Redis, drift_id: str, count: int = 500) -> list[dict[str, Any]]:
+    """The judged windows' verdicts, newest first (the detector keeps the last 500). A verdict
+    without a tier reads as ``page`` and one without an estimated accuracy as None (the shared
+    reading of older data); an entry that is not a JSON object with a ``window`` object is
+    skipped."""
     verdicts = []
-    for raw in client.lrange(DriftKeys(short_sha).verdicts, 0, count - 1):
+    for raw in client.lrange(DriftKeys(drift_id).verdicts, 0, count - 1):
         try:
             verdict = json.loads(raw)
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             continue
         if isinstance(verdict, dict) and isinstance(verdict.get("window"), dict):
+            verdict.setdefault("estimated_accuracy", None)
+            if "tier" not in verdict:
+                verdict.update(tier="page", tier_assumed=True)
             verdicts.append(verdict)
     return verdicts
 
@@ -190,6 +210,11 @@ def status_main(args: argparse.Namespace) -> int:
 def alerts_main(args: argparse.Namespace) -> int:
     """`imgq drift alerts [--all] [--ack ID]`."""
     return _run(args, _alerts)
+
+
+def windows_main(args: argparse.Namespace) -> int:
+    """`imgq drift windows [--json] [--count N]`: recent windows with their verdicts."""
+    return _run(args, _windows)
 
 
 def report_main(args: argparse.Namespace) -> int:
@@ -257,19 +282,24 @@ def _status(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _
     w = latest["window"]
     print(
         f"latest window {w['id']}: {w['n_images']} images, {w['start']} .. {w['end']} "
-        f"({w['duration_s']:.1f} s); alpha {latest['alpha']} (Holm over "
-        f"{len(latest['features'])} features), PSI floor {latest['psi_floor']}\n"
+        f"({w['duration_s']:.1f} s): {latest.get('tier', 'page').upper()}; estimated accuracy "
+        f"{_percent(latest.get('estimated_accuracy'))} (mean calibrated confidence: blind to "
+        f"confident mistakes, docs/drift.md)\n"
+        f"page tier: Holm at {latest.get('page_alpha', 'n/a')} over the output-side tests; "
+        f"notice tier: Holm at {latest['alpha']} over the image features, PSI floor "
+        f"{latest['psi_floor']}\n"
     )
     print(
-        f"{'feature':<16}{'reference':>11}{'current':>11}{'chi2':>9}{'dof':>5}"
-        f"{'p-value':>10}{'p-thresh':>10}{'PSI':>7}  state"
+        f"{'feature':<22}{'tier':<7}{'reference':>10}{'current':>10}{'stat':>9}"
+        f"{'p-value':>10}{'p-thresh':>10}{'PSI':>7}{'effect':>8}  state"
     )
     for f in latest["features"]:
         current = "n/a" if f["current"] is None else f"{f['current']:.3g}"
+        effect = f.get("effect", f["psi"])
         print(
-            f"{f['name']:<16}{f['reference']:>11.3g}{current:>11}{f['statistic']:>9.1f}"
-            f"{f['dof']:>5}{f['p_value']:>10.1e}{f['p_threshold']:>10.1e}{f['psi']:>7.3f}  "
-            f"{feature_state(f, open_alerts)}"
+            f"{f['name']:<22}{f.get('tier', 'page'):<7}{f['reference']:>10.3g}{current:>10}"
+            f"{f['statistic']:>9.1f}{f['p_value']:>10.1e}{f['p_threshold']:>10.1e}"
+            f"{f['psi']:>7.3f}{effect:>8.3f}  {feature_state(f, open_alerts)}"
         )
     notes = [f for f in latest["features"] if feature_state(f, open_alerts) != "ok"]
     for f in notes:
@@ -277,6 +307,39 @@ def _status(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _
     if open_alerts:
         ids = ", ".join(f"{feat} (alert {i})" for feat, i in sorted(open_alerts.items()))
         print(f"\nopen alerts: {ids}; details: imgq drift alerts")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _windows(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _: Path) -> None:
+    verdicts = read_windows(client, manifest, args.count)
+    if args.json:
+        for v in verdicts:
+            print(json.dumps(v))
+        return
+    if not verdicts:
+        print(f"no judged windows for model {manifest.name} yet")
+        return
+    print(f"{'window':>7}  {'end':<24}{'images':>7}  {'tier':<7}{'est.acc':>8}  alerting")
+    for v in verdicts:
+        w = v["window"]
+        alerting = [_evidence(f) for f in v["features"] if f.get("drifting")]
+        print(
+            f"{w['id']:>7}  {w['end']:<24}{w['n_images']:>7}  {v['tier']:<7}"
+            f"{_percent(v['estimated_accuracy']):>8}  {'; '.join(alerting) or '-'}"
+        )
+
+
+def _evidence(f: dict[str, Any]) -> str:
+    """One alerting feature of a verdict: tier, p-value, PSI, effect, summary."""
+    effect = f.get("effect")
+    shown = "" if effect is None else f", effect {effect:.3g}"
+    return (
+        f"{f['name']} ({f.get('tier', 'page')}, p {f['p_value']:.1e}, PSI {f['psi']:.2f}"
+        f"{shown}: {f['summary']})"
+    )
 
 
 def _alerts(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _: Path) -> None:
@@ -294,14 +357,16 @@ def _alerts(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _
         w = a["window"]
         state = a["state"] + (", acked" if a["acked"] else "")
         print(
-            f"alert {a['id']} [{state}] {a['time']} model {a['model']}: window {w['id']} "
-            f"({w['n_images']} images, {w['start']} .. {w['end']})"
+            f"{a.get('tier', 'page').upper()} alert {a['id']} [{state}] {a['time']} model "
+            f"{a['model']}: window {w['id']} ({w['n_images']} images, {w['start']} .. "
+            f"{w['end']}), estimated accuracy {_percent(a.get('estimated_accuracy'))}"
         )
         for f in a["features"]:
+            effect = f.get("effect", f["psi"])
             print(
-                f"  {f['feature']:<16} PSI {f['psi']:.3f} >= {f['psi_floor']}  chi2 "
-                f"{f['chi2']:.1f} (dof {f['dof']}) p {f['p_value']:.1e} <= "
-                f"{f['p_threshold']:.1e}  {f['summary']}"
+                f"  {f['feature']:<22} {f.get('test', 'chi2')} p {f['p_value']:.1e} <= "
+                f"{f['p_threshold']:.1e}, effect {effect:.3g} >= "
+                f"{f.get('effect_floor', f['psi_floor'])}, PSI {f['psi']:.3f}  {f['summary']}"
             )
         if a["still_open"]:
             print(f"  still drifting from earlier alerts: {', '.join(a['still_open'])}")
@@ -340,10 +405,12 @@ def _histograms(
     """Reference vs current shares per bin for the drifting features (else the top three)."""
     import matplotlib.pyplot as plt
 
-    features = [f for f in latest["features"] if feature_state(f, open_alerts) == "alert"]
+    binned = [f for f in latest["features"] if f["name"] in manifest.reference.features]
+    features = [f for f in binned if feature_state(f, open_alerts) == "alert"]
     title = "features with an open alert"
     if not features:
-        features, title = latest["features"][:3], "no open alert: largest PSI"
+        features = sorted(binned, key=lambda f: -f["psi"])[:3]
+        title = "no open alert: largest PSI"
     fig, axes = plt.subplots(len(features), 1, figsize=(9, 2.6 * len(features)), squeeze=False)
     for ax, f in zip(axes[:, 0], features, strict=True):
         ref = manifest.reference.features[f["name"]]

@@ -1,28 +1,25 @@
 """Drift statistics on count arrays, pure numpy/scipy: PSI, the chi-square test of homogeneity,
-Holm's correction, a window's verdict per feature, and which alerts open or clear.
-
-Unit tested without Redis; why these statistics is written up in ``docs/drift.md``.
+Holm's correction, and the verdict on a set of binned features (the notice tier's test, also
+the page tier's class-mix test). Unit tested without Redis; why these statistics is written up
+in ``docs/drift.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from scipy.special import chdtrc
 
 from imgq.shared.reference import ReferenceStats
-from imgq.worker.drift.layout import (
-    Window,
-)
+from imgq.worker.drift.layout import Window
 
 __all__ = [
     "FeatureResult",
-    "alert_transitions",
     "chi2_homogeneity",
-    "evaluate_window",
+    "chi2_results",
     "holm",
     "psi",
 ]
@@ -166,6 +163,12 @@ class FeatureResult:
             class whose share changed most).
         current: The same summary in the window (None when it cannot be computed).
         summary: Human-readable, e.g. ``"mean 0.46 -> 0.23"``.
+        tier: ``"page"`` (output side: the model is likely hurt) or ``"notice"`` (an image
+            feature: the input pipeline changed).
+        test: ``"chi2"``, ``"rank"``, ``"fisher"`` or ``"resampling"``.
+        alternative: ``"two-sided"``, ``"lower"`` or ``"higher"`` (the direction of harm).
+        effect: The effect size the floor applies to (PSI for chi-square tests).
+        effect_floor: The smallest effect that may alert (``psi_floor`` for chi-square tests).
     """
 
     name: str
@@ -180,11 +183,19 @@ class FeatureResult:
     reference: float
     current: float | None
     summary: str
+    tier: str = "notice"
+    test: str = "chi2"
+    alternative: str = "two-sided"
+    effect: float | None = None
+    effect_floor: float | None = None
 
     @property
     def drifting(self) -> bool:
-        """Significant AND at least the PSI floor: the condition for an alert."""
-        return self.significant and self.psi >= self.psi_floor
+        """Significant AND at least the effect floor (PSI for chi-square tests): the condition
+        for an alert."""
+        effect = self.psi if self.effect is None else self.effect
+        floor = self.psi_floor if self.effect_floor is None else self.effect_floor
+        return self.significant and effect >= floor
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for alerts, logs and ``imgq drift status``."""
@@ -204,35 +215,44 @@ class FeatureResult:
             "current": self.current,
             "summary": self.summary,
             "drifting": self.drifting,
+            "tier": self.tier,
+            "test": self.test,
+            "alternative": self.alternative,
+            "effect": self.psi if self.effect is None else self.effect,
+            "effect_floor": self.psi_floor if self.effect_floor is None else self.effect_floor,
         }
 
 
-def evaluate_window(
+def chi2_results(
     reference: ReferenceStats,
     window: Window,
+    names: Sequence[str],
     *,
     alpha: float,
     psi_floor: float,
     labels: Sequence[str] = (),
+    tier: str = "notice",
 ) -> list[FeatureResult]:
-    """Compare one window with the reference, feature by feature.
+    """Compare one window with the reference on the binned features ``names``: a chi-square
+    test of homogeneity each, Holm's correction over them together, and the PSI floor.
 
-    Every feature present in both is tested; features with no values in the window (e.g. the
-    outputs of a window of undecodable images) get p = 1. Holm's correction runs over all of
-    them together.
+    Features with no values in the window (e.g. the outputs of a window of undecodable images)
+    get p = 1.
 
     Args:
         reference: Reference histograms (the manifest's ``reference``).
         window: The window's counts and sums.
-        alpha: Family-wise false-alarm probability per window.
+        names: The features to judge (each in both).
+        alpha: Family-wise false-alarm probability per window over ``names``.
         psi_floor: Smallest PSI that may alert.
         labels: Class names, for the categorical summary. Defaults to class indices.
+        tier: The tier these features belong to. Defaults to ``"notice"``.
 
     Returns:
-        One :class:`FeatureResult` per feature, the largest PSI first.
+        One :class:`FeatureResult` per feature, in ``names`` order.
     """
-    names = [n for n in reference.features if n in window.counts]
-    n_bins = np.array([len(reference.features[n].counts) for n in names])
+    names = list(names)
+    n_bins = np.array([len(reference.features[n].counts) for n in names], dtype=int)
     # All features as rows of zero-padded matrices: the tests of a window in one numpy pass.
     real = np.arange(int(n_bins.max(initial=1)))[None, :] < n_bins[:, None]
     ref_counts = np.zeros(real.shape)
@@ -269,9 +289,10 @@ def evaluate_window(
                 reference=ref_value,
                 current=cur_value,
                 summary=summary,
+                tier=tier,
             )
         )
-    return sorted(results, key=lambda r: r.psi, reverse=True)
+    return results
 
 
 def _summary(
@@ -293,21 +314,3 @@ def _summary(
     k = int(np.argmax(np.abs(q - p)))
     label = labels[k] if k < len(labels) else str(k)
     return float(p[k]), float(q[k]), f"share of {label!r} {p[k]:.0%} -> {q[k]:.0%}"
-
-
-def alert_transitions(
-    open_features: Collection[str], results: Sequence[FeatureResult]
-) -> tuple[list[FeatureResult], list[str]]:
-    """De-duplication: which features open a new alert and which open alerts clear.
-
-    A feature with an open alert does not alert again while it keeps drifting; it clears in the
-    first window where it is no longer drifting, and may alert again after that.
-
-    Returns:
-        ``(new, cleared)``: results of newly drifting features (in ``results`` order, i.e. by
-        effect size) and the names of open features that stopped drifting.
-    """
-    drifting = {r.name for r in results if r.drifting}
-    new = [r for r in results if r.drifting and r.name not in open_features]
-    cleared = sorted(f for f in open_features if f not in drifting)
-    return new, cleared
