@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -124,10 +125,13 @@ def switch(url: str, client: ImgqClient, images: list[bytes], args: argparse.Nam
     times = [t for t, _ in done]
     window_s = min(2.0, args.every_s / 2)
     # Windows of the same length: from each event on, and half-way between events (baselines).
-    at_event = {kind: [1000 * max_gap(times, t, t + window_s) for k, t in events if k == kind]
+    # A window the drain had ended before has no gap (NaN): left out.
+    at_event = {kind: [g for k, t in events if k == kind
+                       if math.isfinite(g := 1000 * max_gap(times, t, t + window_s))]
                 for kind in ("start", "promote")}  # fmt: skip
-    between = [1000 * max_gap(times, t + args.every_s / 2, t + args.every_s / 2 + window_s)
-               for _, t in events[:-1]]  # fmt: skip
+    half = args.every_s / 2
+    gaps = [1000 * max_gap(times, t + half, t + half + window_s) for _, t in events[:-1]]
+    between = [g for g in gaps if math.isfinite(g)]
     return {
         "tasks": len(done),
         "events": len(events),
