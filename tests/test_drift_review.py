@@ -188,3 +188,50 @@ def test_windows_json_lists_verdicts_newest_first(
     table = capsys.readouterr().out
     assert "notice" in table and "brightness (notice, p " in table and "window" in table
     assert windows_main(args(bundle[0], json=False, count=0)) == 2
+
+
+def test_hostile_records_are_shown_without_a_traceback(
+    drifted: redis.Redis,
+    bundle: tuple[Path, Manifest],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Verdicts and alerts written by hand (or by another version) with missing fields, wrong
+    types, NaN, CR/LF and 300 KiB of padding: every command answers, `--json` stays strict
+    JSON, and `samples` of a window with unreadable times is refused with the reason."""
+    from imgq.worker.drift.samples import samples_main
+
+    keys = DriftKeys(bundle[1].drift_id)
+    hostile_verdicts = [
+        {"window": {"id": 99}, "tier": "ok", "features": []},  # no end, no n_images
+        {"window": {"id": 98, "end": None}, "estimated_accuracy": float("nan"), "features": 5},
+        {"window": {"id": 97}, "estimated_accuracy": "high", "features": [{"name": 3}, 7]},
+        {"window": {"id": 96}, "pad": "x" * 300_000},
+    ]
+    for verdict in hostile_verdicts:
+        drifted.lpush(keys.verdicts, json.dumps(verdict))
+    for event in (
+        {"type": "alert", "id": "min", "window": {"id": 1}},
+        {"type": "alert", "id": "f-int", "window": {"id": 2}, "features": 7, "time": 5},
+        {"type": "alert", "id": "x\r\n\x1b[2J", "window": {"id": 3, "start": "soon"},
+         "features": [{"feature": "brightness", "p_value": "low", "psi": None}]},
+    ):  # fmt: skip
+        drifted.xadd(keys.alerts, {"json": json.dumps(event)})
+    assert windows_main(args(bundle[0], json=True, count=10)) == 0
+    lines = [
+        json.loads(line, parse_constant=pytest.fail)
+        for line in capsys.readouterr().out.splitlines()
+    ]
+    assert [v["window"]["id"] for v in lines] == [97, 98, 99, 1]  # the padded one skipped
+    assert lines[1]["estimated_accuracy"] is None and lines[1]["features"] == []
+    assert windows_main(args(bundle[0], json=False, count=10)) == 0
+    assert "99" in capsys.readouterr().out
+    assert alerts_main(args(bundle[0], all=True, ack=None)) == 0
+    out = capsys.readouterr().out
+    assert "alert min" in out and "alert f-int" in out and "\x1b" not in out
+    refused = samples_main(args(bundle[0], alert="min", window=None, out=str(tmp_path / "s")))
+    assert refused == 2 and "not readable" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert samples_main(args(bundle[0], alert=None, window="1", out=str(a_file))) == 2
+    assert "a-file" in capsys.readouterr().err

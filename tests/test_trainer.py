@@ -306,3 +306,20 @@ def test_parity_gate_catches_wrong_serving_preprocessing(
         )  # fmt: skip
     assert "images differ" in str(info.value) and "Worst:" in str(info.value)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_a_weak_calibration_is_named_at_export() -> None:
+    """Few validation images, or a calibration that made the error worse: `imgq train` says
+    drift's estimated accuracy is a trend there, not a level; a sound one says nothing."""
+    from imgq.shared.calibration import Calibration
+    from imgq.trainer.train import _calibration_note
+
+    sound = Calibration(temperature=1.2, n_images=600, nll_before=0.3, ece_before=0.05,
+                        ece_after=0.02)  # fmt: skip
+    assert _calibration_note(sound) == ""
+    few = Calibration(temperature=1.2, n_images=88, nll_before=0.3, ece_before=0.05,
+                      ece_after=0.02)  # fmt: skip
+    assert "calibrated on 88 validation images: drift's" in _calibration_note(few)
+    worse = Calibration(temperature=1.2, n_images=600, nll_before=0.3, ece_before=0.07,
+                        ece_after=0.12)  # fmt: skip
+    assert "the calibration error got worse" in _calibration_note(worse)

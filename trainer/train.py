@@ -453,12 +453,27 @@ def train_bundle(
         f"calibration: temperature {calibration.temperature:.3g} (validation NLL "
         f"{calibration.nll_before:.4f} -> {calibration.nll_after:.4f}, ECE "
         f"{calibration.ece_before:.4f} -> {calibration.ece_after:.4f})\n"
-        f"parity (Keras vs served ONNX, {p['n_images']} images from their files): top-1 agree "
+        + _calibration_note(calibration)
+        + f"parity (Keras vs served ONNX, {p['n_images']} images from their files): top-1 agree "
         f"{p['top1_agree']}/{p['n_images']}, max |diff| {p['max_abs_diff']:.2e} "
         f"(limit {p['atol']:g})\n"
         f"bundle: {out} (sha256 {manifest.short_sha}), {time.perf_counter() - started:.0f} s in all"
     )
     return out
+
+
+def _calibration_note(calibration: Calibration) -> str:
+    """A warning when drift's estimated accuracy will be a trend rather than a level: few
+    validation images, or a calibration that made the validation error worse."""
+    before, after = calibration.ece_before, calibration.ece_after
+    worse = before is not None and after is not None and after > before
+    if calibration.n_images >= 200 and not worse:
+        return ""
+    return (
+        f"  note: calibrated on {calibration.n_images} validation images"
+        + (", and the calibration error got worse" if worse else "")
+        + ": drift's estimated accuracy is a trend, not a level (docs/drift.md)\n"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from imgq.shared.errors import ImgqError
 from imgq.shared.manifest import Manifest, load_manifest
 from imgq.shared.reference import FeatureReference
 from imgq.worker.drift import DriftKeys, WindowLayout
+from imgq.worker.drift.records import clean_alert, clean_verdict, json_line, parse, printable
 from imgq.worker.logs import mask_url
 from imgq.worker.settings import WorkerSettings
 
@@ -127,13 +128,9 @@ def list_alerts(
     acked_ids = {k.decode() for k in acked}
     alerts = []
     for _, fields in entries:
-        try:
-            event = json.loads(fields[b"json"])
-        except (KeyError, ValueError):
-            continue
-        if not isinstance(event, dict) or event.get("type") != "alert":
-            continue
-        if not isinstance(event.get("id"), str) or not isinstance(event.get("window"), dict):
+        raw = parse(fields.get(b"json"))
+        event = clean_alert(raw) if raw is not None else None
+        if event is None:
             continue
         event["state"] = "open" if event["id"] in open_ids else "cleared"
         event["acked"] = event["id"] in acked_ids
@@ -157,21 +154,15 @@ def ack_alert(client: redis.Redis, manifest: NamedModel, alert_id: str) -> None:
 
 
 def read_verdicts(client: redis.Redis, drift_id: str, count: int = 500) -> list[dict[str, Any]]:
-    """The judged windows' verdicts, newest first (the detector keeps the last 500). A verdict
-    without a tier reads as ``page`` and one without an estimated accuracy as None (the shared
-    reading of older data); an entry that is not a JSON object with a ``window`` object is
-    skipped."""
+    """The judged windows' verdicts, newest first (the detector keeps the last 500), each
+    checked field by field (:func:`~imgq.worker.drift.records.clean_verdict`); an entry that is
+    not a verdict is skipped."""
     verdicts = []
     for raw in client.lrange(DriftKeys(drift_id).verdicts, 0, count - 1):
-        try:
-            verdict = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(verdict, dict) and isinstance(verdict.get("window"), dict):
-            verdict.setdefault("estimated_accuracy", None)
-            if "tier" not in verdict:
-                verdict.update(tier="page", tier_assumed=True)
-            verdicts.append(verdict)
+        verdict = parse(raw)
+        checked = clean_verdict(verdict) if verdict is not None else None
+        if checked is not None:
+            verdicts.append(checked)
     return verdicts
 
 
@@ -252,7 +243,7 @@ def _run(args: argparse.Namespace, command: Any) -> int:
     try:
         command(args, client, manifest, settings.model_dir)
         return 0
-    except _UsageError as exc:
+    except (_UsageError, OSError) as exc:  # OSError: --out is a file, or not writable
         print(f"imgq drift: {exc}", file=sys.stderr)
         return 2
     except redis.ConnectionError as exc:
@@ -317,7 +308,7 @@ def _windows(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, 
     verdicts = read_windows(client, manifest, args.count)
     if args.json:
         for v in verdicts:
-            print(json.dumps(v))
+            print(json_line(v))
         return
     if not verdicts:
         print(f"no judged windows for model {manifest.name} yet")
@@ -327,7 +318,7 @@ def _windows(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, 
         w = v["window"]
         alerting = [_evidence(f) for f in v["features"] if f.get("drifting")]
         print(
-            f"{w['id']:>7}  {w['end']:<24}{w['n_images']:>7}  {v['tier']:<7}"
+            f"{w['id']:>7}  {w['end']:<24}{_num(w['n_images'], 'd'):>7}  {v['tier']:<7}"
             f"{_percent(v['estimated_accuracy']):>8}  {'; '.join(alerting) or '-'}"
         )
 
@@ -337,9 +328,14 @@ def _evidence(f: dict[str, Any]) -> str:
     effect = f.get("effect")
     shown = "" if effect is None else f", effect {effect:.3g}"
     return (
-        f"{f['name']} ({f.get('tier', 'page')}, p {f['p_value']:.1e}, PSI {f['psi']:.2f}"
-        f"{shown}: {f['summary']})"
+        f"{f['name']} ({f.get('tier') or 'page'}, p {_num(f['p_value'], '.1e')}, "
+        f"PSI {_num(f['psi'], '.2f')}{shown}: {f['summary']})"
     )
+
+
+def _num(value: float | int | None, spec: str) -> str:
+    """A checked number (``records.finite``) in ``spec``, or ``-`` for none."""
+    return "-" if value is None else format(value, spec)
 
 
 def _alerts(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _: Path) -> None:
@@ -357,16 +353,19 @@ def _alerts(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _
         w = a["window"]
         state = a["state"] + (", acked" if a["acked"] else "")
         print(
-            f"{a.get('tier', 'page').upper()} alert {a['id']} [{state}] {a['time']} model "
-            f"{a['model']}: window {w['id']} ({w['n_images']} images, {w['start']} .. "
-            f"{w['end']}), estimated accuracy {_percent(a.get('estimated_accuracy'))}"
+            f"{a['tier'].upper()} alert {printable(a['id'][:80])} [{state}] {a['time']} model "
+            f"{a['model']}: window {w['id']} ({_num(w['n_images'], 'd')} images, {w['start']} "
+            f".. {w['end']}), estimated accuracy {_percent(a['estimated_accuracy'])}"
         )
         for f in a["features"]:
-            effect = f.get("effect", f["psi"])
+            effect = f["effect"] if f["effect"] is not None else f["psi"]
+            floor = f["effect_floor"] if f["effect_floor"] is not None else f["psi_floor"]
+            test = f.get("test") if isinstance(f.get("test"), str) else "chi2"
             print(
-                f"  {f['feature']:<22} {f.get('test', 'chi2')} p {f['p_value']:.1e} <= "
-                f"{f['p_threshold']:.1e}, effect {effect:.3g} >= "
-                f"{f.get('effect_floor', f['psi_floor'])}, PSI {f['psi']:.3f}  {f['summary']}"
+                f"  {f['feature']:<22} {test} p "
+                f"{_num(f['p_value'], '.1e')} <= {_num(f['p_threshold'], '.1e')}, effect "
+                f"{_num(effect, '.3g')} >= {_num(floor, 'g')}, PSI {_num(f['psi'], '.3f')}  "
+                f"{f['summary']}"
             )
         if a["still_open"]:
             print(f"  still drifting from earlier alerts: {', '.join(a['still_open'])}")

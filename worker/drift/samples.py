@@ -118,6 +118,10 @@ class SampleWriter:
 # ----------------------------------------------------------------------------- reading
 
 
+#: Samples stored this long after a window's end still count as the window's.
+_SLACK_MS = 1000
+
+
 def _ms(iso: str) -> int:
     """ISO 8601 time (as windows store them) to Unix milliseconds."""
     return round(datetime.fromisoformat(iso).timestamp() * 1000)
@@ -127,10 +131,14 @@ def window_samples(
     client: redis.Redis, keys: DriftKeys, window: dict[str, Any], limit: int = 5_000
 ) -> list[tuple[str, dict[str, Any], bytes]]:
     """The samples stored during ``window`` (a verdict's or alert's ``window``: ``start`` and
-    ``end``), oldest first, as ``(id, answer, png)``. The last batch's sample is written just
-    after the window's end time, hence one millisecond of slack. Entries that are not a sample
-    (hostile or damaged) are skipped."""
-    start, end = _ms(str(window["start"])), _ms(str(window["end"])) + 1
+    ``end``), oldest first, as ``(id, answer, png)``. The last batches' samples are written
+    just after the window's end time, and those between two windows belong to neither, hence a
+    second of slack. Entries that are not a sample (hostile or damaged) are skipped.
+
+    Raises:
+        ValueError: the window's times are not ISO 8601 (a damaged record).
+    """
+    start, end = _ms(str(window.get("start"))), _ms(str(window.get("end"))) + _SLACK_MS
     found = []
     entries: Any = client.xrange(keys.samples, start, end, count=limit)
     for raw_id, fields in entries or ():
@@ -219,7 +227,10 @@ def _samples(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, 
 
     keys = DriftKeys(manifest.drift_id)
     window = find_window(client, manifest, alert_id=args.alert, window_id=args.window)
-    samples = window_samples(client, keys, window)
+    try:
+        samples = window_samples(client, keys, window)
+    except ValueError as exc:
+        raise _UsageError(f"the window's start or end time is not readable: {exc}") from None
     try:
         written, skipped = write_samples(samples, manifest.labels, Path(args.out))
     except FileExistsError as exc:

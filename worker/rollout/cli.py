@@ -16,6 +16,7 @@ import redis
 from imgq.shared.errors import ImgqError
 from imgq.worker.bundles import drift_ids, list_versions, served_by
 from imgq.worker.drift.layout import DriftKeys
+from imgq.worker.drift.records import printable
 from imgq.worker.models_cli import _statuses
 from imgq.worker.rollout.state import Rollout, abort, promote, read_rollout, start
 from imgq.worker.rollout.tally import read_stats
@@ -173,7 +174,7 @@ def _drift(client: redis.Redis, drift_id: str | None) -> dict[str, Any] | None:
 def _text(report: dict[str, Any]) -> str:
     lines = [
         f"rollout {report['rollout']}  {report['state']}"
-        + (f"  ({_printable(report['reason'])})" if report["reason"] else ""),
+        + (f"  ({printable(report['reason'])})" if report["reason"] else ""),
         f"canary {report['canary_percent']:g}%  shadow {report['shadow_percent']:g}%  "
         f"started {report['started']}" + (f"  ended {report['ended']}" if report["ended"] else ""),
         "",
@@ -206,7 +207,7 @@ def _text(report: dict[str, Any]) -> str:
         ]
         for stable_label, row in sorted(shadow["confusion"].items()):
             cells = ", ".join(f"{label}: {n}" for label, n in sorted(row.items()))
-            lines.append(_printable(f"  {stable_label}: {cells}"))
+            lines.append(printable(f"  {stable_label}: {cells}"))
     return "\n".join(lines)
 
 
@@ -217,9 +218,4 @@ def _cell(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, list):
         value = ", ".join(map(str, value)) or "-"
-    return _printable(str(value))[:22]
-
-
-def _printable(text: str) -> str:
-    """Text from Redis without control characters (no escape sequences reach a terminal)."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+    return printable(str(value))[:22]
