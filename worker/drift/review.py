@@ -48,6 +48,8 @@ __all__ = [
 #: Images per row of the out-of-range strip.
 STRIP_LEN = 8
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+#: A verdict or alert entry larger than this is skipped unparsed (the detector's are a few KiB).
+ENTRY_MAX_BYTES = 256 << 10
 
 
 class _UsageError(ImgqError):
@@ -127,9 +129,12 @@ def list_alerts(
     acked_ids = {k.decode() for k in acked}
     alerts = []
     for _, fields in entries:
+        raw = fields.get(b"json", b"")
+        if len(raw) > ENTRY_MAX_BYTES:
+            continue
         try:
-            event = json.loads(fields[b"json"])
-        except (KeyError, ValueError):
+            event = json.loads(raw)
+        except ValueError:
             continue
         if not isinstance(event, dict) or event.get("type") != "alert":
             continue
@@ -163,6 +168,8 @@ def read_verdicts(client: redis.Redis, drift_id: str, count: int = 500) -> list[
     skipped."""
     verdicts = []
     for raw in client.lrange(DriftKeys(drift_id).verdicts, 0, count - 1):
+        if len(raw) > ENTRY_MAX_BYTES:
+            continue
         try:
             verdict = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
