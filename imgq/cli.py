@@ -148,10 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
     d.set_defaults(func=_handler("imgq.worker.drift.samples:samples_main"))
     d = dsub.add_parser(
-        "serve", parents=[model], help="the review page in the browser (127.0.0.1 only)"
+        "serve", parents=[model], help="the review page in the browser (127.0.0.1 by default)"
     )
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     d.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
+    d.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this host name (repeatable; e.g. behind a proxy)",
+    )
     d.set_defaults(func=_handler("imgq.worker.drift.page:serve_main"))
     d = dsub.add_parser(
         "notify",

@@ -4,10 +4,15 @@ redis-server holding the drift state a real `imgq worker` wrote while serving.""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
+import io
 import json
+import logging
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import urllib.error
@@ -27,7 +32,7 @@ from imgq.trainer.dataset import list_training_files
 from imgq.worker.bundles import list_versions, publish
 from imgq.worker.client import ImgqClient
 from imgq.worker.drift import DriftKeys
-from imgq.worker.drift.page import ReviewData, make_server
+from imgq.worker.drift.page import ReviewData, exposure_warning, make_server
 from imgq.worker.drift.samples import write_samples
 from imgq.worker.settings import WorkerSettings
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
@@ -261,3 +266,180 @@ def test_written_samples_stay_inside_the_folder(tmp_path: Path) -> None:
         Path("out/a/1-0.png")
     ]
     assert "1-0,,a,0.9,brightness" in (tmp_path / "out" / "samples.csv").read_text()
+
+
+@dataclasses.dataclass
+class Review:
+    db: redis.Redis
+    keys: DriftKeys
+    data: ReviewData
+    features: dict[str, int]  # the reference's features and their bin counts
+
+
+@pytest.fixture
+def review(
+    redis_server: Any, bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Review]:
+    """Review data over a bare redis-server and the tiny bundle given as ``--model``: each test
+    writes the hostile or healthy entries it needs, no worker involved."""
+    monkeypatch.setenv("IMGQ_BROKER_URL", redis_server.url)
+    monkeypatch.setenv("IMGQ_MODEL_CACHE", str(tmp_path / "cache"))
+    db = redis.Redis.from_url(redis_server.url)
+    manifest = load_manifest(bundle_dir)
+    data = ReviewData(db, WorkerSettings.from_env(), bundle_dir)
+    features = {n: len(f.counts) for n, f in manifest.reference.features.items()}
+    try:
+        yield Review(db, DriftKeys(manifest.drift_id), data, features)
+    finally:
+        db.close()
+
+
+@contextlib.contextmanager
+def serving(data: ReviewData, host: str = "127.0.0.1", **kwargs: Any) -> Iterator[int]:
+    server = make_server(data, host, 0, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def raw_request(port: int, request: bytes, address: str = "127.0.0.1") -> bytes:
+    """Send ``request`` as is and return the whole reply (the server closes after it)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.settimeout(20)
+        sock.connect((address, port))
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def get(port: int, path: str, host: str | None = None, address: str = "127.0.0.1") -> bytes:
+    host = host or f"127.0.0.1:{port}"
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    return raw_request(port, request.encode(), address)
+
+
+def status_of(reply: bytes) -> int:
+    assert reply, "empty reply"
+    return int(reply.split(b" ", 2)[1])
+
+
+def verdict_entry(review: Review, window: int, drifting: set[str], **extra: Any) -> str:
+    """A verdict as the detector stores it: every feature with its group (``tier``) and state."""
+    features = [
+        {"name": n, "tier": "page" if i % 2 else "notice", "drifting": n in drifting,
+         "significant": n in drifting, "psi": 0.5 if n in drifting else 0.01,
+         "counts": [3] * bins, "summary": "s"}
+        for i, (n, bins) in enumerate(review.features.items())
+    ]  # fmt: skip
+    return json.dumps({"window": {"id": window, "n_images": 50}, "tier": "ok",
+                       "estimated_accuracy": 0.9, "features": features} | extra)  # fmt: skip
+
+
+def test_page_flags_only_drifting_features(review: Review) -> None:
+    """A feature's ``tier`` is its test's group, not its state: a healthy window flags no feature
+    and badges no histogram; one drifting page feature is flagged and badged alone."""
+    sha = review.keys.prefix.split(":")[2]
+    healthy = verdict_entry(review, 1, set())
+    review.db.lpush(review.keys.verdicts, healthy)
+    review.db.set(review.keys.latest, healthy)
+    with serving(review.data) as port:
+        page = get(port, f"/model/{sha}").decode()
+        assert status_of(page.encode()) == 200
+        assert re.search(r'data-window="1">.*?<td>-</td></tr>', page)
+        cards = re.findall(r'class="card histogram".*?</svg></div>', page)
+        assert len(cards) == len(review.features) and not any("data-tier" in c for c in cards)
+
+        page_feature = list(review.features)[1]  # odd index: in the page group
+        drifting = verdict_entry(review, 2, {page_feature}, tier="page")
+        review.db.lpush(review.keys.verdicts, drifting)
+        review.db.set(review.keys.latest, drifting)
+        page = get(port, f"/model/{sha}").decode()
+    row = re.search(r'data-window="2">(.*?)</tr>', page)
+    assert row is not None
+    flagged = row.group(1).rsplit("<td>", 1)[1]
+    assert flagged == f"{page_feature} (page, PSI 0.50)</td>"
+    badged = re.findall(r'data-feature="([^"]+)"><b>[^<]*</b> PSI [0-9.]+ <span class="tier '
+                        r'tier-(\w+)"', page)  # fmt: skip
+    assert badged == [(page_feature, "page")]
+
+
+def test_hostile_entries_still_render_the_page(
+    review: Review, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Features that are not a list, NaN or huge accuracies, oversized entries and thumbnails,
+    a bad Content-Length and an unexpected failure: each gets a page or a short error, never
+    an empty reply or a traceback to the client."""
+    sha = review.keys.prefix.split(":")[2]
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(jpeg, "JPEG")
+    for i, accuracy in enumerate((float("nan"), 1e308, float("inf"), -0.5), start=1):
+        entry = {"window": {"id": i}, "tier": "ok", "estimated_accuracy": accuracy}
+        review.db.lpush(review.keys.verdicts, json.dumps(entry | {"features": 5}))
+    review.db.lpush(review.keys.verdicts, verdict_entry(review, 9, set(), pad="x" * (300 << 10)))
+    review.db.set(review.keys.latest, json.dumps({"window": {"id": 4}, "features": 5}))
+    alert = {"type": "alert", "id": "7-0", "window": {"id": 1}, "features": 7}
+    review.db.xadd(review.keys.alerts, {"json": json.dumps(alert)})
+    thumbs = {
+        "good": base64.b64encode(jpeg.getvalue()).decode(),
+        "huge": base64.b64encode(b"\xff\xd8\xff" + bytes(100 << 10)).decode(),
+        "png": base64.b64encode(encode_png(colour_image(COLOURS[0]))).decode(),
+    }
+    for label, b64 in thumbs.items():
+        review.db.lpush(review.keys.out_of_range, json.dumps({"jpeg_b64": b64, "label": label}))
+    with serving(review.data) as port:
+        reply = get(port, f"/model/{sha}")
+        assert status_of(reply) == 200
+        page = reply.decode()
+        assert "nan" not in page.lower() and "inf%" not in page
+        assert re.findall(r'class="accuracy">([^<]*)<', page) == ["n/a"] * 4
+        assert 'data-window="9"' not in page  # over the entry cap: skipped
+        assert 'data-alert="7-0"' in page
+        assert re.findall(r"predicted <b>(\w+)</b>", page) == ["good"]
+        assert status_of(get(port, f"/api/model/{sha}")) == 200
+
+        ack = f"POST /model/{sha}/ack HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        reply = raw_request(port, f"{ack}Content-Length: abc\r\n\r\n".encode())
+        assert status_of(reply) == 400 and b"Bad request" in reply
+
+        def broken(sha: str) -> dict[str, Any]:
+            raise RuntimeError("secret detail")
+
+        review.data.model_view = broken  # type: ignore[method-assign]
+        with caplog.at_level(logging.INFO, logger="imgq.drift.page"):
+            reply = get(port, f"/model/{sha}")
+    assert status_of(reply) == 500 and b"secret detail" not in reply
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "cannot answer" in errors[0].getMessage()
+
+
+def test_host_check_binding_and_warning(review: Review) -> None:
+    """Bound to the wildcard, the page answers loopback names and ``--allow-host`` names, never
+    the wildcard itself; ``::`` binds IPv6; binding beyond loopback is warned about."""
+    with serving(review.data, "0.0.0.0", allow_hosts=("drift.example",)) as port:
+        assert status_of(get(port, "/", f"0.0.0.0:{port}")) == 403
+        assert status_of(get(port, "/", f"evil.example:{port}")) == 403
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"drift.example:{port}"):
+            assert status_of(get(port, "/", host)) == 200, host
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with serving(review.data, "::") as port:
+        assert status_of(get(port, "/", f"[::1]:{port}", "::1")) == 200
+        assert status_of(get(port, "/", f"[::]:{port}", "::1")) == 403
+    assert exposure_warning("0.0.0.0") and exposure_warning("::")
+    assert "no login" in str(exposure_warning("10.1.2.3"))
+    assert not any(map(exposure_warning, ("127.0.0.1", "localhost", "::1")))
+
+
+def test_a_quiet_connection_is_dropped(review: Review) -> None:
+    """A client that sends half a request and waits is cut off after the connection timeout
+    (its thread freed), and the server keeps answering others."""
+    with serving(review.data, connection_timeout=0.5) as port:
+        assert raw_request(port, f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()) == b""
+        assert status_of(get(port, "/")) == 200

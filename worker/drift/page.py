@@ -18,13 +18,13 @@ request but to this server (Content-Security-Policy).
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import hmac
+import ipaddress
 import json
 import logging
 import re
 import secrets
+import socket
 import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,12 +35,17 @@ from urllib.parse import parse_qs
 import redis
 
 from imgq.shared.errors import ImgqError
-from imgq.shared.labelled import IMAGE_SUFFIXES
 from imgq.shared.manifest import Manifest, load_manifest
 from imgq.worker.drift.layout import DriftKeys, WindowLayout
 from imgq.worker.drift.page_html import render_error, render_index, render_model
+from imgq.worker.drift.page_view import (
+    histograms,
+    json_entry,
+    thumbnails,
+    training_samples,
+    verdict,
+)
 from imgq.worker.drift.review import (
-    _bin_labels,
     _UsageError,
     ack_alert,
     list_alerts,
@@ -57,9 +62,8 @@ _SHA12 = re.compile(r"[0-9a-f]{12}")
 _MODEL_PATH = re.compile(r"/model/([0-9a-f]{12})")
 _API_PATH = re.compile(r"/api/model/([0-9a-f]{12})")
 _ACK_PATH = re.compile(r"/model/([0-9a-f]{12})/ack")
-#: Windows shown per model; thumbnails shown; training images per class; their largest file.
-_VERDICTS_SHOWN, _THUMBS_SHOWN, _SAMPLES_PER_CLASS, _SAMPLE_MAX_BYTES = 200, 16, 4, 256 << 10
-_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+#: Windows shown per model; thumbnails shown; how long a quiet client keeps its thread.
+_VERDICTS_SHOWN, _THUMBS_SHOWN, _CONNECTION_TIMEOUT_S = 200, 16, 30.0
 _CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
@@ -124,7 +128,7 @@ class ReviewData:
         return sorted(found.values(), key=lambda m: (m["name"], m["short_sha"]))
 
     def _name_from_state(self, sha: str) -> str:
-        latest = _json(self.client.get(DriftKeys(sha).latest))
+        latest = json_entry(self.client.get(DriftKeys(sha).latest))
         name = latest.get("model") if isinstance(latest, dict) else None
         return name if isinstance(name, str) else f"model {sha}"
 
@@ -163,8 +167,8 @@ class ReviewData:
         keys = DriftKeys(sha)
         versions = list_versions(self.client)
         ids = drift_ids(self.client, versions)
-        verdicts = [_verdict(v) for v in read_verdicts(self.client, sha, _VERDICTS_SHOWN)]
-        latest = _json(self.client.get(keys.latest))
+        verdicts = [verdict(v) for v in read_verdicts(self.client, sha, _VERDICTS_SHOWN)]
+        latest = json_entry(self.client.get(keys.latest))
         open_window = self.client.get(keys.open)
         view: dict[str, Any] = {
             "short_sha": sha,
@@ -176,7 +180,7 @@ class ReviewData:
             "open_window_images": "n/a",
             "histograms": [],
             "histogram_window": None,
-            "out_of_range": _thumbnails(self.client.lrange(keys.out_of_range, 0, _THUMBS_SHOWN)),
+            "out_of_range": thumbnails(self.client.lrange(keys.out_of_range, 0, _THUMBS_SHOWN)),
             "training_samples": {},
         }
         if not isinstance(bundle, str):
@@ -185,125 +189,25 @@ class ReviewData:
             raw_open = open_window if isinstance(open_window, bytes) else None
             view["open_window_images"] = layout.parse(0, raw_open).n_images
             if isinstance(latest, dict) and isinstance(latest.get("window"), dict):
-                view["histograms"] = _histograms(manifest, latest)
+                view["histograms"] = histograms(manifest, latest)
                 view["histogram_window"] = latest["window"].get("id")
-            view["training_samples"] = _training_samples(folder, manifest)
+            view["training_samples"] = training_samples(folder, manifest)
         return view
-
-
-def _json(raw: Any) -> Any:
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        return None
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
-
-
-def _verdict(v: dict[str, Any]) -> dict[str, Any]:
-    """A stored verdict as the page shows it: a missing tier is ``page`` (older data), a
-    missing estimated accuracy is null, and the features that are not ok, by PSI."""
-    tier = v.get("tier")
-    accuracy = v.get("estimated_accuracy")
-    features = [f for f in v.get("features", []) if isinstance(f, dict)]
-    flagged = []
-    for f in features:
-        feature_tier = f.get("tier")
-        if feature_tier is None:  # older data: flag what was significant and over the floor
-            significant = f.get("significant") is True
-            feature_tier = "page" if significant and _number(f.get("psi")) >= 0.1 else "ok"
-        if feature_tier != "ok":
-            flagged.append({"name": str(f.get("name")), "tier": str(feature_tier),
-                            "psi": _number(f.get("psi"))})  # fmt: skip
-    return {
-        "window": v["window"],
-        "tier": tier if tier in ("page", "notice", "ok") else "page",
-        "tier_assumed": tier is None or v.get("tier_assumed") is True,
-        "estimated_accuracy": _number(accuracy) if isinstance(accuracy, int | float) else None,
-        "flagged": sorted(flagged, key=lambda f: -f["psi"]),
-    }
-
-
-def _histograms(manifest: Manifest, latest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Reference vs window shares per bin for each feature of the latest verdict."""
-    out = []
-    for f in latest.get("features", []):
-        if not isinstance(f, dict) or f.get("name") not in manifest.reference.features:
-            continue
-        ref = manifest.reference.features[f["name"]]
-        counts = f.get("counts")
-        if not isinstance(counts, list) or len(counts) != len(ref.counts):
-            continue
-        window = [_number(c) for c in counts]
-        out.append({
-            "name": f["name"],
-            "psi": _number(f.get("psi")),
-            "tier": f.get("tier") if f.get("tier") in ("page", "notice", "ok") else "ok",
-            "summary": str(f.get("summary", "")),
-            "bins": _bin_labels(ref, manifest.labels),
-            "reference": [c / max(1, sum(ref.counts)) for c in ref.counts],
-            "window": [c / max(1.0, sum(window)) for c in window],
-        })  # fmt: skip
-    return out
-
-
-def _thumbnails(raw: list[Any]) -> list[dict[str, Any]]:
-    """Recent out-of-range thumbnails whose JPEG is valid base64 (others are skipped)."""
-    out = []
-    for item in map(_json, raw):
-        if not isinstance(item, dict) or not isinstance(item.get("jpeg_b64"), str):
-            continue
-        try:
-            jpeg = base64.b64decode(item["jpeg_b64"], validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        features = item.get("features")
-        label = item.get("label")
-        out.append({
-            "time": str(item.get("time", "")),
-            "features": [str(x) for x in features] if isinstance(features, list) else [],
-            "label": label if isinstance(label, str) else None,
-            "jpeg_b64": base64.b64encode(jpeg).decode("ascii"),
-        })  # fmt: skip
-    return out
-
-
-def _training_samples(folder: Path, manifest: Manifest) -> dict[str, list[str]]:
-    """Up to four training images per class as data URIs: the bundle's ``samples/<class>/``,
-    else its golden images of that class."""
-    golden: dict[str, list[Path]] = {}
-    for g in manifest.golden:
-        if g.label is not None:
-            golden.setdefault(g.label, []).append(folder / g.file)
-    found: dict[str, list[Path]] = {}
-    for label in manifest.labels:
-        class_dir = folder / "samples" / label
-        own = (
-            sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if class_dir.is_dir()
-            else []
-        )
-        found[label] = (own or golden.get(label, []))[:_SAMPLES_PER_CLASS]
-    uris: dict[str, list[str]] = {}
-    root = folder.resolve()
-    for label, paths in found.items():
-        for path in paths:
-            mime = _MIME.get(path.suffix.lower())
-            if mime is None or not path.resolve().is_relative_to(root) or not path.is_file():
-                continue
-            if path.stat().st_size > _SAMPLE_MAX_BYTES:
-                continue
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-            uris.setdefault(label, []).append(f"data:{mime};base64,{data}")
-    return uris
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _ReviewServer
     server_version = "imgq-drift"
     sys_version = ""
+    _responded = False
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.connection_timeout)  # a quiet client lets go
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._responded = True
+        super().send_response(code, message)
 
     def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
         if not self._host_ok():
@@ -329,7 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
         if m is None:
             self._send(HTTPStatus.NOT_FOUND, render_error("Not found", self.path))
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        length_header = self.headers.get("Content-Length") or "0"
+        length = int(length_header) if length_header.isdigit() else -1
         if not 0 < length <= 4096:
             self._send(HTTPStatus.BAD_REQUEST, render_error("Bad request", "form too large"))
             return
@@ -379,11 +284,28 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def handle_one_request(self) -> None:
+        """One request; any failure answers 503 (Redis) or 500 once, never an empty reply."""
+        self._responded = False
         try:
             super().handle_one_request()
         except redis.RedisError as exc:
             log.warning("review page: Redis error: %s", exc)
-            self._send(HTTPStatus.SERVICE_UNAVAILABLE, render_error("Redis unavailable", str(exc)))
+            self._fail(HTTPStatus.SERVICE_UNAVAILABLE, "Redis unavailable", str(exc))
+        except OSError as exc:  # the client went away or stayed quiet past the timeout
+            log.info("review page: connection dropped: %s", exc)
+            self.close_connection = True
+        except Exception:
+            log.exception("review page: cannot answer %s", self.path)
+            self._fail(HTTPStatus.INTERNAL_SERVER_ERROR, "Internal error", "see the server's log")
+
+    def _fail(self, status: HTTPStatus, title: str, message: str) -> None:
+        self.close_connection = True
+        if self._responded:  # part of a reply went out already: only closing is left
+            return
+        try:
+            self._send(status, render_error(title, message))
+        except OSError:
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's name)
         log.info(format, *args)
@@ -392,31 +314,79 @@ class _Handler(BaseHTTPRequestHandler):
 class _ReviewServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], data: ReviewData) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        data: ReviewData,
+        allow_hosts: tuple[str, ...] = (),
+        connection_timeout: float = _CONNECTION_TIMEOUT_S,
+    ) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.data = data
         self.token = secrets.token_urlsafe(32)
-        port = self.server_address[1]
-        names = {"127.0.0.1", "localhost", "[::1]", address[0]}
-        self.hosts = {f"{name}:{port}" for name in names}
+        self.connection_timeout = connection_timeout
+        self.hosts = _accepted_hosts(address[0], self.server_address[1], allow_hosts)
 
 
-def make_server(data: ReviewData, host: str = "127.0.0.1", port: int = 0) -> _ReviewServer:
-    """The review page's HTTP server, bound (``port`` 0: a free one); call ``serve_forever``."""
-    return _ReviewServer((host, port), data)
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _accepted_hosts(bound: str, port: int, allow_hosts: tuple[str, ...]) -> set[str]:
+    """The ``Host`` headers this server answers: loopback, the bound address when concrete
+    (never the wildcard ``0.0.0.0`` or ``::``), and the names given with ``--allow-host``."""
+    names = {"127.0.0.1", "localhost", "[::1]"}
+    ip = _ip(bound)
+    if ip is None or not ip.is_unspecified:
+        names.add(f"[{ip.compressed}]" if ip is not None and ip.version == 6 else bound.lower())
+    hosts = {f"{name}:{port}" for name in names}
+    for name in allow_hosts:
+        hosts |= {name.lower(), f"{name.lower()}:{port}"}
+    return hosts
+
+
+def make_server(
+    data: ReviewData,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    allow_hosts: tuple[str, ...] = (),
+    connection_timeout: float = _CONNECTION_TIMEOUT_S,
+) -> _ReviewServer:
+    """The review page's HTTP server, bound (``port`` 0: a free one); call ``serve_forever``.
+    ``host`` may be an IPv6 address (``::``); ``allow_hosts``: more names it may be reached by."""
+    return _ReviewServer((host, port), data, allow_hosts, connection_timeout)
+
+
+def exposure_warning(host: str) -> str | None:
+    """What to tell whoever binds the page beyond loopback: it has no login."""
+    ip = _ip(host)
+    if host.lower() == "localhost" or (ip is not None and ip.is_loopback):
+        return None
+    return (
+        f"imgq drift serve: warning: bound to {host}, not loopback; the page has no login: "
+        "anyone who reaches this port can read it and acknowledge alerts"
+    )
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    """`imgq drift serve [--host 127.0.0.1] [--port 8765] [--model DIR]`."""
+    """`imgq drift serve [--host 127.0.0.1] [--port 8765] [--allow-host NAME] [--model DIR]`."""
     try:
         settings = WorkerSettings.from_env(model_dir=args.model)
         client = redis.Redis.from_url(settings.broker_url)
         data = ReviewData(client, settings, settings.model_dir)
-        server = make_server(data, args.host, args.port)
+        server = make_server(data, args.host, args.port, tuple(args.allow_host or ()))
     except (ImgqError, ValueError, OSError) as exc:
-        print(f"imgq drift serve: {exc}", file=sys.stderr)
+        print(f"imgq drift serve: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
+    if (warning := exposure_warning(args.host)) is not None:
+        print(warning, file=sys.stderr)
     host, port = str(server.server_address[0]), server.server_address[1]
+    host = f"[{host}]" if ":" in host else host
     print(f"imgq drift serve: http://{host}:{port}/ (Redis {mask_url(settings.broker_url)})")
     sys.stdout.flush()
     try:

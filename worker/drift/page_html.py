@@ -105,9 +105,10 @@ def render_model(view: dict[str, Any], token: str) -> str:
 def _alerts(alerts: list[dict[str, Any]], sha: str, token: str) -> str:
     rows = []
     for a in alerts:
+        listed = a.get("features")
         features = "; ".join(
             f"{f.get('feature')} {f.get('summary', '')} (PSI {f.get('psi')})"
-            for f in a.get("features", [])
+            for f in (listed if isinstance(listed, list) else [])
             if isinstance(f, dict)
         )
         if a["acked"]:
@@ -208,7 +209,7 @@ def _histograms(histograms: list[dict[str, Any]], window_id: Any) -> str:
         )
     cards = "".join(
         f'<div class="card histogram" data-feature="{_e(h["name"])}"><b>{_e(h["name"])}</b> '
-        f"PSI {h['psi']:.3f} {_tier(h['tier'])}<br>"
+        f"PSI {h['psi']:.3f} {_tier(h['tier']) if h['tier'] else ''}<br>"
         f'<span class="muted">{_e(h["summary"])}</span><br>{_histogram_svg(h)}</div>'
         for h in histograms
     )

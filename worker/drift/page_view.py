@@ -1,0 +1,165 @@
+"""What the review page shows, shaped from hostile stored entries (``worker/drift/page.py``).
+
+Verdicts, alerts and thumbnails come from Redis and may be anything: too large, NaN, a number
+where a list belongs. Each function here returns plain, bounded values the HTML renders as is,
+and skips what it cannot read rather than fail the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from imgq.shared.labelled import IMAGE_SUFFIXES
+from imgq.shared.manifest import Manifest
+from imgq.worker.drift.records import MAX_RECORD_BYTES
+from imgq.worker.drift.review import _bin_labels
+
+__all__ = ["histograms", "json_entry", "thumbnails", "training_samples", "verdict"]
+
+#: Training images per class and their largest file; a thumbnail's largest base64.
+_SAMPLES_PER_CLASS, _SAMPLE_MAX_BYTES, _THUMB_MAX_B64 = 4, 256 << 10, 64 << 10
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+
+def json_entry(raw: Any) -> Any:
+    """Parsed JSON, or None when empty, not JSON, or too large to parse for a page."""
+    if not raw or len(raw) > MAX_RECORD_BYTES:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _number(value: Any) -> float:
+    """A finite number as float; anything else (NaN, inf, text, bool) as 0.0."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) else 0.0
+
+
+def _accuracy(value: Any) -> float | None:
+    """An estimated accuracy, or None (missing) when not a number in [0, 1]."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok and 0.0 <= value <= 1.0 else None
+
+
+def _features(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """An entry's feature objects; a ``features`` that is not a list counts as none."""
+    features = entry.get("features")
+    return [f for f in features if isinstance(f, dict)] if isinstance(features, list) else []
+
+
+def _drifting(f: dict[str, Any]) -> bool:
+    """Whether a verdict's feature drifts: its ``drifting``; older data without a ``tier``:
+    significant with PSI at least 0.1. (``tier`` is the test's group, not its state.)"""
+    if "tier" not in f and "drifting" not in f:
+        return f.get("significant") is True and _number(f.get("psi")) >= 0.1
+    return f.get("drifting") is True
+
+
+def _feature_tier(f: dict[str, Any]) -> str:
+    return str(f["tier"]) if f.get("tier") in ("page", "notice") else "page"
+
+
+def verdict(v: dict[str, Any]) -> dict[str, Any]:
+    """A stored verdict as the page shows it: a missing tier is ``page`` (older data), a
+    missing or impossible estimated accuracy is null, and the drifting features, by PSI."""
+    tier = v.get("tier")
+    flagged = [
+        {"name": str(f.get("name")), "tier": _feature_tier(f), "psi": _number(f.get("psi"))}
+        for f in _features(v)
+        if _drifting(f)
+    ]
+    return {
+        "window": v["window"],
+        "tier": tier if tier in ("page", "notice", "ok") else "page",
+        "tier_assumed": tier is None or v.get("tier_assumed") is True,
+        "estimated_accuracy": _accuracy(v.get("estimated_accuracy")),
+        "flagged": sorted(flagged, key=lambda f: -f["psi"]),
+    }
+
+
+def histograms(manifest: Manifest, latest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Reference vs window shares per bin for each feature of the latest verdict; ``tier``:
+    the drifting feature's tier, None while it does not drift."""
+    out = []
+    for f in _features(latest):
+        if not isinstance(f.get("name"), str) or f["name"] not in manifest.reference.features:
+            continue
+        ref = manifest.reference.features[f["name"]]
+        counts = f.get("counts")
+        if not isinstance(counts, list) or len(counts) != len(ref.counts):
+            continue
+        window = [_number(c) for c in counts]
+        out.append({
+            "name": f["name"],
+            "psi": _number(f.get("psi")),
+            "tier": _feature_tier(f) if _drifting(f) else None,
+            "summary": str(f.get("summary", "")),
+            "bins": _bin_labels(ref, manifest.labels),
+            "reference": [c / max(1, sum(ref.counts)) for c in ref.counts],
+            "window": [c / max(1.0, sum(window)) for c in window],
+        })  # fmt: skip
+    return out
+
+
+def thumbnails(raw: list[Any]) -> list[dict[str, Any]]:
+    """Recent out-of-range thumbnails: small, valid base64 of bytes that start as a JPEG
+    (others are skipped)."""
+    out = []
+    for item in map(json_entry, raw):
+        if not isinstance(item, dict) or not isinstance(item.get("jpeg_b64"), str):
+            continue
+        if len(item["jpeg_b64"]) > _THUMB_MAX_B64:
+            continue
+        try:
+            jpeg = base64.b64decode(item["jpeg_b64"], validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if not jpeg.startswith(_JPEG_MAGIC):
+            continue
+        features = item.get("features")
+        label = item.get("label")
+        out.append({
+            "time": str(item.get("time", "")),
+            "features": [str(x) for x in features] if isinstance(features, list) else [],
+            "label": label if isinstance(label, str) else None,
+            "jpeg_b64": base64.b64encode(jpeg).decode("ascii"),
+        })  # fmt: skip
+    return out
+
+
+def training_samples(folder: Path, manifest: Manifest) -> dict[str, list[str]]:
+    """Up to four training images per class as data URIs: the bundle's ``samples/<class>/``,
+    else its golden images of that class."""
+    golden: dict[str, list[Path]] = {}
+    for g in manifest.golden:
+        if g.label is not None:
+            golden.setdefault(g.label, []).append(folder / g.file)
+    found: dict[str, list[Path]] = {}
+    for label in manifest.labels:
+        class_dir = folder / "samples" / label
+        own = (
+            sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if class_dir.is_dir()
+            else []
+        )
+        found[label] = (own or golden.get(label, []))[:_SAMPLES_PER_CLASS]
+    uris: dict[str, list[str]] = {}
+    root = folder.resolve()
+    for label, paths in found.items():
+        for path in paths:
+            mime = _MIME.get(path.suffix.lower())
+            if mime is None or not path.resolve().is_relative_to(root) or not path.is_file():
+                continue
+            if path.stat().st_size > _SAMPLE_MAX_BYTES:
+                continue
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            uris.setdefault(label, []).append(f"data:{mime};base64,{data}")
+    return uris
