@@ -30,7 +30,8 @@ from imgq.worker.drift.notify import (
     AlertNotifier,
     WebhookConfig,
 )
-from imgq.worker.drift.webhook import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify
+from imgq.worker.drift.notify_cli import model_streams
+from imgq.worker.drift.webhook import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, post, verify
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from tests.drift_synthetic import make_manifest, make_reference
@@ -39,6 +40,7 @@ from tests.webhook_support import (
     SECRET,
     Answer,
     Receiver,
+    TricklingReceiver,
     add_notice,
     config,
     judge_windows,
@@ -107,6 +109,19 @@ def docs_verifier() -> Callable[..., bool]:
     return namespace["verify_imgq_signature"]  # type: ignore[no-any-return]
 
 
+def start_notify(
+    redis_server: LocalRedis, url: str, log: Any, **more_env: str
+) -> subprocess.Popen[bytes]:
+    """A real `imgq drift notify` process sending to ``url``, its output in ``log``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
+    env |= {"IMGQ_BROKER_URL": redis_server.url, "IMGQ_ALERT_WEBHOOK_URL": url,
+            "IMGQ_ALERT_WEBHOOK_SECRET": SECRET, "IMGQ_METRICS_PORT": "0"}  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "imgq.cli", "drift", "notify"],
+        env=env | more_env, stdout=log, stderr=log,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- delivery
 
 
@@ -139,7 +154,9 @@ def test_page_is_delivered_once_signed_and_nothing_secret_is_logged(
     assert not verify_documented(SECRET, body, replayed, now=timestamp + 301)
     payload = json.loads(body)
     assert payload["type"] == "drift.alert" and payload["tier"] == "page"
-    assert payload["idempotency_key"] == f"{manifest.drift_id}:1" == headers[IDEMPOTENCY_HEADER]
+    written_ms = payload["stream_entry"].partition("-")[0]
+    key = f"{manifest.drift_id}:1:{written_ms}"
+    assert payload["idempotency_key"] == key == headers[IDEMPOTENCY_HEADER]
     assert payload["model"] == "shapes" and payload["event"]["features"][0]["feature"]
     assert "brightness" in payload["text"]
     assert outcome(metrics, "delivered") == 1 and outcome(metrics, "retried") == 0
@@ -263,7 +280,7 @@ def test_4xx_and_redirects_are_not_retried_and_dead_lettered(
     assert [r["path"] for r in receiver.requests] == [HOOK_PATH]
     record = json.loads(client.lindex(DEAD_LETTERS, 0))
     assert record["reason"] == reason and record["attempts"] == 1
-    assert record["payload"]["idempotency_key"] == f"{manifest.drift_id}:1"
+    assert record["payload"]["idempotency_key"].startswith(f"{manifest.drift_id}:1:")
     assert record["receiver"] == f"http://127.0.0.1:{receiver.port}"
     assert len(record["response"]) <= 200
     assert outcome(metrics, "dead_letter") == 1 and outcome(metrics, "retried") == 0
@@ -325,7 +342,7 @@ def test_notices_are_never_sent_and_clears_of_pages_are(
     wait_for(lambda: settled(client, manifest), 20)
     kinds = [(b["type"], b["idempotency_key"]) for b in receiver.bodies()]
     assert [k for k, _ in kinds] == ["drift.alert", "drift.clear"]
-    assert kinds[0][1] == f"{manifest.drift_id}:1"
+    assert kinds[0][1].startswith(f"{manifest.drift_id}:1:")
     assert kinds[1][1].startswith(f"{manifest.drift_id}:clear:")
     assert receiver.bodies()[1]["model"] == "shapes"
     assert outcome(metrics, "skipped") == 2 and outcome(metrics, "delivered") == 2
@@ -360,6 +377,114 @@ def test_unreadable_entry_goes_to_the_dead_letters(
     assert [b["type"] for b in receiver.bodies()] == ["drift.alert"]
 
 
+def test_a_malformed_entry_does_not_stop_the_pages_after_it(
+    client: redis.Redis,
+    manifest: Manifest,
+    receiver: Receiver,
+    notifiers: Callable[..., AlertNotifier],
+    metrics: WorkerMetrics,
+) -> None:
+    """A page whose features are not a list makes the sender fail: that entry alone is
+    dead-lettered and acknowledged. Ids with CR/LF or outside Latin-1 (http.client refuses
+    such headers) go out with a safe key; the detector's page after them is still sent."""
+    stream = stream_of(manifest)
+    bad = {"type": "alert", "id": "f-int", "window": {"id": 1}, "features": 7}
+    client.xadd(stream, {"json": json.dumps(bad)})
+    for hostile_id in ("x\r\nX-Evil: 1", "\u043f\u0435\u0439\u0434\u0436"):
+        page = {"type": "alert", "id": hostile_id, "model": "shapes", "features": []}
+        client.xadd(stream, {"json": json.dumps(page)})
+    judge_windows(client, manifest, [0.15])
+    notifiers(receiver.url)
+    wait_for(lambda: settled(client, manifest), 20)
+    [record] = [json.loads(r) for r in client.lrange(DEAD_LETTERS, 0, -1)]
+    assert record["reason"] == "failed_TypeError" and outcome(metrics, "dead_letter") == 1
+    assert len(receiver.requests) == 3 and outcome(metrics, "delivered") == 3
+    keys = [r["headers"][IDEMPOTENCY_HEADER] for r in receiver.requests]
+    assert keys[0].startswith(f"{manifest.drift_id}:x__X-Evil: 1:")
+    assert keys[1].startswith(f"{manifest.drift_id}:_____:")
+    assert keys == [b["idempotency_key"] for b in receiver.bodies()]
+    assert all("X-Evil" not in r["headers"] for r in receiver.requests)
+
+
+def test_a_header_http_client_refuses_is_rejected_not_retried(receiver: Receiver) -> None:
+    """post() itself never raises for a header it cannot send: a reject, nothing sent."""
+    for value in ("x\r\nX-Evil: 1", "\u043f\u0435\u0439"):
+        attempt = post(receiver.url, b"{}", {IDEMPOTENCY_HEADER: value}, 5.0)
+        assert (attempt.outcome, attempt.reason) == ("reject", "bad_request")
+    assert receiver.requests == []
+
+
+def test_a_trickled_answer_is_cut_at_the_attempts_deadline() -> None:
+    """An HTTP/1.0 answer whose body comes a byte per 50 ms (100 s in all): the attempt ends
+    at its 1 s deadline as a timeout, and the receiver sees the connection closed after a
+    small part of the body."""
+    trickler = TricklingReceiver(body_bytes=2000, every_s=0.05)
+    try:
+        attempt = post(trickler.url, b"{}", {}, 1.0)
+        assert (attempt.outcome, attempt.reason, attempt.status) == ("retry", "timeout", 200)
+        wait_for(trickler.hung_up.is_set, 20)
+        assert trickler.sent < 500
+    finally:
+        trickler.close()
+
+
+def test_sigterm_stops_notify_while_an_answer_trickles(
+    client: redis.Redis, redis_server: LocalRedis, manifest: Manifest, tmp_path: Path
+) -> None:
+    """`imgq drift notify` (1 s attempts) SIGTERMed while a receiver trickles its answer exits
+    0 with the trickle far from done; the alert stays pending for a later sender."""
+    trickler = TricklingReceiver(body_bytes=2000, every_s=0.05)
+    judge_windows(client, manifest, [0.15])
+    log = (tmp_path / "notify.log").open("w")
+    proc = start_notify(redis_server, trickler.url, log, IMGQ_ALERT_WEBHOOK_TIMEOUT_S="1")
+    try:
+        wait_for(lambda: trickler.sent > 0, 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert trickler.sent < 1000
+        assert pending(client, manifest) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        trickler.close()
+
+
+def test_keys_stay_unique_when_redis_loses_its_data(
+    client: redis.Redis,
+    manifest: Manifest,
+    receiver: Receiver,
+    notifiers: Callable[..., AlertNotifier],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """FLUSHALL while a page is being retried: the sender makes its group again (no "Redis
+    unavailable"), and the next page, whose window id is 1 again, gets a key of its own."""
+    receiver.script = ["hang"]
+    judge_windows(client, manifest, [0.15])
+    with caplog.at_level(logging.INFO, logger="imgq.drift.notify"):
+        notifiers(receiver.url, timeout_s=1.0)
+        wait_for(lambda: receiver.requests, 20)
+        client.flushall()
+        wait_for(lambda: "is gone; making it again" in caplog.text, 20)
+        judge_windows(client, manifest, [0.15])
+        wait_for(lambda: settled(client, manifest), 20)
+    assert "Redis unavailable" not in caplog.text
+    first, second = (b["idempotency_key"] for b in receiver.bodies())
+    assert first.startswith(f"{manifest.drift_id}:1:") and second.startswith(
+        f"{manifest.drift_id}:1:"
+    )
+    assert first != second
+
+
+def test_notify_finds_a_new_models_stream_within_seconds(client: redis.Redis) -> None:
+    """`imgq drift notify` looks for alert streams every 5 s, not once a minute."""
+    streams = model_streams(client)
+    assert streams() == []
+    client.xadd("imgq:drift:feedface:alerts", {"json": "{}"})
+    wait_for(lambda: streams() == ["imgq:drift:feedface:alerts"], 15)
+
+
 # ----------------------------------------------------------------------------- a fleet
 
 
@@ -390,13 +515,8 @@ def test_a_killed_notifier_process_is_taken_over(
     worker's notifier claims the pending entry (XAUTOCLAIM) and delivers it."""
     receiver.script = ["hang"]
     judge_windows(client, manifest, [0.15])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
-    env |= {"IMGQ_BROKER_URL": redis_server.url, "IMGQ_ALERT_WEBHOOK_URL": receiver.url,
-            "IMGQ_ALERT_WEBHOOK_SECRET": SECRET, "IMGQ_METRICS_PORT": "0"}  # fmt: skip
     log = (tmp_path / "notify.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imgq.cli", "drift", "notify"], env=env, stdout=log, stderr=log
-    )
+    proc = start_notify(redis_server, receiver.url, log)
     try:
         wait_for(lambda: receiver.requests, 60)
         assert pending(client, manifest) == 1
@@ -480,7 +600,9 @@ def test_redis_outage_is_survived(
         wait_for(lambda: len(receiver.requests) == 3, 30)
     assert notifier._thread is not None and notifier._thread.is_alive()
     assert caplog.text.count("Redis unavailable") == 1
-    assert [b["idempotency_key"] for b in receiver.bodies()][-1] == f"{manifest.drift_id}:3"
+    assert [b["idempotency_key"] for b in receiver.bodies()][-1].startswith(
+        f"{manifest.drift_id}:3:"
+    )
 
 
 @pytest.mark.integration
@@ -499,7 +621,7 @@ def test_a_worker_sends_its_models_pages_and_stops_cleanly(
     wait_for(lambda: receiver.requests, 30)
     [request] = receiver.requests
     assert verify(SECRET, request["body"], request["headers"][SIGNATURE_HEADER])
-    assert json.loads(request["body"])["idempotency_key"] == f"{manifest.drift_id}:1"
+    assert json.loads(request["body"])["idempotency_key"].startswith(f"{manifest.drift_id}:1:")
     assert worker.stop() == 0
     assert SECRET not in worker.log_tail(1_000_000)
 

@@ -5,6 +5,7 @@ the alert stream's consumer group."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -163,3 +164,40 @@ def settled(client: redis.Redis, manifest: Manifest) -> bool:
 def outcome(metrics: WorkerMetrics, name: str) -> float:
     value = metrics.registry.get_sample_value("imgq_alert_webhook_total", {"outcome": name})
     return value or 0.0
+
+
+class TricklingReceiver:
+    """A raw TCP receiver that answers ``HTTP/1.0 200`` (the connection ends with the answer,
+    so http.client lets go of its socket) and then one body byte per ``every_s`` of a
+    ``body_bytes`` body; counts the bytes it got out before the sender hung up."""
+
+    def __init__(self, body_bytes: int = 2000, every_s: float = 0.05) -> None:
+        self.sent = 0
+        self.hung_up = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._body_bytes, self._every_s = body_bytes, every_s
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            conn.recv(65536)  # the request (its end is not needed: the answer comes anyway)
+            head = f"HTTP/1.0 200 OK\r\nContent-Length: {self._body_bytes}\r\n\r\n"
+            try:
+                conn.sendall(head.encode())
+                while self.sent < self._body_bytes and not self._stop.wait(self._every_s):
+                    conn.sendall(b"x")
+                    self.sent += 1
+            except OSError:
+                pass
+            self.hung_up.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()

@@ -12,8 +12,9 @@ dies, its pending entries sit idle, and after ``claim_idle_s`` another one takes
 dead-lettered instead of being retried for ever (a poison pill: it may crash its senders).
 
 At least once: a notifier that dies after the receiver answered 2xx but before its ``XACK``
-sends that alert again, so the payload and the ``Idempotency-Key`` header carry a key (model
-and alert id) the receiver can de-duplicate on. Notices (``tier: notice``) are never sent;
+sends that alert again, so the payload and the ``Idempotency-Key`` header carry a key (model,
+alert id and the millisecond the alert was written: window ids start again at 1 when Redis loses
+its data) the receiver can de-duplicate on. Notices (``tier: notice``) are never sent;
 pages are, and the clear of a paged alert when ``IMGQ_ALERT_WEBHOOK_CLEARS`` is on.
 
 Dead letters: a JSON record per alert in the Redis list :data:`DEAD_LETTERS` (newest first,
@@ -38,7 +39,14 @@ from typing import Any
 import redis
 
 from imgq.worker.drift.layout import DriftKeys, _iso, _text
-from imgq.worker.drift.webhook import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, Attempt, post, sign
+from imgq.worker.drift.webhook import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    Attempt,
+    header_safe,
+    post,
+    sign,
+)
 from imgq.worker.drift.webhook import backoff_s as _backoff_s
 from imgq.worker.metrics import WorkerMetrics, process_metrics
 from imgq.worker.settings import WorkerSettings, webhook_origin
@@ -156,11 +164,11 @@ class AlertNotifier:
         return self
 
     def close(self) -> None:
-        """Stop after the attempt in flight; an alert not yet delivered stays pending in Redis
-        for another notifier (or this one, restarted) to take over."""
+        """Stop after the attempt in flight (bounded by ``timeout_s``); an alert not yet
+        delivered stays pending in Redis for another notifier (or this one, restarted)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(self.config.timeout_s + 5)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -196,7 +204,16 @@ class AlertNotifier:
         for stream, entry_id, fields in entries:
             if self._stop.is_set():
                 break
-            self._handle(stream, entry_id, fields)
+            try:
+                self._handle(stream, entry_id, fields)
+            except redis.ResponseError as exc:
+                self._lost_group(stream, exc)  # FLUSHALL, or the stream expired mid-alert
+            except redis.RedisError:
+                raise  # Redis is down: the entry stays pending, read again when it is back
+            except Exception as exc:  # one bad entry must not stop the pages after it
+                log.exception("alert webhook: entry %s of %s failed", _text(entry_id), stream)
+                raw = {"stream": stream, "entry_id": _text(entry_id)}
+                self._dead_letter(stream, entry_id, raw, f"failed_{type(exc).__name__}", 0)
         return len(entries)
 
     def _read(self, stream: str, start: str) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
@@ -227,10 +244,13 @@ class AlertNotifier:
         return True
 
     def _lost_group(self, stream: str, exc: redis.ResponseError) -> None:
-        """The stream expired (its group with it) or was deleted: make the group again later."""
+        """The stream expired (its group with it), was deleted, or Redis lost its data: make
+        the group again now if the stream is back, else at a later pass."""
         if "NOGROUP" not in str(exc):
             raise exc
+        log.info("alert webhook: group of %s is gone; making it again", stream)
         self._grouped.discard(stream)
+        self._has_group(stream)
 
     def _claim_abandoned(self, stream: str) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
         """Entries of dead notifiers, idle ``claim_idle_s``, now this one's; those handed over
@@ -301,7 +321,9 @@ class AlertNotifier:
         if kind == "alert":
             if _tier(event) != "page":
                 return None
-            key, model, alert = f"{short_sha}:{event.get('id')}", event.get("model"), event
+            written_ms = _text(entry_id).partition("-")[0]
+            alert_id = header_safe(str(event.get("id")))[:64]
+            key, model, alert = f"{short_sha}:{alert_id}:{written_ms}", event.get("model"), event
             text = f"drift page on model {model}: " + "; ".join(
                 f"{f.get('feature')} {f.get('summary')}"
                 for f in event.get("features", [])
@@ -322,7 +344,7 @@ class AlertNotifier:
             return None
         return {
             "type": f"drift.{kind}",
-            "idempotency_key": key,
+            "idempotency_key": header_safe(key),
             "tier": "page",
             "model": model,
             "drift_id": short_sha,

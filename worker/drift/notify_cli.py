@@ -25,9 +25,13 @@ __all__ = ["model_streams", "notify_main"]
 _ALERTS_PATTERN = "imgq:drift:*:alerts"
 
 
-def model_streams(client: redis.Redis) -> Callable[[], list[str]]:
-    """Every model's alert stream, found by ``SCAN`` at most once a minute (for
-    ``imgq drift notify``, which serves all models)."""
+#: Seconds between two SCANs for alert streams: a new model's first page waits at most this.
+RESCAN_S = 5.0
+
+
+def model_streams(client: redis.Redis, rescan_s: float = RESCAN_S) -> Callable[[], list[str]]:
+    """Every model's alert stream, found by ``SCAN`` every ``rescan_s`` (for
+    ``imgq drift notify``, which serves all models; the alert keys are few, SCAN is cheap)."""
     found: list[str] = []
     next_scan = 0.0
 
@@ -36,7 +40,7 @@ def model_streams(client: redis.Redis) -> Callable[[], list[str]]:
         if time.monotonic() >= next_scan:
             keys = client.scan_iter(match=_ALERTS_PATTERN, count=1000, _type="stream")
             found = sorted({_text(k) for k in keys})
-            next_scan = time.monotonic() + 60.0
+            next_scan = time.monotonic() + rescan_s
         return found
 
     return streams

@@ -32,6 +32,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "Attempt",
     "backoff_s",
+    "header_safe",
     "post",
     "sign",
     "verify",
@@ -41,6 +42,8 @@ SIGNATURE_HEADER = "X-Imgq-Signature"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 #: Most bytes of a receiver's answer read (kept, cut, in the dead letter); the rest is dropped.
 RESPONSE_BYTES_READ = 1024
+#: Longest header value sent (an idempotency key made of hostile parts stays bounded).
+HEADER_MAX_CHARS = 200
 #: Answers that mean "try again later": request timeout, too many requests.
 _RETRY_4XX = (408, 429)
 
@@ -126,30 +129,37 @@ def backoff_s(
     return wait
 
 
+def header_safe(value: str) -> str:
+    """``value`` as a header may carry it: printable ASCII only (CR, LF and the rest become
+    ``_``, so an id from Redis cannot add headers or break the request), at most
+    :data:`HEADER_MAX_CHARS` characters.
+
+    >>> header_safe("7:x\\r\\nX-Evil: 1:é")
+    '7:x__X-Evil: 1:_'
+    """
+    return "".join(c if " " <= c <= "~" else "_" for c in value[:HEADER_MAX_CHARS])
+
+
 def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Attempt:
     """POST ``body`` to ``url`` once, connect to last byte read within ``timeout_s``.
 
     A user part in the URL (``https://user:pw@host/...``) is sent as basic authentication.
     Never raises for what the network or the receiver does; returns what it came to.
     """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    connection_class = (
-        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    )
-    conn = connection_class(host, parts.port, timeout=timeout_s)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    headers = {"Content-Type": "application/json", **headers}
-    if parts.username is not None:
-        user_pw = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(user_pw.encode()).decode()
     deadline = time.monotonic() + timeout_s
+    expired = threading.Event()
     watchdog: threading.Timer | None = None
+    conn: http.client.HTTPConnection | None = None
     try:
+        conn, path, headers = _connection(url, headers, timeout_s)
         conn.connect()
         # The socket timeout bounds each read; a receiver that trickles bytes would stretch
         # the attempt without end, so the socket is shut at the deadline whatever it is doing.
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, (conn,))
+        # The socket itself is held: getresponse() drops conn.sock when the answer ends the
+        # connection (HTTP/1.0, "Connection: close"), and the body is read after that.
+        watchdog = threading.Timer(
+            max(0.0, deadline - time.monotonic()), _expire, (conn.sock, expired)
+        )
         watchdog.daemon = True
         watchdog.start()
         conn.request("POST", path, body=body, headers=headers)
@@ -162,13 +172,35 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> At
     except ConnectionRefusedError:
         return Attempt("retry", "connection_refused")
     except (OSError, http.client.HTTPException):
-        reason = "timeout" if time.monotonic() >= deadline else "connection_error"
+        reason = "timeout" if expired.is_set() else "connection_error"
         return Attempt("retry", reason)
+    except ValueError:  # a header or URL http.client refuses (UnicodeEncodeError too)
+        return Attempt("reject", "bad_request")
     finally:
         if watchdog is not None:
             watchdog.cancel()
-        conn.close()
+        if conn is not None:
+            conn.close()
+    if expired.is_set():  # the shut socket ended the body early: the answer is not whole
+        return Attempt("retry", "timeout", status)
     return _judge(status, retry_after, head)
+
+
+def _connection(
+    url: str, headers: dict[str, str], timeout_s: float
+) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+    """The connection, path and headers of a POST to ``url`` (not connected yet)."""
+    parts = urlsplit(url)
+    connection_class = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    conn = connection_class(parts.hostname or "", parts.port, timeout=timeout_s)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = {"Content-Type": "application/json", **headers}
+    if parts.username is not None:
+        user_pw = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(user_pw.encode()).decode()
+    return conn, path, headers
 
 
 def _judge(status: int, retry_after_s: float | None, body: str) -> Attempt:
@@ -197,11 +229,12 @@ def _retry_after_s(value: str | None) -> float | None:
     return float(min(int(value.strip()), 86_400))
 
 
-def _shut(conn: http.client.HTTPConnection) -> None:
-    """Ends a request that outlived its deadline: the blocked read returns with an error."""
-    sock = conn.sock
+def _expire(sock: socket.socket | None, expired: threading.Event) -> None:
+    """Ends a request that outlived its deadline: the blocked read returns (an error, or the
+    end of the body)."""
+    expired.set()
     if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
+        try:  # the plain socket's shutdown, also under TLS: no TLS state touched from here
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
         except OSError:
             pass
