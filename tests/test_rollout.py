@@ -364,3 +364,18 @@ def test_counts_are_added_once_when_redis_refuses_a_field(redis_server) -> None:
     tally.flush()
     tally.flush()
     assert read_stats(r, "imgq", rollout)["versions"]["bbbbbbbbbbbb"]["tasks"] == 7
+
+
+def test_a_stable_key_that_is_no_full_sha256_stops_a_worker_saying_so(
+    redis_server, bundle_dir, start
+) -> None:
+    """A stable key holding a short prefix (written by hand) resolves for a fetch but is no
+    version to follow: the worker exits 2 with the fix instead of an assertion."""
+    from imgq.worker.bundles import stable_key
+
+    r = redis.Redis.from_url(redis_server.url)
+    version, _ = publish(r, bundle_dir, 1 << 30, "imgq")
+    r.set(stable_key("imgq"), version.version)  # 12 hex digits, not 64
+    worker = start("w1")
+    assert worker.process.wait(timeout=120) == 2
+    assert "is not a full sha256" in worker.log_tail()

@@ -127,14 +127,16 @@ class VersionedHandler:
         self._loaded: dict[str, ClassifyHandler] = {}
         self._refused: set[str] = set()  # rollout ids whose candidate failed here
         self._retry_at: dict[str, float] = {}
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         stable_sha, rollout = self._read()
         if stable_sha is None:
             from imgq.worker.bundles import resolve
 
             resolve(self.redis, None, self.queue)  # raises, saying how to publish one
-        assert stable_sha is not None
+            raise BundleError(
+                f"queue {self.queue!r}'s stable version is not a full sha256: publish it again "
+                "with `imgq models publish DIR --stable`"
+            )
         self._plan = Plan(self._load(stable_sha))
         self._follow(stable_sha, rollout)
         plan = self._plan
