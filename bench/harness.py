@@ -309,15 +309,24 @@ def cycled(images: Sequence[bytes], n: int) -> Iterator[bytes]:
     return itertools.islice(itertools.cycle(images), n)
 
 
-def done_times(client: ImgqClient, pending: Sequence[Any]) -> list[float]:
-    """Epoch seconds at which each task's result was stored (its ``date_done``)."""
+def stored_records(client: ImgqClient, pending: Sequence[Any]) -> list[dict[str, Any]]:
+    """The stored result record of each task (Celery's ``celery-task-meta-<id>``), in order."""
     backend = client.app.backend
     keys = [backend.get_key_for_task(r.id) for r in pending]
-    times = []
+    records = []
     for start in range(0, len(keys), 1000):
-        for value in backend.client.mget(keys[start : start + 1000]):
-            times.append(datetime.fromisoformat(json.loads(value)["date_done"]).timestamp())
-    return times
+        records += [json.loads(v) for v in backend.client.mget(keys[start : start + 1000])]
+    return records
+
+
+def done_times(client: ImgqClient, pending: Sequence[Any]) -> list[float]:
+    """Epoch seconds at which each task's result was stored (its ``date_done``)."""
+    return [done_at(record) for record in stored_records(client, pending)]
+
+
+def done_at(record: dict[str, Any]) -> float:
+    """Epoch seconds of a result record's ``date_done``."""
+    return datetime.fromisoformat(record["date_done"]).timestamp()
 
 
 def count_failures(outcomes: Sequence[Any]) -> int:

@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,12 @@ from harness import (
     BenchFleet,
     add_fleet_arguments,
     cycled,
+    done_at,
     drain,
     sample_images,
     small_bundle,
     start_fleet,
+    stored_records,
     worker_env,
 )
 
@@ -66,15 +67,8 @@ def following_workers(
 
 def stored(client: ImgqClient, pending: list[Any]) -> list[tuple[float, str]]:
     """``(date_done, version)`` of every stored result, in the order they were stored."""
-    backend = client.app.backend
-    keys = [backend.get_key_for_task(t.id) for t in pending]
-    out = []
-    for i in range(0, len(keys), 1000):
-        for raw in backend.client.mget(keys[i : i + 1000]):
-            record = json.loads(raw)
-            done = datetime.fromisoformat(record["date_done"]).timestamp()
-            out.append((done, record["result"]["model"]["version"]))
-    return sorted(out)
+    records = stored_records(client, pending)
+    return sorted((done_at(r), r["result"]["model"]["version"]) for r in records)
 
 
 def wait_done(client: ImgqClient, task: Any, timeout_s: float = 300.0) -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from imgq.shared.labelled import IMAGE_SUFFIXES
 from imgq.shared.manifest import Manifest
-from imgq.worker.drift.records import MAX_RECORD_BYTES
+from imgq.worker.drift.records import MAX_RECORD_BYTES, accuracy, finite
 from imgq.worker.drift.review import _bin_labels
 
 __all__ = ["histograms", "json_entry", "thumbnails", "training_samples", "verdict"]
@@ -39,14 +38,8 @@ def json_entry(raw: Any) -> Any:
 
 def _number(value: Any) -> float:
     """A finite number as float; anything else (NaN, inf, text, bool) as 0.0."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if ok and math.isfinite(value) else 0.0
-
-
-def _accuracy(value: Any) -> float | None:
-    """An estimated accuracy, or None (missing) when not a number in [0, 1]."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if ok and 0.0 <= value <= 1.0 else None
+    number = finite(value)
+    return 0.0 if number is None else number
 
 
 def _features(entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -80,7 +73,7 @@ def verdict(v: dict[str, Any]) -> dict[str, Any]:
         "window": v["window"],
         "tier": tier if tier in ("page", "notice", "ok") else "page",
         "tier_assumed": tier is None or v.get("tier_assumed") is True,
-        "estimated_accuracy": _accuracy(v.get("estimated_accuracy")),
+        "estimated_accuracy": accuracy(v.get("estimated_accuracy")),
         "flagged": sorted(flagged, key=lambda f: -f["psi"]),
     }
 

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 __all__ = [
     "MAX_RECORD_BYTES",
+    "accuracy",
     "clean_alert",
     "clean_verdict",
     "finite",
@@ -73,7 +74,8 @@ def _window(value: Any) -> dict[str, Any] | None:
     }
 
 
-def _accuracy(value: Any) -> float | None:
+def accuracy(value: Any) -> float | None:
+    """An estimated accuracy: a finite number in [0, 1], else None (missing)."""
     number = finite(value)
     return number if number is not None and 0.0 <= number <= 1.0 else None
 
@@ -96,7 +98,7 @@ def clean_verdict(verdict: dict[str, Any]) -> dict[str, Any] | None:
     features = verdict.get("features")
     out = verdict | {
         "window": window,
-        "estimated_accuracy": _accuracy(verdict.get("estimated_accuracy")),
+        "estimated_accuracy": accuracy(verdict.get("estimated_accuracy")),
         "features": [_feature(f, "name") for f in features if isinstance(f, dict)]
         if isinstance(features, list)
         else [],  # fmt: skip
@@ -119,7 +121,7 @@ def clean_alert(event: dict[str, Any]) -> dict[str, Any] | None:
         "tier": event.get("tier") if event.get("tier") in ("page", "notice") else "page",
         "time": _text(event.get("time")),
         "model": _text(event.get("model")),
-        "estimated_accuracy": _accuracy(event.get("estimated_accuracy")),
+        "estimated_accuracy": accuracy(event.get("estimated_accuracy")),
         "features": [_feature(f, "feature") for f in features if isinstance(f, dict)]
         if isinstance(features, list)
         else [],  # fmt: skip

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import secrets
 import time
@@ -26,6 +25,7 @@ from typing import Any, Final
 import redis
 
 from imgq.worker.bundles import BUNDLES_KEY, PublishError, resolve, stable_key
+from imgq.worker.drift.records import finite
 
 __all__ = [
     "ABORTED",
@@ -114,7 +114,7 @@ class Rollout:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return finite(value) is not None
 
 
 def rollout_key(queue: str) -> str:
