@@ -47,11 +47,11 @@ from imgq.localredis import LocalRedis
 from imgq.shared.bundle import ModelBundle
 from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.reference import RangeCheck
+from imgq.worker.broker.intake import Intake, Lane
 from imgq.worker.client import ImgqClient
 from imgq.worker.drift import DriftDetector, DriftRecorder
 from imgq.worker.engine import BatchEngine
 from imgq.worker.handlers.classify import ClassifyHandler
-from imgq.worker.intake import Intake, Lane
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.wire import TASK_NAME
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle.calibrate_infer_batch(32)
     gc.collect()
     gc.freeze()  # as the worker does after start-up
-    cv2.setNumThreads(1)  # as `imgq worker` runs OpenCV (worker/main.py)
+    cv2.setNumThreads(1)  # as `imgq worker` runs OpenCV (worker/commands/worker.py)
     totals: Timings = defaultdict(float)
     instrument(totals)
     if args.interleaved:

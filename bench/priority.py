@@ -1,4 +1,4 @@
-"""High-priority latency under a flood of low-priority tasks (worker/priority.py).
+"""High-priority latency under a flood of low-priority tasks (worker/broker/priority.py).
 
 The issue: "a flood of 20,000 low-priority tasks queued; high-priority tasks paced at 10% of the
 drain rate; their p99 stays within one batch time of their p99 on an idle queue. The batch may
@@ -66,8 +66,8 @@ from harness import (
 )
 
 from imgq.localredis import LocalRedis
+from imgq.worker.broker.priority import QueueLists
 from imgq.worker.client import PUSH_CHUNK_TASKS, ImgqClient
-from imgq.worker.priority import QueueLists
 from imgq.worker.wire import SENT_AT_HEADER, TASK_NAME
 from imgq.worker.wire.envelope import MessageTemplate
 

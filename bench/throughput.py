@@ -85,7 +85,7 @@ def _limit_share(bundle_dir: str, images: Sequence[bytes]) -> tuple[float, float
     from imgq.shared.decode import decode_image
     from imgq.shared.preprocess import preprocess_batch
 
-    cv2.setNumThreads(1)  # as `imgq worker` runs OpenCV (worker/main.py)
+    cv2.setNumThreads(1)  # as `imgq worker` runs OpenCV (worker/commands/worker.py)
     bundle = ModelBundle.load(bundle_dir, device="cpu", threads=1, check_golden=False)
     spec = bundle.manifest.preprocess
     for data in images[:20]:  # warm up

@@ -134,8 +134,8 @@ def main(args: argparse.Namespace) -> int:
     from imgq.shifts import shift_image
     from imgq.trainer.sample_data import generate
     from imgq.trainer.train import train_bundle
-    from imgq.worker.classify_cli import ProgressBar
     from imgq.worker.client import ImgqClient
+    from imgq.worker.commands.classify import ProgressBar
 
     started = time.monotonic()
     out = Path(args.out).resolve()

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from imgq.launcher import WorkerProcess
 from imgq.shared.errors import InvalidImage, InvalidTask
-from imgq.worker.followups import Followups
+from imgq.worker.celeryapp.followups import Followups
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.canvas import MAX_SIGNATURES, parse_canvas

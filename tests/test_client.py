@@ -21,8 +21,8 @@ from kombu.exceptions import OperationalError
 from imgq.launcher import WorkerProcess, worker_env
 from imgq.localredis import LocalRedis
 from imgq.shared.errors import InvalidImage
-from imgq.worker.classify_cli import classify_main
 from imgq.worker.client import ImgqClient
+from imgq.worker.commands.classify import classify_main
 from imgq.worker.wire import SENT_AT_HEADER, TASK_NAME
 from tests.blocked_imports import run_without
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle

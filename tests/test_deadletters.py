@@ -1,4 +1,4 @@
-"""Dead letters (worker/deadletters.py) and `imgq dlq` on a real redis-server."""
+"""Dead letters (worker/broker/deadletters.py) and `imgq dlq` on a real redis-server."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import redis
 
 from imgq.cli import main
 from imgq.localredis import LocalRedis, free_port
-from imgq.worker.deadletters import (
+from imgq.worker.broker.deadletters import (
     HEAD_BYTES,
     LUA_DEAD_LETTER,
     BodyNotKept,
@@ -248,7 +248,7 @@ def test_to_dict_escapes_the_head(client: redis.Redis) -> None:
 
 def test_imports_without_numpy() -> None:
     """`imgq dlq` stays light: no numpy, no OpenCV."""
-    run_without(["numpy", "cv2"], "import imgq.worker.dlq_cli")
+    run_without(["numpy", "cv2"], "import imgq.worker.commands.dlq")
 
 
 # ------------------------------------------------------------------------------- imgq dlq

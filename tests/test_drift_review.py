@@ -199,7 +199,7 @@ def test_hostile_records_are_shown_without_a_traceback(
     """Verdicts and alerts written by hand (or by another version) with missing fields, wrong
     types, NaN, CR/LF and 300 KiB of padding: every command answers, `--json` stays strict
     JSON, and `samples` of a window with unreadable times is refused with the reason."""
-    from imgq.worker.drift.samples import samples_main
+    from imgq.worker.drift.samples_cli import samples_main
 
     keys = DriftKeys(bundle[1].drift_id)
     hostile_verdicts = [

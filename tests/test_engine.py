@@ -23,13 +23,13 @@ from imgq.shared.decode import DecodeLimits
 from imgq.shared.errors import InvalidImage, InvalidTask
 from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.manifest import load_manifest
-from imgq.worker.deadletters import DeadLetters
+from imgq.worker.broker.deadletters import DeadLetters
+from imgq.worker.broker.intake import Intake
+from imgq.worker.broker.settle import WindowCounts
 from imgq.worker.engine import BatchEngine
 from imgq.worker.handlers.classify import ClassifyHandler
-from imgq.worker.intake import Intake
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
-from imgq.worker.settle import WindowCounts
 from imgq.worker.wire import TASK_NAME
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
 

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from imgq.localredis import LocalRedis
 from imgq.shared.errors import InvalidTask
-from imgq.worker.deadletters import DeadLetters
+from imgq.worker.broker.deadletters import DeadLetters
 from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.message import parse_message
 from tests.hostile import b64, good_png

@@ -13,18 +13,18 @@ from celery import Celery
 from prometheus_client import CollectorRegistry
 
 from imgq.shared.errors import InvalidTask
+from imgq.worker.broker.intake import Intake
 from imgq.worker.engine import BatchEngine
 from imgq.worker.handler import (
     DEFERRED,
-    HANDLERS,
     Failure,
     Outcome,
     Request,
     Success,
     check_outcomes,
 )
+from imgq.worker.handlers import HANDLERS
 from imgq.worker.handlers.null import NULL_TASK_NAME, NullHandler
-from imgq.worker.intake import Intake
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from tests.workerproc import wait_all

@@ -26,8 +26,8 @@ import redis
 from celery import Celery
 
 from imgq.localredis import LocalRedis
+from imgq.worker.broker.deadletters import DeadLetters
 from imgq.worker.client import ImgqClient
-from imgq.worker.deadletters import DeadLetters
 from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.message import parse_message
 from tests.hostile import b64, envelope, good_png, json_body

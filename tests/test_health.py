@@ -13,7 +13,7 @@ from celery import Celery
 from imgq.launcher import WorkerProcess, worker_env
 from imgq.localredis import LocalRedis, free_port
 from imgq.shared.manifest import load_manifest
-from imgq.worker.app import make_app
+from imgq.worker.celeryapp.app import make_app
 from imgq.worker.settings import WorkerSettings
 from tests.tinymodel import make_tiny_bundle
 

@@ -29,10 +29,10 @@ import tests.hostile
 from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import DecodeLimits, decode_base64, decode_image
 from imgq.shared.errors import InvalidImage, InvalidTask
-from imgq.worker.deadletters import DeadLetters
+from imgq.worker.broker.deadletters import DeadLetters
+from imgq.worker.broker.intake import Intake, Taken
 from imgq.worker.engine import BatchEngine
 from imgq.worker.handlers.classify import ClassifyHandler, validate_kwargs
-from imgq.worker.intake import Intake, Taken
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.wire import TASK_NAME

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from imgq.worker.deadletters import DeadLetters
-from imgq.worker.intake import (
+from imgq.worker.broker.deadletters import DeadLetters
+from imgq.worker.broker.intake import (
     LANES_KEY,
     Intake,
     LeaseLost,
@@ -21,7 +21,7 @@ from imgq.worker.intake import (
     poison_key,
     suspect_key,
 )
-from imgq.worker.settle import Settler
+from imgq.worker.broker.settle import Settler
 
 DEAD_LETTERS = (3600, 100, 1 << 20)
 
@@ -431,7 +431,8 @@ def test_a_suspect_is_served_alone_so_it_kills_no_batch_mate(r) -> None:
 def test_priority_levels_share_takes_so_none_starves(r, monkeypatch) -> None:
     """Takes serve the highest level first; a lower level that waits gets places in every batch
     (and every eighth take of one message), and an urgent batch is not filled with backlog."""
-    monkeypatch.setattr("imgq.worker.intake.URGENT_WINDOW_S", 3600.0)  # not a race with the clock
+    # Not a race with the clock:
+    monkeypatch.setattr("imgq.worker.broker.intake.URGENT_WINDOW_S", 3600.0)
     levels = ["q", "q\x06\x163", "q\x06\x169"]
     intake = Intake(r, "q", "w", 10.0, dead_letters=DEAD_LETTERS, lists=levels)
     intake.renew_lease()

@@ -22,7 +22,7 @@ from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_image
 from imgq.shared.preprocess import preprocess_batch
 from imgq.worker.bundles import publish
-from imgq.worker.health import STATUS_COMMAND
+from imgq.worker.celeryapp.status import STATUS_COMMAND
 from imgq.worker.rollout.state import Rollout, in_share, read_rollout, stats_key
 from imgq.worker.rollout.tally import read_stats
 from imgq.worker.wire import TASK_NAME

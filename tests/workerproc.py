@@ -30,7 +30,7 @@ __all__ = ["LEASE_TTL_S", "RESTORE_INTERVAL_S", "REDELIVERY_BOUND_S", "Published
 #: Short lease settings so that tests see redelivery within seconds.
 LEASE_TTL_S = 2.0
 RESTORE_INTERVAL_S = 0.5
-#: Documented bound on redelivery after a SIGKILL (worker/intake.py).
+#: Documented bound on redelivery after a SIGKILL (worker/broker/intake.py).
 REDELIVERY_BOUND_S = LEASE_TTL_S + RESTORE_INTERVAL_S
 
 

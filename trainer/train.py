@@ -490,7 +490,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"imgq train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if getattr(args, "publish", False):  # for the fleet: `imgq rollout start VERSION` next
-        from imgq.worker.models_cli import publish_main
+        from imgq.worker.commands.models import publish_main
 
         return publish_main(argparse.Namespace(bundle=args.out, queue=args.queue, stable=False))
     return 0

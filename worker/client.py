@@ -1,5 +1,5 @@
 """The Python client of imgq: enqueue images and gather results (`imgq classify` is
-:mod:`imgq.worker.classify_cli`).
+:mod:`imgq.worker.commands.classify`).
 
 Other services import this module to send work to imgq workers, so it needs only ``celery`` and
 ``redis`` — no numpy, OpenCV, onnxruntime or TensorFlow. Everything it sends is a plain Celery

@@ -4,19 +4,19 @@ for any task kind. It knows nothing of images; handlers do (``worker/handler.py`
 A :class:`BatchEngine` thread repeats one cycle:
 
 1. take up to ``max_batch`` messages into this batch's in-flight list (its
-   :class:`~imgq.worker.intake.Lane`; one transaction, bounded in bytes) — and wait up to
+   :class:`~imgq.worker.broker.intake.Lane`; one transaction, bounded in bytes) — and wait up to
    ``max_wait_ms`` for more only when that is set (it pays on a GPU, not on a CPU); an idle
    engine looks again after a short pause that grows with the idle time (reads only: a wait that
    wrote would be refused by a full Redis);
 2. per message: parse (``worker/wire/message.py``), poison pill, refused content, expiry, an
-   ``eta`` still ahead (put aside in Redis, ``worker/schedule.py``), the handler of its task
-   name, a revoke (``worker/celery_state.py``); then each handler's requests in one ``handle``
+   ``eta`` still ahead (put aside in Redis, ``worker/broker/schedule.py``), the handler of its task
+   name, a revoke (``worker/celeryapp/state.py``); then each handler's requests in one ``handle``
    call, registered in Celery's worker state meanwhile, whose outcomes are checked against the
    batch contract (and overruled by ``terminate`` or a time limit the batch ran past);
 3. one Redis round trip: the settle script (dead letters, tasks put aside, results stored
-   first-wins, the ack, the observers' counts once; ``worker/settle.py``), the observers'
+   first-wins, the ack, the observers' counts once; ``worker/broker/settle.py``), the observers'
    extras and one message of Celery task events; then the follow-ups of results stored new
-   (callbacks, chains, chords: ``worker/followups.py``).
+   (callbacks, chains, chords: ``worker/celeryapp/followups.py``).
 
 Exactly one outcome per message: a stored result, a dead letter for a message that does not
 even carry a task id, or back to the head of the queue for a request its handler deferred. An
@@ -40,8 +40,10 @@ import redis
 from celery.exceptions import TimeLimitExceeded
 
 from imgq.shared.errors import InvalidTask
-from imgq.worker.celery_state import HeldTask, is_revoked
-from imgq.worker.followups import Followups
+from imgq.worker.broker.intake import Lane, LeaseLost, Oversized, Taken
+from imgq.worker.broker.settle import Settler, WindowCounts, done_key, once_token
+from imgq.worker.celeryapp.followups import Followups
+from imgq.worker.celeryapp.state import HeldTask, is_revoked
 from imgq.worker.handler import (
     Deferred,
     Failure,
@@ -51,11 +53,9 @@ from imgq.worker.handler import (
     Request,
     check_outcomes,
 )
-from imgq.worker.intake import Lane, LeaseLost, Oversized, Taken
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.outcome import EXPIRED, REVOKED, TERMINATED, BatchOutcome, Revoked, Scheduled
 from imgq.worker.settings import WorkerSettings
-from imgq.worker.settle import Settler, WindowCounts, done_key, once_token
 from imgq.worker.wire.events import TaskEvents
 from imgq.worker.wire.message import TaskRequest, find_task_id, not_due, parse_message
 
@@ -89,7 +89,7 @@ class BatchEngine:
         settings: The worker's settings (queue, batch size, wait, result expiry, dead letters).
         handlers: The handler of each task name this engine serves.
         redis_client: Client of the broker's Redis (queue, in-flight list, counts).
-        lane: This engine's in-flight list (:class:`~imgq.worker.intake.Lane`).
+        lane: This engine's in-flight list (:class:`~imgq.worker.broker.intake.Lane`).
         backend: The Celery app's result backend: its key names are used, and its Redis client
             when results live in another Redis than the queue.
         metrics: Where to count.

@@ -18,8 +18,9 @@ handler's budget; only the newest requests of a batch can be deferred). ``tick()
 engine that the handler is making progress (once per item), so a slow but working batch keeps
 its lease.
 
-Adding a task kind is a module under ``worker/handlers/`` and one line in :data:`HANDLERS`; the
-worker serves the handlers named by ``IMGQ_HANDLERS``.
+Adding a task kind is a module under ``worker/handlers/`` and one line in its registry
+(:data:`imgq.worker.handlers.HANDLERS`); the worker serves the handlers named by
+``IMGQ_HANDLERS``.
 """
 
 from __future__ import annotations
@@ -29,22 +30,22 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from imgq.worker.handlers import HANDLERS
+
 if TYPE_CHECKING:
     import redis
+    from celery import Celery
 
-    from imgq.worker.app import ImgqCelery
+    from imgq.worker.broker.settle import WindowCounts
     from imgq.worker.metrics import WorkerMetrics
     from imgq.worker.settings import WorkerSettings
-    from imgq.worker.settle import WindowCounts
 
 __all__ = [
     "DEFERRED",
-    "HANDLERS",
     "Deferred",
     "Failure",
     "Handler",
     "HandlerContext",
-    "HandlerSpec",
     "Observer",
     "Outcome",
     "Request",
@@ -52,23 +53,6 @@ __all__ = [
     "check_outcomes",
     "load_handler",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class HandlerSpec:
-    """A registered handler: the Celery task it serves, and ``"module:factory"`` (the factory
-    takes a :class:`HandlerContext` and returns the :class:`Handler`; imported only when a
-    worker serves it)."""
-
-    task_name: str
-    factory: str
-
-
-#: Handler name (``IMGQ_HANDLERS``) -> its spec. Adding a task kind is one line here.
-HANDLERS: Final[Mapping[str, HandlerSpec]] = {
-    "classify": HandlerSpec("imgq.classify", "imgq.worker.handlers.classify:create"),
-    "null": HandlerSpec("imgq.null", "imgq.worker.handlers.null:create"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +108,7 @@ Outcome = Success | Failure | Deferred
 
 class Observer(Protocol):
     """Sees the outcomes of newly stored tasks (drift statistics). Its counts go into Redis
-    with the results, in the batch's settle script, once (``worker/settle.py``)."""
+    with the results, in the batch's settle script, once (``worker/broker/settle.py``)."""
 
     #: A Lua function ``add_window(key, n, pairs, ttl)`` the settle script includes.
     lua_add_window: str
@@ -170,7 +154,7 @@ class HandlerContext:
     """
 
     settings: WorkerSettings
-    app: ImgqCelery
+    app: Celery
     redis: redis.Redis
     metrics: WorkerMetrics
 

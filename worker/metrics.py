@@ -15,7 +15,7 @@ Names (all prefixed ``imgq_``):
   ``ImgqClient`` sends them; Celery's own messages carry no send time), decode + preprocess per
   model call, the model call itself.
 - ``followups_total{kind,outcome}``: what was sent after a task for its canvas
-  (``worker/followups.py``): kind ``callback``, ``chain``, ``chord``, ``errback``; outcome
+  (``worker/celeryapp/followups.py``): kind ``callback``, ``chain``, ``chord``, ``errback``; outcome
   ``sent`` or ``failed`` (logged; the task's own result is stored either way).
 - ``model_info{name,sha256,version,provider}`` = 1.
 - ``drift_psi{model,drift_id,feature}``, ``drift_alerts_open{model,drift_id,tier}``,

@@ -16,8 +16,8 @@ from typing import Any
 from celery.exceptions import TaskRevokedError
 
 from imgq.shared.errors import InvalidTask
+from imgq.worker.broker.settle import DeadMessage
 from imgq.worker.handler import Failure, Outcome, Success
-from imgq.worker.settle import DeadMessage
 from imgq.worker.wire.message import TaskRequest
 from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
 
@@ -60,7 +60,7 @@ class BatchOutcome:
     observations: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
     #: How many of the newest messages go back to the queue (deferred by their handler).
     give_back: int = 0
-    #: ``(eta, message)`` of each task whose time is ahead (``worker/schedule.py``).
+    #: ``(eta, message)`` of each task whose time is ahead (``worker/broker/schedule.py``).
     scheduled: list[tuple[float, bytes]] = dataclasses.field(default_factory=list)
 
     def add(self, req: TaskRequest, state: str, result: Any, outcome: str, reason: str) -> int:

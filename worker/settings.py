@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from imgq.worker.broker.priority import QueueLists
 from imgq.worker.envvars import _ENV_OF, _LIMIT_FIELDS, _VARS, ENV_VARS, parse_infer_batch
 from imgq.worker.logs import LOG_FORMATS, mask_url
-from imgq.worker.priority import QueueLists
 
 if TYPE_CHECKING:
     from imgq.shared.decode import DecodeLimits
@@ -118,7 +118,7 @@ class WorkerSettings:
         broker_transport_options: Celery's ``broker_transport_options`` of the clients: the
             worker's Celery app uses them, and :attr:`queue_lists` reads the list names.
         result_backend_transport_options: The clients' ``result_backend_transport_options``.
-        handlers: The handlers served (``worker/handler.py``'s ``HANDLERS``).
+        handlers: The handlers served (``worker/handlers/__init__.py``'s ``HANDLERS``).
         concurrency: Batch runner threads per process.
         max_batch: Most tasks taken, served and stored together.
         infer_batch: Most images per onnxruntime call; 0 measures the cheapest size at start
@@ -233,7 +233,7 @@ class WorkerSettings:
                 )
             return None
 
-        from imgq.worker.handler import HANDLERS  # light: the registry imports nothing heavy
+        from imgq.worker.handlers import HANDLERS  # light: the registry imports nothing heavy
 
         handlers_ok = (
             isinstance(self.handlers, tuple)
@@ -384,7 +384,7 @@ class WorkerSettings:
     def max_message_bytes(self) -> int:
         """The largest message that can carry a valid task: the image's base64 inside a JSON
         body that kombu base64-encodes again (x 16/9), plus 256 KiB of headers. A worker never
-        reads a longer message (``worker/intake.py``)."""
+        reads a longer message (``worker/broker/intake.py``)."""
         return self.decode_limits.max_bytes * 16 // 9 + 256 * 1024
 
     def wait_ms_for(self, provider: str) -> float:

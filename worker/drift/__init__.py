@@ -5,7 +5,7 @@ The three parts, and where they run::
 
     hot path (per batch)       DriftRecorder.window_counts: bin counts of the batch, summed
                                locally with numpy, go into the model's *open window* inside the
-                               batch's settle script (worker/settle.py; no extra round trip)
+                               batch's settle script (worker/broker/settle.py; no extra round trip)
     background thread          DriftRecorder closes the open window when it is full (count) or old
                                (time) with an atomic Lua RENAME, so exactly one worker closes it,
                                then DriftDetector.evaluate judges it

@@ -30,6 +30,7 @@ from imgq.shared.imagestats import (
 )
 from imgq.shared.manifest import Manifest
 from imgq.shared.reference import RangeCheck
+from imgq.worker.broker.settle import WindowCounts
 from imgq.worker.drift.detector import DriftDetector
 from imgq.worker.drift.layout import (
     _ADD_LUA,
@@ -47,7 +48,6 @@ from imgq.worker.drift.layout import (
 from imgq.worker.drift.samples import SampleWriter
 from imgq.worker.drift.verdict import NOTICE_ALPHA, PAGE_ALPHA
 from imgq.worker.metrics import WorkerMetrics
-from imgq.worker.settle import WindowCounts
 
 __all__ = ["DriftRecorder", "Observation"]
 
@@ -202,7 +202,7 @@ class DriftRecorder:
     # -- the Observer protocol (imgq.worker.handler) ----------------------------------------------
 
     #: The Lua function ``add_window(key, n, pairs, ttl)`` that the batch's settle script
-    #: (``worker/settle.py``) includes, so that the counts go in with the results, once.
+    #: (``worker/broker/settle.py``) includes, so that the counts go in with the results, once.
     lua_add_window = _ADD_WINDOW_FUNCTION_LUA
 
     def window_counts(self, observations: Sequence[Observation]) -> list[WindowCounts]:

@@ -27,7 +27,7 @@ import redis
 from imgq.shared.errors import ImgqError
 from imgq.shared.manifest import Manifest, load_manifest
 from imgq.shared.reference import FeatureReference
-from imgq.worker.drift import DriftKeys, WindowLayout
+from imgq.worker.drift.layout import DriftKeys, WindowLayout
 from imgq.worker.drift.records import clean_alert, clean_verdict, json_line, parse, printable
 from imgq.worker.logs import mask_url
 from imgq.worker.settings import WorkerSettings

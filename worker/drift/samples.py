@@ -12,7 +12,6 @@ clock as a window's start and end, so a window's samples are one ``XRANGE``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -33,7 +32,6 @@ __all__ = [
     "SAMPLES_BYTES",
     "SampleWriter",
     "samples_kept",
-    "samples_main",
     "window_samples",
     "write_samples",
 ]
@@ -210,41 +208,3 @@ def write_samples(
         "utf-8",
     )
     return written, skipped
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def samples_main(args: argparse.Namespace) -> int:
-    """`imgq drift samples (--alert ID | --window ID) --out DIR`."""
-    from imgq.worker.drift.review import _run
-
-    return _run(args, _samples)
-
-
-def _samples(args: argparse.Namespace, client: redis.Redis, manifest: Manifest, _: Path) -> None:
-    from imgq.worker.drift.review import _UsageError, find_window
-
-    keys = DriftKeys(manifest.drift_id)
-    window = find_window(client, manifest, alert_id=args.alert, window_id=args.window)
-    try:
-        samples = window_samples(client, keys, window)
-    except ValueError as exc:
-        raise _UsageError(f"the window's start or end time is not readable: {exc}") from None
-    try:
-        written, skipped = write_samples(samples, manifest.labels, Path(args.out))
-    except FileExistsError as exc:
-        raise _UsageError(str(exc)) from None
-    print(
-        f"wrote {written} images of window {window.get('id')} ({window.get('start')} .. "
-        f"{window.get('end')}) to {args.out}, one folder per predicted class, and "
-        f"{Path(args.out) / _CSV}"
-        + (f"; skipped {skipped} that were not a sample of this model" if skipped else "")
-    )
-    if not written:
-        kept = samples_kept(manifest.preprocess.height, manifest.preprocess.width)
-        print(
-            "no samples in that window: the workers keep a few per second (older ones are "
-            f"trimmed: {keys.samples} keeps about {kept})"
-        )
-    print(f"next: label them as {Path(args.out) / _README} says, then `imgq train`")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -32,15 +32,11 @@ from imgq.shared.reference import RangeCheck
 from imgq.worker.drift.notify import AlertNotifier, notifier_for_model
 from imgq.worker.drift.recorder import DriftRecorder, Observation
 from imgq.worker.handler import DEFERRED, Failure, HandlerContext, Outcome, Request, Success
-from imgq.worker.health import publish_model
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.wire import TASK_NAME
 
-if TYPE_CHECKING:
-    from imgq.worker.rollout.serving import VersionedHandler
-
-__all__ = ["ClassifyHandler", "build", "create", "validate_kwargs"]
+__all__ = ["ClassifyHandler", "build", "validate_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,23 +260,6 @@ def validate_kwargs(kwargs: Any, n_labels: int) -> tuple[str, int, str | int | N
             f"request_id must be a string or an integer, got {type(request_id).__name__}",
         )
     return image, top_k, request_id
-
-
-def create(context: HandlerContext) -> ClassifyHandler | VersionedHandler:
-    """The worker's classification handler: the bundle folder it is given, or, without one,
-    the queue's published versions, following its rollout (``worker/rollout/``).
-
-    Raises:
-        BundleError, ManifestError: the bundle fails its checks.
-        PublishError: no version is published for the queue.
-    """
-    if context.settings.model_dir is None:
-        from imgq.worker.rollout.serving import VersionedHandler
-
-        return VersionedHandler(context, lambda folder: build(context, folder))
-    handler = build(context, context.settings.model_dir)
-    publish_model(context.app, handler.bundle)
-    return handler
 
 
 def build(context: HandlerContext, folder: Path) -> ClassifyHandler:

@@ -15,9 +15,9 @@ import redis
 
 from imgq.shared.errors import ImgqError
 from imgq.worker.bundles import drift_ids, list_versions, served_by
+from imgq.worker.commands.models import _statuses
 from imgq.worker.drift.layout import DriftKeys
 from imgq.worker.drift.records import printable
-from imgq.worker.models_cli import _statuses
 from imgq.worker.rollout.state import Rollout, abort, promote, read_rollout, start
 from imgq.worker.rollout.tally import read_stats
 from imgq.worker.settings import WorkerSettings

@@ -29,12 +29,13 @@ from typing import Any
 import redis
 
 from imgq.shared.errors import BundleError, ImgqError
+from imgq.worker.broker.settle import WindowCounts
 from imgq.worker.bundles import fetch, list_versions
+from imgq.worker.celeryapp.status import publish_model
 from imgq.worker.drift.layout import _ADD_WINDOW_FUNCTION_LUA
 from imgq.worker.drift.recorder import DriftRecorder
 from imgq.worker.handler import DEFERRED, HandlerContext, Outcome, Request, Success
-from imgq.worker.handlers.classify import ClassifyHandler
-from imgq.worker.health import publish_model
+from imgq.worker.handlers.classify import ClassifyHandler, build
 from imgq.worker.rollout.state import (
     RUNNING,
     Rollout,
@@ -46,10 +47,9 @@ from imgq.worker.rollout.state import (
     stable_version,
 )
 from imgq.worker.rollout.tally import Tally
-from imgq.worker.settle import WindowCounts
 from imgq.worker.wire import TASK_NAME
 
-__all__ = ["Plan", "VersionedHandler"]
+__all__ = ["Plan", "VersionedHandler", "create"]
 
 logger = logging.getLogger("imgq.rollout")
 
@@ -433,3 +433,18 @@ def _deferred_suffix(outcomes: list[Outcome]) -> list[Outcome]:
     if first is None:
         return outcomes
     return outcomes[:first] + [DEFERRED] * (len(outcomes) - first)
+
+
+def create(context: HandlerContext) -> ClassifyHandler | VersionedHandler:
+    """The worker's classification handler (``HANDLERS["classify"]``): the bundle folder it is
+    given, or, without one, the queue's published versions, following its rollout.
+
+    Raises:
+        BundleError, ManifestError: the bundle fails its checks.
+        PublishError: no version is published for the queue.
+    """
+    if context.settings.model_dir is None:
+        return VersionedHandler(context, lambda folder: build(context, folder))
+    handler = build(context, context.settings.model_dir)
+    publish_model(context.app, handler.bundle)
+    return handler

@@ -10,7 +10,7 @@ without reading a header, so the common case costs one dict lookup per field.
 Every byte is hostile: a field of the wrong type fails the task (``malformed_message``, the
 field named) instead of meeting Celery's canvas code later, in the engine thread. The
 signatures are only checked for shape here; Celery builds them when the follow-ups are sent
-(``worker/followups.py``).
+(``worker/celeryapp/followups.py``).
 """
 
 from __future__ import annotations

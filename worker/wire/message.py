@@ -1,7 +1,8 @@
 """Reading a task message as a Celery producer left it in the Redis list, every field checked.
 
-The worker reads the Redis list itself (``worker/intake.py``) instead of going through Celery's
-task consumer, so it reads exactly what any Celery client writes there: kombu's JSON envelope::
+The worker reads the Redis list itself (``worker/broker/intake.py``) instead of going through
+Celery's task consumer, so it reads exactly what any Celery client writes there: kombu's JSON
+envelope::
 
     {"body": "<base64 of the JSON [args, kwargs, embed]>", "content-type": "application/json",
      "content-encoding": "utf-8",
@@ -218,7 +219,7 @@ def parse_task_id(value: Any) -> str:
 
 def not_due(req: TaskRequest, now: float) -> bool:
     """Whether the task's ``countdown``/``eta`` is still ahead of ``now``: it waits in Redis
-    (``worker/schedule.py``) instead of running early.
+    (``worker/broker/schedule.py``) instead of running early.
 
     >>> not_due(TaskRequest("t", "", {}, None, None, None, "q", b"", eta=100.0), now=100.0)
     False

@@ -33,7 +33,7 @@ import redis
 import redis.client
 
 from imgq.shared.errors import ImgqError
-from imgq.worker.deadletters_lua import (
+from imgq.worker.broker.deadletters_lua import (
     _ADD,
     _PURGE_CHUNK,
     _REQUEUE,

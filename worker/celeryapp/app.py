@@ -6,7 +6,7 @@ The app is a real Celery app, so the worker is a real Celery worker: ``celery in
 messages is replaced (``worker_consumer`` -> :class:`worker.consumer.BulkConsumer`): it takes
 ``imgq.classify`` messages from Redis in batches instead of one by one. Because no task message
 goes through kombu's consumer, kombu's Redis visibility timeout (one hour by default) plays no
-part in redelivery; the lease in ``worker/intake.py`` does.
+part in redelivery; the lease in ``worker/broker/intake.py`` does.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
         # No task runs on Celery's own path, so there is nothing to cancel on a lost connection;
         # setting it explicitly also silences Celery's pending-deprecation warning.
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_consumer="imgq.worker.consumer:BulkConsumer",
+        worker_consumer="imgq.worker.celeryapp.consumer:BulkConsumer",
         worker_pool="solo",
-        # Our own JSON logging is configured in worker/main.py; Celery must not replace it.
+        # Our own JSON logging is configured in worker/commands/worker.py; Celery must not
+        # replace it.
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         enable_utc=True,
@@ -79,7 +80,7 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
 def _task_names(settings: WorkerSettings) -> list[str]:
     """The Celery task names of the handlers served, from the registry (without importing the
     handlers: the classification handler imports numpy, OpenCV and onnxruntime)."""
-    from imgq.worker.handler import HANDLERS
+    from imgq.worker.handlers import HANDLERS
 
     return [HANDLERS[name].task_name for name in settings.handlers]
 

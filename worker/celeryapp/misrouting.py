@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import redis
 
-from imgq.worker.priority import QueueLists
+from imgq.worker.broker.priority import QueueLists
 
 __all__ = ["CELERY_DEFAULT_QUEUE", "advice", "misrouted"]
 

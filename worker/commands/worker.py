@@ -17,14 +17,14 @@ from celery import signals
 from celery.utils.nodenames import default_nodename, host_format
 
 from imgq.shared.errors import ImgqError
-from imgq.worker.app import make_app
+from imgq.worker.celeryapp.app import make_app
 from imgq.worker.logs import configure_logging, mask_url
 from imgq.worker.metrics import start_metrics_server
 from imgq.worker.settings import WorkerSettings
 
 __all__ = ["main"]
 
-logger = logging.getLogger("imgq.worker.main")
+logger = logging.getLogger("imgq.worker.commands.worker")
 
 
 def _keep_batch_buffers() -> None:

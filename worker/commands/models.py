@@ -121,8 +121,8 @@ def _rolled_out_on(client: redis.Redis, sha256: str) -> list[str]:
 
 def _statuses(settings: WorkerSettings) -> list[dict]:
     """Every worker's ``imgq_status`` reply (model sha256), within a second."""
-    from imgq.worker.app import make_app
-    from imgq.worker.health import STATUS_COMMAND
+    from imgq.worker.celeryapp.app import make_app
+    from imgq.worker.celeryapp.status import STATUS_COMMAND
 
     app = make_app(settings)
     try:

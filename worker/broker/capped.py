@@ -6,7 +6,7 @@ refuse it. Redis cannot report an element's length without returning it, so the 
 where the bytes arrive: the connection counts what it receives for the command it last sent and
 raises :class:`ReplyTooLarge` (dropping the connection, unread bytes and all) once that exceeds
 ``max_reply_bytes``. The caller then asks Redis to sort the messages by size itself
-(``worker/intake.py``, a Lua script that sees each message's length inside Redis).
+(``worker/broker/intake.py``, a Lua script that sees each message's length inside Redis).
 
 The count wraps the socket that redis-py's parsers read (``Connection._connect`` returns it), so
 it works with the hiredis and the pure-Python parser, over TCP, TLS and Unix sockets.

@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from imgq.shared.errors import ImgqError
-from imgq.worker.deadletters import (
+from imgq.worker.broker.deadletters import (
     BODY_STATES,
     DeadLetter,
     DeadLetterLimits,

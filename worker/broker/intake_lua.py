@@ -1,11 +1,11 @@
 """The intake's Lua: give back, restore dead workers' lanes, release at shutdown, and sort out
-a lane after a take whose reply was refused or lost (``worker/intake.py`` is their Python side,
-and its docstring the protocol they implement).
+a lane after a take whose reply was refused or lost (``worker/broker/intake.py`` is their Python
+side, and its docstring the protocol they implement).
 """
 
 from __future__ import annotations
 
-from imgq.worker.deadletters_lua import LUA_DEAD_LETTER
+from imgq.worker.broker.deadletters_lua import LUA_DEAD_LETTER
 
 __all__ = ["GIVE_BACK_NEWEST", "GIVE_BACK_UNKNOWN", "RECOVER", "RELEASE", "RESTORE"]
 

@@ -12,9 +12,10 @@ replaced by :class:`BulkTasks`, which
   the worker before it connects, with the bundle's message);
 - runs ``concurrency`` :class:`~imgq.worker.engine.BatchEngine` threads and one keeper thread that
   renews the lease (only while every runner makes progress), gives back dead workers' and
-  orphaned messages, and queues the tasks whose ``eta`` has come (``worker/schedule.py``); the
-  runners send the Celery task events of their batches under the worker's node name
-  (``IMGQ_TASK_EVENTS``), so Flower lists the tasks as for any Celery worker;
+  orphaned messages, and queues the tasks whose ``eta`` has come
+  (``worker/broker/schedule.py``); the runners send the Celery task events of their batches
+  under the worker's node name (``IMGQ_TASK_EVENTS``), so Flower lists the tasks as for any
+  Celery worker;
 - on warm shutdown (SIGTERM) stops taking, finishes the batch in hand, stores its results and
   pushes anything still unacked back to the queue.
 
@@ -41,16 +42,16 @@ from celery.worker.consumer.tasks import Tasks
 from kombu import Consumer as KombuConsumer
 from kombu.common import QoS
 
-from imgq.worker.app import ImgqCelery
-from imgq.worker.celery_state import load_revoked
+from imgq.worker.broker.intake import Intake
+from imgq.worker.broker.schedule import release_due
+from imgq.worker.celeryapp.app import ImgqCelery
+from imgq.worker.celeryapp.followups import Followups
+from imgq.worker.celeryapp.misrouting import advice, misrouted
+from imgq.worker.celeryapp.state import load_revoked
+from imgq.worker.celeryapp.status import imgq_status  # noqa: F401 (registers the control command)
 from imgq.worker.engine import BatchEngine
-from imgq.worker.followups import Followups
 from imgq.worker.handler import HandlerContext, load_handler
-from imgq.worker.health import imgq_status  # noqa: F401 (registers the control command)
-from imgq.worker.intake import Intake
 from imgq.worker.metrics import process_metrics
-from imgq.worker.misrouting import advice, misrouted
-from imgq.worker.schedule import release_due
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.events import TaskEvents
@@ -326,10 +327,10 @@ class BulkDelayedDelivery(DelayedDelivery):
 
 
 _REPLACED_STEPS = {
-    "celery.worker.consumer.tasks:Tasks": "imgq.worker.consumer:BulkTasks",
-    "celery.worker.consumer.control:Control": "imgq.worker.consumer:BulkControl",
+    "celery.worker.consumer.tasks:Tasks": "imgq.worker.celeryapp.consumer:BulkTasks",
+    "celery.worker.consumer.control:Control": "imgq.worker.celeryapp.consumer:BulkControl",
     "celery.worker.consumer.delayed_delivery:DelayedDelivery": (
-        "imgq.worker.consumer:BulkDelayedDelivery"
+        "imgq.worker.celeryapp.consumer:BulkDelayedDelivery"
     ),
 }
 

@@ -4,13 +4,13 @@ One Lua script does it all, in this order, so that an error part-way (a Redis at
 refusing a write) stops before the ack and the batch is retried whole, never lost:
 
 1. the dead letters of the batch (messages nobody can be answered for, poison pills, messages a
-   bug refused), and the messages whose ``eta`` is ahead (``worker/schedule.py``) — before the
-   ack that deletes them from the lane;
+   bug refused), and the messages whose ``eta`` is ahead (``worker/broker/schedule.py``) — before
+   the ack that deletes them from the lane;
 2. every result with ``SET key value NX EX ttl``, then ``PUBLISH`` on the key for a waiting
    ``AsyncResult`` only when it was stored: the first stored result wins, so a redelivered task
    (a worker that stalled past its lease and woke up, a retried round trip) never changes an
    answer a client may have read, and is never announced twice;
-3. the ack: ``DEL`` of the batch's lane and its registration (``worker/intake.py``);
+3. the ack: ``DEL`` of the batch's lane and its registration (``worker/broker/intake.py``);
 4. the batch's drift counts, only when every result of the batch was new: a re-sent script
    stores nothing new and so counts nothing again. When some results were already there (a
    redelivered batch), the script says which, and the runner counts the new ones alone in a
@@ -29,9 +29,9 @@ from typing import Any
 
 import redis
 
-from imgq.worker.deadletters_lua import LUA_DEAD_LETTER
-from imgq.worker.intake import LANES_KEY, Lane
-from imgq.worker.schedule import eta_key
+from imgq.worker.broker.deadletters_lua import LUA_DEAD_LETTER
+from imgq.worker.broker.intake import LANES_KEY, Lane
+from imgq.worker.broker.schedule import eta_key
 from imgq.worker.wire.codec import json_dumps
 
 __all__ = ["DONE_TTL_S", "DeadMessage", "Settler", "WindowCounts", "done_key", "once_token"]
@@ -197,7 +197,8 @@ class Settler:
                 they are added only if the batch is above the runner's mark (instead of only
                 if every result is new).
             scheduled: ``(eta, message)`` of the batch's tasks whose time is ahead, kept in
-                ``worker/schedule.py``'s sorted set before the ack deletes them from the lane.
+                ``worker/broker/schedule.py``'s sorted set before the ack deletes them from the
+                lane.
 
         Returns:
             The index of the script's reply in ``pipe.execute()``: ``[count per window (-1 when

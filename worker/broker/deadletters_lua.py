@@ -1,5 +1,5 @@
 """The dead letters' Lua: one atomic add (bounded in entries, bytes and age, deduplicated),
-a requeue and a purge chunk (``worker/deadletters.py`` is their Python side).
+a requeue and a purge chunk (``worker/broker/deadletters.py`` is their Python side).
 
 :data:`LUA_DEAD_LETTER` defines the function ``dead_letter(...)``, which other scripts (the
 intake, the settle script) prepend and call, so a message is recorded atomically with whatever

@@ -7,7 +7,7 @@ them out of every worker instead:
 
 - a batch that takes a task whose time is ahead puts the message in the sorted set
   ``imgq:eta:<queue>`` (score: its time, epoch seconds), atomically with the batch's ack
-  (``worker/settle.py``): it is never outside Redis, so a worker killed at any moment loses
+  (``worker/broker/settle.py``): it is never outside Redis, so a worker killed at any moment loses
   nothing;
 - every worker's keeper moves the messages whose time has come back to the consuming end of the
   queue (:func:`release_due`, one script: a message is released once), where they are served

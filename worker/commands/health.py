@@ -10,9 +10,8 @@ and names itself, so `docker inspect` or a script's log says what is wrong:
 The whole run stays within ``--timeout`` seconds, so a dead Redis or an absent worker is reported
 instead of hanging a healthcheck.
 
-The worker side is :func:`imgq_status`, a Celery remote-control command registered when this
-module is imported; the worker imports it when it makes its app and calls :func:`publish_model`
-once its bundle has passed the start-up checks. ``celery inspect imgq_status`` answers it too.
+The worker side is the ``imgq_status`` remote-control command
+(``worker/celeryapp/status.py``).
 """
 
 from __future__ import annotations
@@ -21,59 +20,16 @@ import argparse
 import re
 import socket
 import time
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from celery import Celery
-from celery.worker.control import inspect_command
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-if TYPE_CHECKING:
-    from imgq.shared.bundle import ModelBundle
+from imgq.worker.celeryapp.status import STATUS_COMMAND
 
-__all__ = ["STATUS_COMMAND", "imgq_status", "local_node_pattern", "main", "publish_model"]
-
-#: Name of the remote-control command that reports a worker's model.
-STATUS_COMMAND = "imgq_status"
-
-# The model each app (one per worker process) serves; weak so a test's apps can be collected.
-_models: weakref.WeakKeyDictionary[Celery, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def publish_model(
-    app: Celery, bundle: ModelBundle, candidate: ModelBundle | None = None, follows: bool = False
-) -> None:
-    """Make the worker's ``imgq_status`` answer report ``bundle`` as loaded (and the rollout
-    candidate it also serves, if any).
-
-    Call it once the bundle has passed its start-up checks (hash, signature, golden set), so a
-    healthy answer means the worker can serve, not merely that its process runs.
-
-    Args:
-        app: The worker's Celery app.
-        bundle: The loaded (stable) bundle.
-        candidate: The candidate version loaded beside it during a rollout.
-        follows: Whether the worker follows its queue's rollout (False: pinned to a folder or
-            a version).
-    """
-    _models[app] = {
-        "loaded": True,
-        "model": bundle.manifest.name,
-        "version": bundle.version,
-        "sha256": bundle.manifest.model_sha256,
-        "provider": bundle.provider,
-        "candidate": candidate.version if candidate is not None else None,
-        "follows": follows,
-        "queue": getattr(getattr(app, "settings", None), "queue", None),
-    }
-
-
-@inspect_command(name=STATUS_COMMAND)
-def imgq_status(state: Any) -> dict[str, Any]:
-    """The model this worker serves: {loaded, model, sha256, provider}; {loaded: false} before."""
-    return _models.get(state.app, {"loaded": False})
+__all__ = ["local_node_pattern", "main"]
 
 
 def local_node_pattern(hostname: str | None = None) -> str:
@@ -131,7 +87,7 @@ def _model_status(app: Celery, nodes: list[str], timeout_s: float) -> tuple[str,
 
 def main(args: argparse.Namespace) -> int:
     """Run the checks of ``imgq health [--timeout S] [--local]``; 0 when all pass, else 1."""
-    from imgq.worker.app import make_app
+    from imgq.worker.celeryapp.app import make_app
     from imgq.worker.logs import mask_url
     from imgq.worker.settings import WorkerSettings
 
@@ -183,8 +139,8 @@ def main(args: argparse.Namespace) -> int:
 def _report_routing(settings: Any) -> None:
     """A warning line (the exit status stays 0: a client's mistake is not the worker's health)
     for imgq tasks waiting in Celery's default queue."""
-    from imgq.worker.handler import HANDLERS
-    from imgq.worker.misrouting import advice, misrouted
+    from imgq.worker.celeryapp.misrouting import advice, misrouted
+    from imgq.worker.handlers import HANDLERS
 
     names = sorted(HANDLERS[h].task_name for h in settings.handlers if h in HANDLERS)
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)

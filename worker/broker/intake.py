@@ -2,12 +2,12 @@
 dead worker's messages back, and quarantine messages that keep killing workers.
 
 Celery clients ``LPUSH`` messages onto the list named after the queue (one list per priority level,
-``worker/priority.py``); consumers pop from the right. Each batch of each runner has its own
+``worker/broker/priority.py``); consumers pop from the right. Each batch of each runner has its own
 in-flight list (a *lane*, ``imgq:inflight:<worker_id>:<runner>:b<seq>``, registered in the hash
 :data:`LANES_KEY`), and a take is one transaction of ``LMOVE queue lane RIGHT LEFT`` commands: a
 message is never outside Redis, and Redis moves it without copying it. The batch's results and its
-ack (``DEL`` of the lane, unregistering it) are one script (``worker/settle.py``); ``seq`` then
-moves on, so the next batch takes into a new lane.
+ack (``DEL`` of the lane, unregistering it) are one script (``worker/broker/settle.py``); ``seq``
+then moves on, so the next batch takes into a new lane.
 
 Why a lane per batch: the ack deletes exactly the messages this batch took. If Redis comes back
 with older data (an append-only file a second behind, a failover to a lagging replica), it may
@@ -17,7 +17,7 @@ deleting them. Whatever is given back goes to the consuming end of the queue's f
 is served next whatever its priority was: it had been taken already.
 
 Bounded reads: takes go through a client whose replies may not exceed one message at the size
-limit (``worker/capped.py``), and the number of messages asked for shrinks to what fits after
+limit (``worker/broker/capped.py``), and the number of messages asked for shrinks to what fits after
 large ones were seen. A reply that would exceed it is dropped unread and the lane is sorted out
 inside Redis by ``intake_lua.RECOVER``: messages over the limit go to the dead letters (metadata
 only, the worker never reads them), the batch is cut at the byte budget and the rest goes back to
@@ -60,9 +60,9 @@ from collections.abc import Sequence
 
 import redis
 
-from imgq.worker import intake_lua as lua
-from imgq.worker.capped import ReplyTooLarge, capped_client
-from imgq.worker.priority import LOWER_SHARE, URGENT_WINDOW_S, is_urgent, plan_take
+from imgq.worker.broker import intake_lua as lua
+from imgq.worker.broker.capped import ReplyTooLarge, capped_client
+from imgq.worker.broker.priority import LOWER_SHARE, URGENT_WINDOW_S, is_urgent, plan_take
 
 __all__ = [
     "DELIVERIES_TTL_S",
@@ -167,7 +167,7 @@ class Intake:
             for the messages the take itself dead-letters.
         result_key_prefix: Celery's result key prefix when results live in this Redis (a
             message whose result exists is not counted when given back), else "".
-        lists: Every list of the queue, highest priority first (``worker/priority.py``);
+        lists: Every list of the queue, highest priority first (``worker/broker/priority.py``);
             ``queue`` is served first whether or not it is among them.
     """
 
@@ -284,12 +284,12 @@ class Lane:
         self.unsure = False
         self._short = False  # the last take found fewer messages than it asked for
         self._recent_max_bytes = 0  # largest message of the last takes, to size the next one
-        self._urgent_until = -float("inf")  # see worker/priority.py's URGENT_WINDOW_S
+        self._urgent_until = -float("inf")  # see worker/broker/priority.py's URGENT_WINDOW_S
         self._takes = 0
 
     def take(self, max_n: int) -> Taken:
         """Move up to ``max_n`` messages, oldest first, from the queue's lists (shared between
-        priority levels by :func:`~imgq.worker.priority.plan_take`; and one from the poison
+        priority levels by :func:`~imgq.worker.broker.priority.plan_take`; and one from the poison
         list) into this lane, atomically, reading at most one size-limit's worth of bytes; or,
         when there is a suspect, that suspect alone (the queue's messages go straight back).
 
@@ -312,7 +312,8 @@ class Lane:
         plan = [max_n]
         if self._short or len(intake.lists) > 1:
             # Ask how much each level holds: the plan shares the batch between priority levels
-            # (worker/priority.py), and after a short take it spares max_n LMOVEs for nothing.
+            # (worker/broker/priority.py), and after a short take it spares max_n LMOVEs for
+            # nothing.
             pipe = intake.redis.pipeline(transaction=False)
             for name in (*intake.lists, intake.suspect, intake.poison):
                 pipe.llen(name)
