@@ -41,8 +41,6 @@ out and other processes on the shared cores do not inflate the figures.
 from __future__ import annotations
 
 import argparse
-import gc
-import itertools
 import json
 import multiprocessing
 import os
@@ -58,13 +56,12 @@ import redis
 from harness import (
     BenchFleet,
     add_fleet_arguments,
-    count_failures,
     cycled,
-    done_times,
     drain,
     imgq_workers,
     mobilenet_bundle,
     naive_workers,
+    paced,
     print_profile,
     profile_worker,
     sample_images,
@@ -182,50 +179,6 @@ def drift_ab(
         "cost": on_ms / off_ms - 1,
         "failures": d["failures"],
         "loadavg_1m": d["loadavg_1m"],
-    }
-
-
-def paced(client: ImgqClient, images: Sequence[bytes], rate: float, duration_s: float) -> dict:
-    """Open-loop load: task ``i`` is enqueued at ``start + i / rate`` whatever the workers do.
-
-    The garbage collector's objects are frozen first: a full collection in this process (its
-    thousands of pending results) paused the sender ~100 ms near the end of a 10 s level,
-    after it had taken the send time of the tasks in hand, which showed as a latency spike of
-    the workers (docs/benchmarks.md, Throughput)."""
-    n = max(1, int(rate * duration_s))
-    source = cycled(images, n)
-    pending: list[Any] = []
-    sent_at: list[float] = []
-    gc.collect()
-    gc.freeze()
-    start = time.time()
-    while len(pending) < n:
-        due = min(n, int((time.time() - start) * rate) + 1)
-        if due > len(pending):
-            now = time.time()
-            batch = client.classify_many(itertools.islice(source, due - len(pending)))
-            pending += batch
-            sent_at += [now] * len(batch)
-        else:
-            time.sleep(max(0.0, start + len(pending) / rate - time.time()))
-    achieved = n / (time.time() - start)
-    gc.unfreeze()
-    outcomes = client.results(pending, timeout_s=120)
-    latency_ms = sorted(
-        (done - sent) * 1000
-        for done, sent in zip(done_times(client, pending), sent_at, strict=True)
-    )
-    q = statistics.quantiles(latency_ms, n=100, method="inclusive")
-    return {
-        "target_rate": rate,
-        "achieved_rate": achieved,
-        "tasks": n,
-        "p50_ms": q[49],
-        "p95_ms": q[94],
-        "p99_ms": q[98],
-        "mean_batch": statistics.mean(o["batch_size"] for o in outcomes if isinstance(o, dict)),
-        "failures": count_failures(outcomes),
-        "loadavg_1m": os.getloadavg()[0],
     }
 
 

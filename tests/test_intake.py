@@ -153,8 +153,10 @@ def test_no_lease_no_take(r) -> None:
 def test_no_take_once_the_lease_may_have_expired(r) -> None:
     """A lease not renewed for nearly its time to live stops the takes before Redis expires it."""
     _enqueue(r, b"m1")
-    intake = _intake(r, "w1", lease_ttl_s=0.3)
-    time.sleep(0.3 * 0.9 + 0.02)
+    intake = _intake(r, "w1", lease_ttl_s=10.0)
+    # As if renewed 9.5 s ago (the worker's own clock, not a sleep a slow machine stretches):
+    # within the last tenth of the time to live.
+    intake._lease_until = time.monotonic() + 0.5
     assert r.exists(intake.lease_key)  # still alive in Redis, but too close to call
     with pytest.raises(LeaseLost):
         intake.lanes[0].take(1)

@@ -1,11 +1,20 @@
 """The package layout docs/architecture.md describes: imports go one way. Read from the source
 with ``ast`` (every import, including those inside functions and under ``TYPE_CHECKING``), so a
-circle that only a lazy import hides still shows."""
+circle that only a lazy import hides still shows.
+
+The graph is built in a fresh interpreter (``python tests/test_layout.py``): CPython 3.11's
+parser keeps its recursion depth per interpreter, not per thread, and a parse while another
+thread compiles (a worker test's leftover Celery thread) fails with "AST constructor recursion
+depth mismatch".
+"""
 
 from __future__ import annotations
 
 import ast
 import collections
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +37,12 @@ def modules() -> dict[str, Path]:
 
 
 def import_graph() -> dict[str, set[str]]:
+    """:func:`read_import_graph`, in a fresh interpreter (see the module docstring)."""
+    out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, check=True)
+    return {module: set(targets) for module, targets in json.loads(out.stdout).items()}
+
+
+def read_import_graph() -> dict[str, set[str]]:
     """Module -> the imgq modules it imports (a name imported from a package counts as the
     submodule when there is one of that name, else as the package)."""
     mods = modules()
@@ -113,3 +128,7 @@ def test_imports_go_one_way() -> None:
         for t in broker_uses
         if t.startswith(("imgq.worker.celeryapp", "imgq.worker.commands", "imgq.worker.engine"))
     }
+
+
+if __name__ == "__main__":
+    print(json.dumps({module: sorted(targets) for module, targets in read_import_graph().items()}))

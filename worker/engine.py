@@ -9,14 +9,20 @@ A :class:`BatchEngine` thread repeats one cycle:
    engine looks again after a short pause that grows with the idle time (reads only: a wait that
    wrote would be refused by a full Redis);
 2. per message: parse (``worker/wire/message.py``), poison pill, refused content, expiry, an
-   ``eta`` still ahead (put aside in Redis, ``worker/broker/schedule.py``), the handler of its task
-   name, a revoke (``worker/celeryapp/state.py``); then each handler's requests in one ``handle``
-   call, registered in Celery's worker state meanwhile, whose outcomes are checked against the
-   batch contract (and overruled by ``terminate`` or a time limit the batch ran past);
-3. one Redis round trip: the settle script (dead letters, tasks put aside, results stored
-   first-wins, the ack, the observers' counts once; ``worker/broker/settle.py``), the observers'
-   extras and one message of Celery task events; then the follow-ups of results stored new
-   (callbacks, chains, chords: ``worker/celeryapp/followups.py``).
+   ``eta`` still ahead (put aside in Redis, ``worker/broker/schedule.py``), the handler of its
+   task name, a revoke (``worker/celeryapp/state.py``); then each handler's requests in one
+   ``handle`` call, registered in Celery's worker state meanwhile, whose outcomes are checked
+   against the batch contract (and overruled by ``terminate`` or a time limit the batch ran past);
+3. one Redis round trip stores it (``worker/storing.py``: the settle script, task events, the
+   observer's extras), then the follow-ups of results stored new.
+
+Redis is never waited for while there is work in hand: the round trips run on the runner's own
+thread, in order, and overlap with serving. While a batch is served the next one is already
+taken into a second lane (its own in-flight list, under the same lease, delivery counting and
+redelivery as any), and the settle of a batch carries the reads of the take after it, which
+follows at once; so a runner waits on Redis only when the queue was empty. A stopping engine
+takes nothing more, gives the batch it took ahead back to the head of the queue at once (not
+counted as a delivery), finishes and stores the batch in hand, and returns.
 
 Exactly one outcome per message: a stored result, a dead letter for a message that does not
 even carry a task id, or back to the head of the queue for a request its handler deferred. An
@@ -30,18 +36,17 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping
+from concurrent.futures import Future
 
 import redis
 from celery.exceptions import TimeLimitExceeded
 
 from imgq.shared.errors import InvalidTask
 from imgq.worker.broker.intake import Lane, LeaseLost, Oversized, Taken
-from imgq.worker.broker.settle import Settler, WindowCounts, done_key, once_token
+from imgq.worker.broker.settle import Settler
 from imgq.worker.celeryapp.followups import Followups
 from imgq.worker.celeryapp.state import HeldTask, is_revoked
 from imgq.worker.handler import (
@@ -55,7 +60,9 @@ from imgq.worker.handler import (
 )
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.outcome import EXPIRED, REVOKED, TERMINATED, BatchOutcome, Revoked, Scheduled
+from imgq.worker.roundtrips import RoundTrips
 from imgq.worker.settings import WorkerSettings
+from imgq.worker.storing import BatchStore, RareLog, ResultBackend
 from imgq.worker.wire.events import TaskEvents
 from imgq.worker.wire.message import TaskRequest, find_task_id, not_due, parse_message
 
@@ -68,16 +75,6 @@ _NO_LEASE_WAIT_S = 0.2
 # Longest back-off, and at most a quarter of the lease: an engine backing off is waiting out an
 # outage, not stalled, and its lease must not lapse for it.
 _MAX_BACKOFF_S = 5.0
-_LOG_EVERY_S = 10.0  # an outage or a bug that repeats every batch is logged this often
-
-
-class ResultBackend(Protocol):
-    """What the engine uses of Celery's Redis result backend: its key names, and its client
-    when results live in another Redis than the queue."""
-
-    client: redis.Redis
-
-    def get_key_for_task(self, task_id: str, key: str = "") -> bytes: ...
 
 
 class BatchEngine:
@@ -122,8 +119,6 @@ class BatchEngine:
         self.lane = lane
         self.backend = backend
         self.metrics = metrics
-        self.events = events
-        self.followups = followups
         observers = [o for h in self.handlers.values() for o in h.observers]
         if len(observers) > 1:
             raise ValueError(
@@ -135,24 +130,38 @@ class BatchEngine:
         self._idle_poll_s = settings.idle_poll_ms / 1000.0
         self._max_backoff_s = min(_MAX_BACKOFF_S, settings.lease_ttl_s / 4)
         same_redis = settings.result_backend == settings.broker_url
-        self._results_redis: redis.Redis = redis_client if same_redis else backend.client
         dead_letters = (settings.dead_letter_ttl_s, settings.dead_letter_max_entries,
                         settings.dead_letter_max_bytes)  # fmt: skip
         add_window = self.observer.lua_add_window if self.observer is not None else None
-        self.settler = Settler(redis_client, self._results_redis, settings.queue_list,
-                               lane.intake.worker_id, settings.result_expires_s, dead_letters,
-                               add_window)  # fmt: skip
+        self.settler = Settler(redis_client, redis_client if same_redis else backend.client,
+                               settings.queue_list, lane.intake.worker_id,
+                               settings.result_expires_s, dead_letters, add_window)  # fmt: skip
         self._stop = threading.Event()
+        self._log_rarely = RareLog()
+        self.store = BatchStore(settings, redis_client, backend, self.settler, self.observer,
+                                metrics, events, followups, self._stop, self.tick,
+                                self._log_rarely)  # fmt: skip
         #: The batch in hand's tasks in Celery's worker state (``inspect active``, ``revoke``).
         self.held: dict[int, HeldTask] = {}
         self.hostname = lane.intake.worker_id.rsplit(":", 2)[0]
-        self._logged_s: dict[str, float] = {}
         self._last_busy_s = time.monotonic()
         self.last_progress_s = time.monotonic()
+        # Lanes with nothing in them and no take on the way, and lanes whose take (or settle
+        # and take) is on its way, oldest first. With prefetch a runner has two.
+        self._prefetch = settings.prefetch
+        self._free = [lane.twin(), lane] if self._prefetch else [lane]
+        self._coming: collections.deque[tuple[Lane, Future[Taken]]] = collections.deque()
+        # Batches taken ahead and not yet claimed by the cycle; at stop, those that can go back
+        # go back at once. Guarded by _handover: a batch is either claimed or given back.
+        self._ahead: dict[Lane, Taken] = {}
+        self._handover = threading.Lock()
+        self._io = RoundTrips(f"imgq-redis-{lane.index}")
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return after the batch in hand is stored."""
+        """Ask :meth:`run` to return after the batch in hand is stored; the batch taken ahead
+        goes back to the head of the queue now (not counted as a delivery)."""
         self._stop.set()
+        self._io.submit(self._give_back_ahead)
 
     def tick(self) -> None:
         """Progress: the batch in hand is moving (handlers call it per item)."""
@@ -161,52 +170,155 @@ class BatchEngine:
     def run(self) -> None:
         """Serve until :meth:`stop`. Nothing a message or Redis does ends this loop."""
         backoff_s = 0.1
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                backoff_s = 0.1
-                continue
-            except LeaseLost:
-                self._stop.wait(_NO_LEASE_WAIT_S)
-                continue
-            except redis.RedisError as exc:
-                self._log_rarely("redis", "Redis refused or unreachable, retrying in %.1f s: %s",
-                                 backoff_s, exc)  # fmt: skip
-            except Exception:  # a bug outside any batch: keep serving, say so
-                self._log_rarely("bug", "batch engine step failed", exc_info=True)
-            self._stop.wait(backoff_s)
-            backoff_s = min(backoff_s * 2, self._max_backoff_s)
-            self.tick()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._cycle(self._prefetch)
+                    backoff_s = 0.1
+                    continue
+                except LeaseLost:
+                    self._stop.wait(_NO_LEASE_WAIT_S)
+                    continue
+                except redis.RedisError as exc:
+                    self._log_rarely("redis", "Redis refused or unreachable, retrying in %.1f s: "
+                                     "%s", backoff_s, exc)  # fmt: skip
+                except Exception:  # a bug outside any batch: keep serving, say so
+                    self._log_rarely("bug", "batch engine step failed", exc_info=True)
+                self._stop.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, self._max_backoff_s)
+                self.tick()
+        finally:
+            self._finish()
 
     def run_once(self) -> int:
-        """One cycle: take a batch (or pause briefly when there is none), serve it, settle it.
+        """One cycle without taking ahead: take a batch (or pause briefly when there is none),
+        serve it, and store it before returning (a test's or a benchmark's step).
 
         Returns:
             How many messages were taken.
         """
+        return self._cycle(prefetch=False)
+
+    def _cycle(self, prefetch: bool) -> int:
+        """Take (or receive the batch taken ahead), serve, and hand the batch to the round-trip
+        thread to store; with ``prefetch``, the next batch is on its way meanwhile and the
+        store takes the one after it."""
         self.last_progress_s = now = time.monotonic()
-        taken = self.lane.take(self.settings.max_batch)
+        lane, taken = self._next_batch()
         if not taken.messages and not taken.oversized:
+            self._free.append(lane)
             idle_s = now - self._last_busy_s
             self._stop.wait(min(self._idle_poll_s, max(_IDLE_WAIT_MIN_S, idle_s / 8)))
             return 0
         self._last_busy_s = now
         if self._wait_s > 0:
-            self._fill(taken)
+            self._fill(lane, taken)
+        if prefetch and self._free and not self._stop.is_set():
+            ahead = self._free.pop()
+            self._coming.append((ahead, self._io.submit(self._take_ahead, ahead, None)))
         try:
             outcome = self.serve_safely(taken)
-            self._store(outcome)
         finally:
             self._release_held()
+        take_after = prefetch and not self._stop.is_set()
+        stored = self._io.submit(self._store_and_take, lane, outcome, take_after)
+        if take_after:
+            self._coming.append((lane, stored))
+        else:
+            try:
+                stored.result()
+            finally:
+                self._free.append(lane)
         return len(taken.messages) + len(taken.oversized)
 
-    def _fill(self, taken: Taken) -> None:
+    def _next_batch(self) -> tuple[Lane, Taken]:
+        """The batch whose take was started first, or, when none is on its way, one taken now.
+        A batch taken ahead that a stop gave back meanwhile comes as an empty one."""
+        if not self._coming:
+            lane = self._free.pop()
+            try:
+                return lane, self._take(lane)
+            except BaseException:
+                self._free.append(lane)
+                raise
+        lane, future = self._coming.popleft()
+        try:
+            taken = future.result()
+        except BaseException:
+            self._free.append(lane)
+            raise
+        with self._handover:
+            if self._ahead.pop(lane, None) is None:
+                return lane, Taken()  # none taken, or given back by stop()
+            if self._stop.is_set() and self._give_back(lane, taken):
+                return lane, Taken()
+        return lane, taken
+
+    def _take(self, lane: Lane, lengths: list[int] | None = None) -> Taken:
+        return lane.take(self.settings.max_batch, lengths)
+
+    def _take_ahead(self, lane: Lane, lengths: list[int] | None) -> Taken:
+        """On the round-trip thread: take the batch after the one in hand, unless stopping."""
+        if self._stop.is_set():
+            return Taken()
+        taken = self._take(lane, lengths)
+        with self._handover:
+            if self._stop.is_set() and self._give_back(lane, taken):
+                return Taken()
+            if taken.messages or taken.oversized:
+                self._ahead[lane] = taken
+        return taken
+
+    def _store_and_take(self, lane: Lane, outcome: BatchOutcome, take_after: bool) -> Taken:
+        """On the round-trip thread: store the batch served from ``lane``; then, with
+        ``take_after``, take the batch after next into it, planned by reads made on the
+        store's round trip."""
+        lengths = self.store.store(outcome, lane, probe=take_after)
+        return self._take_ahead(lane, lengths) if take_after else Taken()
+
+    def _give_back(self, lane: Lane, taken: Taken) -> bool:
+        """A batch taken and not started, back to the head of the queue, not counted as a
+        delivery; unless it holds what must be answered or served alone (a poison pill, a
+        suspect, an oversized message's failure). Returns whether it went back."""
+        if not taken.messages or taken.oversized or taken.suspect or any(taken.poisoned):
+            return False
+        try:
+            lane.give_back_all()
+        except redis.RedisError as exc:  # the lane stays registered: given back at release
+            logger.warning("could not give back a batch taken ahead: %s", exc)
+            return False
+        return True
+
+    def _give_back_ahead(self) -> None:
+        """At stop, on the round-trip thread: every batch taken ahead and not claimed goes back."""
+        with self._handover:
+            for lane, taken in list(self._ahead.items()):
+                if self._give_back(lane, taken):
+                    del self._ahead[lane]
+
+    def _finish(self) -> None:
+        """After the loop: what was taken ahead and could not go back is served and stored;
+        then every round trip has ended."""
+        while self._coming:
+            try:
+                lane, taken = self._next_batch()
+            except Exception as exc:  # its messages stay in flight, given back at release
+                logger.warning("a take ahead failed while stopping: %s", exc)
+                continue
+            if taken.messages or taken.oversized:
+                outcome = self.serve_safely(taken)
+                self._release_held()
+                self._io.submit(self.store.store, outcome, lane).result()
+            self._free.append(lane)
+        self._io.close()
+
+    def _fill(self, lane: Lane, taken: Taken) -> None:
         """Take more for up to ``max_wait_ms`` while the batch is not full. A Redis problem here
         ends the wait: the messages in hand are served."""
         deadline = time.monotonic() + self._wait_s
         try:
             while len(taken) < self.settings.max_batch:
-                more = self.lane.take(self.settings.max_batch - len(taken))
+                more = lane.take(self.settings.max_batch - len(taken))
                 taken.extend(more)
                 remaining_s = deadline - time.monotonic()
                 if remaining_s <= 0:
@@ -372,124 +484,3 @@ class BatchEngine:
             out.fail(req, exc)
             out.dead_letter(raw, exc, req.task_id)
         return out
-
-    # -- settling ---------------------------------------------------------------------------
-
-    def _store(self, out: BatchOutcome) -> None:
-        """Settle the batch, retrying through Redis outages: until the ack is written the
-        messages stay in the in-flight list, so a worker that dies meanwhile loses nothing."""
-        backoff_s = 0.1
-        while True:
-            try:
-                self._store_once(out)
-                break
-            except redis.RedisError as exc:
-                if self._stop.is_set():
-                    logger.warning(
-                        "stopping with %d results unstored; their messages stay in flight and "
-                        "are given back", len(out.records),
-                    )  # fmt: skip
-                    return
-                self._log_rarely("redis", "storing results failed, retrying in %.1f s: %s",
-                                 backoff_s, exc)  # fmt: skip
-                self._stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, self._max_backoff_s)
-                self.tick()
-        for (outcome, reason), count in out.counts.items():
-            self.metrics.tasks.labels(outcome, reason).inc(count)
-        if out.dead:
-            reasons = collections.Counter(d.reason for d in out.dead)
-            self._log_rarely("dead", "dead letters of queue %s: %s (see `imgq dlq list`)",
-                             self.settings.queue, dict(reasons))  # fmt: skip
-
-    def _store_once(self, out: BatchOutcome) -> None:
-        lane = self.lane
-        if out.give_back:
-            lane.give_back_newest(out.give_back)
-            out.give_back = 0  # a retry must not give back more
-        lane.prepare_ack()
-        results = [
-            (done_key(task_id), None)  # ignore_result: a marker for once-only, no result
-            if req.ignore_result
-            else (self.backend.get_key_for_task(task_id), record)
-            for (task_id, record), req in zip(out.records, out.requests, strict=True)
-        ]
-        windows = self._windows(out, None)
-        if self._results_redis is self.redis:
-            pipe = self.redis.pipeline(transaction=False)
-            index = self.settler.settle(
-                pipe, lane, results, out.dead, windows, scheduled=out.scheduled
-            )
-            self._extras(pipe, out)
-            reply = pipe.execute(raise_on_error=False)[index]
-            if isinstance(reply, Exception):
-                raise reply
-            counts, flags = reply[: len(windows)], reply[len(windows) :]
-            if windows and counts[0] == -1 and any(flags):
-                windows, counts = self._count_new(out, flags, once_token(lane))
-        else:
-            rpipe = self._results_redis.pipeline(transaction=False)
-            index = self.settler.settle(rpipe, None, results, [], [])
-            flags = rpipe.execute()[index]
-            pipe = self.redis.pipeline(transaction=False)
-            windows = self._windows(out, flags) if any(flags) else []
-            index = self.settler.settle(
-                pipe, lane, [], out.dead, windows, once_token(lane), scheduled=out.scheduled
-            )
-            self._extras(pipe, out)
-            reply = pipe.execute(raise_on_error=False)[index]
-            if isinstance(reply, Exception):
-                raise reply
-            counts = reply
-        lane.settled()
-        if self.followups is not None:  # once, by the worker whose results were stored new
-            self.followups.after_settle(out.requests, out.records, flags)
-        if any(int(c) == -2 for c in counts):
-            self._log_rarely("observer", "observer counts not stored (results are)")
-        counted = {w.key: int(c) for w, c in zip(windows, counts, strict=True) if int(c) >= 0}
-        if counted and self.observer is not None:
-            self.observer.after_settle(counted)
-
-    def _windows(self, out: BatchOutcome, flags: Sequence[int] | None) -> list[WindowCounts]:
-        """The observer's counts of the batch (of the results ``flags`` says were new)."""
-        if self.observer is None or not out.observations:
-            return []
-        seen = [o for i, o in out.observations if flags is None or flags[i]]
-        try:
-            return list(self.observer.window_counts(seen)) if seen else []
-        except Exception:
-            self._log_rarely("observer", "observer counts failed; the batch is stored without",
-                             exc_info=True)  # fmt: skip
-            return []
-
-    def _count_new(
-        self, out: BatchOutcome, flags: Sequence[int], once: tuple[str, int]
-    ) -> tuple[list[WindowCounts], list[int]]:
-        """Some results of the batch were there already (a redelivery): count only the new."""
-        subset = self._windows(out, flags)
-        if not subset:
-            return [], []
-        pipe = self.redis.pipeline(transaction=False)
-        index = self.settler.settle(pipe, None, [], [], subset, once)
-        reply = pipe.execute(raise_on_error=False)[index]
-        return subset, [-2] * len(subset) if isinstance(reply, Exception) else list(reply)
-
-    def _extras(self, pipe: Any, out: BatchOutcome) -> None:
-        """After the settle script on the same round trip: the task events, observer extras."""
-        if self.events is not None:
-            records = (record for _, record in out.records)
-            self.events.add_to_pipeline(
-                pipe, out.picked_at, zip(out.requests, records, strict=True)
-            )
-        if self.observer is not None and out.observations:
-            try:
-                self.observer.extras(pipe, [o for _, o in out.observations])
-            except Exception:
-                self._log_rarely("observer", "observer extras failed", exc_info=True)
-
-    def _log_rarely(self, topic: str, msg: str, *args: Any, exc_info: bool = False) -> None:
-        """Log ``msg`` at most every few seconds per topic (an outage fails every batch)."""
-        now = time.monotonic()
-        if now - self._logged_s.get(topic, -math.inf) >= _LOG_EVERY_S:
-            self._logged_s[topic] = now
-            logger.error(msg, *args, exc_info=exc_info)

@@ -106,6 +106,9 @@ _VARS: tuple[_Var, ...] = (
          "batch runner threads per worker process"),
     _Var("IMGQ_MAX_BATCH", "max_batch", _parse_int, "32",
          "most tasks taken from the queue, served and stored together"),
+    _Var("IMGQ_PREFETCH", "prefetch", _parse_bool, "true",
+         "take the next batch while this one is served, and store this one meanwhile, so no "
+         "batch waits on Redis round trips; false: one batch at a time (for comparison)"),
     _Var("IMGQ_INFER_BATCH", "infer_batch", parse_infer_batch, "auto",
          "most images per onnxruntime call (a batch is split into calls of this size); auto "
          "measures the size that costs least per image at start on CPU, the whole batch on CUDA"),

@@ -121,6 +121,8 @@ class WorkerSettings:
         handlers: The handlers served (``worker/handlers/__init__.py``'s ``HANDLERS``).
         concurrency: Batch runner threads per process.
         max_batch: Most tasks taken, served and stored together.
+        prefetch: Take the next batch while this one is served, and store this one meanwhile
+            (``worker/engine.py``); False: one batch at a time.
         infer_batch: Most images per onnxruntime call; 0 measures the cheapest size at start
             on CPU (``ModelBundle.calibrate_infer_batch``) and uses the whole batch on CUDA.
         max_wait_ms: How long a partial batch waits for more; ``None`` picks by device
@@ -168,6 +170,7 @@ class WorkerSettings:
     handlers: tuple[str, ...] = ("classify",)
     concurrency: int = 1
     max_batch: int = 32
+    prefetch: bool = True
     infer_batch: int = 0
     max_wait_ms: float | None = None
     device: str = "auto"
@@ -294,6 +297,9 @@ class WorkerSettings:
             None
             if isinstance(self.task_events, bool)
             else f"{name('task_events')} must be true or false, got {self.task_events!r}",
+            None
+            if isinstance(self.prefetch, bool)
+            else f"{name('prefetch')} must be true or false, got {self.prefetch!r}",
             choice("log_format", LOG_FORMATS),
         ]
 

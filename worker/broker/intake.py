@@ -135,12 +135,14 @@ class Oversized:
 
 @dataclasses.dataclass
 class Taken:
-    """What one take brought: messages (oldest first), which of them are poison pills, and the
-    oversized messages Redis dead-lettered instead of returning."""
+    """What one take brought: messages (oldest first), which of them are poison pills, the
+    oversized messages Redis dead-lettered instead of returning, and whether it is a suspect
+    served alone."""
 
     messages: list[bytes] = dataclasses.field(default_factory=list)
     poisoned: list[bool] = dataclasses.field(default_factory=list)
     oversized: list[Oversized] = dataclasses.field(default_factory=list)
+    suspect: bool = False
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -149,6 +151,7 @@ class Taken:
         self.messages += other.messages
         self.poisoned += other.poisoned
         self.oversized += other.oversized
+        self.suspect = self.suspect or other.suspect
 
 
 class Intake:
@@ -203,9 +206,12 @@ class Intake:
         self._lease_margin_s = lease_ttl_s / 10
         self._lease_until = -float("inf")
         self.lanes = [Lane(self, i) for i in range(runners)]
+        #: Every lane of each runner: its first (``lanes``) and those taken ahead (``Lane.twin``).
+        self._runner_lanes: list[list[Lane]] = [[lane] for lane in self.lanes]
         self._restore = redis_client.register_script(lua.RESTORE)
         self._give_back_unknown = redis_client.register_script(lua.GIVE_BACK_UNKNOWN)
         self._give_back_newest = redis_client.register_script(lua.GIVE_BACK_NEWEST)
+        self._give_back_all = redis_client.register_script(lua.GIVE_BACK_ALL)
         self._release = redis_client.register_script(lua.RELEASE)
         self._recover = self.take_redis.register_script(lua.RECOVER)
 
@@ -243,7 +249,9 @@ class Intake:
         Returns:
             ``(moved, stale)``: messages of dead workers, messages of stale own lanes.
         """
-        seqs = [lane.seq for lane in self.lanes]  # read before Redis looks: seqs only grow
+        # Per runner, its oldest batch not yet acked: anything older of this worker's was acked.
+        # Read before Redis looks: each lane's seq only grows.
+        seqs = [min(lane.seq for lane in lanes) for lanes in self._runner_lanes]
         args: list[int | str] = [self.max_deliveries, DELIVERIES_TTL_S, self.result_key_prefix,
                                  self.worker_id, *seqs]  # fmt: skip
         moved, stale = self._restore(keys=[LANES_KEY], args=args)
@@ -259,13 +267,34 @@ class Intake:
         args: list[int | str] = [self.queue, self.max_deliveries, DELIVERIES_TTL_S, self.worker_id,
                                  self.result_key_prefix]  # fmt: skip
         moved = int(self._release(keys=[LANES_KEY, self.lease_key], args=args))
-        for lane in self.lanes:
-            lane.settled()
+        for lanes in self._runner_lanes:
+            for lane in lanes:
+                lane.settled()
         return moved
 
 
+@dataclasses.dataclass
+class _Runner:
+    """What a runner's lanes share: the sequence of its batch numbers (acks come in that order)
+    and what the last takes learnt about the queue."""
+
+    next_seq: int = 0
+    short: bool = False  # the last take found fewer messages than it asked for
+    recent_max_bytes: int = 0  # largest message of the last takes, to size the next one
+    urgent_until: float = -float("inf")  # see worker/broker/priority.py's URGENT_WINDOW_S
+    takes: int = 0
+
+    def seq(self) -> int:
+        self.next_seq += 1
+        return self.next_seq - 1
+
+
 class Lane:
-    """One batch runner's in-flight list of the batch in hand. Used by that runner's thread only.
+    """The in-flight list of one runner's batch: one batch at a time, a new list for each.
+
+    A runner that takes its next batch while it serves this one has a second lane,
+    :meth:`twin`; the two share the runner's batch numbers, which its acks follow in order.
+    Used by one thread at a time.
 
     Attributes:
         key: The current batch's list.
@@ -275,23 +304,40 @@ class Lane:
             ``held``; the next take sorts it out (``intake_lua.RECOVER``), or the ack gives it back.
     """
 
-    def __init__(self, intake: Intake, index: int) -> None:
+    def __init__(self, intake: Intake, index: int, runner: _Runner | None = None) -> None:
         self.intake = intake
         self.index = index
-        self.seq = 0
-        self.key = lane_key(intake.worker_id, index, 0)
+        self._runner = runner if runner is not None else _Runner()
+        self.seq = self._runner.seq()
+        self.key = lane_key(intake.worker_id, index, self.seq)
         self.held = 0
         self.unsure = False
-        self._short = False  # the last take found fewer messages than it asked for
-        self._recent_max_bytes = 0  # largest message of the last takes, to size the next one
-        self._urgent_until = -float("inf")  # see worker/broker/priority.py's URGENT_WINDOW_S
-        self._takes = 0
 
-    def take(self, max_n: int) -> Taken:
+    def twin(self) -> Lane:
+        """A second lane of the same runner, for the batch taken while this one is served."""
+        twin = Lane(self.intake, self.index, self._runner)
+        self.intake._runner_lanes[self.index].append(twin)
+        return twin
+
+    def probe(self, pipe: redis.client.Pipeline) -> int:
+        """Queue on ``pipe`` the reads a take plans with (how many messages each list holds), so
+        that a round trip made anyway (the previous batch's settle) brings them: pass its
+        replies from the returned index on to :meth:`take` as ``lengths``."""
+        index = len(pipe)
+        for name in (*self.intake.lists, self.intake.suspect, self.intake.poison):
+            pipe.llen(name)
+        return index
+
+    def take(self, max_n: int, lengths: Sequence[int] | None = None) -> Taken:
         """Move up to ``max_n`` messages, oldest first, from the queue's lists (shared between
         priority levels by :func:`~imgq.worker.broker.priority.plan_take`; and one from the poison
         list) into this lane, atomically, reading at most one size-limit's worth of bytes; or,
         when there is a suspect, that suspect alone (the queue's messages go straight back).
+
+        Args:
+            max_n: The most messages to take.
+            lengths: The replies of :meth:`probe`, read just before (else read here when the
+                plan needs them: one more round trip).
 
         Returns:
             The messages, oldest first; empty when the queue is empty.
@@ -308,24 +354,26 @@ class Lane:
                 return recovered
         intake = self.intake
         budget = intake.max_message_bytes
-        max_n = max(1, min(max_n, budget // max(1, self._recent_max_bytes)))
+        runner = self._runner
+        max_n = max(1, min(max_n, budget // max(1, runner.recent_max_bytes)))
         plan = [max_n]
-        if self._short or len(intake.lists) > 1:
+        if lengths is None and (runner.short or len(intake.lists) > 1):
             # Ask how much each level holds: the plan shares the batch between priority levels
             # (worker/broker/priority.py), and after a short take it spares max_n LMOVEs for
             # nothing.
             pipe = intake.redis.pipeline(transaction=False)
-            for name in (*intake.lists, intake.suspect, intake.poison):
-                pipe.llen(name)
-            *lengths, suspects, poisoned = pipe.execute()
-            if not any(lengths) and not suspects and not poisoned:
+            self.probe(pipe)
+            lengths = pipe.execute()
+        if lengths is not None:
+            *levels, suspects, poisoned = (int(n) for n in lengths)
+            if not any(levels) and not suspects and not poisoned:
                 return Taken()
             now = time.monotonic()
-            self._takes += 1
-            plan = plan_take(lengths, max_n, recently_urgent=now < self._urgent_until,
-                             lower_turn=self._takes % round(1 / LOWER_SHARE) == 0)  # fmt: skip
-            if is_urgent(lengths, plan):
-                self._urgent_until = now + URGENT_WINDOW_S
+            runner.takes += 1
+            plan = plan_take(levels, max_n, recently_urgent=now < runner.urgent_until,
+                             lower_turn=runner.takes % round(1 / LOWER_SHARE) == 0)  # fmt: skip
+            if is_urgent(levels, plan):
+                runner.urgent_until = now + URGENT_WINDOW_S
             max_n = sum(plan)
         pipe = intake.take_redis.pipeline(transaction=True)
         pipe.hset(LANES_KEY, self.key, intake.queue)  # registered before it can hold anything
@@ -355,9 +403,10 @@ class Lane:
             self.give_back_newest(len(moved))
             moved = []
         messages = [m for m in (poison, suspect) if m is not None] + moved
-        taken = Taken(messages, [poison is not None and i == 0 for i in range(len(messages))])
-        self._short = len(moved) < max_n
-        self._recent_max_bytes = max((len(m) for m in moved), default=0)
+        taken = Taken(messages, [poison is not None and i == 0 for i in range(len(messages))],
+                      suspect=suspect is not None)  # fmt: skip
+        runner.short = len(moved) < max_n
+        runner.recent_max_bytes = max((len(m) for m in moved), default=0)
         return taken
 
     def _recover(self) -> Taken:
@@ -377,8 +426,8 @@ class Lane:
                 taken.messages.append(entry[2])
                 taken.poisoned.append(entry[1] == b"1")
         self.held += len(taken.messages)
-        self._short = False
-        self._recent_max_bytes = max(
+        self._runner.short = False
+        self._runner.recent_max_bytes = max(
             [len(m) for m in taken.messages] + [o.length for o in taken.oversized], default=0
         )
         return taken
@@ -391,6 +440,13 @@ class Lane:
         self.held -= moved
         return moved
 
+    def give_back_all(self) -> None:
+        """The whole batch, not started, back to the head of the queue (not counted as a
+        delivery), and the lane unregistered: the next batch takes into a new lane."""
+        self._settle_unknown()
+        self.intake._give_back_all(keys=[self.key, self.intake.queue, LANES_KEY])
+        self.settled()
+
     def prepare_ack(self) -> None:
         """Before the batch's ack: after a lost take reply, give back whatever the lane holds
         beyond ``held`` (it was never served), so that the ack deletes only served messages."""
@@ -400,7 +456,7 @@ class Lane:
         """The batch is acked (or given back): the next take starts a new lane."""
         self.held = 0
         self.unsure = False
-        self.seq += 1
+        self.seq = self._runner.seq()
         self.key = lane_key(self.intake.worker_id, self.index, self.seq)
 
     def _settle_unknown(self) -> None:

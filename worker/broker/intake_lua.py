@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from imgq.worker.broker.deadletters_lua import LUA_DEAD_LETTER
 
-__all__ = ["GIVE_BACK_NEWEST", "GIVE_BACK_UNKNOWN", "RECOVER", "RELEASE", "RESTORE"]
+__all__ = ["GIVE_BACK_ALL", "GIVE_BACK_NEWEST", "GIVE_BACK_UNKNOWN", "RECOVER", "RELEASE",
+           "RESTORE"]  # fmt: skip
 
 # Moves the first `count` (all when count < 0) messages at the left (newest) end of a lane to the
 # right (consuming) end of its queue, newest first, so that the oldest ends up served first.
@@ -91,6 +92,17 @@ return give_back(KEYS[1], KEYS[2], math.max(0, redis.call('LLEN', KEYS[1]) - ton
 
 # KEYS: lane, queue. ARGV: how many. Gives back the newest messages of a batch (served in parts).
 GIVE_BACK_NEWEST = GIVE_BACK_FN + "return give_back(KEYS[1], KEYS[2], tonumber(ARGV[1]))"
+
+# KEYS: lane, queue, lanes hash. Gives back a whole batch not started (a stopping worker's batch
+# taken ahead), in order, and unregisters its lane.
+GIVE_BACK_ALL = (
+    GIVE_BACK_FN
+    + """
+local moved = give_back(KEYS[1], KEYS[2], -1)
+redis.call('HDEL', KEYS[3], KEYS[1])
+return moved
+"""
+)
 
 # KEYS: lanes hash, lease. ARGV: queue, max deliveries, counter ttl, this worker's id. A worker
 # giving back everything it holds (counted: those messages got no result) and its lease.
