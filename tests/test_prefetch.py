@@ -198,3 +198,25 @@ def _n(message: bytes) -> int:
     from imgq.worker.wire.message import parse_message
 
     return int(parse_message(message, QUEUE).kwargs["n"])
+
+
+class Unstorable(Gate):
+    """Answers with a result no JSON encoder takes: a bug in a handler that only storing finds."""
+
+    def handle(self, requests: Sequence[Request], tick: Callable[[], None]) -> list[Outcome]:
+        return [Success({"n": r.kwargs["n"], "oops": object()}) for r in requests]
+
+
+def test_a_batch_storing_cannot_encode_fails_visibly(redis_server, r, app) -> None:
+    """A bug found while storing fails the batch's tasks with internal_error (kept in the dead
+    letters, as a bug found while serving), acks the batch, and the engine serves on."""
+    from imgq.shared.errors import InvalidTask
+
+    engine = _engine(redis_server, app, Unstorable())
+    sent = _send(app, 3)
+    assert engine.run_once() == 3
+    for s in sent:
+        with pytest.raises(InvalidTask, match="^internal_error: "):
+            s.get(timeout=10)
+    assert _lanes(r) == {}
+    assert r.llen(QUEUE) == 0

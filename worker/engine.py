@@ -35,6 +35,7 @@ never stops the engine. Redis errors of any kind (a lost connection, ``OOM``, ``
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -221,14 +222,14 @@ class BatchEngine:
         finally:
             self._release_held()
         take_after = prefetch and not self._stop.is_set()
-        stored = self._io.submit(self._store_and_take, lane, outcome, take_after)
+        stored = self._io.submit(self._store_and_take, lane, outcome, taken, take_after)
         if take_after:
             self._coming.append((lane, stored))
         else:
             try:
                 stored.result()
             finally:
-                self._free.append(lane)
+                self._reuse(lane)
         return len(taken.messages) + len(taken.oversized)
 
     def _next_batch(self) -> tuple[Lane, Taken]:
@@ -239,13 +240,13 @@ class BatchEngine:
             try:
                 return lane, self._take(lane)
             except BaseException:
-                self._free.append(lane)
+                self._reuse(lane)
                 raise
         lane, future = self._coming.popleft()
         try:
             taken = future.result()
         except BaseException:
-            self._free.append(lane)
+            self._reuse(lane)
             raise
         with self._handover:
             if self._ahead.pop(lane, None) is None:
@@ -253,6 +254,13 @@ class BatchEngine:
             if self._stop.is_set() and self._give_back(lane, taken):
                 return lane, Taken()
         return lane, taken
+
+    def _reuse(self, lane: Lane) -> None:
+        """A lane back among the free ones after a failure; one whose batch was not acked (its
+        store failed) is left as it is, registered with its messages, given back at release or
+        by the lease, and a new lane of the runner takes its place: a take into it would have
+        its ack delete them unanswered."""
+        self._free.append(lane if not lane.held else lane.twin())
 
     def _take(self, lane: Lane, lengths: list[int] | None = None) -> Taken:
         return lane.take(self.settings.max_batch, lengths)
@@ -269,11 +277,18 @@ class BatchEngine:
                 self._ahead[lane] = taken
         return taken
 
-    def _store_and_take(self, lane: Lane, outcome: BatchOutcome, take_after: bool) -> Taken:
-        """On the round-trip thread: store the batch served from ``lane``; then, with
-        ``take_after``, take the batch after next into it, planned by reads made on the
-        store's round trip."""
-        lengths = self.store.store(outcome, lane, probe=take_after)
+    def _store_and_take(
+        self, lane: Lane, outcome: BatchOutcome, taken: Taken, take_after: bool
+    ) -> Taken:
+        """On the round-trip thread: store the batch served from ``lane`` (a bug in storing
+        fails its tasks visibly, as one in serving does); then, with ``take_after``, take the
+        batch after next into it, planned by reads made on the store's round trip."""
+        try:
+            lengths = self.store.store(outcome, lane, probe=take_after)
+        except Exception as exc:
+            self._log_rarely("bug", "storing a batch of %d failed; failing its tasks",
+                             len(taken.messages), exc_info=True)  # fmt: skip
+            lengths = self.store.store(self._fail_all(taken, exc), lane)
         return self._take_ahead(lane, lengths) if take_after else Taken()
 
     def _give_back(self, lane: Lane, taken: Taken) -> bool:
@@ -308,8 +323,9 @@ class BatchEngine:
             if taken.messages or taken.oversized:
                 outcome = self.serve_safely(taken)
                 self._release_held()
-                self._io.submit(self.store.store, outcome, lane).result()
-            self._free.append(lane)
+                with contextlib.suppress(Exception):  # logged; given back at release
+                    self._io.submit(self._store_and_take, lane, outcome, taken, False).result()
+            self._reuse(lane)
         self._io.close()
 
     def _fill(self, lane: Lane, taken: Taken) -> None:
