@@ -205,6 +205,42 @@ def test_dockerfile_final_stage_is_slim_and_non_root() -> None:
     assert "pip uninstall -y pip" in " ".join(build)
 
 
+@pytest.mark.parametrize(
+    "dockerfile", sorted((ROOT / "docker").glob("Dockerfile*")), ids=lambda p: p.name
+)
+def test_dockerfiles_need_no_registry_but_their_base_images(dockerfile: Path) -> None:
+    """A build needs the FROM base images and nothing else from a registry: no `# syntax=`
+    parser directive (BuildKit, the compose plugin's default builder, pulls that frontend image
+    on every build), and every COPY --from, RUN --mount from= and FROM that is not the pinned
+    base names an earlier stage; ADD fetches no URL."""
+    lines = re.sub(r"\\\n", " ", dockerfile.read_text()).splitlines()
+    directives = []
+    for line in lines:  # parser directives: `# key=value` lines before anything else
+        found = re.fullmatch(r"#\s*([A-Za-z]+)\s*=\s*(.*?)\s*", line)
+        if not found:
+            break
+        directives.append(found.group(1).lower())
+    assert "syntax" not in directives, f"{dockerfile.name}: a `# syntax=` directive pulls an image"
+    bases = set(re.findall(r"^ARG\s+(\w+_IMAGE)=\S+$", dockerfile.read_text(), re.MULTILINE))
+    stages: list[str] = []
+    for line in (ln.strip() for ln in lines):
+        words = line.split()
+        if not words or line.startswith("#"):
+            continue
+        instruction = words[0].upper()
+        if instruction == "FROM":
+            image = next(w for w in words[1:] if not w.startswith("--"))
+            assert image in stages or image.strip("${}") in bases, f"FROM {image}: not pinned"
+            stages += [words[-1]] if words[-2].upper() == "AS" else []
+        sources = re.findall(r"--from=([^\s,]+)", line)  # COPY --from=, RUN --mount=...,from=
+        sources += re.findall(r"--mount=\S*?\bfrom=([^\s,]+)", line)
+        for source in sources:
+            assert source in stages, f"{line!r} reads {source!r}, which is no earlier stage"
+        if instruction == "ADD":
+            assert not re.search(r"\b(?:https?|git)://|\bgit@", line), f"{line!r} fetches a URL"
+    assert stages, f"{dockerfile.name} has no named build stage"
+
+
 @needs_compose
 def test_prometheus_scrapes_every_worker_replica() -> None:
     """Prometheus discovers workers by the DNS alias every worker carries, on the metrics port."""
