@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from imgq.worker.settings import ENV_VARS
+from imgq.worker.settings import ENV_VARS, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -126,13 +126,24 @@ def test_workers_scale_and_serve_read_only_models(files: list[str]) -> None:
         assert svc["user"].split(":")[0] not in ("", "0", "root"), name
         assert svc["healthcheck"]["test"][1:4] == ["imgq", "health", "--local"], name
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
-        if name == "worker":  # follows the queue's published versions and its rollout
-            assert "IMGQ_MODEL" not in svc["environment"], name
-            assert svc["environment"]["IMGQ_MODEL_CACHE"].startswith("/tmp/"), name  # tmpfs
-        else:  # the GPU override serves the trained folder
-            assert svc["environment"]["IMGQ_MODEL"] == "/models/current", name
         unknown = {k for k in svc["environment"] if k.startswith("IMGQ_")} - set(ENV_VARS)
         assert not unknown, f"{name} sets variables imgq does not read: {sorted(unknown)}"
+
+
+@needs_compose
+@pytest.mark.parametrize("files", [BASE, WITH_GPU], ids=["cpu", "cpu+gpu"])
+def test_workers_follow_the_queues_published_version(files: list[str]) -> None:
+    """Every worker, CPU and GPU, is given no model folder: it serves its queue's published
+    stable version and follows its rollouts, fetched into a cache on its tmpfs (a worker
+    pinned to /models/current serves whatever was trained last, promoted or not)."""
+    services = _config(files)["services"]
+    for name in WORKERS[files[-1]]:
+        svc = services[name]
+        pinned = svc["environment"].get("IMGQ_MODEL")
+        assert pinned is None, f"{name} serves the folder {pinned}, not the published version"
+        settings = WorkerSettings.from_env(svc["environment"])
+        assert settings.model_dir is None and settings.model_version is None, name
+        assert "/tmp" in svc["tmpfs"] and settings.model_cache.is_relative_to("/tmp"), name
 
 
 @needs_compose
