@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from imgq.cli import build_parser
 from imgq.worker.settings import ENV_VARS, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +47,15 @@ def _yaml_to_json(text: str) -> Any:
     return json.loads(out.stdout)
 
 
-def _config(files: list[str]) -> dict[str, Any]:
-    """`docker-compose config` of the files (with no deployment variables set), as a dict."""
+def _config(files: list[str], variables: dict[str, str] | None = None) -> dict[str, Any]:
+    """`docker-compose config` of the files, as a dict, with no deployment variables set but
+    ``variables`` (what an operator puts in the environment or .env)."""
     assert _COMPOSE is not None
     deployment = (
         "IMGQ_", "REDIS_", "FLOWER_", "PROMETHEUS_", "GPU_", "TRAIN_", "ALERTMANAGER_", "GRAFANA_",
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(deployment)}
+    env |= variables or {}
     args = [_COMPOSE, *(a for f in files for a in ("-f", f)), "config"]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"docker-compose {' '.join(files)} config failed:\n{proc.stderr}"
@@ -158,6 +161,20 @@ def test_trainer_is_one_shot_and_writes_the_shared_volume() -> None:
     assert trainer["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "models:/models:rw" in trainer["volumes"]
     assert trainer["build"]["args"]["IMGQ_EXTRAS"] == "trainer"
+
+
+@needs_compose
+@pytest.mark.parametrize(
+    ("variables", "name"), [({}, "imgq"), ({"TRAIN_MODEL_NAME": "shapes"}, "shapes")]
+)
+def test_trainer_names_the_model_as_the_operator_says(variables: dict[str, str], name: str) -> None:
+    """The trainer passes `--name`: TRAIN_MODEL_NAME, else `imgq`. Without it `imgq train`
+    names the model after its data folder, which is the mount point `/data` for every model
+    compose trains."""
+    command = _config(BASE, variables)["services"]["trainer"]["command"]
+    assert command[0] == "imgq"
+    given = build_parser().parse_args(command[1:]).name
+    assert given == name, f"{command} names the model {given or 'data (its data folder)'}"
 
 
 @needs_compose
