@@ -12,7 +12,8 @@ replaced by :class:`BulkTasks`, which
   the worker before it connects, with the bundle's message);
 - runs ``concurrency`` :class:`~imgq.worker.engine.BatchEngine` threads and one keeper thread that
   renews the lease (only while every runner makes progress), gives back dead workers' and
-  orphaned messages, and queues the tasks whose ``eta`` has come (``worker/schedule.py``); the
+  orphaned messages, records workers lost without a clean shutdown (``worker/fleet.py``), and
+  queues the tasks whose ``eta`` has come (``worker/schedule.py``); the
   runners send the Celery task events of their batches under the worker's node name
   (``IMGQ_TASK_EVENTS``), so Flower lists the tasks as for any Celery worker;
 - on warm shutdown (SIGTERM) stops taking, finishes the batch in hand, stores its results and
@@ -44,6 +45,7 @@ from kombu.common import QoS
 from imgq.worker.app import ImgqCelery
 from imgq.worker.celery_state import load_revoked
 from imgq.worker.engine import BatchEngine
+from imgq.worker.fleet import Fleet
 from imgq.worker.followups import Followups
 from imgq.worker.handler import HandlerContext, load_handler
 from imgq.worker.health import imgq_status  # noqa: F401 (registers the control command)
@@ -117,6 +119,7 @@ class BulkService:
             ),
             lists=settings.queue_lists.names(settings.queue),
         )  # fmt: skip
+        self.fleet = Fleet(self.redis, grace_s=settings.lease_ttl_s)
         events = None
         if settings.task_events:
             broker_db = int(self.redis.connection_pool.connection_kwargs.get("db", 0))
@@ -261,6 +264,7 @@ class BulkService:
                             "gave back %d messages of batches this worker had acked: Redis came "
                             "back with older data", stale,
                         )  # fmt: skip
+                    self._sweep_fleet()
                 if failing_since is not None:
                     logger.info("Redis answers again after %.1f s", now - failing_since)
                     failing_since = None
@@ -270,6 +274,18 @@ class BulkService:
                     logger.warning("lease/restore failed, retrying every %.1f s: %s", tick_s, exc)
             except Exception:  # a bug here must not end lease renewal silently
                 logger.exception("lease/restore step failed; retrying")
+
+    def _sweep_fleet(self) -> None:
+        """Record workers whose lease lapsed without a release, and export what the fleet is
+        (``worker/fleet.py``)."""
+        view = self.fleet.sweep()
+        self.metrics.fleet_workers.set(view.live)
+        self.metrics.fleet_worker_lost.set(view.last_lost_at)
+        for worker_id in view.lost:
+            logger.warning(
+                "worker %s lost: its lease lapsed without a clean shutdown (crashed, killed or "
+                "stalled)", worker_id, extra={"event": "worker_lost", "lost_worker": worker_id},
+            )  # fmt: skip
 
     def _guard(self, target: Any) -> None:
         """Run a thread's loop; if it dies (a bug the loop did not catch), shut the worker down

@@ -92,8 +92,9 @@ return give_back(KEYS[1], KEYS[2], math.max(0, redis.call('LLEN', KEYS[1]) - ton
 # KEYS: lane, queue. ARGV: how many. Gives back the newest messages of a batch (served in parts).
 GIVE_BACK_NEWEST = GIVE_BACK_FN + "return give_back(KEYS[1], KEYS[2], tonumber(ARGV[1]))"
 
-# KEYS: lanes hash, lease. ARGV: queue, max deliveries, counter ttl, this worker's id. A worker
-# giving back everything it holds (counted: those messages got no result) and its lease.
+# KEYS: lanes hash, lease, fleet members, fleet missing (worker/fleet.py). ARGV: queue, max
+# deliveries, counter ttl, this worker's id. A worker giving back everything it holds (counted:
+# those messages got no result), its lease and its fleet membership (a clean shutdown).
 RELEASE = (
     GIVE_BACK_FN
     + """
@@ -108,6 +109,8 @@ for i = 1, #flat, 2 do
   end
 end
 redis.call('DEL', KEYS[2])
+redis.pcall('HDEL', KEYS[3], ARGV[4])  -- pcall: a fleet key Redis refuses fails no release
+redis.pcall('HDEL', KEYS[4], ARGV[4])
 return moved
 """
 )
