@@ -61,11 +61,15 @@ class Flower:
                 [moved(a) for a in service["command"]], env=self.env, cwd=log.parent,
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while self.get("/healthcheck") != 200:  # answers without credentials, once serving
-            assert self.process.poll() is None, f"flower exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"flower never answered:\n{log.read_text()}"
-            time.sleep(0.2)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while self.get("/healthcheck") != 200:  # answers without credentials, once serving
+                assert self.process.poll() is None, f"flower exited:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"flower never answered:\n{log.read_text()}"
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()  # not left running for the fixture, which never saw it
+            raise
 
     def get(self, path: str, credentials: str | None = None) -> int | None:
         """The HTTP status of GET ``path`` (None: no answer yet)."""
