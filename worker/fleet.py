@@ -2,9 +2,9 @@
 shutdown, for the alerts Prometheus cannot raise from its own scrapes.
 
 Prometheus finds workers by service discovery (Docker's DNS in docker-compose, a pod list in
-Kubernetes), and a dead worker leaves it within seconds: its ``up`` series goes stale after one
-to three failed scrapes, so no ``up == 0 for 5m`` rule ever fires, and a clean scale-down looks
-the same as a crash. Redis can tell them apart: every worker holds a lease
+Kubernetes), and a dead worker leaves it within seconds: its ``up`` series goes stale after
+zero to a few failed scrapes, so no ``up == 0 for 5m`` rule ever fires, and a clean scale-down
+looks the same as a crash. Redis can tell them apart: every worker holds a lease
 (``imgq:lease:<worker_id>``, ``worker/intake.py``) and gives it up when it shuts down cleanly.
 
 - A worker that takes a lease anew (at start, or after it lapsed) joins :data:`MEMBERS_KEY`, in
