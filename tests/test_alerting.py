@@ -88,8 +88,11 @@ def test_prometheus_config_and_its_rules_check() -> None:
 
 @needs_promtool
 def test_alert_rules_pass_their_unit_tests() -> None:
-    """`promtool test rules`: a drift page pages, a notice does not; no worker up pages; one
-    worker down warns; an undeliverable page pages (tests/promtool/alert-rules-test.yml)."""
+    """`promtool test rules`: a drift page pages, a notice does not; no worker up pages at 2
+    minutes, whether discovery keeps the dead targets or drops them (series going stale, as
+    with Docker's DNS); a worker lost without a clean shutdown warns, from the survivors'
+    record, though its own series vanish, and a clean stop does not; an undeliverable page
+    pages (tests/promtool/alert-rules-test.yml)."""
     out = _run(str(_PROMTOOL), "test", "rules", "tests/promtool/alert-rules-test.yml").stdout
     assert "SUCCESS" in out
 

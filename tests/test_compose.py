@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from imgq.worker.settings import ENV_VARS
+from imgq.cli import build_parser
+from imgq.worker.settings import ENV_VARS, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -46,13 +47,15 @@ def _yaml_to_json(text: str) -> Any:
     return json.loads(out.stdout)
 
 
-def _config(files: list[str]) -> dict[str, Any]:
-    """`docker-compose config` of the files (with no deployment variables set), as a dict."""
+def _config(files: list[str], variables: dict[str, str] | None = None) -> dict[str, Any]:
+    """`docker-compose config` of the files, as a dict, with no deployment variables set but
+    ``variables`` (what an operator puts in the environment or .env)."""
     assert _COMPOSE is not None
     deployment = (
         "IMGQ_", "REDIS_", "FLOWER_", "PROMETHEUS_", "GPU_", "TRAIN_", "ALERTMANAGER_", "GRAFANA_",
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(deployment)}
+    env |= variables or {}
     args = [_COMPOSE, *(a for f in files for a in ("-f", f)), "config"]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"docker-compose {' '.join(files)} config failed:\n{proc.stderr}"
@@ -126,13 +129,24 @@ def test_workers_scale_and_serve_read_only_models(files: list[str]) -> None:
         assert svc["user"].split(":")[0] not in ("", "0", "root"), name
         assert svc["healthcheck"]["test"][1:4] == ["imgq", "health", "--local"], name
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
-        if name == "worker":  # follows the queue's published versions and its rollout
-            assert "IMGQ_MODEL" not in svc["environment"], name
-            assert svc["environment"]["IMGQ_MODEL_CACHE"].startswith("/tmp/"), name  # tmpfs
-        else:  # the GPU override serves the trained folder
-            assert svc["environment"]["IMGQ_MODEL"] == "/models/current", name
         unknown = {k for k in svc["environment"] if k.startswith("IMGQ_")} - set(ENV_VARS)
         assert not unknown, f"{name} sets variables imgq does not read: {sorted(unknown)}"
+
+
+@needs_compose
+@pytest.mark.parametrize("files", [BASE, WITH_GPU], ids=["cpu", "cpu+gpu"])
+def test_workers_follow_the_queues_published_version(files: list[str]) -> None:
+    """Every worker, CPU and GPU, is given no model folder: it serves its queue's published
+    stable version and follows its rollouts, fetched into a cache on its tmpfs (a worker
+    pinned to /models/current serves whatever was trained last, promoted or not)."""
+    services = _config(files)["services"]
+    for name in WORKERS[files[-1]]:
+        svc = services[name]
+        pinned = svc["environment"].get("IMGQ_MODEL")
+        assert pinned is None, f"{name} serves the folder {pinned}, not the published version"
+        settings = WorkerSettings.from_env(svc["environment"])
+        assert settings.model_dir is None and settings.model_version is None, name
+        assert "/tmp" in svc["tmpfs"] and settings.model_cache.is_relative_to("/tmp"), name
 
 
 @needs_compose
@@ -147,6 +161,20 @@ def test_trainer_is_one_shot_and_writes_the_shared_volume() -> None:
     assert trainer["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "models:/models:rw" in trainer["volumes"]
     assert trainer["build"]["args"]["IMGQ_EXTRAS"] == "trainer"
+
+
+@needs_compose
+@pytest.mark.parametrize(
+    ("variables", "name"), [({}, "imgq"), ({"TRAIN_MODEL_NAME": "shapes"}, "shapes")]
+)
+def test_trainer_names_the_model_as_the_operator_says(variables: dict[str, str], name: str) -> None:
+    """The trainer passes `--name`: TRAIN_MODEL_NAME, else `imgq`. Without it `imgq train`
+    names the model after its data folder, which is the mount point `/data` for every model
+    compose trains."""
+    command = _config(BASE, variables)["services"]["trainer"]["command"]
+    assert command[0] == "imgq"
+    given = build_parser().parse_args(command[1:]).name
+    assert given == name, f"{command} names the model {given or 'data (its data folder)'}"
 
 
 @needs_compose
@@ -203,6 +231,42 @@ def test_dockerfile_final_stage_is_slim_and_non_root() -> None:
     health = [ln for ln in final if ln.startswith("HEALTHCHECK")]
     assert health and '"imgq", "health", "--local"' in health[0]
     assert "pip uninstall -y pip" in " ".join(build)
+
+
+@pytest.mark.parametrize(
+    "dockerfile", sorted((ROOT / "docker").glob("Dockerfile*")), ids=lambda p: p.name
+)
+def test_dockerfiles_need_no_registry_but_their_base_images(dockerfile: Path) -> None:
+    """A build needs the FROM base images and nothing else from a registry: no `# syntax=`
+    parser directive (BuildKit, the compose plugin's default builder, pulls that frontend image
+    on every build), and every COPY --from, RUN --mount from= and FROM that is not the pinned
+    base names an earlier stage; ADD fetches no URL."""
+    lines = re.sub(r"\\\n", " ", dockerfile.read_text()).splitlines()
+    directives = []
+    for line in lines:  # parser directives: `# key=value` lines before anything else
+        found = re.fullmatch(r"#\s*([A-Za-z]+)\s*=\s*(.*?)\s*", line)
+        if not found:
+            break
+        directives.append(found.group(1).lower())
+    assert "syntax" not in directives, f"{dockerfile.name}: a `# syntax=` directive pulls an image"
+    bases = set(re.findall(r"^ARG\s+(\w+_IMAGE)=\S+$", dockerfile.read_text(), re.MULTILINE))
+    stages: list[str] = []
+    for line in (ln.strip() for ln in lines):
+        words = line.split()
+        if not words or line.startswith("#"):
+            continue
+        instruction = words[0].upper()
+        if instruction == "FROM":
+            image = next(w for w in words[1:] if not w.startswith("--"))
+            assert image in stages or image.strip("${}") in bases, f"FROM {image}: not pinned"
+            stages += [words[-1]] if words[-2].upper() == "AS" else []
+        sources = re.findall(r"--from=([^\s,]+)", line)  # COPY --from=, RUN --mount=...,from=
+        sources += re.findall(r"--mount=\S*?\bfrom=([^\s,]+)", line)
+        for source in sources:
+            assert source in stages, f"{line!r} reads {source!r}, which is no earlier stage"
+        if instruction == "ADD":
+            assert not re.search(r"\b(?:https?|git)://|\bgit@", line), f"{line!r} fetches a URL"
+    assert stages, f"{dockerfile.name} has no named build stage"
 
 
 @needs_compose

@@ -24,6 +24,8 @@ Names (all prefixed ``imgq_``):
 - ``alert_webhook_total{outcome}``: drift entries the alert webhook handled
   (``worker/drift/notify.py``): ``delivered``, ``retried`` (per failed attempt retried),
   ``dead_letter``, ``skipped`` (notices, clears of notices).
+- ``fleet_workers``, ``fleet_worker_lost_timestamp_seconds``: the fleet as the keeper's last
+  sweep of Redis saw it (``worker/broker/fleet.py``), the same on every worker of one Redis.
 """
 
 from __future__ import annotations
@@ -108,6 +110,15 @@ class WorkerMetrics:
         self.alert_webhook = Counter(
             "imgq_alert_webhook", "Drift alert stream entries the alert webhook handled.",
             ["outcome"], registry=registry,
+        )  # fmt: skip
+        self.fleet_workers = Gauge(
+            "imgq_fleet_workers", "Workers of this Redis holding a lease, at the last sweep.",
+            registry=registry,
+        )  # fmt: skip
+        self.fleet_worker_lost = Gauge(
+            "imgq_fleet_worker_lost_timestamp_seconds",
+            "When this Redis last recorded a worker lost (its lease lapsed without a clean "
+            "shutdown); 0: none recorded.", registry=registry,
         )  # fmt: skip
 
 

@@ -35,10 +35,11 @@ dead letter. So a message that crashes, OOM-kills or hangs workers costs at most
 ``max_deliveries`` worker lives, fleet-wide, and its first batch-mates one delivery each.
 
 Leases: each worker holds ``imgq:lease:<worker_id>`` with a time to live of ``lease_ttl_s``,
-renewed while its runners make progress. Every worker runs :meth:`Intake.restore_dead` every
-``restore_interval_s``: each lane whose worker's lease has expired goes back to the right end of
-its queue (served next, in the original order). A worker does not take while its own lease may
-have expired (it knows when it last renewed it).
+renewed while its runners make progress; taking it makes the worker a fleet member, and a
+member whose lease lapses without a release is recorded lost (``worker/broker/fleet.py``). Every
+worker runs :meth:`Intake.restore_dead` every ``restore_interval_s``: each lane whose worker's
+lease has expired goes back to the right end of its queue (served next, in the original order).
+A worker does not take while its own lease may have expired (it knows when it last renewed it).
 
 Keys::
 
@@ -60,6 +61,7 @@ from collections.abc import Sequence
 
 import redis
 
+from imgq.worker.broker import fleet
 from imgq.worker.broker import intake_lua as lua
 from imgq.worker.broker.capped import ReplyTooLarge, capped_client
 from imgq.worker.broker.priority import LOWER_SHARE, URGENT_WINDOW_S, is_urgent, plan_take
@@ -222,7 +224,14 @@ class Intake:
         sent = time.monotonic()
         ttl_ms = int(self.lease_ttl_s * 1000)
         if not self.redis.pexpire(self.lease_key, ttl_ms):
-            self.redis.set(self.lease_key, self.worker_id, px=ttl_ms)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(self.lease_key, self.worker_id, px=ttl_ms)
+            fleet.join(pipe, self.worker_id, self.queue)  # a member while it holds the lease
+            # Only the lease's own reply counts: fleet keys Redis refuses (say, of another
+            # type) cost the fleet's record, never the lease.
+            lease_reply = pipe.execute(raise_on_error=False)[0]
+            if isinstance(lease_reply, Exception):
+                raise lease_reply
         # Redis counts the time to live from when it ran the SET, after `sent`.
         self._lease_until = sent + self.lease_ttl_s
 
@@ -259,14 +268,16 @@ class Intake:
 
     def release(self) -> int:
         """At shutdown, after the runners stopped: give back every unacked message (counted as
-        a delivery without a result), drop the lease and the registrations.
+        a delivery without a result), drop the lease, the registrations and the fleet
+        membership (a clean shutdown: ``worker/broker/fleet.py`` records no loss).
 
         Returns:
             How many messages were given back.
         """
         args: list[int | str] = [self.queue, self.max_deliveries, DELIVERIES_TTL_S, self.worker_id,
                                  self.result_key_prefix]  # fmt: skip
-        moved = int(self._release(keys=[LANES_KEY, self.lease_key], args=args))
+        keys = [LANES_KEY, self.lease_key, fleet.MEMBERS_KEY, fleet.MISSING_KEY]
+        moved = int(self._release(keys=keys, args=args))
         for lanes in self._runner_lanes:
             for lane in lanes:
                 lane.settled()

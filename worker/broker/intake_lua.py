@@ -104,8 +104,9 @@ return moved
 """
 )
 
-# KEYS: lanes hash, lease. ARGV: queue, max deliveries, counter ttl, this worker's id. A worker
-# giving back everything it holds (counted: those messages got no result) and its lease.
+# KEYS: lanes hash, lease, fleet members, fleet missing (worker/broker/fleet.py). ARGV: queue, max
+# deliveries, counter ttl, this worker's id. A worker giving back everything it holds (counted:
+# those messages got no result), its lease and its fleet membership (a clean shutdown).
 RELEASE = (
     GIVE_BACK_FN
     + """
@@ -120,6 +121,8 @@ for i = 1, #flat, 2 do
   end
 end
 redis.call('DEL', KEYS[2])
+redis.pcall('HDEL', KEYS[3], ARGV[4])  -- pcall: a fleet key Redis refuses fails no release
+redis.pcall('HDEL', KEYS[4], ARGV[4])
 return moved
 """
 )

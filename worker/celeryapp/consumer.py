@@ -12,7 +12,8 @@ replaced by :class:`BulkTasks`, which
   the worker before it connects, with the bundle's message);
 - runs ``concurrency`` :class:`~imgq.worker.engine.BatchEngine` threads and one keeper thread that
   renews the lease (only while every runner makes progress), gives back dead workers' and
-  orphaned messages, and queues the tasks whose ``eta`` has come
+  orphaned messages, records workers lost without a clean shutdown
+  (``worker/broker/fleet.py``), and queues the tasks whose ``eta`` has come
   (``worker/broker/schedule.py``); the runners send the Celery task events of their batches
   under the worker's node name (``IMGQ_TASK_EVENTS``), so Flower lists the tasks as for any
   Celery worker;
@@ -42,6 +43,7 @@ from celery.worker.consumer.tasks import Tasks
 from kombu import Consumer as KombuConsumer
 from kombu.common import QoS
 
+from imgq.worker.broker.fleet import Fleet
 from imgq.worker.broker.intake import Intake
 from imgq.worker.broker.schedule import release_due
 from imgq.worker.celeryapp.app import ImgqCelery
@@ -118,6 +120,7 @@ class BulkService:
             ),
             lists=settings.queue_lists.names(settings.queue),
         )  # fmt: skip
+        self.fleet = Fleet(self.redis, grace_s=settings.lease_ttl_s)
         events = None
         if settings.task_events:
             broker_db = int(self.redis.connection_pool.connection_kwargs.get("db", 0))
@@ -262,6 +265,7 @@ class BulkService:
                             "gave back %d messages of batches this worker had acked: Redis came "
                             "back with older data", stale,
                         )  # fmt: skip
+                    self._sweep_fleet()
                 if failing_since is not None:
                     logger.info("Redis answers again after %.1f s", now - failing_since)
                     failing_since = None
@@ -271,6 +275,18 @@ class BulkService:
                     logger.warning("lease/restore failed, retrying every %.1f s: %s", tick_s, exc)
             except Exception:  # a bug here must not end lease renewal silently
                 logger.exception("lease/restore step failed; retrying")
+
+    def _sweep_fleet(self) -> None:
+        """Record workers whose lease lapsed without a release, and export what the fleet is
+        (``worker/broker/fleet.py``)."""
+        view = self.fleet.sweep()
+        self.metrics.fleet_workers.set(view.live)
+        self.metrics.fleet_worker_lost.set(view.last_lost_at)
+        for worker_id in view.lost:
+            logger.warning(
+                "worker %s lost: its lease lapsed without a clean shutdown (crashed, killed or "
+                "stalled)", worker_id, extra={"event": "worker_lost", "lost_worker": worker_id},
+            )  # fmt: skip
 
     def _guard(self, target: Any) -> None:
         """Run a thread's loop; if it dies (a bug the loop did not catch), shut the worker down
