@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
+
+#: onnxruntime's switches that turn its telemetry off, for every command (onnxruntime 1.32 reads
+#: the first, its newer sources the second). Left on, it keeps a device id and an upload cache
+#: under $HOME, which a read-only container cannot hold, so every command that loads onnxruntime
+#: printed "Failed to persist telemetry device ID". It reads them when it is imported, before
+#: any session; a value the operator set is kept.
+ORT_TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1", "ORT_TELEMETRY_DISABLED": "1"}
 
 
 def _handler(target: str) -> Callable[[argparse.Namespace], int]:
@@ -241,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imgq` console script."""
     args = build_parser().parse_args(argv)
+    for name, value in ORT_TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -9,6 +9,8 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,34 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def assert_alert_fires(
+    series: Mapping[str, str], eval_time: str, alertname: str, labels: Mapping[str, str]
+) -> None:
+    """Assert with `promtool test rules` that docker/alert-rules.yml's ``alertname`` fires at
+    ``eval_time``, once, with ``labels``, over ``series`` (series -> values in promtool's
+    notation, one sample a minute)."""
+    assert _PROMTOOL is not None
+    firing = {"alertname": alertname, "alertstate": "firing", **labels}
+    expected = ",".join(f"{name}={json.dumps(value)}" for name, value in firing.items())
+    test = {  # JSON is YAML
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in series.items()],
+            "promql_expr_test": [{
+                "expr": f'ALERTS{{alertname="{alertname}",alertstate="firing"}}',
+                "eval_time": eval_time,
+                "exp_samples": [{"labels": f"ALERTS{{{expected}}}", "value": 1}],
+            }],
+        }],
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "test.yml"
+        path.write_text(json.dumps(test))
+        _run(_PROMTOOL, "test", "rules", str(path))
 
 
 def exported_series() -> set[str]:
@@ -95,6 +125,19 @@ def test_alert_rules_pass_their_unit_tests() -> None:
     pages (tests/promtool/alert-rules-test.yml)."""
     out = _run(str(_PROMTOOL), "test", "rules", "tests/promtool/alert-rules-test.yml").stdout
     assert "SUCCESS" in out
+
+
+def test_promtool_drift_series_carry_the_labels_workers_export() -> None:
+    """Issue 25: the rule tests feed imgq_drift_alerts_total with the label names a worker
+    exports (Prometheus adds job and instance), so they test the series the rule will read."""
+    text = (ROOT / "tests" / "promtool" / "alert-rules-test.yml").read_text()
+    series = re.findall(r"series: 'imgq_drift_alerts_total\{([^}]*)\}'", text)
+    assert len(series) >= 5
+    counter = WorkerMetrics(CollectorRegistry()).drift_alerts
+    for body in series:
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', body))
+        assert labels.pop("job") == "imgq-worker" and labels.pop("instance"), body
+        counter.labels(**labels)  # ValueError: Incorrect label names
 
 
 @needs_amtool

@@ -550,13 +550,10 @@ def test_alerts_are_deduplicated_cleared_logged_and_counted(
     assert "brightness" in alert_lines[0].getMessage()
     sample = metrics.registry.get_sample_value
     m = {"model": "shapes", "drift_id": manifest.drift_id}
-    labels = {
-        "model": "shapes",
-        "drift_id": manifest.drift_id,
-        "feature": "brightness",
-        "tier": "notice",
-    }
-    assert sample("imgq_drift_alerts_total", labels) == 2
+    assert sample("imgq_drift_alerts_total", m | {"tier": "notice"}) == 2
+    assert sample("imgq_drift_alerts_total", m | {"tier": "page"}) == 0
+    features = m | {"feature": "brightness", "tier": "notice"}
+    assert sample("imgq_drift_alert_features_total", features) == 2
     assert (
         sample(
             "imgq_drift_alerts_open",

@@ -256,13 +256,10 @@ def test_a_page_opens_above_an_open_notice_and_carries_its_tier(
     assert keys.verdicts in keys.state and client.ttl(keys.verdicts) > 0
     sample = metrics.registry.get_sample_value
     m = {"model": "shapes", "drift_id": manifest.drift_id}
-    labels = {
-        "model": "shapes",
-        "drift_id": manifest.drift_id,
-        "feature": "low_confidence_share",
-        "tier": "page",
-    }
-    assert sample("imgq_drift_alerts_total", labels) == 1
+    assert sample("imgq_drift_alerts_total", m | {"tier": "page"}) == 1
+    assert sample("imgq_drift_alerts_total", m | {"tier": "notice"}) == 1
+    features = m | {"feature": "low_confidence_share", "tier": "page"}
+    assert sample("imgq_drift_alert_features_total", features) == 1
     assert (
         sample(
             "imgq_drift_alerts_open",
@@ -278,6 +275,20 @@ def test_a_page_opens_above_an_open_notice_and_carries_its_tier(
         == 1
     )
     assert sample("imgq_drift_estimated_accuracy", m) < 0.85
+
+
+def test_page_counters_exist_at_zero_once_a_version_is_loaded(
+    client: redis.Redis, manifest: Manifest
+) -> None:
+    """Issue 25: the alert counter of each tier is exported at 0 as soon as the detector of a
+    model version exists, before any window is judged, so the first page is a step that
+    Prometheus' increase() sees (a series whose first sample is 1 shows no increase)."""
+    metrics = WorkerMetrics(CollectorRegistry())
+    DriftDetector(client, manifest, metrics=metrics)
+    sample = metrics.registry.get_sample_value
+    m = {"model": "shapes", "drift_id": manifest.drift_id}
+    assert sample("imgq_drift_alerts_total", m | {"tier": "page"}) == 0
+    assert sample("imgq_drift_alerts_total", m | {"tier": "notice"}) == 0
 
 
 def test_detector_refuses_a_bad_page_alpha(client: redis.Redis, manifest: Manifest) -> None:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
+from imgq.localredis import free_port
 from imgq.shared.calibration import calibrated_top1
 from imgq.shared.decode import decode_image
 from imgq.shared.imagestats import PIXEL_FEATURES, decoded_image_features, output_features
@@ -31,6 +34,7 @@ from imgq.shifts import EXPECTED, SHIFTS, shift_image
 from imgq.trainer.sample_data import CLASS_NAMES, generate
 from imgq.worker.client import ImgqClient
 from imgq.worker.drift import ALL_FEATURES, DriftKeys
+from tests.test_alerting import assert_alert_fires
 from tests.workerproc import Workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -88,45 +92,89 @@ def interleaved(held_out: dict[str, list[bytes]]) -> list[bytes]:
     return [image for group in zip(*held_out.values(), strict=True) for image in group]
 
 
-@pytest.fixture
-def fleet(
-    redis_server: Any, drift_bundle: Path, tmp_path: Path
-) -> Iterator[Callable[[list[bytes]], list[dict[str, Any]]]]:
-    """Two workers on one queue with drift on; yields ``judge(images)``: send whole windows,
-    wait until each is judged, and return the alerts raised."""
-    workers = Workers(drift_bundle, redis_server.url, tmp_path)
-    for i in range(2):
-        workers.start(
-            f"drift{i}", IMGQ_DRIFT="1", IMGQ_DRIFT_WINDOW=str(WINDOW), IMGQ_DRIFT_WINDOW_S="3600"
-        )
-    logs = [w.log for w in workers.started]
-    client = ImgqClient(redis_server.url)
-    db = redis.Redis.from_url(redis_server.url)
-    keys = DriftKeys(load_manifest(drift_bundle).drift_id)
+class DriftFleet:
+    """Two real workers on one queue with drift on and a metrics port each. Call it with
+    whole windows of images: it sends each window, waits until it is judged, and returns the
+    alerts raised so far."""
 
-    def judge(images: list[bytes]) -> list[dict[str, Any]]:
+    def __init__(self, redis_url: str, bundle: Path, log_dir: Path) -> None:
+        self.workers = Workers(bundle, redis_url, log_dir)
+        self.metrics_ports = [free_port(), free_port()]
+        for i, port in enumerate(self.metrics_ports):
+            self.workers.start(
+                f"drift{i}", IMGQ_DRIFT="1", IMGQ_DRIFT_WINDOW=str(WINDOW),
+                IMGQ_DRIFT_WINDOW_S="3600", IMGQ_METRICS_PORT=str(port),
+            )  # fmt: skip
+        self.client = ImgqClient(redis_url)
+        self.db = redis.Redis.from_url(redis_url)
+        self.keys = DriftKeys(load_manifest(bundle).drift_id)
+
+    def __call__(self, images: list[bytes]) -> list[dict[str, Any]]:
         assert len(images) % WINDOW == 0, "send whole windows"
+        logs = [w.log for w in self.workers.started]
         for start in range(0, len(images), WINDOW):
-            expected_id = int(db.get(keys.seq) or 0) + 1  # the previous window is judged
-            outcomes = client.results(client.classify_many(images[start : start + WINDOW]), 120)
+            expected_id = int(self.db.get(self.keys.seq) or 0) + 1  # the previous one is judged
+            outcomes = self.client.results(
+                self.client.classify_many(images[start : start + WINDOW]), 120
+            )
             failed = [o for o in outcomes if not isinstance(o, dict)]
             assert not failed, f"{len(failed)} tasks failed, e.g. {failed[0]!r}; logs: {logs}"
             wait_for(
-                lambda i=expected_id: _latest_id(db, keys) == i, f"window {expected_id} judged"
+                lambda i=expected_id: _latest_id(self.db, self.keys) == i,
+                f"window {expected_id} judged",
             )
-        events = [json.loads(fields[b"json"]) for _, fields in db.xrange(keys.alerts)]
+        events = [json.loads(fields[b"json"]) for _, fields in self.db.xrange(self.keys.alerts)]
         return [e for e in events if e["type"] == "alert"]
 
-    try:
-        yield judge
-    finally:
+    def page_counters(self) -> dict[str, float]:
+        """Each worker's ``imgq_drift_alerts_total{tier="page"}`` series, named as Prometheus
+        stores them (``job`` and ``instance`` added), scraped once the worker has loaded its
+        model."""
+        series: dict[str, float] = {}
+        for port in self.metrics_ports:
+            scraped = wait_for_value(lambda p=port: _scrape(p), f"a model loaded, port {port}")
+            for labels, value in scraped:
+                labels = {"job": "imgq-worker", "instance": f"127.0.0.1:{port}", **labels}
+                body = ",".join(f"{k}={json.dumps(v)}" for k, v in labels.items())
+                series[f"imgq_drift_alerts_total{{{body}}}"] = value
+        return series
+
+    def close(self) -> None:
         try:
-            for w in workers.started:
+            for w in self.workers.started:
                 w.stop()
         finally:
-            workers.kill_all()
-            client.close()
-            db.close()
+            self.workers.kill_all()
+            self.client.close()
+            self.db.close()
+
+
+@pytest.fixture
+def fleet(redis_server: Any, drift_bundle: Path, tmp_path: Path) -> Iterator[DriftFleet]:
+    """Two workers with drift on (see :class:`DriftFleet`)."""
+    workers = DriftFleet(redis_server.url, drift_bundle, tmp_path)
+    try:
+        yield workers
+    finally:
+        workers.close()
+
+
+def _scrape(port: int) -> list[tuple[dict[str, str], float]] | None:
+    """The page tier's ``imgq_drift_alerts_total`` samples at a worker's metrics port; None
+    until it serves ``imgq_model_info`` (its model loaded)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    if not any(s.name == "imgq_model_info" for s in samples):
+        return None
+    return [
+        (s.labels, s.value)
+        for s in samples
+        if s.name == "imgq_drift_alerts_total" and s.labels.get("tier") == "page"
+    ]
 
 
 def _latest_id(db: redis.Redis, keys: DriftKeys) -> int | None:
@@ -136,14 +184,20 @@ def _latest_id(db: redis.Redis, keys: DriftKeys) -> int | None:
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
     """Poll until ``predicate()`` holds."""
+    wait_for_value(lambda: True if predicate() else None, what, timeout_s)
+
+
+def wait_for_value(what: Callable[[], Any], name: str, timeout_s: float = 60.0) -> Any:
+    """Poll until ``what()`` is not None; return it."""
     deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+    while (value := what()) is None:
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {name}"
         time.sleep(0.02)
+    return value
 
 
 def test_harmful_shift_pages_and_harmless_change_only_notices(
-    fleet: Callable[[list[bytes]], list[dict[str, Any]]],
+    fleet: DriftFleet,
     held_out: dict[str, list[bytes]],
     redis_server: Any,
     drift_bundle: Path,
@@ -151,13 +205,24 @@ def test_harmful_shift_pages_and_harmless_change_only_notices(
     """Issue 18: a darker camera (the model answers as well as before) opens one notice; a
     camera zoomed onto a corner (the model loses half its accuracy) then opens a page, with the
     evidence on the output side and the estimated accuracy fallen; `imgq drift windows --json`
-    lists both windows with their tiers."""
+    lists both windows with their tiers. Issue 25: each worker exports its page counter at 0
+    before any page and the fleet's sum is 1 after it; Prometheus' rule pages on those series."""
     images = interleaved(held_out)
+    before = fleet.page_counters()
+    assert len(before) == 2 and set(before.values()) == {0.0}, f"no page counter at 0: {before}"
     darker = fleet([shift_image("darken", b) for b in images[:WINDOW]])
     assert [a["tier"] for a in darker] == ["notice"], darker
     alerts = fleet([shift_image("zoom_corner", b) for b in images[WINDOW : 3 * WINDOW]])
     pages = [a for a in alerts if a["tier"] == "page"]
     assert len(pages) == 1 and len(alerts) == 2, alerts
+    after = fleet.page_counters()
+    assert after.keys() == before.keys() and sum(after.values()) == 1, after
+    if shutil.which("promtool"):  # scripts/test.sh installs it; the counters are checked above
+        # Issue 25: docker/alert-rules.yml pages on these series, scraped before for 3 minutes,
+        # then after.
+        series = {name: f"{before[name]:g}x2 {after[name]:g}x7" for name in before}
+        labels = {"model": load_manifest(drift_bundle).name, "severity": "page"}
+        assert_alert_fires(series, "5m", "ImgqDriftPage", labels)
     page_evidence = {f["feature"] for f in pages[0]["features"] if f["tier"] == "page"}
     assert page_evidence & {"confidence", "low_confidence_share", "estimated_accuracy"}
     out = subprocess.run(
@@ -173,7 +238,7 @@ def test_harmful_shift_pages_and_harmless_change_only_notices(
 
 
 def test_in_distribution_and_flipped_images_raise_no_alert(
-    fleet: Callable[[list[bytes]], list[dict[str, Any]]], held_out: dict[str, list[bytes]]
+    fleet: DriftFleet, held_out: dict[str, list[bytes]]
 ) -> None:
     """3,000 held-out images (15 windows), then 2 windows of them flipped: no alert."""
     images = interleaved(held_out)
@@ -183,7 +248,7 @@ def test_in_distribution_and_flipped_images_raise_no_alert(
 
 @pytest.mark.parametrize("shift", [*SHIFTS, "class_mix"])
 def test_shift_alerts_naming_the_feature_within_two_windows(
-    fleet: Callable[[list[bytes]], list[dict[str, Any]]],
+    fleet: DriftFleet,
     held_out: dict[str, list[bytes]],
     drift_bundle: Path,
     shift: str,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from celery import Celery
 
-from imgq.launcher import WorkerProcess, worker_env
+from imgq.launcher import WorkerFleet, WorkerProcess, worker_env
 from imgq.localredis import LocalRedis, free_port
 from imgq.shared.manifest import load_manifest
 from imgq.worker.celeryapp.app import make_app
@@ -19,6 +20,9 @@ from tests.tinymodel import make_tiny_bundle
 
 #: Generous bound on one `imgq health` run: its own --timeout plus interpreter start-up.
 RUN_LIMIT_S = 60
+#: Generous bound on the interpreter's start-up and imports, before `imgq health`'s own
+#: --timeout begins, on a busy machine.
+STARTUP_ALLOWANCE_S = 20
 
 
 def _env(broker_url: str) -> dict[str, str]:
@@ -32,6 +36,21 @@ def _health(broker_url: str, *options: str) -> tuple[int, list[str]]:
         env=_env(broker_url), capture_output=True, text=True, timeout=RUN_LIMIT_S,
     )  # fmt: skip
     return proc.returncode, proc.stdout.splitlines()
+
+
+def _timed_health(broker_url: str, timeout_s: float, *options: str) -> tuple[int, list[str]]:
+    """`imgq health --timeout TIMEOUT_S OPTIONS`, checked to end within its timeout (plus the
+    interpreter's start-up, which the timeout does not cover)."""
+    started = time.monotonic()
+    status, lines = _health(broker_url, "--timeout", f"{timeout_s:g}", *options)
+    assert time.monotonic() - started < timeout_s + STARTUP_ALLOWANCE_S, lines
+    assert not any("none is an imgq worker" in line for line in lines), lines
+    return status, lines
+
+
+def _named(line: str) -> set[str]:
+    """The node names a `worker ok` or `model ok` line names."""
+    return {word.strip(",;()") for word in line.split() if "@" in word}
 
 
 def _start_worker(broker_url: str, bundle: Path, hostname: str) -> WorkerProcess:
@@ -137,3 +156,93 @@ def test_local_ignores_workers_on_other_hosts(redis_server: LocalRedis, bundle: 
         assert status == 1 and lines[1].startswith("worker  FAIL")
     finally:
         worker.stop()
+
+
+@pytest.fixture
+def three_workers(redis_server: LocalRedis, bundle: Path) -> Iterator[WorkerFleet]:
+    """Three real workers on this host, started together, each answering a ping."""
+    fleet = WorkerFleet(
+        WorkerProcess(
+            f"w{i}@%h", bundle.parent / f"worker-w{i}.log",
+            options=["--model", str(bundle), "--metrics-port", "0"], env=_env(redis_server.url),
+        )
+        for i in range(3)
+    )  # fmt: skip
+    with fleet:
+        fleet.wait_ready(make_app(WorkerSettings.from_env({"IMGQ_BROKER_URL": redis_server.url})))
+        yield fleet
+
+
+def _names_all(broker_url: str, fleet: WorkerFleet, *options: str) -> None:
+    """`imgq health` passes and names every worker of ``fleet`` on its worker and model lines."""
+    status, lines = _timed_health(broker_url, 10, *options)
+    assert status == 0, lines
+    assert _named(lines[1]) == set(fleet.names), f"the worker line names others: {lines}"
+    assert _named(lines[2]) == set(fleet.names), f"the model line names others: {lines}"
+    assert lines[1].startswith("worker  ok") and lines[2].startswith("model   ok"), lines
+
+
+@pytest.mark.integration
+def test_names_every_imgq_worker_that_answers(
+    redis_server: LocalRedis, three_workers: WorkerFleet
+) -> None:
+    """Issue 25: three workers answer, and the worker and model lines name all three (it named
+    one); a frozen worker is left out while the two others pass within the timeout."""
+    for options in ([], ["--local"]):
+        _names_all(redis_server.url, three_workers, *options)
+    frozen = three_workers.workers[2]
+    frozen.freeze()
+    try:
+        status, lines = _timed_health(redis_server.url, 4)
+    finally:
+        frozen.thaw()
+    assert status == 0, lines
+    assert _named(lines[1]) == set(three_workers.names) - {frozen.name}, lines
+    _names_all(redis_server.url, three_workers)
+
+
+@pytest.mark.integration
+def test_names_every_imgq_worker_after_a_redis_restart(
+    redis_server: LocalRedis, three_workers: WorkerFleet
+) -> None:
+    """Issue 25: after Redis restarts under three workers, `imgq health` fails only while no
+    worker has reconnected ("no imgq worker answered"), never says that the workers that
+    answered are not imgq's, then passes naming all three, each run within its timeout."""
+    _names_all(redis_server.url, three_workers)
+    redis_server.restart()
+    deadline = time.monotonic() + 120
+    while True:
+        status, lines = _timed_health(redis_server.url, 5)
+        if status == 0 and _named(lines[1]) == set(three_workers.names):
+            break
+        assert status == 0 or lines[1].startswith("worker  FAIL  no imgq worker"), lines
+        assert time.monotonic() < deadline, f"not every worker back after 120 s: {lines}"
+    for _ in range(3):
+        _names_all(redis_server.url, three_workers)
+
+
+@pytest.mark.integration
+def test_a_plain_celery_worker_is_no_imgq_worker(
+    redis_server: LocalRedis, local_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """A plain `celery worker` on the same Redis answers too (with an error: it has no
+    imgq_status): it is named apart and the imgq worker passes; alone, it fails the check."""
+    command = [sys.executable, "-m", "celery", "-A", "tests.canvas_user", "worker", "-Q", "user",
+               "--pool", "solo", "-n", "plain@%h", "--without-mingle"]  # fmt: skip
+    plain = WorkerProcess(
+        "plain@%h", tmp_path / "plain.log", command=command, cwd=Path(__file__).parents[1],
+        env=dict(_env(redis_server.url), CANVAS_BROKER_URL=redis_server.url),
+    )  # fmt: skip
+    try:
+        plain.wait_ready(make_app(WorkerSettings.from_env({"IMGQ_BROKER_URL": redis_server.url})))
+        status, lines = _timed_health(redis_server.url, 10)
+        assert status == 0, lines
+        named = f"1 imgq worker answered: {local_worker.name} (not imgq: {plain.name})"
+        assert lines[1] == f"worker  ok  {named}", lines
+        assert _named(lines[2]) == {local_worker.name}, lines
+        local_worker.stop()
+        status, lines = _health(redis_server.url, "--timeout", "5")
+        assert status == 1
+        assert lines[1] == f"worker  FAIL  {plain.name} answered, but none is an imgq worker", lines
+    finally:
+        plain.kill()

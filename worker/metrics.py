@@ -19,8 +19,11 @@ Names (all prefixed ``imgq_``):
   ``sent`` or ``failed`` (logged; the task's own result is stored either way).
 - ``model_info{name,sha256,version,provider}`` = 1.
 - ``drift_psi{model,drift_id,feature}``, ``drift_alerts_open{model,drift_id,tier}``,
-  ``drift_alerts_total{model,drift_id,feature,tier}``, ``drift_windows_total{model,drift_id,tier}``,
-  ``drift_estimated_accuracy{model,drift_id}``: set by ``worker/drift/detector.py``.
+  ``drift_alerts_total{model,drift_id,tier}`` (one per alert raised; at 0 for both tiers from
+  the moment the worker loads a version, so that a rule's ``increase()`` sees the first page),
+  ``drift_alert_features_total{model,drift_id,feature,tier}`` (the features of each alert),
+  ``drift_windows_total{model,drift_id,tier}``, ``drift_estimated_accuracy{model,drift_id}``:
+  set by ``worker/drift/detector.py``.
 - ``alert_webhook_total{outcome}``: drift entries the alert webhook handled
   (``worker/drift/notify.py``): ``delivered``, ``retried`` (per failed attempt retried),
   ``dead_letter``, ``skipped`` (notices, clears of notices).
@@ -95,7 +98,11 @@ class WorkerMetrics:
             ["model", "drift_id", "tier"], registry=registry,
         )  # fmt: skip
         self.drift_alerts = Counter(
-            "imgq_drift_alerts", "Drift alerts raised, per feature and tier (page, notice).",
+            "imgq_drift_alerts", "Drift alerts raised, by tier (page, notice).",
+            ["model", "drift_id", "tier"], registry=registry,
+        )  # fmt: skip
+        self.drift_alert_features = Counter(
+            "imgq_drift_alert_features", "Features of the drift alerts raised, by alert tier.",
             ["model", "drift_id", "feature", "tier"], registry=registry,
         )  # fmt: skip
         self.drift_windows = Counter(

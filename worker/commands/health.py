@@ -4,8 +4,9 @@ Three checks, in order, one printed line each; the first that fails ends the run
 and names itself, so `docker inspect` or a script's log says what is wrong:
 
     redis   the broker (IMGQ_BROKER_URL) answers PING
-    worker  an imgq worker answers a Celery ping (with ``--local``: one on this host)
-    model   that worker has its model loaded (the ``imgq_status`` remote-control command)
+    worker  imgq workers answer the ``imgq_status`` remote-control command (with ``--local``:
+            those on this host); the line names every one that answered
+    model   one of them at least has its model loaded; the line says what each serves
 
 The whole run stays within ``--timeout`` seconds, so a dead Redis or an absent worker is reported
 instead of hanging a healthcheck.
@@ -20,10 +21,12 @@ import argparse
 import re
 import socket
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -62,27 +65,75 @@ def _check_redis(url: str, timeout_s: float) -> str:
         client.close()
 
 
-def _ping_worker(app: Celery, timeout_s: float, local: bool) -> list[str]:
-    """Names of the workers that answer a ping: waits for the first, then up to a second more
-    for the others (a plain Celery worker on the same Redis answers pings too)."""
+#: After the first answer, how long the worker check waits for the next one before it stops
+#: listening (``celery inspect``'s own default): workers answer within milliseconds of each
+#: other unless one is busy, and a healthy fleet's check should not wait out ``--timeout``.
+ANSWER_GAP_S = 1.0
+
+
+class _Enough(Exception):
+    """Raised from a reply callback to stop listening (kombu has no other way to end a collect
+    early that does not count stray messages, see :func:`_ask_workers`)."""
+
+
+def _ask_workers(app: Celery, deadline: float, local: bool) -> dict[str, Any]:
+    """Every worker's answer to ``imgq_status``, by node name: the first answer within the
+    deadline, then every answer that follows the previous one within :data:`ANSWER_GAP_S`.
+
+    The command is the ping too: any Celery worker answers it (one that is not imgq's with an
+    error, as for any unknown command), so a worker is named by what it answered, never by an
+    earlier round trip. No ``limit=``: kombu counts every message it drains from this process's
+    reply queue towards the limit, late replies to an earlier broadcast included, which can end
+    the wait before any asked worker's answer arrived. The callback stops listening instead,
+    also where one more quiet wait could run past the deadline.
+    """
     where: dict[str, Any] = {"pattern": local_node_pattern(), "matcher": "pcre"} if local else {}
-    replies = app.control.ping(timeout=timeout_s, limit=1, **where)
-    if not replies:
-        return []
-    replies += app.control.ping(timeout=min(1.0, timeout_s), **where)
-    return sorted({name for reply in replies for name in reply})
+    answers: dict[str, Any] = {}
+
+    def listen(gap_s: float, first_only: bool) -> None:
+        def take(reply: Any) -> None:
+            if isinstance(reply, dict):  # {node: answer}; anything else is no worker's
+                answers.update(reply)
+            if first_only or deadline - time.monotonic() < gap_s:
+                raise _Enough
+
+        try:
+            app.control.broadcast(STATUS_COMMAND, reply=True, timeout=gap_s, callback=take, **where)
+        except _Enough:
+            pass
+
+    listen(deadline - time.monotonic(), first_only=True)
+    left_s = deadline - time.monotonic()
+    if answers and left_s > 0:
+        listen(min(ANSWER_GAP_S, left_s), first_only=False)
+    return answers
 
 
-def _model_status(app: Celery, nodes: list[str], timeout_s: float) -> tuple[str, dict[str, Any]]:
-    """The first of ``nodes`` that answers as an imgq worker (its model status), preferring one
-    whose model is loaded; ``("", {})`` when none does."""
-    replies = app.control.broadcast(
-        STATUS_COMMAND, destination=nodes, reply=True, timeout=timeout_s, limit=len(nodes)
-    )
-    found = [(node, dict(status)) for reply in replies for node, status in reply.items()
-             if isinstance(status, dict) and "loaded" in status]  # fmt: skip
-    found.sort(key=lambda item: (not item[1].get("loaded"), item[0]))
-    return found[0] if found else ("", {})
+def _names(nodes: Iterable[str]) -> str:
+    return ", ".join(sorted(nodes))
+
+
+def _model_line(statuses: dict[str, dict[str, Any]]) -> tuple[bool, str]:
+    """Whether any answering imgq worker has its model loaded, and the model line: what each
+    group of workers serves, then those still loading."""
+    serving: dict[str, list[str]] = {}
+    loading = []
+    for node, status in sorted(statuses.items()):
+        if not status.get("loaded"):
+            loading.append(node)
+            continue
+        sha = str(status.get("sha256", ""))[:12]
+        what = f"{status.get('model')} ({sha}) on {status.get('provider')}"
+        serving.setdefault(what, []).append(node)
+    parts = [
+        f"{_names(nodes)} {'serve' if len(nodes) > 1 else 'serves'} {what}"
+        for what, nodes in serving.items()
+    ]
+    if loading:
+        parts.append(
+            f"{_names(loading)} {'have' if len(loading) > 1 else 'has'} no model loaded yet"
+        )
+    return bool(serving), "; ".join(parts)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -116,22 +167,28 @@ def main(args: argparse.Namespace) -> int:
 
     app = make_app(settings)
     where = f"on this host ({socket.gethostname()})" if args.local else "on the broker"
-    nodes = _ping_worker(app, left_s(), args.local)
-    if not nodes:
-        report("worker", False, f"no imgq worker {where} answered a ping in {args.timeout:g} s")
+    try:
+        answers = _ask_workers(app, deadline, args.local)
+    except (OperationalError, redis.RedisError, OSError) as exc:
+        report("worker", False, f"{url}: {type(exc).__name__}: {exc}")
         return 1
-    node, status = _model_status(app, nodes, left_s())
-    if not node:
-        report("worker", False, f"{', '.join(nodes)} answered a ping, but none is an imgq worker")
+    statuses = {
+        node: dict(s) for node, s in answers.items() if isinstance(s, dict) and "loaded" in s
+    }
+    others = sorted(answers.keys() - statuses.keys())
+    if not statuses:
+        if others:
+            report("worker", False, f"{_names(others)} answered, but none is an imgq worker")
+        else:
+            report("worker", False, f"no imgq worker {where} answered in {args.timeout:g} s")
         return 1
-    report("worker", True, f"{node} answered a ping")
-    if not status.get("loaded"):
-        report("model", False, f"{node} has no model loaded yet")
+    count = f"{len(statuses)} imgq worker{'s' if len(statuses) > 1 else ''}"
+    extra = f" (not imgq: {_names(others)})" if others else ""
+    report("worker", True, f"{count} answered: {_names(statuses)}{extra}")
+    ok, detail = _model_line(statuses)
+    report("model", ok, detail)
+    if not ok:
         return 1
-    sha = str(status.get("sha256", ""))[:12]
-    report(
-        "model", True, f"{node} serves {status.get('model')} ({sha}) on {status.get('provider')}"
-    )
     _report_routing(settings)
     return 0
 

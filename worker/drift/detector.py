@@ -26,6 +26,7 @@ from imgq.worker.drift.layout import (
 )
 from imgq.worker.drift.statistics import FeatureResult
 from imgq.worker.drift.verdict import (
+    ALERT_TIERS,
     NOTICE_ALPHA,
     PAGE_ALPHA,
     alert_transitions,
@@ -86,6 +87,12 @@ class DriftDetector:
         )
         self.state_ttl_s = state_ttl_s
         self.metrics = metrics or process_metrics()
+        # Both tiers' counters exist at 0 from now on: a rule's increase() sees no page in a
+        # series whose first scrape already counts it.
+        for tier in ALERT_TIERS:
+            self.metrics.drift_alerts.labels(
+                model=manifest.name, drift_id=manifest.drift_id, tier=tier
+            )
         self.layout = WindowLayout(manifest.reference)
 
     def evaluate(self, window_id: int) -> dict[str, Any] | None:
@@ -223,9 +230,11 @@ class DriftDetector:
             self.metrics.drift_psi.labels(model=model, drift_id=drift_id, feature=r.name).set(r.psi)
         self.metrics.drift_windows.labels(model=model, drift_id=drift_id, tier=latest["tier"]).inc()
         if alert is not None:
+            tier = alert["tier"]
+            self.metrics.drift_alerts.labels(model=model, drift_id=drift_id, tier=tier).inc()
             for f in alert["features"]:
-                self.metrics.drift_alerts.labels(
-                    model=model, drift_id=drift_id, feature=f["feature"], tier=alert["tier"]
+                self.metrics.drift_alert_features.labels(
+                    model=model, drift_id=drift_id, feature=f["feature"], tier=tier
                 ).inc()
         if latest["estimated_accuracy"] is not None:
             self.metrics.drift_estimated_accuracy.labels(model=model, drift_id=drift_id).set(
@@ -235,7 +244,7 @@ class DriftDetector:
             _text(k): _text(v) for k, v in self.redis.hgetall(self.keys.open_alerts).items()
         }
         tiers = {r.name: r.tier for r in results}
-        by_tier: dict[str, set[str]] = {"page": set(), "notice": set()}
+        by_tier: dict[str, set[str]] = {tier: set() for tier in ALERT_TIERS}
         for feature, alert_id in open_alerts.items():
             by_tier[tiers.get(feature, "notice")].add(alert_id)
         by_tier["notice"] -= by_tier["page"]  # an alert with a page feature is a page

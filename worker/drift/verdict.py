@@ -18,6 +18,7 @@ from imgq.worker.drift.layout import Window
 from imgq.worker.drift.statistics import FeatureResult, chi2_results
 
 __all__ = [
+    "ALERT_TIERS",
     "HOLD_P_VALUE",
     "NOTICE_ALPHA",
     "PAGE_ALPHA",
@@ -27,6 +28,8 @@ __all__ = [
     "window_tier",
 ]
 
+#: The tiers of an alert: a page (the model is likely hurt) wakes someone, a notice does not.
+ALERT_TIERS = ("page", "notice")
 #: Family-wise false-alarm level per window of the notice tier (the image features).
 NOTICE_ALPHA = 0.001
 #: Family-wise false-alarm level per window of the page tier (the output-side tests).
