@@ -20,6 +20,7 @@ import yaml
 
 from imgq.cli import build_parser
 from imgq.worker.settings import ENV_VARS
+from tests.test_alerting import exported_series, metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "scripts" / "check_kubernetes.py"
@@ -258,23 +259,33 @@ def test_worker_is_locked_down_and_probed_by_imgq_health(base: list[dict[str, An
     assert annotations["prometheus.io/port"] == _env(c)["IMGQ_METRICS_PORT"]["value"] == "9808"
 
 
-def test_scaledobject_scales_the_worker_on_the_backlog(base: list[dict[str, Any]]) -> None:
+def test_scaledobject_scales_the_worker_on_backlog_and_throughput(
+    base: list[dict[str, Any]],
+) -> None:
     """KEDA scales the worker Deployment from zero on the exporter's backlog of the configured
-    queue, counting ready, in-flight and due tasks, and scales down more slowly than up."""
+    queue (ready, in-flight and due tasks) and on the workers' own throughput (a rate that is 0,
+    not missing, when no worker runs), and scales down more slowly than up."""
     so = _one(base, "ScaledObject", "imgq-worker")["spec"]
     assert _one(base, "Deployment", so["scaleTargetRef"]["name"])
     assert so["minReplicaCount"] == 0 and so["cooldownPeriod"] > 0
-    (trigger,) = so["triggers"]
-    assert trigger["type"] == "prometheus"
-    meta = trigger["metadata"]
-    queue = _one(base, "ConfigMap", "imgq-settings")["data"]["IMGQ_QUEUE"]
-    assert f'queue="{queue}"' in meta["query"] and "imgq_queue_backlog" in meta["query"]
-    states = set(re.search(r'state=~"([^"]+)"', meta["query"]).group(1).split("|"))  # type: ignore[union-attr]
-    assert states == {"ready", "in_flight", "due"}
-    assert float(meta["activationThreshold"]) >= 0 and float(meta["threshold"]) > 0
+    assert {t["type"] for t in so["triggers"]} == {"prometheus"}
+    by_metric = {("backlog" if "imgq_queue_backlog" in t["metadata"]["query"] else "rate"): t
+                 for t in so["triggers"]}  # fmt: skip
+    backlog, rate = by_metric["backlog"]["metadata"], by_metric["rate"]["metadata"]
+    settings = _one(base, "ConfigMap", "imgq-settings")["data"]
+    assert f'queue="{settings["IMGQ_QUEUE"]}"' in backlog["query"]
+    states = re.search(r'state=~"([^"]+)"', backlog["query"])
+    assert states is not None and set(states.group(1).split("|")) == {"ready", "in_flight", "due"}
+    assert float(backlog["activationThreshold"]) >= 0 and backlog["ignoreNullValues"] == "false"
     # A busy worker holds a batch in hand and one taken ahead: a target below that never ends.
-    max_batch = int(_one(base, "ConfigMap", "imgq-settings")["data"]["IMGQ_MAX_BATCH"])
-    assert float(meta["threshold"]) > 2 * max_batch
+    assert float(backlog["threshold"]) > 2 * int(settings["IMGQ_MAX_BATCH"])
+    assert metric_names(rate["query"]) <= exported_series()
+    assert rate["query"].rstrip().endswith("or vector(0)")
+    namespace = _one(base, "Deployment", "imgq-worker")["metadata"]["namespace"]
+    assert f'namespace="{namespace}"' in rate["query"]
+    # The throughput target is below the backlog's: a worker drains more than it is asked to
+    # carry per second (80% of its rate against rate x the acceptable wait).
+    assert 0 < float(rate["threshold"]) < float(backlog["threshold"])
     behavior = so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     up, down = behavior["scaleUp"], behavior["scaleDown"]
     assert down["stabilizationWindowSeconds"] > up["stabilizationWindowSeconds"]
