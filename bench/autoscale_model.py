@@ -192,13 +192,19 @@ def simulate(
     fixed_pods: int = 0,
     phase_s: float = 0.0,
     warmup_steps: int = 0,
+    batch: int = 32,
 ) -> SimResult:
     """Replay ``arrivals`` (tasks arriving in each step of ``dt`` seconds) through a fleet that
     ``settings`` scales (or ``fixed_pods`` pods, started before the trace, when ``settings`` is
     None), each pod draining ``rate`` tasks/s once ``startup_s`` after it was asked for.
     ``phase_s`` offsets the scrape, sync and polling clocks from the trace's start. Runs on
     after the trace until the queue is empty; the first ``warmup_steps`` steps only bring the
-    fleet to the state the trace finds it in (nothing of them is counted)."""
+    fleet to the state the trace finds it in (nothing of them is counted).
+
+    The backlog Prometheus scrapes is the queue plus the tasks in flight: a busy worker holds a
+    batch in hand and one taken ahead, up to ``2 x batch``, each in flight about a batch's
+    serving time (``batch / rate``), so in flight = served per second x ``2 x batch / rate``,
+    at most ``2 x batch`` per ready pod (Little's law)."""
     pods: list[float] = [-1e9] * fixed_pods  # the time each pod was asked for
     hpa = Hpa(settings) if settings is not None else None
     queue: collections.deque[list[float]] = collections.deque()  # [arrived at, tasks]
@@ -223,7 +229,9 @@ def simulate(
             queue.append([now + dt / 2, float(arrivals[step])])
             backlog += float(arrivals[step])
         pod_seconds += len(pods) * dt * counted
-        capacity = sum(now - asked >= startup_s for asked in pods) * rate * dt
+        ready = sum(now - asked >= startup_s for asked in pods)
+        capacity = ready * rate * dt
+        served_before = served_total
         while capacity > 1e-12 and queue:
             head = queue[0]
             take = min(capacity, head[1])
@@ -243,7 +251,10 @@ def simulate(
         if settings is None or hpa is None:
             continue
         if now >= next_scrape:
-            scraped, next_scrape = backlog, next_scrape + settings.scrape_s
+            in_flight = min(
+                (served_total - served_before) / dt * 2 * batch / rate, ready * 2 * batch
+            )
+            scraped, next_scrape = backlog + in_flight, next_scrape + settings.scrape_s
             counter_samples.append((now, served_total))
             while counter_samples[0][0] < now - settings.rate_window_s:
                 counter_samples.popleft()
