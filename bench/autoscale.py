@@ -23,7 +23,8 @@ how many times the replica count changed.
 
 ``startup`` times ``imgq worker`` from process start to answering a ping (it answers once its
 model is loaded and checked), with the tiny test model and the sample model, from a folder and
-fetched from Redis as a Kubernetes pod does; the simulation's ``--startup-s`` default is that
+fetched from Redis as a Kubernetes pod does, beside a baseline (the interpreter importing the
+worker's libraries); the simulation's ``--startup-s`` default is that
 measured figure plus the pod's scheduling and container start (``--schedule-s``).
 """
 
@@ -199,6 +200,14 @@ def measure_startup(args: argparse.Namespace) -> None:
         configs = [("tiny model, folder", ["--model", str(tiny)]),
                    ("sample model, folder", ["--model", str(sample)]),
                    ("sample model, fetched from Redis", [])]  # fmt: skip
+        imports = "import celery, cv2, numpy, onnxruntime, redis"
+        baseline = []
+        for _ in range(args.repeat):
+            started = time.monotonic()
+            subprocess.run([sys.executable, "-c", imports], check=True)
+            baseline.append(time.monotonic() - started)
+        base = statistics.median(baseline)
+        print(f"baseline, the interpreter importing {imports[7:]}: median {base:.1f} s")
         with ImgqClient(url) as client:
             for label, options in configs:
                 times = []
@@ -211,7 +220,8 @@ def measure_startup(args: argparse.Namespace) -> None:
                     with start_fleet(client, work, [(name, command, env)]) as fleet:
                         times.append(fleet.startup_s)
                 each = ", ".join(f"{t:.1f}" for t in times)
-                print(f"{label}: median {statistics.median(times):.1f} s, "
+                median = statistics.median(times)
+                print(f"{label}: median {median:.1f} s ({median / base:.1f}x the baseline), "
                       f"max {max(times):.1f} s ({each})")  # fmt: skip
 
 
