@@ -342,10 +342,12 @@ def drain(
     n: int,
     start: Callable[[], BenchFleet],
     keep: Callable[[float], Any] | None = None,
+    inspect: Callable[[Sequence[Any], float], Any] | None = None,
 ) -> dict[str, Any]:
     """Enqueue ``n`` tasks, park them, start the workers, release the queue, time the drain.
 
-    ``keep(drain_rate)`` runs with the workers still up after the drain (the paced load)."""
+    ``keep(drain_rate)`` runs with the workers still up after the drain (the paced load);
+    ``inspect(pending, released_at)`` too, before it, its answer under ``"inspect"``."""
     r = redis.Redis.from_url(url)
     parked = f"{client.queue}:parked"
     r.delete(client.queue, parked)
@@ -378,12 +380,20 @@ def drain(
             # Results with a "drift" entry came from a worker with drift statistics on.
             "drift_tasks": sum(isinstance(o, dict) and "drift" in o for o in outcomes),
         }
+        if inspect is not None:
+            result["inspect"] = inspect(pending, released)
         if keep is not None:
             result["paced"] = keep(result["rate"])
     return result
 
 
-def paced(client: ImgqClient, images: Sequence[bytes], rate: float, duration_s: float) -> dict:
+def paced(
+    client: ImgqClient,
+    images: Sequence[bytes],
+    rate: float,
+    duration_s: float,
+    keep_pending: bool = False,
+) -> dict:
     """Open-loop load: task ``i`` is enqueued at ``start + i / rate`` whatever the workers do.
 
     The garbage collector's objects are frozen first: a full collection in this process (its
@@ -424,7 +434,7 @@ def paced(client: ImgqClient, images: Sequence[bytes], rate: float, duration_s: 
         "mean_batch": statistics.mean(o["batch_size"] for o in outcomes if isinstance(o, dict)),
         "failures": count_failures(outcomes),
         "loadavg_1m": os.getloadavg()[0],
-    }
+    } | ({"pending": pending, "sent_at": sent_at} if keep_pending else {})
 
 
 # -- profiling -------------------------------------------------------------------------------------

@@ -1,25 +1,27 @@
 """Workers a network away from Redis (issue 24): drain rate and latency at 50% load through a
 delay proxy (``bench/delayproxy.py``), side by side with loopback in one run.
 
-For each mode — ``overlap`` (default settings: the next batch is taken while this one is served,
-its settle shares a round trip with a take) and ``serial`` (``IMGQ_PREFETCH=false``: take, serve,
-settle, one after the other, as before issue 24) — and each round trip (``--rtts``, ms; 0 is a
-direct connection, no proxy):
+This VM's speed moves by tens of percent within minutes, and other work shares its two cores:
+drains one after the other compare the machine's moods, not the settings. So every figure is
+paired: two `imgq worker` processes (the default 2 processes x 1 batch thread) serve ONE queue
+at the same time, worker A on a direct connection (loopback) and worker B through the proxy
+(``--rtts``, ms of round trip added), and each is judged by the tasks it served (the workers'
+own Celery task events say which served what):
 
-* drain: ``--tasks`` tasks enqueued and parked, the workers (default 2 processes x 1 batch thread,
-  small model) started with their broker URL through the proxy, the queue released; rate =
-  tasks / (last result stored - release); and the share of loopback's rate in the same mode;
-* paced open-loop load at 50% of the mode's loopback drain rate (the same offered load at every
-  round trip): p50/p99 from enqueue to result stored, and p99 against loopback's p99 in round
-  trips.
+* drain: ``--tasks`` tasks enqueued and parked, the pair started, the queue released; each
+  worker's rate = its tasks / (its last result stored - release); B's rate against A's;
+* paced open-loop load at 50% of the pair's drain rate: p50/p99 from enqueue to result stored
+  of the tasks each served, and B's p99 over A's in round trips.
 
-The client enqueues and polls over a direct connection, so the figures are the workers'; the
-proxy's own cost is the drain through it at 0 ms against the direct drain (``proxy 0``). Last,
-the client itself through the proxy: ``classify_many`` of ``--client-tasks`` tasks and
-``results`` of the same, served by workers on loopback.
+For each mode — ``overlap`` (default settings: the next batch is taken while this one is
+served, its settle carries the next take's reads) and ``serial`` (``IMGQ_PREFETCH=false``:
+take, serve, settle, one after the other, as before issue 24) — and each round trip; at 0 ms
+the pair measures the proxy's own cost. Last, the client itself through the proxy:
+``classify_many`` and ``results`` of ``--client-tasks`` tasks, served by workers on loopback,
+alternating direct and proxied runs (medians).
 
-    .venv/bin/python bench/network.py                       # ~12 minutes on 2 cores
-    .venv/bin/python bench/network.py --rtts 0,2 --modes overlap --tasks 3000 --paced-s 5
+    .venv/bin/python bench/network.py                       # ~15 minutes on 2 cores
+    .venv/bin/python bench/network.py --rtts 2 --modes overlap --tasks 3000 --paced-s 5
 """
 
 from __future__ import annotations
@@ -27,19 +29,63 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pybase64
+import redis
 from delayproxy import DelayProxy
-from harness import add_fleet_arguments, drain, imgq_workers, paced, sample_images, small_bundle
+from harness import (
+    add_fleet_arguments,
+    done_at,
+    drain,
+    imgq_workers,
+    paced,
+    sample_images,
+    small_bundle,
+    stored_records,
+)
 
 from imgq.localredis import LocalRedis
 from imgq.worker.client import ImgqClient
 
 _MODES = {"overlap": "true", "serial": "false"}
+_DIRECT, _PROXIED = "imgq0@bench", "imgq1@bench"
+
+
+class ServedBy:
+    """Which worker served each task, from the workers' Celery task events."""
+
+    def __init__(self, url: str) -> None:
+        self.host: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pubsub = redis.Redis.from_url(url).pubsub()
+        self._pubsub.psubscribe(**{"/*.celeryev/task.multi": self._on_message})
+        self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        envelope = json.loads(message["data"])
+        for event in json.loads(pybase64.b64decode(envelope["body"])):
+            if event.get("type") == "task-succeeded":
+                with self._lock:
+                    self.host[event["uuid"]] = event["hostname"]
+
+    def wait(self, task_ids: Sequence[str], timeout_s: float = 30.0) -> None:
+        """Until every task's event has arrived."""
+        deadline = time.monotonic() + timeout_s
+        while any(t not in self.host for t in task_ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._thread.stop()
+        self._thread.join(5)
+        self._pubsub.close()
 
 
 def _proxied(url: str, port: int) -> str:
@@ -48,121 +94,151 @@ def _proxied(url: str, port: int) -> str:
     return f"{head}:{port}/{tail.split('/', 1)[1]}"
 
 
-def measure(
-    url: str,
-    bundle: Path,
-    images: list[bytes],
-    args: argparse.Namespace,
-    work: Path,
-    mode: str,
-    rtt_ms: float | None,
-    load_rate: float | None,
-) -> dict[str, Any]:
-    """One drain, then the paced load at ``load_rate`` (None: half this drain's rate), with
-    workers ``rtt_ms`` away (None: direct)."""
-    env = {"IMGQ_PREFETCH": _MODES[mode]}
-    with ImgqClient(url, queue=f"net-{mode}") as client:
+def _target(url: str) -> tuple[str, int]:
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    return host, int(port)
 
-        def run(worker_url: str) -> dict[str, Any]:
-            def keep(rate: float) -> list[dict[str, Any]]:
-                return [paced(client, images, load_rate or rate / 2, args.paced_s)]
 
-            return drain(
-                url,
-                client,
-                images,
-                args.tasks,
-                lambda: imgq_workers(worker_url, bundle, client, args, work, env=env),
-                keep=keep,
-            )
+def _per_worker(client: ImgqClient, pending: Sequence[Any], served: ServedBy, since: float,
+                sent_at: Sequence[float] | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per worker: tasks served, its drain rate from ``since`` (epoch s), and with ``sent_at``
+    its latency percentiles (ms)."""
+    served.wait([p.id for p in pending])
+    done = [done_at(r) for r in stored_records(client, pending)]
+    out: dict[str, dict[str, float]] = {}
+    for name in (_DIRECT, _PROXIED):
+        mine = [i for i, p in enumerate(pending) if served.host.get(p.id) == name]
+        if not mine:
+            out[name] = {"tasks": 0}
+            continue
+        figures = {"tasks": len(mine), "rate": len(mine) / (max(done[i] for i in mine) - since)}
+        if sent_at is not None:
+            q = statistics.quantiles([(done[i] - sent_at[i]) * 1000 for i in mine], n=100,
+                                     method="inclusive")  # fmt: skip
+            figures |= {"p50_ms": q[49], "p99_ms": q[98]}
+        out[name] = figures
+    return out
 
-        if rtt_ms is None:
-            return run(url)
-        host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-        with DelayProxy((host, int(port)), rtt_ms) as proxy:
-            return run(_proxied(url, proxy.port))
+
+def measure_pair(url: str, bundle: Path, images: list[bytes], args: argparse.Namespace,
+                 work: Path, mode: str, rtt_ms: float) -> dict[str, Any]:  # fmt: skip
+    """One drain and one paced load by a direct and a proxied worker serving one queue."""
+    prefetch = _MODES[mode]
+    with DelayProxy(_target(url), rtt_ms) as proxy, ImgqClient(url, queue=f"net-{mode}") as client:
+        far = _proxied(url, proxy.port)
+        envs = [{"IMGQ_PREFETCH": prefetch}, {"IMGQ_PREFETCH": prefetch, "IMGQ_BROKER_URL": far}]
+        served = ServedBy(url)
+        loads: list[dict[str, Any]] = []
+
+        def keep(rate: float) -> None:
+            loads.append(paced_pair(client, images, rate / 2, args.paced_s, served))
+
+        def by_worker(pending: Sequence[Any], released: float) -> dict[str, Any]:
+            return _per_worker(client, pending, served, released)
+
+        try:
+            d = drain(url, client, images, args.tasks,
+                      lambda: imgq_workers(url, bundle, client, args, work, envs=envs),
+                      keep=keep, inspect=by_worker)  # fmt: skip
+        finally:
+            served.close()
+    d["by_worker"] = d.pop("inspect")
+    return {"drain": d, "paced": loads[0]}
+
+
+def paced_pair(client: ImgqClient, images: list[bytes], rate: float, duration_s: float,
+               served: ServedBy) -> dict[str, Any]:  # fmt: skip
+    """:func:`harness.paced`, and each worker's share of it."""
+    result = paced(client, images, rate, duration_s, keep_pending=True)
+    pending, sent_at = result.pop("pending"), result.pop("sent_at")
+    result["by_worker"] = _per_worker(client, pending, served, min(sent_at), sent_at)
+    return result
 
 
 def client_side(url: str, bundle: Path, images: list[bytes], args: argparse.Namespace,
                 work: Path, rtt_ms: float) -> dict[str, float]:  # fmt: skip
     """``classify_many`` + ``results`` of ``--client-tasks`` tasks by a client ``rtt_ms``
-    away, answered by workers on loopback."""
-    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    with DelayProxy((host, int(port)), rtt_ms) as proxy:
-        with ImgqClient(_proxied(url, proxy.port), queue="net-client") as client:
-            with imgq_workers(url, bundle, client, args, work):
-                client.classify_many(images[:10])
-                t0 = time.perf_counter()
-                pending = client.classify_many(images[i % len(images)]
-                                               for i in range(args.client_tasks))  # fmt: skip
-                t1 = time.perf_counter()
-                outcomes = client.results(pending, timeout_s=120)
-                t2 = time.perf_counter()
+    away and by one on loopback, alternating, answered by workers on loopback: medians."""
+    runs: dict[str, list[tuple[float, float]]] = {"direct": [], "proxied": []}
+    with DelayProxy(_target(url), rtt_ms) as proxy, ImgqClient(url, queue="net-client") as c0:
+        with imgq_workers(url, bundle, c0, args, work):
+            for _ in range(args.client_runs):
+                for key, client_url in (("direct", url), ("proxied", _proxied(url, proxy.port))):
+                    with ImgqClient(client_url, queue="net-client") as client:
+                        client.classify_many(images[:10])
+                        t0 = time.perf_counter()
+                        pending = client.classify_many(
+                            images[i % len(images)] for i in range(args.client_tasks)
+                        )
+                        t1 = time.perf_counter()
+                        client.results(pending, timeout_s=120)
+                        runs[key].append((args.client_tasks / (t1 - t0), time.perf_counter() - t1))
     return {
-        "enqueue_per_s": args.client_tasks / (t1 - t0),
-        "enqueue_to_all_results_s": t2 - t0,
-        "results_after_enqueue_s": t2 - t1,
-        "failures": sum(not isinstance(o, dict) for o in outcomes),
+        f"{key}_{name}": statistics.median(r[i] for r in values)
+        for key, values in runs.items()
+        for i, name in enumerate(("enqueue_per_s", "results_s"))
     }
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     """The figures as Markdown tables."""
     lines = [
-        f"workers {args.workers} x {args.concurrency} thread, small model, {args.tasks} tasks per "
-        f"drain, paced {args.paced_s:g} s at 50% of the mode's loopback drain rate",
+        f"two workers on one queue, A direct and B through the proxy, 1 batch thread each, small "
+        f"model, {args.tasks} tasks per drain; paced {args.paced_s:g} s at 50% of the pair's "
+        "drain rate",
         "",
-        "| mode | round trip | drain tasks/s | of loopback | p50 ms | p99 ms | "
-        "p99 - loopback p99 | in round trips | mean batch | load 1m |",
+        "| mode | round trip | drain A (direct) tasks/s | drain B tasks/s | B / A | "
+        "p50 A / B ms | p99 A / B ms | B p99 - A p99 | in round trips | load 1m |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in args.modes:
-        rows = results[mode]
-        base = rows["direct"]
-        base_p99 = base["paced"][0]["p99_ms"] if base.get("paced") else float("nan")
-        for key, m in rows.items():
-            p = m["paced"][0] if m.get("paced") else None
-            rtt = 0.0 if key in ("direct", "proxy 0") else float(key)
-            extra = p["p99_ms"] - base_p99 if p else float("nan")
-            in_rtts = f"{extra / rtt:.1f}" if p and rtt else "-"
-            label = "loopback (direct)" if key == "direct" else (
-                "loopback through the proxy" if key == "proxy 0" else f"{key} ms")  # fmt: skip
+        for key, m in results[mode].items():
+            a, b = m["drain"]["by_worker"][_DIRECT], m["drain"]["by_worker"][_PROXIED]
+            pa, pb = (m["paced"]["by_worker"][n] for n in (_DIRECT, _PROXIED))
+            rtt = float(key)
+            extra = pb.get("p99_ms", float("nan")) - pa.get("p99_ms", float("nan"))
             lines.append(
-                f"| {mode} | {label} | {m['rate']:.0f} | {m['rate'] / base['rate']:.0%} | "
-                + (
-                    f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {extra:+.1f} | {in_rtts} | "
-                    if p
-                    else "- | - | - | - | "
-                )  # fmt: skip
-                + f"{m['mean_batch']:.1f} | {m['loadavg_1m']:.2f} |"
+                f"| {mode} | {key} ms | {a.get('rate', 0):.0f} | {b.get('rate', 0):.0f} | "
+                f"{b.get('rate', 0) / max(1e-9, a.get('rate', 0)):.0%} | "
+                f"{pa.get('p50_ms', float('nan')):.1f} / {pb.get('p50_ms', float('nan')):.1f} | "
+                f"{pa.get('p99_ms', float('nan')):.1f} / {pb.get('p99_ms', float('nan')):.1f} | "
+                f"{extra:+.1f} | {f'{extra / rtt:+.1f}' if rtt else '-'} | "
+                f"{m['drain']['loadavg_1m']:.2f} |"
             )
     if "overlap" in results and "serial" in results:
-        lines += ["", "| round trip | overlap / serial drain |", "|---|---:|"]
+        lines += ["", "| round trip | B / A overlap | B / A serial | A overlap / A serial "
+                  "(loopback, across drains) |", "|---|---:|---:|---:|"]  # fmt: skip
         for key in results["overlap"]:
-            if key in results["serial"]:
-                ratio = results["overlap"][key]["rate"] / results["serial"][key]["rate"]
-                lines.append(f"| {key} | {ratio:.2f}x |")
+            if key not in results["serial"]:
+                continue
+            ratio = []
+            for mode in ("overlap", "serial"):
+                w = results[mode][key]["drain"]["by_worker"]
+                ratio.append(w[_PROXIED].get("rate", 0) / max(1e-9, w[_DIRECT].get("rate", 0)))
+            a_o = results["overlap"][key]["drain"]["by_worker"][_DIRECT].get("rate", 0)
+            a_s = results["serial"][key]["drain"]["by_worker"][_DIRECT].get("rate", 0)
+            lines.append(f"| {key} ms | {ratio[0]:.0%} | {ratio[1]:.0%} | "
+                         f"{a_o / max(1e-9, a_s):.2f}x |")  # fmt: skip
     if results.get("client"):
-        lines += ["", "| client round trip | classify_many tasks/s | results after enqueue s |",
-                  "|---|---:|---:|"]  # fmt: skip
+        lines += ["", "| client round trip | classify_many tasks/s direct / proxied | "
+                  "results after enqueue s direct / proxied |", "|---|---:|---:|"]  # fmt: skip
         for key, c in results["client"].items():
             lines.append(
-                f"| {key} ms | {c['enqueue_per_s']:.0f} | {c['results_after_enqueue_s']:.2f} |"
+                f"| {key} ms | {c['direct_enqueue_per_s']:.0f} / {c['proxied_enqueue_per_s']:.0f}"
+                f" | {c['direct_results_s']:.2f} / {c['proxied_results_s']:.2f} |"
             )
     return "\n".join(lines)
 
 
-def _say(mode: str, what: str) -> None:
-    print(f"[{mode}] {what} (load {os.getloadavg()[0]:.2f})", flush=True)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rtts", default="0.5,2,5", help="round trips to add, ms (besides loopback)")
+    p.add_argument("--rtts", default="0,0.5,2,5", help="round trips to add, ms (0: the proxy's "
+                   "own cost)")  # fmt: skip
     p.add_argument("--modes", default="overlap,serial", help="overlap, serial")
     p.add_argument("--tasks", type=int, default=6000, help="tasks per drain")
     p.add_argument("--paced-s", type=float, default=10.0, help="seconds of paced load")
     p.add_argument("--client-tasks", type=int, default=2000)
+    p.add_argument("--client-runs", type=int, default=3)
     p.add_argument("--no-client", action="store_true", help="skip the client's own figures")
     add_fleet_arguments(p)
     p.add_argument("--report", metavar="JSON", help="only print the tables of a --json file")
@@ -179,22 +255,20 @@ def main() -> int:
     data_dir, images = sample_images(work, args.per_class)
     bundle = small_bundle(work, data_dir, args.train_epochs)
     results: dict[str, Any] = {"args": dict(vars(args))}
+    args.workers = 2
     server = LocalRedis(work / "redis").start()
     try:
-        for mode in args.modes:
-            rows: dict[str, Any] = {}
-            results[mode] = rows
-            rows["direct"] = measure(server.url, bundle, images, args, work, mode, None, None)
-            load = rows["direct"]["paced"][0]["target_rate"]
-            _say(mode, f"direct: {rows['direct']['rate']:.0f} tasks/s")
-            for rtt in [0.0, *rtts]:
-                key = "proxy 0" if rtt == 0 else f"{rtt:g}"
-                rows[key] = measure(server.url, bundle, images, args, work, mode, rtt, load)
-                _say(mode, f"{key} ms: {rows[key]['rate']:.0f} tasks/s, p99 "
-                     f"{rows[key]['paced'][0]['p99_ms']:.1f} ms")  # fmt: skip
+        for rtt in rtts:  # the modes alternate per round trip: both see the same hour
+            for mode in args.modes:
+                m = measure_pair(server.url, bundle, images, args, work, mode, rtt)
+                results.setdefault(mode, {})[f"{rtt:g}"] = m
+                w = m["drain"]["by_worker"]
+                print(f"[{mode}] {rtt:g} ms: A {w[_DIRECT].get('rate', 0):.0f}, B "
+                      f"{w[_PROXIED].get('rate', 0):.0f} tasks/s (load "
+                      f"{os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
         if not args.no_client:
             results["client"] = {}
-            for rtt in [0.0, *rtts]:
+            for rtt in [r for r in rtts if r > 0]:
                 results["client"][f"{rtt:g}"] = client_side(server.url, bundle, images, args,
                                                              work, rtt)  # fmt: skip
                 print(f"client {rtt:g} ms: {results['client'][f'{rtt:g}']}", flush=True)
