@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from imgq.otlpsink import OtlpSink, ReceivedSpan
+from imgq.worker.client import ImgqClient
 from imgq.worker.wire import SENT_AT_HEADER, TASK_NAME
 from tests.blocked_imports import run_without
 from tests.tinymodel import COLOURS, colour_image, encode_png
@@ -33,6 +34,27 @@ IMAGE = base64.b64encode(encode_png(colour_image(COLOURS[2]))).decode()
 TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 _TIMEOUT_S = 60
+
+
+# -- the client ----------------------------------------------------------------------------------
+
+
+def test_client_sends_the_callers_context(redis_server) -> None:
+    """``ImgqClient`` puts the caller's active span into the messages it sends, one by one and
+    in bulk; without an active span the messages carry no context."""
+    tracer = TracerProvider().get_tracer("caller")
+    r = redis.Redis.from_url(redis_server.url)
+    with ImgqClient(redis_server.url) as client:
+        client.classify_many([b"x"])
+        client.classify(b"x")
+        with tracer.start_as_current_span("request") as span:
+            client.classify_many([b"x"])
+            client.classify(b"x")
+        ctx = span.get_span_context()
+    queued = [json.loads(m)["headers"] for m in reversed(r.lrange("imgq", 0, -1))]
+    assert [h.get("traceparent") for h in queued] == [None, None] + [
+        f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+    ] * 2
 
 
 # -- tracing off ---------------------------------------------------------------------------------
