@@ -35,7 +35,7 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     links: tuple[tuple[str, str], ...]
     status: str
-    service: str
+    resource: dict[str, Any]
 
 
 class OtlpSink:
@@ -118,7 +118,7 @@ class OtlpSink:
         for body in bodies:
             request = ExportTraceServiceRequest.FromString(body)
             for resource_spans in request.resource_spans:
-                service = str(_attributes(resource_spans.resource.attributes).get("service.name"))
+                resource = _attributes(resource_spans.resource.attributes)
                 for scope_spans in resource_spans.scope_spans:
                     for s in scope_spans.spans:
                         found.append(
@@ -135,7 +135,7 @@ class OtlpSink:
                                 status=Status.StatusCode.Name(s.status.code).removeprefix(
                                     "STATUS_CODE_"
                                 ),
-                                service=service,
+                                resource=resource,
                             )
                         )
         return found

@@ -151,8 +151,9 @@ def test_worker_continues_the_producers_traces(workers, redis_server, otlp) -> N
         parent = produced[task_id].get_span_context()
         assert (run.trace_id, run.parent_span_id) == (f"{parent.trace_id:032x}",
                                                        f"{parent.span_id:016x}")  # fmt: skip
-        assert run.service == "imgq-test" and run.status == "UNSET"
+        assert run.resource["service.name"] == "imgq-test" and run.status == "UNSET"
         attributes = run.attributes
+        assert attributes["celery.hostname"] == worker.name
         assert attributes["celery.task_name"] == TASK_NAME
         assert attributes["messaging.message.id"] == attributes["messaging.message_id"] == task_id
         assert attributes["messaging.destination"] == "imgq"

@@ -89,8 +89,9 @@ def sampler(name: str, ratio: float) -> Sampler:
 
 
 def tracer_provider(settings: WorkerSettings) -> TracerProvider:
-    """A tracer provider with the settings' sampler (:class:`FollowLinks` around it) and one
-    batch span processor per exporter.
+    """A tracer provider with the settings' sampler (:class:`FollowLinks` around it), one batch
+    span processor per exporter, and ``service.name`` :data:`DEFAULT_SERVICE_NAME` unless the
+    environment names the service (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``).
 
     Raises:
         ImgqError: an exporter's package is missing, or the SDK refuses its configuration.

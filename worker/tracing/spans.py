@@ -72,7 +72,8 @@ class BatchTracer:
 
     Args:
         provider: The configured tracer provider (``worker/tracing/provider.py``).
-        hostname: The worker's Celery node name (``celery.hostname``).
+        hostname: The worker's Celery node name (``celery.hostname``, as the instrumentation
+            names the worker that ran a task).
     """
 
     def __init__(self, provider: TracerProvider, hostname: str) -> None:
@@ -149,6 +150,8 @@ class BatchTrace:
         self.settle_started_ns: int | None = None
         #: Per task id, its spans and their parent contexts, oldest first.
         self._tasks: dict[str, list[tuple[Span, Context]]] | None = None
+        #: The task spans that record (are sampled), by task id: all that :meth:`settled` ends.
+        self._recording: list[tuple[str, Span]] = []
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
@@ -176,8 +179,10 @@ class BatchTrace:
         picked_ns = round(out.picked_at * 1e9)
         tasks: dict[str, list[tuple[Span, Context]]] = {}
         for req in out.requests:
-            started = self._start_task(req, out.picked_at, picked_ns)
-            tasks.setdefault(req.task_id, []).append(started)
+            span, parent = self._start_task(req, out.picked_at, picked_ns)
+            tasks.setdefault(req.task_id, []).append((span, parent))
+            if span.is_recording():
+                self._recording.append((req.task_id, span))
         self._tasks = tasks
 
     def _start_task(
@@ -188,17 +193,18 @@ class BatchTrace:
         name = f"run/{req.task_name[:_MAX_NAME_CHARS]}"
         span = self.tracer.tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER,
                                              start_time=picked_ns)  # fmt: skip
-        if span.is_recording():
-            span.set_attributes({
+        if span.is_recording():  # the attributes of the sampled only (~1% of tasks, say)
+            attributes: dict[str, Any] = {
                 "celery.action": "run",
                 "celery.task_name": req.task_name,
                 "celery.hostname": self.tracer.hostname,
-                **dict.fromkeys(_MESSAGE_ID, req.task_id),
                 "messaging.destination": req.queue,
                 "imgq.batch.size": self.size,
-            })  # fmt: skip
+            }
+            attributes.update(dict.fromkeys(_MESSAGE_ID, req.task_id))
             if req.sent_at is not None:
-                span.set_attribute("imgq.queue_wait_ms", max(0.0, picked_at - req.sent_at) * 1000)
+                attributes["imgq.queue_wait_ms"] = max(0.0, picked_at - req.sent_at) * 1000
+            span.set_attributes(attributes)
         return span, parent
 
     @contextlib.contextmanager
@@ -219,25 +225,23 @@ class BatchTrace:
     def settled(self, out: BatchOutcome) -> None:
         """The settle has ended: each task span gets its outcome and ends; when one of them is
         sampled, the batch's spans are made, linked to the sampled ones."""
-        if self._tasks is None or self.settle_started_ns is None:
-            return
+        recording, self._recording, self._tasks = self._recording, [], {}
+        if not recording or self.settle_started_ns is None:
+            return  # nothing sampled: the other spans record nothing and need no end
         ended_ns = time.time_ns()
         outcomes: dict[str, list[tuple[Any, str, str]]] = {}
         for req, record, (outcome, reason) in zip(out.requests, out.records, out.reasons,
                                                   strict=True):  # fmt: skip
             outcomes.setdefault(req.task_id, []).append((record[1], outcome, reason))
-        spans = [span for found in self._tasks.values() for span, _ in found]
-        sampled = [s.get_span_context() for s in spans if s.get_span_context().trace_flags.sampled]
+        sampled = [s.get_span_context() for _, s in recording]
+        sampled = [c for c in sampled if c.trace_flags.sampled]
         batch = self._batch_spans(sampled, ended_ns) if sampled else None
-        for task_id, found in self._tasks.items():
-            results = outcomes.get(task_id, [])
-            for i, (span, _) in enumerate(found):
-                if span.is_recording():
-                    self._outcome(span, results[i] if i < len(results) else None)
-                    if batch is not None:
-                        span.add_link(batch)
-                span.end(end_time=ended_ns)
-        self._tasks = {}
+        for task_id, span in recording:
+            results = outcomes.get(task_id)
+            self._outcome(span, results.pop(0) if results else None)
+            if batch is not None:
+                span.add_link(batch)
+            span.end(end_time=ended_ns)
 
     def _outcome(self, span: Span, result: tuple[Any, str, str] | None) -> None:
         """A task span's outcome (the metric's outcome and reason), and the model version of a
