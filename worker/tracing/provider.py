@@ -12,7 +12,9 @@ allowed instead of a warning; the SDK reads the rest itself, as in any instrumen
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 from collections.abc import Sequence
 
 from opentelemetry.context import Context
@@ -46,6 +48,33 @@ _HOSTILE_INPUT_LOGGERS = (
     "opentelemetry.trace.propagation.tracecontext",
     "opentelemetry.baggage.propagation",
 )
+#: The span processor's loggers: a full queue is logged per span dropped, an unreachable
+#: collector per batch; a worker logs each at most once a minute.
+_EXPORT_LOGGERS = (
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.sdk.trace.export",
+    "opentelemetry.exporter.otlp.common.http",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+)
+_LOG_EVERY_S = 60.0
+
+
+class OncePerMinute(logging.Filter):
+    """Lets each message (its format string) through at most once a minute: a collector that is
+    down, or a queue that overflows, would otherwise log a line per batch or per span."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged_s: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        key = str(record.msg)
+        if now - self._logged_s.get(key, -math.inf) < _LOG_EVERY_S:
+            return False
+        self._logged_s[key] = now
+        return True
 
 
 class FollowLinks(Sampler):
@@ -98,6 +127,10 @@ def tracer_provider(settings: WorkerSettings) -> TracerProvider:
     """
     for name in _HOSTILE_INPUT_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in _EXPORT_LOGGERS:
+        exporting = logging.getLogger(name)
+        if not any(isinstance(f, OncePerMinute) for f in exporting.filters):
+            exporting.addFilter(OncePerMinute())
     try:
         resource = Resource.create()
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
