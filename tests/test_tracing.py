@@ -24,7 +24,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from imgq.otlpsink import OtlpSink, ReceivedSpan
 from imgq.worker.client import ImgqClient
+from imgq.worker.outcome import BatchOutcome
+from imgq.worker.settings import WorkerSettings
+from imgq.worker.tracing.provider import tracer_provider
+from imgq.worker.tracing.spans import BatchTracer
 from imgq.worker.wire import SENT_AT_HEADER, TASK_NAME
+from imgq.worker.wire.message import TaskRequest
 from tests.blocked_imports import run_without
 from tests.tinymodel import COLOURS, colour_image, encode_png
 from tests.workerproc import send_many, wait_all, wait_for
@@ -55,6 +60,40 @@ def test_client_sends_the_callers_context(redis_server) -> None:
     assert [h.get("traceparent") for h in queued] == [None, None] + [
         f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
     ] * 2
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+
+def test_a_task_without_context_is_sampled_once_at_the_ratio() -> None:
+    """A task without a context is decided before its span is made, and its span gets the trace
+    id it was decided for: at a ratio of 0.5 half the tasks are traced (deciding twice would
+    trace a quarter); the batch's span links to the traced ones, as many as the SDK keeps, and
+    each of them links back."""
+    settings = WorkerSettings(traces_sampler="parentbased_traceidratio", traces_sampler_arg=0.5)
+    provider = tracer_provider(settings)
+    exported = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = BatchTracer(provider, "t@host")
+    try:
+        out = BatchOutcome(time.time())
+        for i in range(2000):
+            req = TaskRequest(f"t{i}", TASK_NAME, {}, None, None, None, "imgq", b"")
+            out.add(req, "SUCCESS", {}, "success", "")
+        trace_ = tracer.batch("lane", 2000)
+        trace_.settling(out)
+        trace_.settled(out)
+    finally:
+        tracer.close()
+    spans = exported.get_finished_spans()
+    runs = [s for s in spans if s.name == f"run/{TASK_NAME}"]
+    assert 850 < len(runs) < 1150  # 1000 expected; 6 standard deviations either side
+    assert len({s.context.trace_id for s in runs}) == len(runs)
+    (batch,) = [s for s in spans if s.name == "imgq.batch"]
+    linked = {link.context.span_id for link in batch.links}
+    assert len(linked) == 128  # the SDK's limit (OTEL_SPAN_LINK_COUNT_LIMIT); the first kept
+    assert linked <= {s.context.span_id for s in runs}
+    assert all(s.links[0].context.span_id == batch.context.span_id for s in runs)
 
 
 # -- tracing off ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -37,7 +39,7 @@ from opentelemetry.util.types import Attributes
 from imgq.shared.errors import ImgqError
 from imgq.worker.settings import WorkerSettings
 
-__all__ = ["DEFAULT_SERVICE_NAME", "FollowLinks", "sampler", "tracer_provider"]
+__all__ = ["DEFAULT_SERVICE_NAME", "FollowLinks", "StagedTraceIds", "sampler", "tracer_provider"]
 
 #: ``service.name`` when neither ``OTEL_SERVICE_NAME`` nor ``OTEL_RESOURCE_ATTRIBUTES`` names one.
 DEFAULT_SERVICE_NAME = "imgq-worker"
@@ -105,6 +107,26 @@ class FollowLinks(Sampler):
         return f"FollowLinks{{{self.configured.get_description()}}}"
 
 
+class StagedTraceIds(RandomIdGenerator):
+    """Random ids, except a trace id staged in this thread for its next root span: the worker
+    decides whether a task without a context is sampled before it makes the task's span (at a
+    low ratio nearly none is, and then none is made), with the trace id the span then gets."""
+
+    def __init__(self) -> None:
+        self._staged = threading.local()
+
+    def stage(self, trace_id: int) -> None:
+        """The trace id of the next root span this thread starts."""
+        self._staged.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        trace_id: int | None = getattr(self._staged, "trace_id", None)
+        if trace_id is None:
+            return super().generate_trace_id()
+        self._staged.trace_id = None
+        return trace_id
+
+
 def sampler(name: str, ratio: float) -> Sampler:
     """The SDK's sampler of an ``OTEL_TRACES_SAMPLER`` name (``worker/settings.py`` checked it).
 
@@ -136,7 +158,8 @@ def tracer_provider(settings: WorkerSettings) -> TracerProvider:
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
         configured = sampler(settings.traces_sampler, settings.traces_sampler_arg)
-        provider = TracerProvider(sampler=FollowLinks(configured), resource=resource)
+        provider = TracerProvider(sampler=FollowLinks(configured), resource=resource,
+                                  id_generator=StagedTraceIds())  # fmt: skip
         for name in settings.traces_exporters:
             exporter = _exporter(name, settings.traces_protocol)
             provider.add_span_processor(BatchSpanProcessor(exporter))

@@ -31,6 +31,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, set_sp
 
 from imgq.worker.outcome import BatchOutcome
 from imgq.worker.tracing.phases import collecting_phases
+from imgq.worker.tracing.provider import StagedTraceIds
 from imgq.worker.wire.message import TaskRequest
 
 __all__ = ["BatchTrace", "BatchTracer"]
@@ -44,6 +45,8 @@ _MAX_NAME_CHARS = 200
 #: The task id's attribute: the instrumentation's name now (semantic conventions 1.17+) and its
 #: name before (queries written for either find imgq's spans).
 _MESSAGE_ID = ("messaging.message.id", "messaging.message_id")
+#: The parent context of a span that starts a trace (none: not the thread's current span).
+_ROOT = Context()
 _FOLLOWING: ContextVar[Context | None] = ContextVar("imgq_following", default=None)
 
 _T = TypeVar("_T")
@@ -80,6 +83,9 @@ class BatchTracer:
         self.provider = provider
         self.tracer = provider.get_tracer("imgq.worker")
         self.hostname = hostname
+        ids = provider.id_generator
+        #: Decides a task without a context before its span is made (``provider.py``).
+        self.staged_ids = ids if isinstance(ids, StagedTraceIds) else None
         self.logged_s = -math.inf
         # Each lane's last take (start, end in epoch ns), from the take until its batch is served.
         self._takes: dict[Hashable, tuple[int, int]] = {}
@@ -179,18 +185,31 @@ class BatchTrace:
         picked_ns = round(out.picked_at * 1e9)
         tasks: dict[str, list[tuple[Span, Context]]] = {}
         for req in out.requests:
-            span, parent = self._start_task(req, out.picked_at, picked_ns)
-            tasks.setdefault(req.task_id, []).append((span, parent))
-            if span.is_recording():
-                self._recording.append((req.task_id, span))
+            started = self._start_task(req, out.picked_at, picked_ns)
+            if started is None:
+                continue
+            tasks.setdefault(req.task_id, []).append(started)
+            if started[0].is_recording():
+                self._recording.append((req.task_id, started[0]))
         self._tasks = tasks
 
     def _start_task(
         self, req: TaskRequest, picked_at: float, picked_ns: int
-    ) -> tuple[Span, Context]:
+    ) -> tuple[Span, Context] | None:
+        """The task's span and its parent context; None for a task without a context, without
+        follow-ups and not sampled (no span is needed to carry its trace on)."""
         carrier = req.trace_carrier
-        parent = Context() if carrier is None else propagate.extract(carrier, context=Context())
         name = f"run/{req.task_name[:_MAX_NAME_CHARS]}"
+        ids = self.tracer.staged_ids
+        if carrier is None and req.canvas is None and ids is not None:
+            trace_id = ids.generate_trace_id()
+            decided = self.tracer.provider.sampler.should_sample(
+                _ROOT, trace_id, name, SpanKind.CONSUMER
+            )
+            if not decided.decision.is_recording():
+                return None
+            ids.stage(trace_id)  # the span gets the trace id the decision was made for
+        parent = _ROOT if carrier is None else propagate.extract(carrier, context=Context())
         span = self.tracer.tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER,
                                              start_time=picked_ns)  # fmt: skip
         if span.is_recording():  # the attributes of the sampled only (~1% of tasks, say)
