@@ -97,7 +97,7 @@ def instrument(totals: Timings) -> None:
         setattr(cls, method, _timed(name, getattr(cls, method), totals))
 
 
-def _loaded_runner(
+def loaded_runner(
     client: ImgqClient, bundle: ModelBundle, images: list[bytes], n: int, drift: bool
 ) -> tuple[BatchEngine, DriftRecorder | None]:
     """``n`` sample-image tasks queued, and a batch engine on them as a worker has it."""
@@ -142,7 +142,7 @@ def drain_once(
     a library starts, which the thread clock cannot see)."""
     r = redis.Redis.from_url(url)
     with ImgqClient(url, queue=_QUEUE) as client:
-        runner, recorder = _loaded_runner(client, bundle, images, n, drift)
+        runner, recorder = loaded_runner(client, bundle, images, n, drift)
         totals.clear()
         t0, p0 = time.thread_time(), time.process_time()
         while r.llen(_QUEUE):
@@ -169,7 +169,7 @@ def interleaved_drain(
     r = redis.Redis.from_url(url)
     sums: dict[bool | str, list[float]] = {False: [0.0, 0.0], True: [0.0, 0.0]}
     with ImgqClient(url, queue=_QUEUE) as client:
-        runner, recorder = _loaded_runner(client, bundle, images, n, drift=True)
+        runner, recorder = loaded_runner(client, bundle, images, n, drift=True)
         assert recorder is not None
         totals.clear()
         drift = False

@@ -58,15 +58,16 @@ def _without_volatile(raw: bytes) -> Any:
 
 def test_client_imports_with_only_celery_and_redis() -> None:
     """worker.client imports and builds messages with numpy, OpenCV, onnxruntime, TF unavailable,
-    and without its optional accelerators (pybase64, orjson)."""
+    and without its optional accelerators (pybase64, orjson) or OpenTelemetry."""
     blocked = ["numpy", "cv2", "onnxruntime", "tensorflow", "keras", "PIL", "scipy", "shared",
-               "pybase64", "orjson"]  # fmt: skip
+               "pybase64", "orjson", "opentelemetry"]  # fmt: skip
     (message,) = run_without(
         blocked,
         """
-from imgq.worker.client import ImgqClient
+from imgq.worker.client import ImgqClient, caller_trace_context
 from imgq.worker.wire.envelope import MessageTemplate
 client = ImgqClient("redis://127.0.0.1:1/0")
+assert caller_trace_context() == {}
 _, message = MessageTemplate(client.app, "imgq.classify", "imgq", 1, None).fill(b"abc")
 print(message.decode())
 """,

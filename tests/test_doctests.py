@@ -9,8 +9,9 @@ import pkgutil
 
 import pytest
 
-#: Modules that import TensorFlow, or that need a GPU, are skipped where those are missing.
-_OPTIONAL = ("tensorflow", "tf2onnx", "matplotlib")
+#: Modules that import TensorFlow or OpenTelemetry (optional extras), or that need a GPU, are
+#: skipped where those are missing.
+_OPTIONAL = ("tensorflow", "tf2onnx", "matplotlib", "opentelemetry")
 
 
 #: imgq's packages; the last three live in the repository's worker/, shared/ and trainer/.

@@ -17,6 +17,9 @@ from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.message import parse_message
 from imgq.worker.wire.result import exception_result, result_meta
 
+#: A W3C trace context as an instrumented producer sends it.
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
 
 class _Trap:
     """Unpickling this creates a file: proof, if the file exists, that a body was unpickled."""
@@ -217,3 +220,29 @@ def test_the_task_name_is_read_not_judged() -> None:
         parse_message(_envelope([[], {}, {}], task="other.task"), "imgq").task_name == "other.task"
     )
     assert parse_message(_envelope([[], {}, {}], task=5), "imgq").task_name == ""
+
+
+@pytest.mark.parametrize(
+    ("headers", "carrier"),
+    [
+        ({"traceparent": TRACEPARENT, "tracestate": "a=1"}, {"traceparent": TRACEPARENT,
+                                                            "tracestate": "a=1"}),
+        ({"headers": {"traceparent": TRACEPARENT}}, {"traceparent": TRACEPARENT}),
+        ({"traceparent": TRACEPARENT, "headers": {"traceparent": "other"}},
+         {"traceparent": TRACEPARENT}),
+        ({"baggage": "user=7"}, {"baggage": "user=7"}),
+        ({}, None),
+        ({"traceparent": 12345}, None),
+        ({"traceparent": ["00-a-b-01"]}, None),
+        ({"traceparent": "0" * 257}, None),
+        ({"traceparent": TRACEPARENT, "baggage": "x" * 8193}, {"traceparent": TRACEPARENT}),
+        ({"headers": "not an object"}, None),
+        ({"headers": {"traceparent": {"nested": 1}}}, None),
+    ],
+)  # fmt: skip
+def test_trace_context_is_read_bounded_and_never_fails(headers, carrier) -> None:
+    """The context is taken from the top-level headers or a nested ``headers`` object; a value
+    that is not a string within its bound is left out, and the task stays runnable."""
+    req = parse_message(_envelope([[], {"image": "aGk="}, None], **headers), "imgq")
+    assert req.error is None
+    assert req.trace_carrier == carrier

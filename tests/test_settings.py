@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from imgq.shared.decode import DecodeLimits
-from imgq.worker.settings import _LIMIT_FIELDS, _VARS, ENV_VARS, WorkerSettings
+from imgq.worker.settings import _LIMIT_FIELDS, _OTEL_VARS, _VARS, ENV_VARS, WorkerSettings
 
 
 def test_defaults_without_environment() -> None:
@@ -128,9 +128,41 @@ def test_wait_defaults_by_provider(provider, max_wait_ms, expected) -> None:
 def test_env_reference_covers_every_setting() -> None:
     """Every field has a variable, and the documented limit defaults are the real ones."""
     fields = {f.name for f in dataclasses.fields(WorkerSettings)} - {"decode_limits"}
-    assert {v.field for v in _VARS} == fields | set(_LIMIT_FIELDS)
+    assert {v.field for v in _VARS + _OTEL_VARS} == fields | set(_LIMIT_FIELDS)
     assert set(ENV_VARS) == {v.env for v in _VARS}
     defaults = DecodeLimits()
     for var in _VARS:
         if var.field in _LIMIT_FIELDS:
             assert var.parse(var.default) == getattr(defaults, var.field), var.env
+
+
+def test_otel_settings_are_read_and_checked() -> None:
+    """The OTEL_* variables imgq reads; a value the SDK would ignore with a warning stops the
+    worker at start, naming the variable and what is allowed."""
+    off = WorkerSettings.from_env({})
+    assert not off.tracing and off.traces_sampler == "parentbased_always_on"
+    for var in _OTEL_VARS:  # the documented defaults are the real ones
+        assert var.parse(var.default) == getattr(off, var.field), var.env
+    assert not WorkerSettings.from_env({"OTEL_TRACES_EXPORTER": "none"}).tracing
+    on = WorkerSettings.from_env({
+        "OTEL_TRACES_EXPORTER": "otlp,console", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01",
+    })  # fmt: skip
+    assert on.tracing and on.traces_exporters == ("otlp", "console")
+    assert (on.traces_protocol, on.traces_sampler_arg) == ("grpc", 0.01)
+    both = {
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+    }
+    assert WorkerSettings.from_env(both).traces_protocol == "http/protobuf"
+    disabled = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}
+    assert not WorkerSettings.from_env(disabled).tracing
+    for env, named in [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
+        ({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
+        ({"OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_TRACES_SAMPLER_ARG": "half"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}, "PROTOCOL"),
+    ]:
+        with pytest.raises(ValueError, match=named):
+            WorkerSettings.from_env(env)

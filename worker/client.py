@@ -16,12 +16,17 @@ Two ways to enqueue:
 
 :meth:`ImgqClient.results` gathers many results with one ``MGET`` per chunk of result keys
 instead of one pub/sub subscription per task.
+
+A caller that traces with OpenTelemetry gets its context into the messages (W3C ``traceparent``,
+``tracestate``, ``baggage`` headers, where Celery's instrumentation puts them), so the worker's
+spans continue its trace; a caller that has not imported OpenTelemetry pays nothing for it.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -168,7 +173,7 @@ class ImgqClient:
                 kwargsrepr=kwargs_repr(image_bytes, kwargs),
                 queue=self.queue,
                 expires=expires_s,
-                headers={SENT_AT_HEADER: time.time()},
+                headers={SENT_AT_HEADER: time.time(), **caller_trace_context()},
             )
         except OperationalError as exc:
             raise OperationalError(self._unreachable("publish to", self.broker_url, exc)) from exc
@@ -210,7 +215,8 @@ class ImgqClient:
         """
         results: list[AsyncResult] = []
         client = self._broker_client()
-        template = MessageTemplate(self.app, self.task_name, self.queue, top_k, expires_s)
+        template = MessageTemplate(self.app, self.task_name, self.queue, top_k, expires_s,
+                                   caller_trace_context())  # fmt: skip
         chunk: list[bytes] = []
         size = 0
         try:
@@ -353,3 +359,18 @@ class ImgqClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def caller_trace_context() -> dict[str, str]:
+    """The caller's OpenTelemetry context as message headers (none when it has no span or
+    baggage). Only a program that has imported OpenTelemetry can have a span, so nothing is
+    imported here unless it has."""
+    if "opentelemetry.context" not in sys.modules:
+        return {}
+    try:
+        from opentelemetry import propagate
+    except ImportError:  # a part of it only
+        return {}
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier

@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 import redis
 from celery.exceptions import TimeLimitExceeded
@@ -66,6 +67,9 @@ from imgq.worker.settings import WorkerSettings
 from imgq.worker.storing import BatchStore, RareLog, ResultBackend
 from imgq.worker.wire.events import TaskEvents
 from imgq.worker.wire.message import TaskRequest, find_task_id, not_due, parse_message
+
+if TYPE_CHECKING:
+    from imgq.worker.tracing.spans import BatchTracer
 
 __all__ = ["BatchEngine", "ResultBackend"]
 
@@ -94,6 +98,7 @@ class BatchEngine:
         events: The worker's :class:`~imgq.worker.wire.events.TaskEvents`, or None.
         wait_ms: How long a partial batch waits for more (``max_wait_ms``, by device).
         followups: Sends callbacks, chain steps and chord parts of results stored new, or None.
+        tracing: The worker's tracer (``worker/tracing/``), or None when tracing is off.
 
     Attributes:
         last_progress_s: ``time.monotonic()`` of the last step (each message, each item a
@@ -113,8 +118,10 @@ class BatchEngine:
         events: TaskEvents | None = None,
         wait_ms: float = 0.0,
         followups: Followups | None = None,
+        tracing: BatchTracer | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.handlers = dict(handlers)
         self.redis = redis_client
         self.lane = lane
@@ -218,7 +225,7 @@ class BatchEngine:
             ahead = self._free.pop()
             self._coming.append((ahead, self._io.submit(self._take_ahead, ahead, None)))
         try:
-            outcome = self.serve_safely(taken)
+            outcome = self._serve_traced(lane, taken)
         finally:
             self._release_held()
         take_after = prefetch and not self._stop.is_set()
@@ -263,7 +270,12 @@ class BatchEngine:
         self._free.append(lane if not lane.held else lane.twin())
 
     def _take(self, lane: Lane, lengths: list[int] | None = None) -> Taken:
-        return lane.take(self.settings.max_batch, lengths)
+        if self.tracing is None:
+            return lane.take(self.settings.max_batch, lengths)
+        started_ns = time.time_ns()
+        taken = lane.take(self.settings.max_batch, lengths)
+        self.tracing.took(lane, started_ns)
+        return taken
 
     def _take_ahead(self, lane: Lane, lengths: list[int] | None) -> Taken:
         """On the round-trip thread: take the batch after the one in hand, unless stopping."""
@@ -288,7 +300,9 @@ class BatchEngine:
         except Exception as exc:
             self._log_rarely("bug", "storing a batch of %d failed; failing its tasks",
                              len(taken.messages), exc_info=True)  # fmt: skip
-            lengths = self.store.store(self._fail_all(taken, exc), lane)
+            failed = self._fail_all(taken, exc)
+            failed.trace = outcome.trace
+            lengths = self.store.store(failed, lane)
         return self._take_ahead(lane, lengths) if take_after else Taken()
 
     def _give_back(self, lane: Lane, taken: Taken) -> bool:
@@ -321,7 +335,7 @@ class BatchEngine:
                 logger.warning("a take ahead failed while stopping: %s", exc)
                 continue
             if taken.messages or taken.oversized:
-                outcome = self.serve_safely(taken)
+                outcome = self._serve_traced(lane, taken)
                 self._release_held()
                 with contextlib.suppress(Exception):  # logged; given back at release
                     self._io.submit(self._store_and_take, lane, outcome, taken, False).result()
@@ -343,6 +357,17 @@ class BatchEngine:
                     self._stop.wait(min(_IDLE_WAIT_MIN_S, remaining_s))
         except (LeaseLost, redis.RedisError):
             return
+
+    def _serve_traced(self, lane: Lane, taken: Taken) -> BatchOutcome:
+        """:meth:`serve_safely`, and, while tracing is on, the batch's trace: its take and the
+        steps its handlers report (``worker/tracing/``); the settle ends it."""
+        if self.tracing is None:
+            return self.serve_safely(taken)
+        trace = self.tracing.batch(lane, len(taken.messages))
+        with trace.serving():
+            outcome = self.serve_safely(taken)
+        outcome.trace = trace
+        return outcome
 
     def serve_safely(self, taken: Taken) -> BatchOutcome:
         """:meth:`serve`, or, if it raises (a bug), every task of the batch failed with

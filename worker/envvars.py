@@ -2,7 +2,10 @@
 
 The table the README's and docs/operations.md's configuration references are written from
 (``scripts/env_table.py``); :meth:`imgq.worker.settings.WorkerSettings.from_env` reads the
-environment through it. Nothing here reads ``os.environ``.
+environment through it. Beside it, :data:`_OTEL_VARS`: the standard OpenTelemetry variables that
+decide whether and how a worker traces (``worker/tracing/``); the OpenTelemetry SDK reads the
+others itself (endpoint, headers, service name, batch processor). Nothing here reads
+``os.environ``.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ def _parse_json_object(raw: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("is not a JSON object")
     return value
+
+
+def _parse_exporters(raw: str) -> tuple[str, ...]:
+    """``OTEL_TRACES_EXPORTER``: comma-separated exporter names; ``none`` is no exporter."""
+    names = tuple(name.lower() for name in _parse_names(raw))
+    return () if names == ("none",) else names
 
 
 def _parse_float(raw: str) -> float:
@@ -176,9 +185,27 @@ _VARS: tuple[_Var, ...] = (
     _Var("IMGQ_LOG_FORMAT", "log_format", str, "json", "json (one object per line) or text"),
 )  # fmt: skip
 
+#: The OpenTelemetry variables read here (their names and meanings are the specification's,
+#: docs/operations.md "Traces"); the later of two for one field wins.
+_OTEL_VARS: tuple[_Var, ...] = (
+    _Var("OTEL_TRACES_EXPORTER", "traces_exporters", _parse_exporters, "none",
+         "otlp, console or none (comma-separated for several); none: tracing is off and "
+         "nothing of OpenTelemetry is imported"),
+    _Var("OTEL_SDK_DISABLED", "otel_sdk_disabled", _parse_bool, "false",
+         "true turns tracing off whatever the exporter"),
+    _Var("OTEL_EXPORTER_OTLP_PROTOCOL", "traces_protocol", str.lower, "http/protobuf",
+         "http/protobuf or grpc"),
+    _Var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "traces_protocol", str.lower, "http/protobuf",
+         "the same, for traces only"),
+    _Var("OTEL_TRACES_SAMPLER", "traces_sampler", str.lower, "parentbased_always_on",
+         "always_on, always_off, traceidratio or parentbased_ of one of them"),
+    _Var("OTEL_TRACES_SAMPLER_ARG", "traces_sampler_arg", _parse_float, "1.0",
+         "the ratio of traceidratio samplers, 0..1"),
+)  # fmt: skip
+
 #: Environment variable -> (default, meaning), for the README's configuration reference.
 ENV_VARS: dict[str, tuple[str, str]] = {v.env: (v.default, v.meaning) for v in _VARS}
 
 #: The fields of ``shared.decode.DecodeLimits`` that environment variables set.
 _LIMIT_FIELDS = ("max_bytes", "max_pixels", "max_aspect", "min_side_px")
-_ENV_OF = {v.field: v.env for v in _VARS}
+_ENV_OF = {v.field: v.env for v in _VARS + _OTEL_VARS}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from celery.exceptions import TaskRevokedError
 
@@ -21,7 +22,7 @@ from imgq.worker.handler import Failure, Outcome, Success
 from imgq.worker.wire.message import TaskRequest
 from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
 
-__all__ = ["EXPIRED", "REVOKED", "TERMINATED", "BatchOutcome", "Revoked", "Scheduled"]
+__all__ = ["EXPIRED", "REVOKED", "TERMINATED", "BatchOutcome", "Revoked", "Scheduled", "Trace"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,17 @@ REVOKED = Revoked("revoked")
 TERMINATED = Revoked("terminated")
 
 
+class Trace(Protocol):
+    """What storing does with a batch's trace (``worker/tracing/spans.py``'s ``BatchTrace``):
+    its task spans start before the settle, the follow-ups continue them, and they end after."""
+
+    def settling(self, out: BatchOutcome) -> None: ...
+
+    def following(self, task_id: str) -> AbstractContextManager[None]: ...
+
+    def settled(self, out: BatchOutcome) -> None: ...
+
+
 @dataclasses.dataclass
 class BatchOutcome:
     """What a batch produced: results to store, dead letters, metric counts, observations."""
@@ -52,6 +64,8 @@ class BatchOutcome:
     records: list[tuple[str, ResultRecord]] = dataclasses.field(default_factory=list)
     #: The request of each record, in the same order (for task events).
     requests: list[TaskRequest] = dataclasses.field(default_factory=list)
+    #: The metric's (outcome, reason) of each record, in the same order (for traces).
+    reasons: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     dead: list[DeadMessage] = dataclasses.field(default_factory=list)
     counts: collections.Counter[tuple[str, str]] = dataclasses.field(
         default_factory=collections.Counter
@@ -62,11 +76,14 @@ class BatchOutcome:
     give_back: int = 0
     #: ``(eta, message)`` of each task whose time is ahead (``worker/broker/schedule.py``).
     scheduled: list[tuple[float, bytes]] = dataclasses.field(default_factory=list)
+    #: The batch's spans while tracing is on (``worker/tracing/``), else None.
+    trace: Trace | None = None
 
     def add(self, req: TaskRequest, state: str, result: Any, outcome: str, reason: str) -> int:
         """One task's result record (``state`` and ``result`` as Celery stores them); its index."""
         self.records.append((req.task_id, result_meta(req.task_id, state, result)))
         self.requests.append(req)
+        self.reasons.append((outcome, reason))
         self.counts[outcome, reason] += 1
         return len(self.records) - 1
 

@@ -1,8 +1,10 @@
 """The worker's settings: one frozen object per process, built from ``IMGQ_*`` in one place.
 
-Every ``IMGQ_*`` environment variable is read here and nowhere else; command-line options override
-them. Values are checked when the process starts, and a bad one stops it with a message that
-says what was given and what is allowed, instead of failing on the first task.
+Every ``IMGQ_*`` environment variable is read here and nowhere else, and so are the OpenTelemetry
+variables that decide whether and how the worker traces (``OTEL_TRACES_EXPORTER``, the sampler);
+command-line options override them. Values are checked when the process starts, and a bad one
+stops it with a message that says what was given and what is allowed, instead of failing on the
+first task.
 
 This module imports neither numpy nor OpenCV, so a client with only ``celery`` and ``redis``
 installed can use :meth:`WorkerSettings.from_env` for the broker URL and queue.
@@ -19,15 +21,29 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from imgq.worker.broker.priority import QueueLists
-from imgq.worker.envvars import _ENV_OF, _LIMIT_FIELDS, _VARS, ENV_VARS, parse_infer_batch
+from imgq.worker.envvars import (
+    _ENV_OF,
+    _LIMIT_FIELDS,
+    _OTEL_VARS,
+    _VARS,
+    ENV_VARS,
+    parse_infer_batch,
+)
 from imgq.worker.logs import LOG_FORMATS, mask_url
 
 if TYPE_CHECKING:
     from imgq.shared.decode import DecodeLimits
 
-__all__ = ["DEVICES", "ENV_VARS", "WorkerSettings", "parse_infer_batch", "webhook_origin"]
+__all__ = ["DEVICES", "ENV_VARS", "TRACES_EXPORTERS", "WorkerSettings", "parse_infer_batch",
+           "webhook_origin"]  # fmt: skip
 
 DEVICES = ("auto", "cpu", "cuda")
+#: What ``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_PROTOCOL`` and ``OTEL_TRACES_SAMPLER`` may
+#: name (the specification's values that imgq supports).
+TRACES_EXPORTERS = ("otlp", "console")
+TRACES_PROTOCOLS = ("http/protobuf", "grpc")
+TRACES_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+                   "parentbased_always_off", "parentbased_traceidratio")  # fmt: skip
 _SECRET = re.compile("password|secret|token|credential", re.IGNORECASE)
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -154,6 +170,12 @@ class WorkerSettings:
         alert_webhook_clears: Also send the clear of a paged alert.
         task_events: Send Celery task events (Flower) for the tasks served.
         log_format: ``"json"`` or ``"text"``.
+        traces_exporters: Where spans go (``OTEL_TRACES_EXPORTER``: ``otlp``, ``console``);
+            empty: tracing is off (``worker/tracing/``).
+        otel_sdk_disabled: ``OTEL_SDK_DISABLED``: tracing off whatever the exporters.
+        traces_protocol: The OTLP exporter's protocol, ``http/protobuf`` or ``grpc``.
+        traces_sampler: ``OTEL_TRACES_SAMPLER``'s sampler name.
+        traces_sampler_arg: Its ratio (``OTEL_TRACES_SAMPLER_ARG``).
     """
 
     broker_url: str = "redis://127.0.0.1:6379/0"
@@ -198,6 +220,11 @@ class WorkerSettings:
     alert_webhook_clears: bool = True
     task_events: bool = True
     log_format: str = "json"
+    traces_exporters: tuple[str, ...] = ()
+    otel_sdk_disabled: bool = False
+    traces_protocol: str = "http/protobuf"
+    traces_sampler: str = "parentbased_always_on"
+    traces_sampler_arg: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.result_backend:
@@ -301,7 +328,31 @@ class WorkerSettings:
             if isinstance(self.prefetch, bool)
             else f"{name('prefetch')} must be true or false, got {self.prefetch!r}",
             choice("log_format", LOG_FORMATS),
+            *self._tracing_problems(name, choice, number),
         ]
+
+    def _tracing_problems(
+        self, name: Callable[[str], str], choice: Callable[..., str | None],
+        number: Callable[..., str | None],
+    ) -> list[str | None]:  # fmt: skip
+        """The OpenTelemetry variables imgq reads: refused at start with what is allowed (the
+        SDK would log a warning and carry on with its default)."""
+        exporters = self.traces_exporters
+        exporters_ok = isinstance(exporters, tuple) and set(exporters) <= set(TRACES_EXPORTERS)
+        return [
+            None
+            if exporters_ok
+            else f"{name('traces_exporters')} must be none or name exporters among "
+            f"{', '.join(TRACES_EXPORTERS)}, got {','.join(map(str, exporters))!r}",
+            choice("traces_protocol", TRACES_PROTOCOLS),
+            choice("traces_sampler", TRACES_SAMPLERS),
+            number("traces_sampler_arg", 0, 1, integer=False),
+        ]
+
+    @property
+    def tracing(self) -> bool:
+        """Whether the worker traces: an exporter is named and the SDK is not disabled."""
+        return bool(self.traces_exporters) and not self.otel_sdk_disabled
 
     def _webhook_problems(
         self, name: Callable[[str], str], number: Callable[..., str | None]
@@ -332,7 +383,8 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
-        """Settings from ``IMGQ_*`` variables, with explicit overrides (e.g. command-line options).
+        """Settings from ``IMGQ_*`` variables (and the ``OTEL_*`` ones of tracing), with explicit
+        overrides (e.g. command-line options).
 
         Args:
             environ: The environment to read. Defaults to ``os.environ``.
@@ -358,7 +410,7 @@ class WorkerSettings:
             raise TypeError(f"unknown settings {unknown}; known: {sorted(known)}")
         values: dict[str, Any] = {}
         problems = []
-        for var in _VARS:
+        for var in _VARS + _OTEL_VARS:
             raw = env.get(var.env, "")
             if raw == "":
                 continue

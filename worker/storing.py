@@ -13,6 +13,9 @@ round trip overlaps with serving the next batch. One call, :meth:`BatchStore.sto
    then the follow-ups of results stored new (callbacks, chains, chords), metrics, and the
    observer's ``after_settle``.
 
+While tracing is on, the batch's trace (``worker/tracing/``) starts its task spans before the
+settle, so that the follow-ups continue them, and ends them with the batch's spans after it.
+
 Until the ack is written the messages stay in the lane, so a worker that dies meanwhile loses
 nothing: the lease gives them to another.
 """
@@ -129,6 +132,8 @@ class BatchStore:
             The reads of ``probe`` (for ``Lane.take``'s ``lengths``), or None.
         """
         backoff_s = 0.1
+        if out.trace is not None:
+            out.trace.settling(out)
         while True:
             try:
                 lengths = self._store_once(out, lane, probe)
@@ -151,6 +156,8 @@ class BatchStore:
             reasons = collections.Counter(d.reason for d in out.dead)
             self._log_rarely("dead", "dead letters of queue %s: %s (see `imgq dlq list`)",
                              self.settings.queue, dict(reasons))  # fmt: skip
+        if out.trace is not None:
+            out.trace.settled(out)
         return lengths
 
     def _store_once(self, out: BatchOutcome, lane: Lane, probe: bool) -> list[int] | None:
@@ -186,7 +193,7 @@ class BatchStore:
             counts, lengths = self._execute(pipe, index, out, lane if probe else None)
         lane.settled()
         if self.followups is not None:  # once, by the worker whose results were stored new
-            self.followups.after_settle(out.requests, out.records, flags)
+            self.followups.after_settle(out.requests, out.records, flags, out.trace)
         if any(int(c) == -2 for c in counts):
             self._log_rarely("observer", "observer counts not stored (results are)")
         counted = {w.key: int(c) for w, c in zip(windows, counts, strict=True) if int(c) >= 0}

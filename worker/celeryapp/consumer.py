@@ -55,6 +55,7 @@ from imgq.worker.engine import BatchEngine
 from imgq.worker.handler import HandlerContext, load_handler
 from imgq.worker.metrics import process_metrics
 from imgq.worker.settings import WorkerSettings
+from imgq.worker.tracing import start_tracing
 from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.events import TaskEvents
 
@@ -86,8 +87,9 @@ class BulkService:
         hostname: The Celery node name, part of the worker id.
 
     Raises:
-        ImgqError: a handler cannot be built (the classification handler: no model folder
-            given, or the bundle fails its checks).
+        ImgqError: tracing is asked for without OpenTelemetry installed, or a handler cannot
+            be built (the classification handler: no model folder given, or the bundle fails
+            its checks).
     """
 
     def __init__(self, app: ImgqCelery, hostname: str) -> None:
@@ -99,6 +101,8 @@ class BulkService:
             settings.broker_url, socket_timeout=_SOCKET_TIMEOUT_S, health_check_interval=30
         )
         self.metrics = process_metrics()
+        #: The process's tracer while OTEL_TRACES_EXPORTER names an exporter (worker/tracing/).
+        self.tracing = start_tracing(settings, hostname)
         context = HandlerContext(settings, app, self.redis, self.metrics)
         self.handlers = {}
         for name in settings.handlers:
@@ -139,6 +143,7 @@ class BulkService:
                 events,
                 wait_ms,
                 followups,
+                self.tracing,
             )  # fmt: skip
             for lane in self.intake.lanes
         ]
@@ -212,6 +217,8 @@ class BulkService:
             logger.info("stopped", extra={"released": released, "worker_id": self.worker_id})
         for handler in self.handlers.values():
             handler.close()
+        if self.tracing is not None:
+            self.tracing.close()  # exports the spans still buffered
 
     def info(self) -> dict[str, Any]:
         """For ``celery inspect stats``: what this worker serves."""

@@ -28,16 +28,20 @@ Follow-ups go through their own Celery app on the worker's broker and result bac
 worker's app routes unnamed tasks to imgq's queue, where Celery's worker would send a
 signature that names no queue to Celery's default queue ``celery``. Nothing here raises into
 the engine: a follow-up that cannot be sent (a broker error, a signature Celery cannot build)
-is logged (rarely) and counted in ``imgq_followups_total{outcome="failed"}``.
+is logged (rarely) and counted in ``imgq_followups_total{outcome="failed"}``. While the batch is
+traced, each task's follow-ups continue its trace (``worker/tracing/``: a PRODUCER span per
+message, its context in the message's headers, as Celery's OpenTelemetry instrumentation sends
+it from inside a task).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, group, signature
 from celery import states as celery_states
@@ -47,6 +51,9 @@ from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.wire.canvas import Canvas
 from imgq.worker.wire.message import TaskRequest
 from imgq.worker.wire.result import ResultRecord
+
+if TYPE_CHECKING:
+    from imgq.worker.outcome import Trace
 
 __all__ = ["Followups", "sender_app"]
 
@@ -109,9 +116,11 @@ class Followups:
         requests: Sequence[TaskRequest],
         records: Sequence[tuple[str, ResultRecord]],
         stored_new: Sequence[int],
+        trace: Trace | None = None,
     ) -> None:
         """Send the follow-ups of every task of the batch that has a canvas and whose result
-        was stored new (``stored_new``: the settle script's flag per record). Raises nothing."""
+        was stored new (``stored_new``: the settle script's flag per record); with ``trace``,
+        each in its task's trace. Raises nothing."""
         if not len(requests) == len(records) == len(stored_new):  # a bug; the batch is settled
             self._failed("callback", f"(one of {len(requests)})")
             return
@@ -126,7 +135,8 @@ class Followups:
             elif record["status"] == celery_states.REVOKED:
                 self._claim_revoked(req.task_id)  # so that a redelivery does not claim it again
             try:
-                self.send(req.task_id, req.task_name, req.canvas, record)
+                with contextlib.nullcontext() if trace is None else trace.following(req.task_id):
+                    self.send(req.task_id, req.task_name, req.canvas, record)
             except Exception:  # a bug here must not reach the engine either
                 self._failed("errback" if record["status"] != "SUCCESS" else "callback",
                              req.task_id)  # fmt: skip

@@ -34,6 +34,7 @@ from imgq.worker.drift.recorder import DriftRecorder, Observation
 from imgq.worker.handler import DEFERRED, Failure, HandlerContext, Outcome, Request, Success
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
+from imgq.worker.tracing import phase
 from imgq.worker.wire import TASK_NAME
 
 __all__ = ["ClassifyHandler", "build", "validate_kwargs"]
@@ -159,6 +160,8 @@ class ClassifyHandler:
                 outcomes[g.index] = Failure(exc)
             return
         n = len(good)
+        phase("preprocess", t0, t1)  # the batch's spans, while it is traced (worker/tracing/)
+        phase("inference", t1, t2)
         self.metrics.batch_size.observe(n)
         self.metrics.images.inc(n)
         self.metrics.preprocess.observe(t1 - t0)

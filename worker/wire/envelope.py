@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 from uuid import uuid4
@@ -84,7 +85,13 @@ class MessageTemplate:
     _SPLICE = "<imgq splice>"
 
     def __init__(
-        self, app: Celery, task_name: str, queue: str, top_k: int, expires_s: float | None
+        self,
+        app: Celery,
+        task_name: str,
+        queue: str,
+        top_k: int,
+        expires_s: float | None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.app, self.top_k, self.expires_s = app, top_k, expires_s
         kwargs = {"image": self._SPLICE, "top_k": check_top_k(top_k)}
@@ -98,6 +105,7 @@ class MessageTemplate:
             kwargsrepr=self._SPLICE,
         )
         headers[SENT_AT_HEADER] = 0.0
+        headers.update(extra_headers or {})  # e.g. the caller's trace context
         self.headers = headers
         # send_task's order: its extra options (kwargsrepr) become properties, then kombu's.
         self.properties: dict[str, Any] = {**properties, "kwargsrepr": None, "delivery_mode": 2}

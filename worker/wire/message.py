@@ -10,7 +10,11 @@ envelope::
      "properties": {"body_encoding": "base64", "delivery_tag": "<uuid>", ...}}
 
 Every byte is hostile input: each field read is validated here, with a reason, so that nothing
-downstream (task events, result keys, logs) meets a value it cannot handle. Only
+downstream (task events, result keys, logs) meets a value it cannot handle. The trace context a
+producer put in the headers (W3C ``traceparent``, ``tracestate``, ``baggage``: where
+opentelemetry-instrumentation-celery's ``inject`` writes them, or nested under a ``headers``
+object as some producers nest custom headers) is kept as strings of bounded length and never
+fails a task: a context that cannot be used is left out, and the task starts a new trace. Only
 ``application/json`` bodies are ever decoded: a pickled body is never unpickled, and its task
 ends in FAILURE (``content_refused``) so the sender sees why.
 """
@@ -34,6 +38,7 @@ __all__ = [
     "MAX_JSON_CONTAINERS",
     "MAX_STAMPS",
     "MAX_TASK_ID_CHARS",
+    "TRACE_HEADERS",
     "TaskRequest",
     "find_task_id",
     "parse_message",
@@ -48,7 +53,10 @@ MAX_TASK_ID_CHARS = 512
 MAX_JSON_CONTAINERS = 10_000
 #: Most stamps a task may carry (Celery's stamping; each is compared with revoked stamps).
 MAX_STAMPS = 100
-#: A task id in kombu's headers, found without parsing (in an oversized or over-complex message).
+#: The trace context headers read, and the longest value of each kept (W3C Trace Context:
+#: ``traceparent`` is 55 characters in version 00, ``tracestate`` at most 32 members; W3C Baggage:
+#: at most 8192 bytes); a longer or non-string value is left out.
+TRACE_HEADERS = (("traceparent", 256), ("tracestate", 1024), ("baggage", 8192))
 _PROTOCOL_1 = InvalidTask(
     "unsupported",
     "Celery message protocol 1 (the task id in the body, none in the headers); imgq reads "
@@ -87,6 +95,8 @@ class TaskRequest:
         stamps: Its Celery stamps (``revoke_by_stamped_headers`` matches them), or None.
         canvas: What to do after the task (callbacks, errbacks, the rest of a chain, a chord's
             part; ``worker/wire/canvas.py``), or None when nothing (nearly every task).
+        trace_carrier: The producer's trace context headers (:data:`TRACE_HEADERS`, strings
+            within their bounds), or None when it sent none (``worker/tracing/``).
     """
 
     task_id: str
@@ -103,6 +113,7 @@ class TaskRequest:
     time_limit: float | None = None
     stamps: dict[str, Any] | None = None
     canvas: Canvas | None = None
+    trace_carrier: dict[str, str] | None = None
 
 
 def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
@@ -191,7 +202,33 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
         time_limit=time_limit,
         stamps=stamps,
         canvas=canvas,
+        trace_carrier=trace_carrier(headers),
     )
+
+
+def trace_carrier(headers: dict[str, Any]) -> dict[str, str] | None:
+    """The trace context of a message's headers: at the top level, where Celery's instrumentation
+    injects it, else in a nested ``headers`` object; each of :data:`TRACE_HEADERS` that is a
+    string within its bound. None when there is none (nearly every message: two lookups).
+
+    >>> trace_carrier({"traceparent": "00-ab-cd-01", "baggage": 7})
+    {'traceparent': '00-ab-cd-01'}
+    >>> trace_carrier({"headers": {"traceparent": "00-ab-cd-01"}})
+    {'traceparent': '00-ab-cd-01'}
+    >>> trace_carrier({"traceparent": "x" * 300}) is None
+    True
+    """
+    source: Any = headers
+    if "traceparent" not in headers and "baggage" not in headers:
+        source = headers.get("headers")
+        if not isinstance(source, dict):
+            return None
+    carrier = {}
+    for name, limit in TRACE_HEADERS:
+        value = source.get(name)
+        if isinstance(value, str) and len(value) <= limit:
+            carrier[name] = value
+    return carrier or None
 
 
 def parse_task_id(value: Any) -> str:
