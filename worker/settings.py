@@ -23,7 +23,7 @@ from imgq.worker.envvars import _ENV_OF, _LIMIT_FIELDS, _VARS, ENV_VARS, parse_i
 from imgq.worker.logs import LOG_FORMATS, mask_url
 
 if TYPE_CHECKING:
-    from imgq.shared.decode import DecodeLimits
+    from imgq.shared.probe import DecodeLimits
 
 __all__ = ["DEVICES", "ENV_VARS", "WorkerSettings", "parse_infer_batch", "webhook_origin"]
 
@@ -33,7 +33,7 @@ _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _default_limits() -> DecodeLimits:
-    from imgq.shared.decode import DecodeLimits
+    from imgq.shared.probe import DecodeLimits
 
     return DecodeLimits()
 
@@ -370,7 +370,7 @@ class WorkerSettings:
             raise ValueError("invalid worker settings: " + "; ".join(problems))
         limits = {k: values.pop(k) for k in _LIMIT_FIELDS if k in values}
         if limits:
-            from imgq.shared.decode import DecodeLimits
+            from imgq.shared.probe import DecodeLimits
 
             values["decode_limits"] = DecodeLimits(**limits)
         values.update({k: v for k, v in overrides.items() if v is not None})
