@@ -141,6 +141,7 @@ class WorkerSettings:
         dead_letter_max_entries: Most dead-letter entries kept per queue.
         dead_letter_ttl_s: Seconds a dead-letter entry is kept.
         metrics_port: Prometheus port, 0 = off.
+        exporter_port: The port ``imgq exporter`` serves the backlog and the fleet on.
         drift_window: Images per drift window.
         drift_window_s: Seconds before a drift window closes anyway.
         drift_enabled: Collect input statistics for drift detection.
@@ -186,6 +187,7 @@ class WorkerSettings:
     dead_letter_max_entries: int = 10_000
     dead_letter_ttl_s: int = 7 * 86400
     metrics_port: int = 9808
+    exporter_port: int = 9809
     drift_window: int = 200
     drift_window_s: float = 300.0
     drift_enabled: bool = True
@@ -288,6 +290,7 @@ class WorkerSettings:
             number("dead_letter_max_entries", 1, 10**7),
             number("dead_letter_ttl_s", 60, 365 * 86400),
             number("metrics_port", 0, 65535),
+            number("exporter_port", 1, 65535),
             number("drift_window", 10, 10_000_000),
             number("drift_window_s", 1, 30 * 86400, integer=False),
             None
