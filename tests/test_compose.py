@@ -305,6 +305,19 @@ def test_the_exporter_runs_without_a_model_and_is_scraped() -> None:
 
 
 @needs_compose
+@pytest.mark.parametrize("variables", [{}, {"IMGQ_QUEUE": "main", "GPU_QUEUE": "fast"}])
+def test_the_exporter_reads_every_queue_a_worker_serves(variables: dict[str, str]) -> None:
+    """With the GPU override, the exporter reads the GPU workers' queue beside the CPU
+    workers' own: every queue a worker of the stack serves has its backlog exported."""
+    services = _config(WITH_GPU, variables)["services"]
+    command = services["exporter"]["command"]
+    args = build_parser().parse_args(command[1:])
+    served = {WorkerSettings.from_env(services[name]["environment"]).queue
+              for name in WORKERS["docker-compose.gpu.yml"]}  # fmt: skip
+    assert command[:2] == ["imgq", "exporter"] and set(args.queue) == served
+
+
+@needs_compose
 def test_alerting_services_are_pinned_provisioned_and_wired() -> None:
     """Prometheus loads the alert rules and sends to Alertmanager; Alertmanager and Grafana
     run pinned images with their configuration mounted read-only and publish on loopback by

@@ -49,15 +49,13 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
 def readers(
     settings: WorkerSettings, queues: Sequence[str] | None, client: redis.Redis
 ) -> list[BacklogReader]:
-    """One reader per queue (``settings.queue`` when none is named), each name checked as
-    ``IMGQ_QUEUE`` is.
+    """One reader per queue (``settings.queue`` when none is named; one named twice is read
+    once), each name checked as ``IMGQ_QUEUE`` is.
 
     Raises:
-        ValueError: a queue name a worker would refuse, or one named twice.
+        ValueError: a queue name a worker would refuse.
     """
-    names = list(queues or [settings.queue])
-    if len(set(names)) != len(names):
-        raise ValueError(f"a queue is named twice: {names}")
+    names = list(dict.fromkeys(queues or [settings.queue]))
     for name in names:
         WorkerSettings.from_env({}, queue=name)  # the same check as IMGQ_QUEUE's
     return [BacklogReader(client, name, settings.queue_lists) for name in names]
