@@ -235,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--local", action="store_true", help="ping only this host's workers")
     s.set_defaults(func=_handler("imgq.worker.commands.health:main"))
 
+    s = sub.add_parser(
+        "backlog", help="a queue's backlog: ready, in flight, due, scheduled; the oldest wait"
+    )
+    s.add_argument("--queue", action="append", metavar="Q",
+                   help="queue (repeatable; default IMGQ_QUEUE, else imgq)")  # fmt: skip
+    s.add_argument("--json", action="store_true", help="one JSON object per queue")
+    s.set_defaults(func=_handler("imgq.worker.commands.backlog:main"))
+
+    s = sub.add_parser(
+        "exporter", help="serve the backlog and the fleet to Prometheus (no model: scale from 0)"
+    )
+    s.add_argument("--port", type=int, help="port (IMGQ_EXPORTER_PORT, default 9809)")
+    s.add_argument("--queue", action="append", metavar="Q",
+                   help="queue (repeatable; default IMGQ_QUEUE, else imgq)")  # fmt: skip
+    s.set_defaults(func=_handler("imgq.worker.commands.exporter:main"))
+
     s = sub.add_parser("demo", help="the whole product end to end on sample data")
     s.add_argument("--out", default="demo-output")
     s.add_argument("--per-class", type=int, default=300)

@@ -1,7 +1,8 @@
 """Alerting and dashboards: Prometheus' rules and configuration, Alertmanager's routing and
 the Grafana dashboard, checked by their own tools where those are installed (Debian's
 `prometheus` ships promtool, `prometheus-alertmanager` amtool; scripts/setup.sh installs them
-for the test run), and every PromQL query checked against the metrics the worker exports."""
+for the test run), and every PromQL query checked against the metrics the worker and
+`imgq exporter` export (the exporter's read from a real redis-server)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from prometheus_client import CollectorRegistry
 
-from imgq.worker.metrics import WorkerMetrics
+from imgq.localredis import LocalRedis
+from imgq.worker.broker.backlog import BacklogReader
+from imgq.worker.metrics import BacklogCollector, WorkerMetrics
 from tests.test_compose import _yaml_to_json, needs_compose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +77,19 @@ def assert_alert_fires(
         _run(_PROMTOOL, "test", "rules", str(path))
 
 
-def exported_series() -> set[str]:
-    """Every series name a worker's metrics can have."""
+@pytest.fixture
+def exported(redis_server: LocalRedis) -> set[str]:
+    """Every series name a worker's or the exporter's metrics can have."""
+    return exported_series(redis.Redis.from_url(redis_server.url))
+
+
+def exported_series(client: redis.Redis) -> set[str]:
+    """Every series name a worker's metrics can have, and the exporter's (the backlog and the
+    fleet, read from ``client``'s Redis as a scrape reads them)."""
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
     registry = CollectorRegistry()
     WorkerMetrics(registry)
+    registry.register(BacklogCollector([BacklogReader(client, "imgq")], fleet_client=client))
     return {
         family.name + suffix
         for family in registry.collect()
@@ -113,7 +125,7 @@ def test_prometheus_config_and_its_rules_check() -> None:
     """`promtool check config` accepts prometheus.yml and the rule file it loads."""
     out = _run(str(_PROMTOOL), "check", "config", "docker/prometheus.yml").stdout
     assert "1 rule files found" in out
-    assert "8 rules found" in _run(str(_PROMTOOL), "check", "rules", str(RULES)).stdout
+    assert "11 rules found" in _run(str(_PROMTOOL), "check", "rules", str(RULES)).stdout
 
 
 @needs_promtool
@@ -122,7 +134,10 @@ def test_alert_rules_pass_their_unit_tests() -> None:
     minutes, whether discovery keeps the dead targets or drops them (series going stale, as
     with Docker's DNS); a worker lost without a clean shutdown warns, from the survivors'
     record, though its own series vanish, and a clean stop does not; an undeliverable page
-    pages (tests/promtool/alert-rules-test.yml)."""
+    pages; a fleet scaled to zero with nothing to serve does not page, a task waiting with no
+    worker does; the oldest ready wait warns past a minute and pages past ten, taken as the
+    max of the processes that export it; an unread backlog warns
+    (tests/promtool/alert-rules-test.yml)."""
     out = _run(str(_PROMTOOL), "test", "rules", "tests/promtool/alert-rules-test.yml").stdout
     assert "SUCCESS" in out
 
@@ -160,12 +175,12 @@ def test_alertmanager_config_checks_and_routes_pages(labels: list[str], receiver
 
 
 @needs_compose
-def test_alert_rules_read_only_exported_metrics() -> None:
-    """Every rule's expression names series the worker exports, and every rule has a
-    severity Alertmanager routes on."""
-    exported = exported_series() | _NOT_IMGQ
+def test_alert_rules_read_only_exported_metrics(exported: set[str]) -> None:
+    """Every rule's expression names series the worker or the exporter exports, and every
+    rule has a severity Alertmanager routes on."""
+    exported |= _NOT_IMGQ
     rules = [r for g in _yaml_to_json(RULES.read_text())["groups"] for r in g["rules"]]
-    assert len(rules) == 8
+    assert len(rules) == 11
     for rule in rules:
         unknown = metric_names(rule["expr"]) - exported
         assert not unknown, f"{rule['alert']} reads {unknown}, which no worker exports"
@@ -174,11 +189,13 @@ def test_alert_rules_read_only_exported_metrics() -> None:
     assert 'tier="page"' in drift["expr"]
 
 
-def test_dashboard_panels_query_exported_metrics_of_the_provisioned_source() -> None:
+def test_dashboard_panels_query_exported_metrics_of_the_provisioned_source(
+    exported: set[str],
+) -> None:
     """The dashboard's JSON: unique panel ids, each panel on the provisioned data source, in
     the 24-column grid, with queries (unique refIds) that name only exported series."""
     dash = dashboard()
-    exported = exported_series() | _NOT_IMGQ
+    exported |= _NOT_IMGQ
     panels = dash["panels"]
     assert dash["uid"] and panels
     assert len({p["id"] for p in panels}) == len(panels)
@@ -195,8 +212,10 @@ def test_dashboard_panels_query_exported_metrics_of_the_provisioned_source() -> 
             assert names, f"{title}: {target['expr']!r} reads no series"
             assert not names - exported, f"{title} reads {names - exported}: not exported"
             read |= names
-    # The dashboard covers the fleet, drift and the webhook.
-    assert {"up", "imgq_images_total", "imgq_drift_psi", "imgq_alert_webhook_total"} <= read
+    # The dashboard covers the fleet, its backlog, drift and the webhook.
+    assert {"up", "imgq_images_total", "imgq_drift_psi", "imgq_alert_webhook_total",
+            "imgq_queue_backlog", "imgq_queue_oldest_age_seconds", "imgq_fleet_workers",
+            "imgq_fleet_worker_lost_timestamp_seconds"} <= read  # fmt: skip
 
 
 def test_provisioned_datasource_uid_matches_the_dashboard() -> None:

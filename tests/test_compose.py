@@ -97,7 +97,8 @@ def _dockerfile_stages() -> list[list[str]]:
 def test_compose_files_validate(files: list[str]) -> None:
     """docker-compose 1.29.2 accepts the file(s) and sees the expected services."""
     services = set(_config(files)["services"])
-    expected = {"redis", "worker", "trainer", "flower", "prometheus", "alertmanager", "grafana"}
+    expected = {"redis", "worker", "exporter", "trainer", "flower", "prometheus", "alertmanager",
+                "grafana"}  # fmt: skip
     expected |= set(WORKERS[files[-1]])
     assert services == expected
 
@@ -278,6 +279,42 @@ def test_prometheus_scrapes_every_worker_replica() -> None:
     assert dns["names"] == ["imgq-workers"] and dns["type"] == "A"
     assert str(dns["port"]) == ENV_VARS["IMGQ_METRICS_PORT"][0]
     assert _config(BASE)["services"]["worker"]["environment"]["IMGQ_METRICS_PORT"] == "9808"
+
+
+@needs_compose
+def test_the_exporter_runs_without_a_model_and_is_scraped() -> None:
+    """The backlog exporter runs the workers' image as `imgq exporter`: no model, no volume, no
+    host port, the port IMGQ_EXPORTER_PORT defaults to, healthy once it reads the backlog;
+    Prometheus scrapes it by name (one replica, however many workers)."""
+    services = _config(BASE)["services"]
+    exporter, worker = services["exporter"], services["worker"]
+    assert exporter["image"] == worker["image"] and exporter["build"] == worker["build"]
+    assert exporter["command"] == ["imgq", "exporter"]
+    assert "volumes" not in exporter and "ports" not in exporter
+    settings = WorkerSettings.from_env(exporter["environment"])
+    assert settings.model_dir is None
+    port = str(settings.exporter_port)
+    assert port == ENV_VARS["IMGQ_EXPORTER_PORT"][0] and [str(p) for p in exporter["expose"]] == [
+        port
+    ]
+    assert "imgq_queue_backlog{" in " ".join(exporter["healthcheck"]["test"])
+    assert exporter["depends_on"]["redis"]["condition"] == "service_healthy"
+    conf = _yaml_to_json((ROOT / "docker" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in conf["scrape_configs"]}
+    assert jobs["imgq-exporter"]["static_configs"][0]["targets"] == [f"exporter:{port}"]
+
+
+@needs_compose
+@pytest.mark.parametrize("variables", [{}, {"IMGQ_QUEUE": "main", "GPU_QUEUE": "fast"}])
+def test_the_exporter_reads_every_queue_a_worker_serves(variables: dict[str, str]) -> None:
+    """With the GPU override, the exporter reads the GPU workers' queue beside the CPU
+    workers' own: every queue a worker of the stack serves has its backlog exported."""
+    services = _config(WITH_GPU, variables)["services"]
+    command = services["exporter"]["command"]
+    args = build_parser().parse_args(command[1:])
+    served = {WorkerSettings.from_env(services[name]["environment"]).queue
+              for name in WORKERS["docker-compose.gpu.yml"]}  # fmt: skip
+    assert command[:2] == ["imgq", "exporter"] and set(args.queue) == served
 
 
 @needs_compose

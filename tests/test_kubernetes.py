@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 
 from imgq.cli import build_parser
@@ -260,7 +261,7 @@ def test_worker_is_locked_down_and_probed_by_imgq_health(base: list[dict[str, An
 
 
 def test_scaledobject_scales_the_worker_on_backlog_and_throughput(
-    base: list[dict[str, Any]],
+    base: list[dict[str, Any]], redis_server: Any
 ) -> None:
     """KEDA scales the worker Deployment from zero on the exporter's backlog of the configured
     queue (ready, in-flight and due tasks) and on the workers' own throughput (a rate that is 0,
@@ -279,7 +280,7 @@ def test_scaledobject_scales_the_worker_on_backlog_and_throughput(
     assert float(backlog["activationThreshold"]) >= 0 and backlog["ignoreNullValues"] == "false"
     # A busy worker holds a batch in hand and one taken ahead: a target below that never ends.
     assert float(backlog["threshold"]) > 2 * int(settings["IMGQ_MAX_BATCH"])
-    assert metric_names(rate["query"]) <= exported_series()
+    assert metric_names(rate["query"]) <= exported_series(redis.Redis.from_url(redis_server.url))
     assert rate["query"].rstrip().endswith("or vector(0)")
     namespace = _one(base, "Deployment", "imgq-worker")["metadata"]["namespace"]
     assert f'namespace="{namespace}"' in rate["query"]

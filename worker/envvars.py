@@ -158,6 +158,9 @@ _VARS: tuple[_Var, ...] = (
          "seconds a dead-letter entry and its message are kept"),
     _Var("IMGQ_METRICS_PORT", "metrics_port", _parse_int, "9808",
          "Prometheus metrics port; 0 turns the endpoint off"),
+    _Var("IMGQ_EXPORTER_PORT", "exporter_port", _parse_int, "9809",
+         "port of `imgq exporter`, which exports the queue's backlog and the fleet without "
+         "serving (for a scaler, and a fleet scaled to zero)"),
     _Var("IMGQ_DRIFT_WINDOW", "drift_window", _parse_int, "200", "images per drift window"),
     _Var("IMGQ_DRIFT_WINDOW_S", "drift_window_s", _parse_float, "300",
          "seconds after which a drift window closes even if not full"),

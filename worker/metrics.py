@@ -29,16 +29,33 @@ Names (all prefixed ``imgq_``):
   ``dead_letter``, ``skipped`` (notices, clears of notices).
 - ``fleet_workers``, ``fleet_worker_lost_timestamp_seconds``: the fleet as the keeper's last
   sweep of Redis saw it (``worker/broker/fleet.py``), the same on every worker of one Redis.
+- ``queue_backlog{queue,state}`` (state ``ready``, ``in_flight``, ``due``, ``scheduled``) and
+  ``queue_oldest_age_seconds{queue}``: the queue's backlog read from Redis at each scrape
+  (:class:`BacklogCollector`, ``worker/broker/backlog.py``); every worker and ``imgq exporter``
+  export the same figures, so read them with ``max by (queue, state)``, never ``sum``.
+- ``backlog_read_errors_total``: scrapes whose backlog read failed (the backlog's series are
+  then left out, not reported as an empty queue).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections.abc import Iterator, Sequence
 
+import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["WorkerMetrics", "process_metrics", "start_metrics_server"]
+from imgq.worker.broker.backlog import STATES, Backlog, BacklogReader
+from imgq.worker.broker.fleet import FleetView, observe
+
+__all__ = ["BacklogCollector", "WorkerMetrics", "process_metrics", "start_metrics_server"]
+
+logger = logging.getLogger(__name__)
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _LATENCY_BUCKETS_S = (
@@ -146,3 +163,100 @@ def start_metrics_server(port: int, registry: CollectorRegistry = REGISTRY) -> N
     """Serve ``/metrics`` on ``port`` (all interfaces) from a daemon thread; 0 does nothing."""
     if port:
         _start_http_server(port, registry=registry)
+
+
+class BacklogCollector(Collector):
+    """The backlog of queues (and, for a process outside the fleet, the fleet's gauges), read
+    from Redis when scraped: always as fresh as the scrape, and no Redis traffic between
+    scrapes. Reads within ``min_interval_s`` of the last share it (several scrapers).
+
+    A read that fails leaves that scrape without the backlog's series and counts
+    ``imgq_backlog_read_errors_total``: a missing series makes a scaler hold (KEDA: its
+    fallback), where a 0 would scale the fleet down while Redis is out of reach.
+
+    Args:
+        readers: One per queue exported.
+        fleet_client: When given, the fleet's gauges too, from :func:`~imgq.worker.broker.fleet.
+            observe` (a worker exports its own sweep's instead).
+        min_interval_s: Reads closer together than this share the first.
+    """
+
+    def __init__(
+        self,
+        readers: Sequence[BacklogReader],
+        fleet_client: redis.Redis | None = None,
+        min_interval_s: float = 1.0,
+    ) -> None:
+        self.readers = list(readers)
+        self.fleet_client = fleet_client
+        self.min_interval_s = min_interval_s
+        self.errors = 0
+        self._lock = threading.Lock()
+        self._last: tuple[float, list[Backlog], FleetView | None] | None = None
+
+    def describe(self) -> list[Metric]:
+        """Nothing: registering the collector must not read Redis."""
+        return []
+
+    def read(self) -> tuple[list[Backlog], FleetView | None]:
+        """The backlog of every queue, and the fleet (None without ``fleet_client``), read now
+        or within ``min_interval_s``.
+
+        Raises:
+            redis.RedisError: a read failed (counted).
+        """
+        with self._lock:
+            now = time.monotonic()
+            if self._last is not None and now - self._last[0] < self.min_interval_s:
+                return self._last[1], self._last[2]
+            try:
+                backlogs = [reader.read() for reader in self.readers]
+                fleet = observe(self.fleet_client) if self.fleet_client is not None else None
+            except redis.RedisError:
+                self.errors += 1
+                raise
+            self._last = (now, backlogs, fleet)
+            return backlogs, fleet
+
+    def collect(self) -> Iterator[Metric]:
+        errors = CounterMetricFamily(
+            "imgq_backlog_read_errors", "Scrapes whose backlog read from Redis failed."
+        )
+        try:
+            backlogs, fleet = self.read()
+        except redis.RedisError as exc:
+            logger.warning("could not read the backlog from Redis: %s", exc)
+            backlogs, fleet = [], None
+        errors.add_metric([], self.errors)
+        yield errors
+        if backlogs:
+            yield from _backlog_families(backlogs)
+        if fleet is not None:
+            yield GaugeMetricFamily(
+                "imgq_fleet_workers", "Workers of this Redis holding a lease.", value=fleet.live
+            )
+            yield GaugeMetricFamily(
+                "imgq_fleet_worker_lost_timestamp_seconds",
+                "When this Redis last recorded a worker lost; 0: none recorded.",
+                value=fleet.last_lost_at,
+            )
+
+
+def _backlog_families(backlogs: Sequence[Backlog]) -> Iterator[Metric]:
+    counts = GaugeMetricFamily(
+        "imgq_queue_backlog",
+        "Messages not answered, by state: ready (queued), in_flight (taken, in a batch), due "
+        "(eta come, not yet queued again), scheduled (eta ahead).",
+        labels=["queue", "state"],
+    )
+    ages = GaugeMetricFamily(
+        "imgq_queue_oldest_age_seconds",
+        "How long the oldest ready message has waited (0: none ready).",
+        labels=["queue"],
+    )
+    for backlog in backlogs:
+        for state in STATES:
+            counts.add_metric([backlog.queue, state], getattr(backlog, state))
+        ages.add_metric([backlog.queue], backlog.oldest_age_s)
+    yield counts
+    yield ages

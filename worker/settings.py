@@ -32,7 +32,7 @@ from imgq.worker.envvars import (
 from imgq.worker.logs import LOG_FORMATS, mask_url
 
 if TYPE_CHECKING:
-    from imgq.shared.decode import DecodeLimits
+    from imgq.shared.probe import DecodeLimits
 
 __all__ = ["DEVICES", "ENV_VARS", "TRACES_EXPORTERS", "WorkerSettings", "parse_infer_batch",
            "webhook_origin"]  # fmt: skip
@@ -49,7 +49,7 @@ _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _default_limits() -> DecodeLimits:
-    from imgq.shared.decode import DecodeLimits
+    from imgq.shared.probe import DecodeLimits
 
     return DecodeLimits()
 
@@ -157,6 +157,7 @@ class WorkerSettings:
         dead_letter_max_entries: Most dead-letter entries kept per queue.
         dead_letter_ttl_s: Seconds a dead-letter entry is kept.
         metrics_port: Prometheus port, 0 = off.
+        exporter_port: The port ``imgq exporter`` serves the backlog and the fleet on.
         drift_window: Images per drift window.
         drift_window_s: Seconds before a drift window closes anyway.
         drift_enabled: Collect input statistics for drift detection.
@@ -208,6 +209,7 @@ class WorkerSettings:
     dead_letter_max_entries: int = 10_000
     dead_letter_ttl_s: int = 7 * 86400
     metrics_port: int = 9808
+    exporter_port: int = 9809
     drift_window: int = 200
     drift_window_s: float = 300.0
     drift_enabled: bool = True
@@ -315,6 +317,7 @@ class WorkerSettings:
             number("dead_letter_max_entries", 1, 10**7),
             number("dead_letter_ttl_s", 60, 365 * 86400),
             number("metrics_port", 0, 65535),
+            number("exporter_port", 1, 65535),
             number("drift_window", 10, 10_000_000),
             number("drift_window_s", 1, 30 * 86400, integer=False),
             None
@@ -422,7 +425,7 @@ class WorkerSettings:
             raise ValueError("invalid worker settings: " + "; ".join(problems))
         limits = {k: values.pop(k) for k in _LIMIT_FIELDS if k in values}
         if limits:
-            from imgq.shared.decode import DecodeLimits
+            from imgq.shared.probe import DecodeLimits
 
             values["decode_limits"] = DecodeLimits(**limits)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -20,6 +20,8 @@ cleanly.
   gauges, present from the first scrape, read from Redis: a worker started after the loss
   reports it too, and a series born at any value means what it says (a counter born at 1 is
   invisible to ``increase()``). ``ImgqWorkerDown`` (``docker/alert-rules.yml``) fires on it.
+- ``imgq exporter`` exports the same two gauges from :func:`observe`, the sweep's view without
+  its writes, so they exist while no worker runs (a fleet scaled to zero).
 
 So a killed worker is recorded within two lease lifetimes plus a keeper tick (``2 x
 IMGQ_LEASE_TTL_S + IMGQ_RESTORE_INTERVAL_S``, 22 s at the defaults), by any worker still alive.
@@ -38,7 +40,8 @@ from typing import Any
 
 import redis
 
-__all__ = ["LOST_KEPT", "LOST_KEY", "MEMBERS_KEY", "MISSING_KEY", "Fleet", "FleetView", "join"]
+__all__ = ["LOST_KEPT", "LOST_KEY", "MEMBERS_KEY", "MISSING_KEY", "Fleet", "FleetView", "join",
+           "observe"]  # fmt: skip
 
 MEMBERS_KEY = "imgq:workers"
 MISSING_KEY = "imgq:workers:missing"
@@ -75,6 +78,17 @@ for _, id in ipairs(lost) do
 end
 local newest = redis.call('ZREVRANGE', KEYS[3], 0, 0, 'WITHSCORES')
 return {live, lost, newest[2] or '0'}
+"""
+
+# KEYS: members, lost. The sweep's view without its writes: {members holding a lease, time of
+# the newest loss or '0'}.
+_OBSERVE = """
+local live = 0
+for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if redis.call('EXISTS', 'imgq:lease:' .. id) == 1 then live = live + 1 end
+end
+local newest = redis.call('ZREVRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {live, newest[2] or '0'}
 """
 
 
@@ -124,3 +138,19 @@ class Fleet:
         )
         ids = tuple(w.decode(errors="replace") if isinstance(w, bytes) else str(w) for w in lost)
         return FleetView(live=int(live), lost=ids, last_lost_at=float(newest))
+
+
+def observe(redis_client: redis.Redis) -> FleetView:
+    """What a sweep would see, without recording anything: for a process that watches the fleet
+    without being part of it (``imgq exporter``, which runs while the fleet is scaled to zero).
+    Losses are recorded by the workers' sweeps only.
+
+    Raises:
+        redis.RedisError: Redis did not answer, or answered something else than a view.
+    """
+    reply = redis_client.eval(_OBSERVE, 2, MEMBERS_KEY, LOST_KEY)
+    try:
+        live, newest = reply
+        return FleetView(live=int(live), lost=(), last_lost_at=float(newest))
+    except (TypeError, ValueError) as exc:
+        raise redis.ResponseError(f"unexpected reply to the fleet read: {exc}") from None

@@ -15,11 +15,13 @@ from typing import Any
 import redis
 from celery import signals
 from celery.utils.nodenames import default_nodename, host_format
+from prometheus_client import REGISTRY
 
 from imgq.shared.errors import ImgqError
 from imgq.worker.celeryapp.app import make_app
+from imgq.worker.commands.backlog import readers, redis_client
 from imgq.worker.logs import configure_logging, mask_url
-from imgq.worker.metrics import start_metrics_server
+from imgq.worker.metrics import BacklogCollector, start_metrics_server
 from imgq.worker.settings import WorkerSettings
 
 __all__ = ["main"]
@@ -91,6 +93,8 @@ def main(args: argparse.Namespace) -> int:
     _opencv_in_calling_thread()
     signals.setup_logging.connect(_keep_our_logging, weak=False)
     logger.info("settings", extra={"settings": settings.describe()})
+    if settings.metrics_port:  # the queue's backlog too, read from Redis at each scrape
+        REGISTRY.register(BacklogCollector(readers(settings, None, redis_client(settings))))
     try:
         start_metrics_server(settings.metrics_port)
     except OSError as exc:

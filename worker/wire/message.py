@@ -40,6 +40,7 @@ __all__ = [
     "MAX_TASK_ID_CHARS",
     "TRACE_HEADERS",
     "TaskRequest",
+    "epoch_s",
     "find_task_id",
     "parse_message",
     "parse_task_id",
@@ -170,9 +171,9 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
     if not isinstance(task_name, str):
         task_name = ""
     try:
-        expires = _epoch_s(headers.get("expires"))
-        sent_at = _epoch_s(headers.get(SENT_AT_HEADER))
-        eta = _epoch_s(headers.get("eta"))
+        expires = epoch_s(headers.get("expires"))
+        sent_at = epoch_s(headers.get(SENT_AT_HEADER))
+        eta = epoch_s(headers.get("eta"))
         if headers.get("compression") is not None:
             raise InvalidTask(
                 "content_refused",
@@ -386,15 +387,15 @@ def _stamps(value: Any) -> dict[str, Any] | None:
     return value
 
 
-def _epoch_s(value: Any) -> float | None:
+def epoch_s(value: Any) -> float | None:
     """Epoch seconds from an ISO 8601 string (Celery's ``expires``) or a number of epoch
     seconds; None stays None. Anything that is not a time a datetime can hold is refused here,
     so that no later step (task events, logs) meets a time it cannot format (issue 14: epoch
     milliseconds from a JavaScript client stopped every worker in turn).
 
-    >>> _epoch_s("1970-01-01T00:01:00+00:00"), _epoch_s("1970-01-01T00:01:00"), _epoch_s(5)
+    >>> epoch_s("1970-01-01T00:01:00+00:00"), epoch_s("1970-01-01T00:01:00"), epoch_s(5)
     (60.0, 60.0, 5.0)
-    >>> _epoch_s(1_764_000_000_000)  # doctest: +ELLIPSIS
+    >>> epoch_s(1_764_000_000_000)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     imgq.shared.errors.InvalidTask: malformed_message: ... looks like epoch milliseconds; ...
