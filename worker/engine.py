@@ -44,7 +44,6 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import redis
-from celery.exceptions import TimeLimitExceeded
 
 from imgq.shared.errors import InvalidTask
 from imgq.worker.broker.intake import Lane, LeaseLost, Oversized, Taken
@@ -61,7 +60,17 @@ from imgq.worker.handler import (
     check_outcomes,
 )
 from imgq.worker.metrics import WorkerMetrics
-from imgq.worker.outcome import EXPIRED, REVOKED, TERMINATED, BatchOutcome, Revoked, Scheduled
+from imgq.worker.outcome import (
+    EXPIRED,
+    REVOKED,
+    BatchOutcome,
+    Revoked,
+    Scheduled,
+    overruled,
+    poison_pill,
+    too_large,
+    unknown_task,
+)
 from imgq.worker.roundtrips import RoundTrips
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.storing import BatchStore, RareLog, ResultBackend
@@ -408,7 +417,7 @@ class BatchEngine:
                 self.metrics.queue_wait.observe(wait_s)
                 queue_ms = round(wait_s * 1000, 3)
             if taken.poisoned[i]:
-                poison = self._poison()
+                poison = poison_pill(self.settings.max_deliveries)
                 dead.append((i, poison, req.task_id))
                 decided[i] = Failure(poison)
             elif req.error is not None:
@@ -418,7 +427,9 @@ class BatchEngine:
             elif not_due(req, out.picked_at):
                 decided[i] = Scheduled(req.eta or 0.0)
             elif req.task_name not in self.handlers:
-                decided[i] = Failure(self._no_handler(req.task_name))
+                decided[i] = Failure(
+                    unknown_task(self.settings.queue, self.handlers, req.task_name)
+                )
             elif is_revoked(req):
                 decided[i] = REVOKED
             else:
@@ -434,7 +445,7 @@ class BatchEngine:
             check_outcomes(requests, outcomes)
             elapsed_s = time.monotonic() - started
             for (i, _), outcome in zip(items, outcomes, strict=True):
-                decided[i] = self._overruled(self.held[i], outcome, elapsed_s)
+                decided[i] = overruled(self.held[i], outcome, elapsed_s)
         deferred = [i for i, o in enumerate(decided) if isinstance(o, Deferred)]
         cut = deferred[0] if deferred else len(raws)
         out.give_back = len(raws) - cut
@@ -461,50 +472,12 @@ class BatchEngine:
             held.ready()
         self.held.clear()
 
-    @staticmethod
-    def _overruled(held: HeldTask, outcome: Outcome, elapsed_s: float) -> Outcome | Revoked:
-        """A handler's outcome, unless ``revoke(terminate=True)`` reached the task meanwhile,
-        or its batch ran past the task's time limit (Celery would have killed it)."""
-        req = held.req
-        if isinstance(outcome, Deferred):
-            return outcome
-        if held.terminated:
-            return TERMINATED
-        if req.time_limit is not None and elapsed_s > req.time_limit:
-            return Failure(
-                TimeLimitExceeded(
-                    f"time limit {req.time_limit:g} s: the batch took {elapsed_s:.3g} s"
-                )
-            )
-        return outcome
-
-    def _no_handler(self, task_name: str) -> InvalidTask:
-        served = ", ".join(sorted(self.handlers))
-        return InvalidTask(
-            "unknown_task",
-            f"queue {self.settings.queue!r} serves {served}, not {task_name!r}: send it to a "
-            "queue whose workers serve it",
-        )
-
-    def _poison(self) -> InvalidTask:
-        """A poison pill's error (its message goes to the dead letters too)."""
-        return InvalidTask(
-            "redelivered_too_often",
-            f"handed out {self.settings.max_deliveries} times (IMGQ_MAX_DELIVERIES) and never "
-            "answered: every worker that took it died or hung. Kept in the dead letters; "
-            "`imgq dlq requeue ID` sends it again",
-        )
-
     def _too_large(self, out: BatchOutcome, big: Oversized) -> None:
         """A message Redis dead-lettered for its size: answer its task if its id can be read
         from the fragments Redis returned (kombu writes the headers after the body)."""
         task_id = find_task_id(big.tail) or find_task_id(big.head)
-        exc = InvalidTask(
-            "message_too_large",
-            f"the message of {big.length} bytes is over the {self.settings.max_message_bytes} "
-            f"a valid task can have (images up to {self.settings.decode_limits.max_bytes} "
-            "bytes, IMGQ_MAX_BYTES); it was not read and is listed by `imgq dlq list`",
-        )
+        exc = too_large(big.length, self.settings.max_message_bytes,
+                        self.settings.decode_limits.max_bytes)  # fmt: skip
         if task_id is None:
             out.counts["dead_letter", exc.reason] += 1
             return

@@ -14,15 +14,16 @@ import hashlib
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 
 from imgq.shared.errors import InvalidTask
 from imgq.worker.broker.settle import DeadMessage
-from imgq.worker.handler import Failure, Outcome, Success
+from imgq.worker.handler import Deferred, Failure, Outcome, Success
 from imgq.worker.wire.message import TaskRequest
 from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
 
-__all__ = ["EXPIRED", "REVOKED", "TERMINATED", "BatchOutcome", "Revoked", "Scheduled", "Trace"]
+__all__ = ["EXPIRED", "REVOKED", "TERMINATED", "BatchOutcome", "Revoked", "Scheduled", "Trace",
+           "overruled", "poison_pill", "too_large", "unknown_task"]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,3 +126,51 @@ class BatchOutcome:
         )
         if not task_id:
             self.counts["dead_letter", exc.reason] += 1
+
+
+# -- the engine's own errors ------------------------------------------------------------------
+
+
+def overruled(held: Any, outcome: Outcome, elapsed_s: float) -> Outcome | Revoked:
+    """A handler's outcome for the task ``held`` (``celeryapp.state.HeldTask``), unless
+    ``revoke(terminate=True)`` reached it meanwhile, or its batch ran past the task's time limit
+    (Celery would have killed it)."""
+    req = held.req
+    if isinstance(outcome, Deferred):
+        return outcome
+    if held.terminated:
+        return TERMINATED
+    if req.time_limit is not None and elapsed_s > req.time_limit:
+        return Failure(
+            TimeLimitExceeded(f"time limit {req.time_limit:g} s: the batch took {elapsed_s:.3g} s")
+        )
+    return outcome
+
+
+def unknown_task(queue: str, served: Any, task_name: str) -> InvalidTask:
+    """A task no handler of the queue serves."""
+    return InvalidTask(
+        "unknown_task",
+        f"queue {queue!r} serves {', '.join(sorted(served))}, not {task_name!r}: send it to a "
+        "queue whose workers serve it",
+    )
+
+
+def poison_pill(max_deliveries: int) -> InvalidTask:
+    """A poison pill's error (its message goes to the dead letters too)."""
+    return InvalidTask(
+        "redelivered_too_often",
+        f"handed out {max_deliveries} times (IMGQ_MAX_DELIVERIES) and never answered: every "
+        "worker that took it died or hung. Kept in the dead letters; `imgq dlq requeue ID` "
+        "sends it again",
+    )
+
+
+def too_large(length: int, max_message_bytes: int, max_image_bytes: int) -> InvalidTask:
+    """A message Redis dead-lettered for its size, unread."""
+    return InvalidTask(
+        "message_too_large",
+        f"the message of {length} bytes is over the {max_message_bytes} a valid task can have "
+        f"(images up to {max_image_bytes} bytes, IMGQ_MAX_BYTES); it was not read and is listed "
+        "by `imgq dlq list`",
+    )
