@@ -4,9 +4,10 @@ delay proxy (``bench/delayproxy.py``), side by side with loopback in one run.
 This VM's speed moves by tens of percent within minutes, and other work shares its two cores:
 drains one after the other compare the machine's moods, not the settings. So every figure is
 paired: two `imgq worker` processes (the default 2 processes x 1 batch thread) serve ONE queue
-at the same time, worker A on a direct connection (loopback) and worker B through the proxy
-(``--rtts``, ms of round trip added), and each is judged by the tasks it served (the workers'
-own Celery task events say which served what):
+at the same time, worker A through a proxy of its own at 0 ms (loopback through the proxy, the
+issue's baseline) and worker B through one that adds ``--rtts`` ms of round trip; each is
+judged by the tasks it served (the workers' own Celery task events say which served what). At
+0 ms, A connects directly: the proxy's own cost.
 
 * drain: ``--tasks`` tasks enqueued and parked, the pair started, the queue released; each
   worker's rate = its tasks / (its last result stored - release); B's rate against A's;
@@ -27,6 +28,7 @@ alternating direct and proxied runs (medians).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -120,14 +122,30 @@ def _per_worker(client: ImgqClient, pending: Sequence[Any], served: ServedBy, si
     return out
 
 
-def measure_pair(url: str, bundle: Path, images: list[bytes], args: argparse.Namespace,
-                 work: Path, mode: str, rtt_ms: float) -> dict[str, Any]:  # fmt: skip
-    """One drain and one paced load by a direct and a proxied worker serving one queue."""
+def measure_pair(
+    url: str,
+    bundle: Path,
+    images: list[bytes],
+    args: argparse.Namespace,
+    work: Path,
+    mode: str,
+    rtt_a: float | None,
+    rtt_b: float,
+) -> dict[str, Any]:
+    """One drain and one paced load by two workers serving one queue: A ``rtt_a`` ms away
+    through a proxy of its own (None: a direct connection), B ``rtt_b`` ms away."""
     prefetch = _MODES[mode]
-    with DelayProxy(_target(url), rtt_ms) as proxy, ImgqClient(url, queue=f"net-{mode}") as client:
-        far = _proxied(url, proxy.port)
-        envs = [{"IMGQ_PREFETCH": prefetch}, {"IMGQ_PREFETCH": prefetch, "IMGQ_BROKER_URL": far}]
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(ImgqClient(url, queue=f"net-{mode}"))
+        envs = []
+        for rtt in (rtt_a, rtt_b):
+            env = {"IMGQ_PREFETCH": prefetch}
+            if rtt is not None:
+                proxy = stack.enter_context(DelayProxy(_target(url), rtt))
+                env["IMGQ_BROKER_URL"] = _proxied(url, proxy.port)
+            envs.append(env)
         served = ServedBy(url)
+        stack.callback(served.close)
         loads: list[dict[str, Any]] = []
 
         def keep(rate: float) -> None:
@@ -136,12 +154,9 @@ def measure_pair(url: str, bundle: Path, images: list[bytes], args: argparse.Nam
         def by_worker(pending: Sequence[Any], released: float) -> dict[str, Any]:
             return _per_worker(client, pending, served, released)
 
-        try:
-            d = drain(url, client, images, args.tasks,
-                      lambda: imgq_workers(url, bundle, client, args, work, envs=envs),
-                      keep=keep, inspect=by_worker)  # fmt: skip
-        finally:
-            served.close()
+        d = drain(url, client, images, args.tasks,
+                  lambda: imgq_workers(url, bundle, client, args, work, envs=envs),
+                  keep=keep, inspect=by_worker)  # fmt: skip
     d["by_worker"] = d.pop("inspect")
     return {"drain": d, "paced": loads[0]}
 
@@ -183,11 +198,12 @@ def client_side(url: str, bundle: Path, images: list[bytes], args: argparse.Name
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     """The figures as Markdown tables."""
     lines = [
-        f"two workers on one queue, A direct and B through the proxy, 1 batch thread each, small "
+        f"two workers on one queue, A through a proxy at 0 ms (at 0 ms: direct) and B through one "
+        f"at the round trip, 1 batch thread each, small "
         f"model, {args.tasks} tasks per drain; paced {args.paced_s:g} s at 50% of the pair's "
         "drain rate",
         "",
-        "| mode | round trip | drain A (direct) tasks/s | drain B tasks/s | B / A | "
+        "| mode | round trip | drain A tasks/s | drain B tasks/s | B / A | "
         "p50 A / B ms | p99 A / B ms | B p99 - A p99 | in round trips | load 1m |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -207,7 +223,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             )
     if "overlap" in results and "serial" in results:
         lines += ["", "| round trip | B / A overlap | B / A serial | A overlap / A serial "
-                  "(loopback, across drains) |", "|---|---:|---:|---:|"]  # fmt: skip
+                  "(across drains) |", "|---|---:|---:|---:|"]  # fmt: skip
         for key in results["overlap"]:
             if key not in results["serial"]:
                 continue
@@ -260,7 +276,10 @@ def main() -> int:
     try:
         for rtt in rtts:  # the modes alternate per round trip: both see the same hour
             for mode in args.modes:
-                m = measure_pair(server.url, bundle, images, args, work, mode, rtt)
+                # At 0 ms: the proxy's own cost (A direct); else A through a proxy at 0 ms, as B
+                # is at rtt: the difference is the round trips alone.
+                m = measure_pair(server.url, bundle, images, args, work, mode,
+                                 None if rtt == 0 else 0.0, rtt)  # fmt: skip
                 results.setdefault(mode, {})[f"{rtt:g}"] = m
                 w = m["drain"]["by_worker"]
                 print(f"[{mode}] {rtt:g} ms: A {w[_DIRECT].get('rate', 0):.0f}, B "

@@ -220,3 +220,35 @@ def test_a_batch_storing_cannot_encode_fails_visibly(redis_server, r, app) -> No
             s.get(timeout=10)
     assert _lanes(r) == {}
     assert r.llen(QUEUE) == 0
+
+
+def test_the_take_ahead_waits_for_the_end_of_the_batch_in_hand() -> None:
+    """Pace: with estimates, a take ahead goes out a take's time before the batch in hand is
+    expected to end, not when it starts; without them, at once; an idle runner or a stop lets it
+    go at once (the wait is on the clock the pace reads, not a guess of the machine's speed)."""
+    from imgq.worker.roundtrips import Pace
+
+    stop = threading.Event()
+    pace = Pace()
+    first = pace.serving(10)
+    assert pace.hold(first - 1, stop) is False  # no estimates yet: at once
+    pace.served(10, 1.0)  # 0.1 s per message
+    pace.took(0.01)
+    started = time.monotonic()
+    ordinal = pace.serving(4)  # expected to end 0.4 s from now
+    assert pace.hold(ordinal - 1, stop) is True
+    waited = time.monotonic() - started
+    # Held until just before the end (an Event's wait never ends early; a busy machine may
+    # wake it late, hence the upper bound's slack).
+    assert 0.4 - 1.5 * 0.01 - 0.002 - 0.05 <= waited < 2.0
+    # The take for the batch after the next one waits for that batch to start; an idle turn
+    # (nothing in hand) lets it go at once.
+    releaser = threading.Timer(0.01, lambda: pace.serving(0))
+    releaser.start()
+    assert pace.hold(ordinal, stop) is False
+    releaser.join()
+    stop.set()
+    pace.serving(100)  # 10 s ahead: a stop does not wait it out
+    started = time.monotonic()
+    pace.hold(pace.serving(100) - 1, stop)
+    assert time.monotonic() - started < 1.0

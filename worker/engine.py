@@ -16,13 +16,13 @@ A :class:`BatchEngine` thread repeats one cycle:
 3. one Redis round trip stores it (``worker/storing.py``: the settle script, task events, the
    observer's extras), then the follow-ups of results stored new.
 
-Redis is never waited for while there is work in hand: the round trips run on the runner's own
-thread, in order, and overlap with serving. While a batch is served the next one is already
-taken into a second lane (its own in-flight list, under the same lease, delivery counting and
-redelivery as any), and the settle of a batch carries the reads of the take after it, which
-follows at once; so a runner waits on Redis only when the queue was empty. A stopping engine
-takes nothing more, gives the batch it took ahead back to the head of the queue at once (not
-counted as a delivery), finishes and stores the batch in hand, and returns.
+Redis is not waited for while there is work in hand: the round trips run in order on the
+runner's own thread (``worker/roundtrips.py``) and overlap with serving. While a batch is
+served the next one is taken into a second lane (its own in-flight list, under the same lease,
+delivery counting and redelivery as any), just in time for the end of the batch in hand
+(``Pace``); so a runner waits on Redis only when the queue was empty. A stopping engine takes
+nothing more, gives the batch it took ahead back to the head of the queue at once (not counted
+as a delivery), finishes and stores the batch in hand, and returns.
 
 Exactly one outcome per message: a stored result, a dead letter for a message that does not
 even carry a task id, or back to the head of the queue for a request its handler deferred. An
@@ -66,12 +66,13 @@ from imgq.worker.outcome import (
     BatchOutcome,
     Revoked,
     Scheduled,
+    fail_all,
     overruled,
     poison_pill,
     too_large,
     unknown_task,
 )
-from imgq.worker.roundtrips import RoundTrips
+from imgq.worker.roundtrips import Pace, RoundTrips
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.storing import BatchStore, RareLog, ResultBackend
 from imgq.worker.wire.events import TaskEvents
@@ -173,6 +174,7 @@ class BatchEngine:
         self._ahead: dict[Lane, Taken] = {}
         self._handover = threading.Lock()
         self._io = RoundTrips(f"imgq-redis-{lane.index}")
+        self._pace = Pace()
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the batch in hand is stored; the batch taken ahead
@@ -224,21 +226,27 @@ class BatchEngine:
         lane, taken = self._next_batch()
         if not taken.messages and not taken.oversized:
             self._free.append(lane)
+            self._pace.serving(0)
             idle_s = now - self._last_busy_s
             self._stop.wait(min(self._idle_poll_s, max(_IDLE_WAIT_MIN_S, idle_s / 8)))
             return 0
         self._last_busy_s = now
         if self._wait_s > 0:
             self._fill(lane, taken)
+        ordinal = self._pace.serving(len(taken.messages))
         if prefetch and self._free and not self._stop.is_set():
             ahead = self._free.pop()
-            self._coming.append((ahead, self._io.submit(self._take_ahead, ahead, None)))
+            self._coming.append(
+                (ahead, self._io.submit(self._take_ahead, ahead, None, ordinal - 1))
+            )
+        started = time.monotonic()
         try:
             outcome = self._serve_traced(lane, taken)
         finally:
             self._release_held()
+        self._pace.served(len(taken.messages), time.monotonic() - started)
         take_after = prefetch and not self._stop.is_set()
-        stored = self._io.submit(self._store_and_take, lane, outcome, taken, take_after)
+        stored = self._io.submit(self._store_and_take, lane, outcome, taken, take_after, ordinal)
         if take_after:
             self._coming.append((lane, stored))
         else:
@@ -279,15 +287,18 @@ class BatchEngine:
         self._free.append(lane if not lane.held else lane.twin())
 
     def _take(self, lane: Lane, lengths: list[int] | None = None) -> Taken:
-        if self.tracing is None:
-            return lane.take(self.settings.max_batch, lengths)
         started_ns = time.time_ns()
         taken = lane.take(self.settings.max_batch, lengths)
-        self.tracing.took(lane, started_ns)
+        self._pace.took((time.time_ns() - started_ns) / 1e9)
+        if self.tracing is not None:
+            self.tracing.took(lane, started_ns)
         return taken
 
-    def _take_ahead(self, lane: Lane, lengths: list[int] | None) -> Taken:
-        """On the round-trip thread: take the batch after the one in hand, unless stopping."""
+    def _take_ahead(self, lane: Lane, lengths: list[int] | None, after: int) -> Taken:
+        """On the round-trip thread: take the batch that follows batch ``after`` (its ordinal
+        in :class:`~imgq.worker.roundtrips.Pace`), just in time for it, unless stopping."""
+        if self._pace.hold(after, self._stop):
+            lengths = None  # read before the wait: the take reads them again
         if self._stop.is_set():
             return Taken()
         taken = self._take(lane, lengths)
@@ -299,20 +310,21 @@ class BatchEngine:
         return taken
 
     def _store_and_take(
-        self, lane: Lane, outcome: BatchOutcome, taken: Taken, take_after: bool
+        self, lane: Lane, outcome: BatchOutcome, taken: Taken, take_after: bool, ordinal: int
     ) -> Taken:
         """On the round-trip thread: store the batch served from ``lane`` (a bug in storing
         fails its tasks visibly, as one in serving does); then, with ``take_after``, take the
-        batch after next into it, planned by reads made on the store's round trip."""
+        batch that follows the next one (batch ``ordinal`` + 1) into it, planned by reads made
+        on the store's round trip when it goes out at once."""
         try:
             lengths = self.store.store(outcome, lane, probe=take_after)
         except Exception as exc:
             self._log_rarely("bug", "storing a batch of %d failed; failing its tasks",
                              len(taken.messages), exc_info=True)  # fmt: skip
-            failed = self._fail_all(taken, exc)
+            failed = fail_all(taken.messages, len(taken.oversized), exc, self.settings.queue)
             failed.trace = outcome.trace
             lengths = self.store.store(failed, lane)
-        return self._take_ahead(lane, lengths) if take_after else Taken()
+        return self._take_ahead(lane, lengths, ordinal) if take_after else Taken()
 
     def _give_back(self, lane: Lane, taken: Taken) -> bool:
         """A batch taken and not started, back to the head of the queue, not counted as a
@@ -347,7 +359,7 @@ class BatchEngine:
                 outcome = self._serve_traced(lane, taken)
                 self._release_held()
                 with contextlib.suppress(Exception):  # logged; given back at release
-                    self._io.submit(self._store_and_take, lane, outcome, taken, False).result()
+                    self._io.submit(self._store_and_take, lane, outcome, taken, False, 0).result()
             self._reuse(lane)
         self._io.close()
 
@@ -386,7 +398,7 @@ class BatchEngine:
         except Exception as exc:
             self._log_rarely("bug", "serving a batch of %d failed; failing its tasks",
                              len(taken.messages), exc_info=True)  # fmt: skip
-            return self._fail_all(taken, exc)
+            return fail_all(taken.messages, len(taken.oversized), exc, self.settings.queue)
 
     def serve(self, taken: Taken) -> BatchOutcome:
         """Everything between taking messages and storing results; no Redis, no logging per
@@ -482,19 +494,3 @@ class BatchEngine:
             out.counts["dead_letter", exc.reason] += 1
             return
         out.fail(TaskRequest(task_id, "", {}, None, None, None, self.settings.queue, b""), exc)
-
-    def _fail_all(self, taken: Taken, cause: Exception) -> BatchOutcome:
-        """The outcome of a batch whose serving raised: every task fails with
-        ``internal_error``; each message is kept in the dead letters."""
-        out = BatchOutcome(time.time())
-        out.counts["dead_letter", "message_too_large"] += len(taken.oversized)
-        exc = InvalidTask("internal_error", f"{type(cause).__name__}: {cause}"[:300])
-        for raw in taken.messages:
-            try:
-                req = parse_message(raw, self.settings.queue)
-            except Exception:
-                out.dead_letter(raw, InvalidTask("malformed_message", exc.detail))
-                continue
-            out.fail(req, exc)
-            out.dead_letter(raw, exc, req.task_id)
-        return out

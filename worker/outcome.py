@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import time
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -19,11 +20,11 @@ from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 from imgq.shared.errors import InvalidTask
 from imgq.worker.broker.settle import DeadMessage
 from imgq.worker.handler import Deferred, Failure, Outcome, Success
-from imgq.worker.wire.message import TaskRequest
+from imgq.worker.wire.message import TaskRequest, parse_message
 from imgq.worker.wire.result import ResultRecord, exception_result, result_meta
 
 __all__ = ["EXPIRED", "REVOKED", "TERMINATED", "BatchOutcome", "Revoked", "Scheduled", "Trace",
-           "overruled", "poison_pill", "too_large", "unknown_task"]  # fmt: skip
+           "fail_all", "overruled", "poison_pill", "too_large", "unknown_task"]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,3 +175,20 @@ def too_large(length: int, max_message_bytes: int, max_image_bytes: int) -> Inva
         f"(images up to {max_image_bytes} bytes, IMGQ_MAX_BYTES); it was not read and is listed "
         "by `imgq dlq list`",
     )
+
+
+def fail_all(messages: list[bytes], oversized: int, cause: Exception, queue: str) -> BatchOutcome:
+    """The outcome of a batch whose serving or storing raised (a bug): every task fails with
+    ``internal_error``; each message is kept in the dead letters for a requeue once fixed."""
+    out = BatchOutcome(time.time())
+    out.counts["dead_letter", "message_too_large"] += oversized
+    exc = InvalidTask("internal_error", f"{type(cause).__name__}: {cause}"[:300])
+    for raw in messages:
+        try:
+            req = parse_message(raw, queue)
+        except Exception:
+            out.dead_letter(raw, InvalidTask("malformed_message", exc.detail))
+            continue
+        out.fail(req, exc)
+        out.dead_letter(raw, exc, req.task_id)
+    return out

@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-__all__ = ["RoundTrips"]
+__all__ = ["Pace", "RoundTrips"]
 
 
 class RoundTrips:
@@ -64,3 +65,69 @@ def _run_job(fn: Callable[[], Any], future: Future[Any]) -> None:
             future.set_result(fn())
         except BaseException as exc:
             future.set_exception(exc)
+
+
+#: Weight of the newest measurement in the running estimates of :class:`Pace`.
+_EWMA = 0.2
+#: A take goes out this much earlier than a take's running time before the batch in hand ends,
+#: for the thread switches around it.
+_MARGIN_S = 0.002
+#: Longest a take waits for the runner to start the batch before the one it takes for.
+_START_WAIT_S = 0.05
+#: Longest a take is held back, whatever the estimates say.
+_MAX_HOLD_S = 10.0
+
+
+class Pace:
+    """When a runner's next take goes out: just in time for the end of the batch in hand, a
+    take's running time (and a little) before it.
+
+    A batch taken the moment the one before it started would wait a whole batch in this worker,
+    while another worker may be idle and the tasks of a higher priority arrive behind it
+    (Celery's prefetch problem); a take after the end would make the runner wait a round trip.
+    The end is estimated from the batch's size and the runner's recent time per message, the
+    take's time from recent takes; a runner without estimates yet takes at once.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._ordinal = 0  # batches started (an idle turn counts as one)
+        self._until = 0.0  # monotonic time the batch in hand should end; 0: take at once
+        self._per_message_s: float | None = None
+        self._take_s: float | None = None
+
+    def serving(self, messages: int) -> int:
+        """The runner starts a batch of ``messages`` (0: it has none); its ordinal."""
+        with self._changed:
+            self._ordinal += 1
+            per = self._per_message_s
+            self._until = time.monotonic() + messages * per if messages and per else 0.0
+            self._changed.notify_all()
+            return self._ordinal
+
+    def served(self, messages: int, elapsed_s: float) -> None:
+        """A batch of ``messages`` took ``elapsed_s`` to serve."""
+        if messages:
+            self._per_message_s = _ewma(self._per_message_s, elapsed_s / messages)
+
+    def took(self, elapsed_s: float) -> None:
+        """A take took ``elapsed_s``, round trips included."""
+        self._take_s = _ewma(self._take_s, elapsed_s)
+
+    def hold(self, after: int, stop: threading.Event) -> bool:
+        """On the round-trip thread, before the take of the batch that follows batch ``after``:
+        wait until that batch is in hand, then until its estimated end less a take's time.
+        Returns whether it waited (reads made before may be stale)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._ordinal > after or stop.is_set(), _START_WAIT_S)
+            until = self._until
+        lead_s = 1.5 * (self._take_s or 0.0) + _MARGIN_S
+        hold_s = min(until - lead_s - time.monotonic(), _MAX_HOLD_S)
+        if until and hold_s > 0:
+            stop.wait(hold_s)
+            return True
+        return False
+
+
+def _ewma(previous: float | None, value: float) -> float:
+    return value if previous is None else previous + _EWMA * (value - previous)
