@@ -134,7 +134,7 @@ class BatchEngine:
         self._wait_s = wait_ms / 1000.0
         self._idle_poll_s = settings.idle_poll_ms / 1000.0
         self._max_backoff_s = min(_MAX_BACKOFF_S, settings.lease_ttl_s / 4)
-        same_redis = settings.result_backend == settings.broker_url
+        same_redis = settings.results_in_broker
         self._results_redis: redis.Redis = redis_client if same_redis else backend.client
         dead_letters = (settings.dead_letter_ttl_s, settings.dead_letter_max_entries,
                         settings.dead_letter_max_bytes)  # fmt: skip

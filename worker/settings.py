@@ -18,18 +18,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from imgq.worker.broker.connection import results_options, url_problem
 from imgq.worker.broker.priority import QueueLists
 from imgq.worker.envvars import _ENV_OF, _LIMIT_FIELDS, _VARS, ENV_VARS, parse_infer_batch
 from imgq.worker.logs import LOG_FORMATS, mask_url
 
 if TYPE_CHECKING:
+    import redis
+
     from imgq.shared.decode import DecodeLimits
 
-__all__ = ["DEVICES", "ENV_VARS", "WorkerSettings", "parse_infer_batch", "webhook_origin"]
+__all__ = [
+    "DEVICES",
+    "ENV_VARS",
+    "SettingsError",
+    "WorkerSettings",
+    "parse_infer_batch",
+    "webhook_origin",
+]
 
 DEVICES = ("auto", "cpu", "cuda")
 _SECRET = re.compile("password|secret|token|credential", re.IGNORECASE)
-_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class SettingsError(ValueError):
+    """Settings refused at start; the message names each variable, the value given and what is
+    allowed (``imgq`` prints it as one line)."""
 
 
 def _default_limits() -> DecodeLimits:
@@ -47,7 +61,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
          "brpop_timeout", "health_check_interval", "reauth_check_interval", "max_connections",
          "unacked_mutex_expire", "unacked_restore_limit", "unacked_restore_interval",
          "unacked_restore_throttle", "max_retries", "interval_start", "interval_step",
-         "interval_max"),
+         "interval_max", "min_other_sentinels"),
         (int, float),
     ),
     **dict.fromkeys(
@@ -61,6 +75,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
         (str,),
     ),
     "fanout_prefix": (bool, str),
+    "sentinel_kwargs": (dict,),
 }  # fmt: skip
 
 
@@ -99,6 +114,19 @@ def webhook_origin(url: str) -> str:
     if not parts.scheme or not parts.hostname:
         return ""
     return f"{parts.scheme}://{parts.hostname}{port}"
+
+
+def _masked(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Transport options with the values of secret-looking keys masked, at any depth
+    (``sentinel_kwargs`` holds the sentinels' password).
+
+    >>> _masked({"master_name": "m", "sentinel_kwargs": {"password": "pw"}})
+    {'master_name': 'm', 'sentinel_kwargs': {'password': '***'}}
+    """
+    return {
+        k: "***" if _SECRET.search(str(k)) else _masked(v) if isinstance(v, Mapping) else v
+        for k, v in options.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -199,12 +227,22 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if not self.result_backend:
             object.__setattr__(self, "result_backend", self.broker_url)
+        if isinstance(self.result_backend_transport_options, dict) and isinstance(
+            self.broker_transport_options, dict
+        ):
+            results = results_options(
+                self.broker_url,
+                self.broker_transport_options,
+                self.result_backend,
+                self.result_backend_transport_options,
+            )
+            object.__setattr__(self, "result_backend_transport_options", results)  # fmt: skip
         if self.model_dir is not None:
             object.__setattr__(self, "model_dir", Path(self.model_dir))
         object.__setattr__(self, "model_cache", Path(self.model_cache).expanduser())
         problems = [p for p in self._problems() if p]
         if problems:
-            raise ValueError("invalid worker settings: " + "; ".join(problems))
+            raise SettingsError("invalid worker settings: " + "; ".join(problems))
 
     def _problems(self) -> list[str | None]:
         def name(field: str) -> str:
@@ -224,13 +262,16 @@ class WorkerSettings:
                 return f"{name(field)} must be one of {', '.join(allowed)}, got {value!r}"
             return None
 
-        def url(field: str) -> str | None:
-            value = getattr(self, field)
-            if not isinstance(value, str) or not value.startswith(_URL_SCHEMES):
+        def url(field: str, options_field: str) -> str | None:
+            value, options = getattr(self, field), getattr(self, options_field)
+            problem = (
+                url_problem(value, options if isinstance(options, dict) else {},
+                            _ENV_OF[options_field])
+                if isinstance(value, str) else "must be a Redis URL"
+            )  # fmt: skip
+            if problem:
                 shown = mask_url(value) if isinstance(value, str) else value
-                return (
-                    f"{name(field)} must be a Redis URL ({', '.join(_URL_SCHEMES)}), got {shown!r}"
-                )
+                return f"{name(field)}={shown!r}: {problem}"
             return None
 
         from imgq.worker.handlers import HANDLERS  # light: the registry imports nothing heavy
@@ -256,8 +297,10 @@ class WorkerSettings:
         if results_problem:
             results_problem = f"{name('result_backend_transport_options')}: {results_problem}"
         return [
-            url("broker_url"),
-            url("result_backend"),
+            url("broker_url", "broker_transport_options"),
+            None
+            if self.results_in_broker
+            else url("result_backend", "result_backend_transport_options"),
             lists_problem,
             results_problem,
             None if model_ok else f"{name('model_dir')} {self.model_dir} is not a folder",
@@ -334,16 +377,17 @@ class WorkerSettings:
                 so parsed command-line options can be passed as they are.
 
         Raises:
-            ValueError: a variable cannot be parsed or a value is outside what is allowed; the
+            SettingsError: a variable cannot be parsed or a value is outside what is allowed; the
                 message names the variable, the value given and what is allowed.
             TypeError: an override names no field.
 
         >>> WorkerSettings.from_env({"IMGQ_MAX_BATCH": "8"}, queue="gpu").max_batch
         8
-        >>> WorkerSettings.from_env({"IMGQ_MAX_BATCH": "lots"})
-        Traceback (most recent call last):
-        ...
-        ValueError: invalid worker settings: IMGQ_MAX_BATCH='lots' is not an integer
+        >>> try:
+        ...     WorkerSettings.from_env({"IMGQ_MAX_BATCH": "lots"})
+        ... except SettingsError as exc:
+        ...     print(exc)
+        invalid worker settings: IMGQ_MAX_BATCH='lots' is not an integer
         """
         env = os.environ if environ is None else environ
         known = {f.name for f in dataclasses.fields(cls)}
@@ -361,7 +405,7 @@ class WorkerSettings:
             except ValueError as exc:
                 problems.append(f"{var.env}={raw!r} {exc}")
         if problems:
-            raise ValueError("invalid worker settings: " + "; ".join(problems))
+            raise SettingsError("invalid worker settings: " + "; ".join(problems))
         limits = {k: values.pop(k) for k in _LIMIT_FIELDS if k in values}
         if limits:
             from imgq.shared.decode import DecodeLimits
@@ -369,6 +413,30 @@ class WorkerSettings:
             values["decode_limits"] = DecodeLimits(**limits)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def broker_client(self, **kwargs: Any) -> redis.Redis:
+        """A client of the broker's Redis (its master, through Sentinel); ``kwargs`` are
+        redis-py's connection options (``worker/broker/connection.py``)."""
+        from imgq.worker.broker.connection import connect
+
+        return connect(self.broker_url, self.broker_transport_options,
+                       options_name=_ENV_OF["broker_transport_options"], **kwargs)  # fmt: skip
+
+    def results_client(self, **kwargs: Any) -> redis.Redis:
+        """A client of the results' Redis, as :meth:`broker_client`."""
+        from imgq.worker.broker.connection import connect
+
+        options_name = _ENV_OF["result_backend_transport_options"]
+        return connect(self.result_backend, self.result_backend_transport_options,
+                       options_name=options_name, **kwargs)  # fmt: skip
+
+    @property
+    def results_in_broker(self) -> bool:
+        """Whether the results live in the broker's Redis (the same URL and, for Sentinel, the
+        same master)."""
+        return self.result_backend == self.broker_url and self.result_backend_transport_options.get(
+            "master_name"
+        ) == self.broker_transport_options.get("master_name")
 
     @property
     def queue_lists(self) -> QueueLists:
@@ -407,7 +475,7 @@ class WorkerSettings:
             elif field.name == "alert_webhook_secret":
                 value = "***" if value else ""
             elif field.name.endswith("transport_options"):
-                value = {k: "***" if _SECRET.search(k) else v for k, v in value.items()}
+                value = _masked(value)
             elif field.name == "decode_limits":
                 value = dataclasses.asdict(value)
             elif isinstance(value, Path):
