@@ -141,7 +141,9 @@ class BatchEngine:
         add_window = self.observer.lua_add_window if self.observer is not None else None
         self.settler = Settler(redis_client, self._results_redis, settings.queue_list,
                                lane.intake.worker_id, settings.result_expires_s, dead_letters,
-                               add_window)  # fmt: skip
+                               add_window, wait_replicas=settings.wait_replicas,
+                               wait_timeout_ms=settings.wait_timeout_ms,
+                               on_shortfall=metrics.wait_shortfalls.inc)  # fmt: skip
         self._stop = threading.Event()
         #: The batch in hand's tasks in Celery's worker state (``inspect active``, ``revoke``).
         self.held: dict[int, HeldTask] = {}
@@ -421,26 +423,21 @@ class BatchEngine:
                 pipe, lane, results, out.dead, windows, scheduled=out.scheduled
             )
             self._extras(pipe, out)
-            reply = pipe.execute(raise_on_error=False)[index]
-            if isinstance(reply, Exception):
-                raise reply
+            reply = self.settler.reply(pipe.execute(raise_on_error=False), index)
             counts, flags = reply[: len(windows)], reply[len(windows) :]
             if windows and counts[0] == -1 and any(flags):
                 windows, counts = self._count_new(out, flags, once_token(lane))
         else:
             rpipe = self._results_redis.pipeline(transaction=False)
             index = self.settler.settle(rpipe, None, results, [], [])
-            flags = rpipe.execute()[index]
+            flags = self.settler.reply(rpipe.execute(raise_on_error=False), index)
             pipe = self.redis.pipeline(transaction=False)
             windows = self._windows(out, flags) if any(flags) else []
             index = self.settler.settle(
                 pipe, lane, [], out.dead, windows, once_token(lane), scheduled=out.scheduled
             )
             self._extras(pipe, out)
-            reply = pipe.execute(raise_on_error=False)[index]
-            if isinstance(reply, Exception):
-                raise reply
-            counts = reply
+            counts = self.settler.reply(pipe.execute(raise_on_error=False), index)
         lane.settled()
         if self.followups is not None:  # once, by the worker whose results were stored new
             self.followups.after_settle(out.requests, out.records, flags)

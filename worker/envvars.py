@@ -102,6 +102,13 @@ _VARS: tuple[_Var, ...] = (
          "the clients' Celery result_backend_transport_options as JSON (global_keyprefix "
          "prefixes the result keys; Sentinel's options default to the broker's when the URLs "
          "are the same)"),
+    _Var("IMGQ_WAIT_REPLICAS", "wait_replicas", _parse_int, "0",
+         "replicas that must acknowledge each batch's results and ack (Redis WAIT after the "
+         "settle) before the runner goes on; 0: asynchronous replication only "
+         "(docs/operations.md, durability)"),
+    _Var("IMGQ_WAIT_TIMEOUT_MS", "wait_timeout_ms", _parse_int, "1000",
+         "longest such WAIT; one that falls short is counted (imgq_wait_shortfalls_total) and "
+         "logged, and the runner goes on"),
     _Var("IMGQ_HANDLERS", "handlers", _parse_names, "classify",
          "comma-separated handlers the worker serves: classify (imgq.classify, needs a model), "
          "null (imgq.null, answers at once: for measuring the engine)"),

@@ -146,6 +146,8 @@ class WorkerSettings:
         broker_transport_options: Celery's ``broker_transport_options`` of the clients: the
             worker's Celery app uses them, and :attr:`queue_lists` reads the list names.
         result_backend_transport_options: The clients' ``result_backend_transport_options``.
+        wait_replicas: Replicas that must acknowledge each settle (``WAIT``); 0: none.
+        wait_timeout_ms: Longest ``WAIT`` of a settle.
         handlers: The handlers served (``worker/handlers/__init__.py``'s ``HANDLERS``).
         concurrency: Batch runner threads per process.
         max_batch: Most tasks taken, served and stored together.
@@ -193,6 +195,8 @@ class WorkerSettings:
     queue: str = "imgq"
     broker_transport_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     result_backend_transport_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000
     handlers: tuple[str, ...] = ("classify",)
     concurrency: int = 1
     max_batch: int = 32
@@ -311,6 +315,8 @@ class WorkerSettings:
             if handlers_ok
             else f"{name('handlers')} must name handlers among {', '.join(sorted(HANDLERS))}, "
             f"each once, got {self.handlers!r}",
+            number("wait_replicas", 0, 100),
+            number("wait_timeout_ms", 1, 600_000),
             number("concurrency", 1, 64),
             number("max_batch", 1, 4096),
             number("infer_batch", 0, 4096),
