@@ -80,10 +80,9 @@ class Watch:
 
     def _listen(self, port: int) -> None:
         while not self._stop.is_set():
+            client = redis.Redis(port=port, socket_timeout=2)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub = redis.Redis(port=port, socket_timeout=2).pubsub(
-                    ignore_subscribe_messages=True
-                )
                 pubsub.psubscribe(f"{RESULT_PREFIX}*")
                 pubsub.subscribe(EVENTS_TOPIC)
                 while not self._stop.is_set():
@@ -92,6 +91,9 @@ class Watch:
                         self._record(port, message)
             except (redis.RedisError, OSError):
                 self._stop.wait(0.1)
+            finally:
+                pubsub.close()
+                client.close()
 
     def _record(self, port: int, message: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -229,7 +231,7 @@ def test_drain_through_a_failover(
                      if w in names}  # fmt: skip
 
         feeder.join(300)
-        assert not feeder.is_alive(), "the client did not get its tasks confirmed"
+        assert len(out.confirmed) >= TASKS, f"the client got {len(out.confirmed)} confirmed"
         master = group.client(new)
         wait_for(lambda: drained(master), timeout_s=300)
         drain_s = time.monotonic() - started
