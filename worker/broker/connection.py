@@ -308,20 +308,20 @@ class _Sentinel(Sentinel):
 
 
 class _MasterWatch:
-    """One daemon thread per process that asks the sentinels, every
-    :data:`FOLLOW_INTERVAL_S`, for each watched pool's master. redis-py's pool then drops its
-    idle connections to an old master, and the busy ones when they come back, so the next
-    command reaches the new master even while the old one still accepts writes."""
+    """A daemon thread, while the process has Sentinel-managed pools, that asks the sentinels
+    every :data:`FOLLOW_INTERVAL_S` for each pool's master. redis-py's pool then drops its idle
+    connections to an old master, and the busy ones when they come back, so the next command
+    reaches the new master even while the old one still accepts writes."""
 
     def __init__(self) -> None:
         self._pools: weakref.WeakSet[SentinelConnectionPool] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._pid = 0
+        self._pid = 0  # the process whose thread runs; 0: none runs
 
     def add(self, pool: SentinelConnectionPool) -> None:
         with self._lock:
             self._pools.add(pool)
-            if self._pid != os.getpid():  # none yet, or this is a forked child without it
+            if self._pid != os.getpid():  # none runs, or this is a forked child without it
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="imgq-sentinel-watch", daemon=True).start()
 
@@ -330,6 +330,9 @@ class _MasterWatch:
             time.sleep(FOLLOW_INTERVAL_S)
             with self._lock:
                 pools = list(self._pools)
+                if not pools:  # every client was dropped: the next add() starts a thread
+                    self._pid = 0
+                    return
             for pool in pools:
                 try:
                     pool.get_master_address()
