@@ -271,6 +271,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        mistake = _configuration_mistake(exc)
+        if mistake is None:
+            raise  # a bug: its traceback is wanted
+        print(f"imgq {args.command}: {mistake}", file=sys.stderr)
+        return 2
+
+
+def _configuration_mistake(exc: Exception) -> str | None:
+    """The one line for a mistake in the configuration that no command caught (settings
+    refused, a Redis imgq refuses: a Cluster node, a master name no sentinel knows), or None."""
+    from imgq.worker.broker.connection import RedisRefused  # light: redis only
+    from imgq.worker.settings import SettingsError
+
+    if isinstance(exc, SettingsError | RedisRefused):
+        return " ".join(str(exc).split())
+    return None
 
 
 if __name__ == "__main__":

@@ -99,11 +99,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _alert_tiers(url: str, manifest: Any) -> dict[str, str]:
     """Id -> tier (page, notice) of every drift alert of this model so far."""
-    import redis
-
+    from imgq.worker.broker.connection import connect
     from imgq.worker.drift.review import list_alerts
 
-    with redis.Redis.from_url(url) as client:
+    with connect(url) as client:
         alerts = list_alerts(client, manifest, include_all=True)
         return {a["id"]: a.get("tier", "page") for a in alerts}
 
@@ -113,12 +112,11 @@ def _wait_for_page(
 ) -> dict[str, Any] | None:
     """The first drift page of this model not in ``seen``, polled until ``timeout_s``: windows
     are judged by the workers in the background, a moment after they close."""
-    import redis
-
+    from imgq.worker.broker.connection import connect
     from imgq.worker.drift.review import list_alerts
 
     deadline = time.monotonic() + timeout_s
-    with redis.Redis.from_url(url) as client:
+    with connect(url) as client:
         while time.monotonic() < deadline:
             alerts = list_alerts(client, manifest, include_all=True)
             new = [a for a in alerts if a["id"] not in seen and a.get("tier", "page") == "page"]

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["LocalRedis", "free_port"]
@@ -36,6 +37,7 @@ class LocalRedis:
         data_dir: Folder for the append-only file and the log; created if missing.
         port: TCP port; a free one when None.
         appendonly: Persist every write (fsync each second) so a restart loses no queued task.
+        args: More ``redis-server`` options (``["--replicaof", "127.0.0.1", "6379"]``).
 
     Example:
         >>> r = LocalRedis("/tmp/imgq-redis").start()  # doctest: +SKIP
@@ -44,10 +46,17 @@ class LocalRedis:
         >>> r.stop()  # doctest: +SKIP
     """
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        port: int | None = None,
+        appendonly: bool = True,
+        args: Sequence[str] = (),
+    ):
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,6 +85,7 @@ class LocalRedis:
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),
             "--daemonize", "no",
+            *self.args,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_ready(timeout_s)
@@ -86,7 +96,11 @@ class LocalRedis:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {err}")
+                code = self.process.returncode
+                self.stop()  # closes its pipe
+                log = self.data_dir / "redis.log"
+                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+                raise RuntimeError(f"redis-server exited with {code}: {err}{tail}")
             if self.ping():
                 return
             time.sleep(0.02)
@@ -94,11 +108,12 @@ class LocalRedis:
         raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout_s} s")
 
     def ping(self) -> bool:
-        """True when the server answers PING (raw RESP, so no client library is needed)."""
+        """True when the server answers PING (raw RESP, so no client library is needed), or
+        asks for its password first."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError
 from imgq.launcher import WorkerProcess, worker_env
 from imgq.localredis import LocalRedis
 from imgq.shared.errors import InvalidImage
-from imgq.worker.client import ImgqClient
+from imgq.worker.client import EnqueueNotConfirmed, ImgqClient
 from imgq.worker.commands.classify import classify_main
 from imgq.worker.wire import SENT_AT_HEADER, TASK_NAME
 from tests.blocked_imports import run_without
@@ -64,7 +64,7 @@ def test_client_imports_with_only_celery_and_redis() -> None:
     (message,) = run_without(
         blocked,
         """
-from imgq.worker.client import ImgqClient, caller_trace_context
+from imgq.worker.client import EnqueueNotConfirmed, ImgqClient, caller_trace_context
 from imgq.worker.wire.envelope import MessageTemplate
 client = ImgqClient("redis://127.0.0.1:1/0")
 assert caller_trace_context() == {}
@@ -166,6 +166,71 @@ def test_redis_down_fails_fast_and_recovers(redis_server: LocalRedis) -> None:
         client.classify(b"y")
         assert len(client.classify_many([b"z"] * 2)) == 2
     assert len(_queued(redis_server.url)) >= 3
+
+
+# -- enqueues a replica acknowledged (wait_replicas) -----------------------------------------------
+
+
+def test_an_enqueue_no_replica_acknowledged_is_reported(redis_server: LocalRedis) -> None:
+    """wait_replicas=1 and no replica: the first chunk is on the master but unconfirmed, the
+    images after it are not sent, and the error is an OperationalError."""
+    with ImgqClient(redis_server.url, wait_replicas=1, wait_timeout_ms=100) as client:
+        with pytest.raises(EnqueueNotConfirmed, match="0 of the 1 replicas") as info:
+            client.classify_many([b"%d" % i for i in range(600)])  # a chunk of 500, then 100
+    assert isinstance(info.value, OperationalError)
+    assert info.value.confirmed == [] and len(info.value.unconfirmed) == 500
+    queued = _queued(redis_server.url)
+    assert [json.loads(m)["headers"]["id"] for m in queued] == [
+        r.id for r in info.value.unconfirmed
+    ]
+
+
+def test_enqueues_a_replica_acknowledged_are_confirmed(
+    redis_server: LocalRedis, tmp_path: Path
+) -> None:
+    """With a replica following, every chunk is confirmed, and is on the replica by then."""
+    args = ["--replicaof", "127.0.0.1", str(redis_server.port)]
+    with LocalRedis(tmp_path / "replica", appendonly=False, args=args) as replica:
+        follower = redis.Redis(port=replica.port)
+        deadline = time.monotonic() + 30
+        while follower.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synced"
+            time.sleep(0.05)
+        with ImgqClient(redis_server.url, wait_replicas=1, wait_timeout_ms=10_000) as client:
+            pending = client.classify_many([b"%d" % i for i in range(600)])
+            single = client.classify(b"one")
+        assert len(pending) == 600
+        assert follower.llen("imgq") == 601
+        assert json.loads(follower.lindex("imgq", 0) or b"{}")["headers"]["id"] == single.id
+
+
+def test_a_confirmed_classify_sends_send_tasks_message(redis_server: LocalRedis) -> None:
+    """With wait_replicas, classify pushes the message itself (a WAIT waits for its own
+    connection's writes): send_task's message all the same, request_id and expiry included."""
+    image = encode_png(colour_image(COLOURS[0]))
+    options: dict[str, Any] = {"top_k": 2, "request_id": "r-1", "expires_s": 30.0}
+    with ImgqClient(redis_server.url) as client:
+        client.classify(image, **options)
+        client.wait_replicas, client.wait_timeout_ms = 1, 50  # the same app: the same reply_to
+        with pytest.raises(EnqueueNotConfirmed) as info:
+            client.classify(image, **options)
+    sent, pushed = _queued(redis_server.url)
+    assert json.loads(pushed)["headers"]["id"] == info.value.unconfirmed[0].id
+    assert _without_volatile(pushed) == _without_volatile(sent)
+
+
+def test_sentinel_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client reads the same variables as the workers: the Sentinel options reach its
+    Celery app (broker and results); a sentinel URL without master_name is refused."""
+    monkeypatch.setenv("IMGQ_BROKER_URL", "sentinel://127.0.0.1:1;sentinel://127.0.0.1:2")
+    monkeypatch.setenv("IMGQ_BROKER_TRANSPORT_OPTIONS", '{"master_name": "m", "x": 1}')
+    with ImgqClient() as client:
+        assert client.app.conf.broker_transport_options["master_name"] == "m"
+        assert "x" not in client.app.conf.broker_transport_options  # only Sentinel's are read
+        assert client.app.conf.result_backend_transport_options["master_name"] == "m"
+    monkeypatch.setenv("IMGQ_BROKER_TRANSPORT_OPTIONS", "{}")
+    with pytest.raises(ValueError, match="master_name in IMGQ_BROKER_TRANSPORT_OPTIONS"):
+        ImgqClient()
 
 
 # -- with a real worker ----------------------------------------------------------------------------

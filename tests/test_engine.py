@@ -19,6 +19,7 @@ from celery import Celery
 from celery.exceptions import TaskRevokedError
 from prometheus_client import CollectorRegistry
 
+from imgq.localredis import LocalRedis
 from imgq.shared.decode import DecodeLimits
 from imgq.shared.errors import InvalidImage, InvalidTask
 from imgq.shared.imagestats import IMAGE_FEATURES
@@ -32,6 +33,7 @@ from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.wire import TASK_NAME
 from tests.tinymodel import COLOURS, colour_image, encode_png, make_tiny_bundle
+from tests.workerproc import wait_for
 
 
 class FakeBundle:
@@ -535,3 +537,34 @@ def test_a_requeue_never_clears_an_earned_result(redis_server, client, manifest)
     letters.add(b'{"headers": {"id": "t-earned"}}', "redelivered_too_often", "x", "t-earned")
     letters.requeue(letters.list()[0].id)
     assert r.get(key) == b'{"status": "SUCCESS", "result": {"label": "a"}}'
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_a_settle_waits_for_replicas_and_a_shortfall_loses_nothing(
+    redis_server, client, manifest, tmp_path, replicas: int
+) -> None:
+    """IMGQ_WAIT_REPLICAS=1: with a replica following, each settle is acknowledged; without
+    one, the WAIT times out, is counted, and the batch is stored and acked all the same."""
+    replica = None
+    if replicas:
+        args = ["--replicaof", "127.0.0.1", str(redis_server.port)]
+        replica = LocalRedis(tmp_path / "replica", appendonly=False, args=args).start()
+    try:
+        if replica is not None:
+            wait_for(lambda: redis.Redis(port=replica.port).info("replication").get(
+                "master_link_status") == "up", timeout_s=30)  # fmt: skip
+        pending = [_send(client, image=GOOD) for _ in range(3)]
+        # An acknowledged WAIT returns at once: a long timeout costs only the case without one.
+        runner = _runner(redis_server, client, FakeBundle(manifest), wait_replicas=1,
+                         wait_timeout_ms=10_000 if replicas else 200)  # fmt: skip
+        assert runner.run_once() == 3
+        assert [p.get(timeout=5)["label"] for p in pending] == ["b"] * 3
+        assert redis.Redis.from_url(redis_server.url).hlen("imgq:lanes") == 0  # acked
+        shortfalls = runner.metrics.registry.get_sample_value("imgq_wait_shortfalls_total")
+        assert (runner.settler.shortfalls, shortfalls) == ((0, 0.0) if replicas else (1, 1.0))
+        if replica is not None:
+            key = client.backend.get_key_for_task(pending[0].id)
+            assert redis.Redis(port=replica.port).exists(key)  # on the replica once acked
+    finally:
+        if replica is not None:
+            replica.stop()

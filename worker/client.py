@@ -25,10 +25,11 @@ spans continue its trace; a caller that has not imported OpenTelemetry pays noth
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -36,12 +37,14 @@ from celery import Celery, states
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 
+from imgq.worker.broker.connection import SENTINEL_OPTIONS, connect, follow, results_options
+from imgq.worker.broker.connection import url_problem as _url_problem
+from imgq.worker.logs import mask_url
 from imgq.worker.wire import DEFAULT_QUEUE, SENT_AT_HEADER, TASK_NAME
 from imgq.worker.wire.envelope import MessageTemplate, kwargs_repr, task_kwargs
 
-__all__ = ["DEFAULT_QUEUE", "TASK_NAME", "ImgqClient"]
+__all__ = ["DEFAULT_QUEUE", "TASK_NAME", "EnqueueNotConfirmed", "ImgqClient"]
 
 #: Broker and result backend when neither the arguments nor the environment name one.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -72,22 +75,61 @@ POLL_MAX_S = 0.1
 
 Result = dict[str, Any] | BaseException
 
+_BROKER_OPTIONS = "IMGQ_BROKER_TRANSPORT_OPTIONS"
+_RESULT_OPTIONS = "IMGQ_RESULT_BACKEND_TRANSPORT_OPTIONS"
+
+
+class EnqueueNotConfirmed(OperationalError):
+    """Not every task of a call was confirmed enqueued: Redis failed part-way, or (with
+    ``wait_replicas``) fewer replicas than asked acknowledged a push in time.
+
+    A task in :attr:`unconfirmed` is on the master (a short ``WAIT``) or may be (a lost reply),
+    and is lost if the master fails before a replica has it; it may be answered anyway. Sending
+    its image again makes a second task. The images after them were not sent.
+
+    Attributes:
+        confirmed: The ``AsyncResult`` of each task confirmed (by the replicas asked for, if
+            any), in order.
+        unconfirmed: Those of the tasks whose push was not confirmed, in order.
+    """
+
+    def __init__(
+        self, message: str, confirmed: list[AsyncResult], unconfirmed: list[AsyncResult]
+    ) -> None:
+        super().__init__(message)
+        self.confirmed = confirmed
+        self.unconfirmed = unconfirmed
+
 
 class ImgqClient:
     """Enqueue images for imgq workers and collect their results.
 
-    The client is a separate program from the worker, so of imgq's settings it reads only the
-    two that say where Redis is: ``IMGQ_BROKER_URL`` and ``IMGQ_RESULT_BACKEND`` (the latter
-    defaults to the broker URL). Publishing while Redis is unreachable fails with
-    ``kombu.exceptions.OperationalError`` within a few seconds (see :data:`CONNECT_TIMEOUT_S`
-    and :data:`RETRY_POLICY`) instead of hanging.
+    The client is a separate program from the worker, so of imgq's settings it reads only
+    those that say where Redis is: ``IMGQ_BROKER_URL`` and ``IMGQ_RESULT_BACKEND`` (the latter
+    defaults to the broker URL), and for Sentinel the ``master_name``, ``sentinel_kwargs`` and
+    ``min_other_sentinels`` of ``IMGQ_BROKER_TRANSPORT_OPTIONS`` and
+    ``IMGQ_RESULT_BACKEND_TRANSPORT_OPTIONS`` (their other options are not read). Publishing
+    while Redis is unreachable fails with ``kombu.exceptions.OperationalError`` within a few
+    seconds (see :data:`CONNECT_TIMEOUT_S` and :data:`RETRY_POLICY`) instead of hanging.
 
     Args:
         broker_url: Redis URL of the broker (``redis://``, ``rediss://``, with a password if
-            any). Defaults to ``$IMGQ_BROKER_URL``, else ``redis://127.0.0.1:6379/0``.
+            any, or ``sentinel://h1:26379;sentinel://h2:26379``). Defaults to
+            ``$IMGQ_BROKER_URL``, else ``redis://127.0.0.1:6379/0``.
         backend_url: Redis URL of Celery's result backend. Defaults to ``$IMGQ_RESULT_BACKEND``,
             else the broker URL.
         queue: Queue the workers read. Defaults to ``"imgq"``.
+        broker_transport_options: Celery's transport options of the broker, of which the
+            Sentinel ones are used (``{"master_name": "mymaster"}``). Defaults to
+            ``$IMGQ_BROKER_TRANSPORT_OPTIONS``.
+        result_backend_transport_options: The same for the result backend. Defaults to
+            ``$IMGQ_RESULT_BACKEND_TRANSPORT_OPTIONS``; with the same URL as the broker, the
+            broker's Sentinel options unless these name a master.
+        wait_replicas: After each push, wait until this many replicas have it (Redis
+            ``WAIT``): a task the caller sees enqueued survives a failover to one of them.
+            A push that falls short raises :class:`EnqueueNotConfirmed`. Defaults to 0 (the
+            master's acknowledgement, which a failover can lose: docs/operations.md).
+        wait_timeout_ms: Longest wait for the replicas, per push. Defaults to 1000.
 
     Example:
         >>> client = ImgqClient("redis://127.0.0.1:6379/0")  # doctest: +SKIP
@@ -108,18 +150,34 @@ class ImgqClient:
         backend_url: str | None = None,
         *,
         queue: str = DEFAULT_QUEUE,
+        broker_transport_options: Mapping[str, Any] | None = None,
+        result_backend_transport_options: Mapping[str, Any] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.broker_url = broker_url or os.environ.get("IMGQ_BROKER_URL") or DEFAULT_REDIS_URL
         self.backend_url = backend_url or os.environ.get("IMGQ_RESULT_BACKEND") or self.broker_url
-        for name, url in (("broker", self.broker_url), ("result backend", self.backend_url)):
-            if not url.startswith(("redis://", "rediss://", "unix://")):
-                raise ValueError(
-                    f"imgq needs Redis as {name}, got {maybe_sanitize_url(url)!r}; "
-                    "use a redis:// or rediss:// URL"
-                )
+        self._broker_options = _sentinel_options(broker_transport_options, _BROKER_OPTIONS)
+        self._result_options = results_options(
+            self.broker_url, self._broker_options, self.backend_url,
+            _sentinel_options(result_backend_transport_options, _RESULT_OPTIONS),
+        )  # fmt: skip
+        for name, url, options, source in (
+            ("broker", self.broker_url, self._broker_options, _BROKER_OPTIONS),
+            ("result backend", self.backend_url, self._result_options, _RESULT_OPTIONS),
+        ):
+            problem = _url_problem(url, options, source)
+            if problem:
+                raise ValueError(f"imgq needs Redis as {name}, got {mask_url(url)!r}: {problem}")
         if not queue:
             raise ValueError("queue must be a non-empty name, e.g. 'imgq'")
+        for name, value, low in (("wait_replicas", wait_replicas, 0),
+                                 ("wait_timeout_ms", wait_timeout_ms, 1)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.queue = queue
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self.app = Celery("imgq-client", broker=self.broker_url, backend=self.backend_url,
                           set_as_current=False)  # fmt: skip
         self.app.conf.update(
@@ -131,11 +189,12 @@ class ImgqClient:
             broker_transport_options={
                 "socket_connect_timeout": CONNECT_TIMEOUT_S,
                 "socket_timeout": SOCKET_TIMEOUT_S,
+                **self._broker_options,
             },
             redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
             redis_socket_timeout=SOCKET_TIMEOUT_S,
             task_publish_retry_policy=RETRY_POLICY,
-            result_backend_transport_options={"retry_policy": RETRY_POLICY},
+            result_backend_transport_options={"retry_policy": RETRY_POLICY, **self._result_options},
         )
         self._redis: redis.Redis | None = None
 
@@ -164,7 +223,19 @@ class ImgqClient:
 
         Raises:
             kombu.exceptions.OperationalError: Redis cannot be reached (within seconds).
+            EnqueueNotConfirmed: with ``wait_replicas``, the replicas did not acknowledge the
+                task in time (or Redis failed after the push); :attr:`~EnqueueNotConfirmed.
+                unconfirmed` holds its ``AsyncResult``.
         """
+        if self.wait_replicas:
+            # The WAIT must follow the push on the same connection (it waits for that
+            # connection's writes), so the message is pushed here, as classify_many pushes it.
+            template = MessageTemplate(self.app, self.task_name, self.queue, top_k, expires_s,
+                                       caller_trace_context(), request_id)  # fmt: skip
+            task_id, message = template.fill(image_bytes)
+            result = self.app.AsyncResult(task_id)
+            self._push_confirmed([message], [result], 0)
+            return result
         kwargs = task_kwargs(image_bytes, top_k, request_id)
         try:
             return self.app.send_task(
@@ -210,33 +281,55 @@ class ImgqClient:
             One ``AsyncResult`` per image, in order; gather them with :meth:`results`.
 
         Raises:
-            kombu.exceptions.OperationalError: Redis cannot be reached; the message says how
-                many tasks were enqueued before the failure (they stay queued).
+            EnqueueNotConfirmed: Redis cannot be reached (a ``kombu.exceptions.
+                OperationalError``), or with ``wait_replicas`` a push was not acknowledged by
+                enough replicas in time; it says which tasks were confirmed (they stay
+                queued) and which were not, and the images after those were not sent.
         """
         results: list[AsyncResult] = []
-        client = self._broker_client()
         template = MessageTemplate(self.app, self.task_name, self.queue, top_k, expires_s,
                                    caller_trace_context())  # fmt: skip
         chunk: list[bytes] = []
         size = 0
-        try:
-            for image_bytes in images:
-                task_id, message = template.fill(image_bytes)
-                results.append(self.app.AsyncResult(task_id))
-                chunk.append(message)
-                size += len(message)
-                if len(chunk) >= PUSH_CHUNK_TASKS or size >= PUSH_CHUNK_BYTES:
-                    client.lpush(self.queue, *chunk)
-                    chunk, size = [], 0
-            if chunk:
-                client.lpush(self.queue, *chunk)
-        except redis.RedisError as exc:
-            sent = len(results) - len(chunk)
-            raise OperationalError(
-                self._unreachable("publish to", self.broker_url, exc)
-                + f"; {sent} of the tasks were enqueued before the failure"
-            ) from exc
+        for image_bytes in images:
+            task_id, message = template.fill(image_bytes)
+            results.append(self.app.AsyncResult(task_id))
+            chunk.append(message)
+            size += len(message)
+            if len(chunk) >= PUSH_CHUNK_TASKS or size >= PUSH_CHUNK_BYTES:
+                self._push_confirmed(chunk, results, len(results) - len(chunk))
+                chunk, size = [], 0
+        if chunk:
+            self._push_confirmed(chunk, results, len(results) - len(chunk))
         return results
+
+    def _push_confirmed(self, messages: list[bytes], results: list[AsyncResult], done: int) -> None:
+        """``LPUSH`` the ``messages`` (the last of ``results``; the ``done`` before them are
+        confirmed), followed with ``wait_replicas`` by ``WAIT`` on the same connection.
+
+        Raises:
+            EnqueueNotConfirmed: Redis failed, or the replicas fell short.
+        """
+        try:
+            pipe = self._broker_client().pipeline(transaction=False)
+            pipe.lpush(self.queue, *messages)
+            if self.wait_replicas:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            replies = pipe.execute()
+        except redis.RedisError as exc:
+            raise EnqueueNotConfirmed(
+                self._unreachable("publish to", self.broker_url, exc)
+                + f"; {done} of the tasks were enqueued before the failure",
+                results[:done], results[done:],
+            ) from exc  # fmt: skip
+        if self.wait_replicas and int(replies[1]) < self.wait_replicas:
+            raise EnqueueNotConfirmed(
+                f"{len(messages)} tasks are enqueued on the master, but {replies[1]} of the "
+                f"{self.wait_replicas} replicas asked for acknowledged them within "
+                f"{self.wait_timeout_ms} ms: a failover now may lose them; {done} tasks "
+                "before them were confirmed",
+                results[:done], results[done:],
+            )  # fmt: skip
 
     # -- results ---------------------------------------------------------------------------------
 
@@ -275,6 +368,7 @@ class ImgqClient:
             kombu.exceptions.OperationalError: the result backend cannot be reached.
         """
         backend = self.app.backend
+        follow(backend.client)  # through Sentinel: read the master the sentinels name now
         outcomes: list[Result | None] = [None] * len(async_results)
         pending = {backend.get_key_for_task(r.id): i for i, r in enumerate(async_results)}
         deadline = time.monotonic() + timeout_s
@@ -334,8 +428,10 @@ class ImgqClient:
     def _broker_client(self) -> redis.Redis:
         """A Redis client on the broker for bulk pushes (made once, bounded timeouts)."""
         if self._redis is None:
-            self._redis = redis.Redis.from_url(
+            self._redis = connect(
                 self.broker_url,
+                self._broker_options,
+                options_name=_BROKER_OPTIONS,
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
                 socket_timeout=SOCKET_TIMEOUT_S,
             )
@@ -343,7 +439,7 @@ class ImgqClient:
 
     def _unreachable(self, action: str, url: str, exc: BaseException) -> str:
         return (
-            f"cannot {action} Redis at {maybe_sanitize_url(url)}: {exc}; check that Redis runs "
+            f"cannot {action} Redis at {mask_url(url)}: {exc}; check that Redis runs "
             "and that IMGQ_BROKER_URL / IMGQ_RESULT_BACKEND point at it"
         )
 
@@ -374,3 +470,21 @@ def caller_trace_context() -> dict[str, str]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier
+
+
+def _sentinel_options(given: Mapping[str, Any] | None, variable: str) -> dict[str, Any]:
+    """The Sentinel options (:data:`SENTINEL_OPTIONS`) of ``given``, or of the JSON object in
+    the environment variable ``variable`` when ``given`` is None.
+
+    Raises:
+        ValueError: the variable is not a JSON object.
+    """
+    if given is None:
+        raw = os.environ.get(variable, "").strip()
+        try:
+            given = json.loads(raw) if raw else {}
+        except ValueError:
+            raise ValueError(f"{variable} is not JSON") from None
+        if not isinstance(given, dict):
+            raise ValueError(f"{variable} is not a JSON object")
+    return {k: given[k] for k in SENTINEL_OPTIONS if k in given}

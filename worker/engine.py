@@ -147,13 +147,16 @@ class BatchEngine:
         self._wait_s = wait_ms / 1000.0
         self._idle_poll_s = settings.idle_poll_ms / 1000.0
         self._max_backoff_s = min(_MAX_BACKOFF_S, settings.lease_ttl_s / 4)
-        same_redis = settings.result_backend == settings.broker_url
+        same_redis = settings.results_in_broker
         dead_letters = (settings.dead_letter_ttl_s, settings.dead_letter_max_entries,
                         settings.dead_letter_max_bytes)  # fmt: skip
         add_window = self.observer.lua_add_window if self.observer is not None else None
         self.settler = Settler(redis_client, redis_client if same_redis else backend.client,
                                settings.queue_list, lane.intake.worker_id,
-                               settings.result_expires_s, dead_letters, add_window)  # fmt: skip
+                               settings.result_expires_s, dead_letters, add_window,
+                               wait_replicas=settings.wait_replicas,
+                               wait_timeout_ms=settings.wait_timeout_ms,
+                               on_shortfall=metrics.wait_shortfalls.inc)  # fmt: skip
         self._stop = threading.Event()
         self._log_rarely = RareLog()
         self.store = BatchStore(settings, redis_client, backend, self.settler, self.observer,

@@ -87,8 +87,9 @@ class _Var:
 #: The worker's environment variables, in the order of the README's reference.
 _VARS: tuple[_Var, ...] = (
     _Var("IMGQ_BROKER_URL", "broker_url", str, "redis://127.0.0.1:6379/0",
-         "Redis URL of the task queue (redis://, rediss:// for TLS, unix://); "
-         "a password goes in the URL and is masked in logs"),
+         "Redis URL of the task queue (redis://, rediss:// for TLS, unix://, or Sentinel as "
+         "kombu spells it: sentinel://h1:26379;sentinel://h2:26379 with master_name in "
+         "IMGQ_BROKER_TRANSPORT_OPTIONS); a password goes in the URL and is masked in logs"),
     _Var("IMGQ_RESULT_BACKEND", "result_backend", str, "= IMGQ_BROKER_URL",
          "Redis URL where results are stored"),
     _Var("IMGQ_MODEL", "model_dir", Path, "(the queue's published version)",
@@ -103,11 +104,20 @@ _VARS: tuple[_Var, ...] = (
     _Var("IMGQ_QUEUE", "queue", str, "imgq", "queue the worker serves"),
     _Var("IMGQ_BROKER_TRANSPORT_OPTIONS", "broker_transport_options", _parse_json_object, "{}",
          "the clients' Celery broker_transport_options as JSON; priority_steps, sep and "
-         "global_keyprefix name the queue's Redis lists, as kombu does"),
+         "global_keyprefix name the queue's Redis lists, as kombu does; master_name, "
+         "sentinel_kwargs and min_other_sentinels reach a Sentinel-managed master"),
     _Var("IMGQ_RESULT_BACKEND_TRANSPORT_OPTIONS", "result_backend_transport_options",
          _parse_json_object, "{}",
          "the clients' Celery result_backend_transport_options as JSON (global_keyprefix "
-         "prefixes the result keys)"),
+         "prefixes the result keys; Sentinel's options default to the broker's when the URLs "
+         "are the same)"),
+    _Var("IMGQ_WAIT_REPLICAS", "wait_replicas", _parse_int, "0",
+         "replicas that must acknowledge each batch's results and ack (Redis WAIT after the "
+         "settle) before the runner goes on; 0: asynchronous replication only "
+         "(docs/operations.md, durability)"),
+    _Var("IMGQ_WAIT_TIMEOUT_MS", "wait_timeout_ms", _parse_int, "1000",
+         "longest such WAIT; one that falls short is counted (imgq_wait_shortfalls_total) and "
+         "logged, and the runner goes on"),
     _Var("IMGQ_HANDLERS", "handlers", _parse_names, "classify",
          "comma-separated handlers the worker serves: classify (imgq.classify, needs a model), "
          "null (imgq.null, answers at once: for measuring the engine)"),

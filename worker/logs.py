@@ -20,6 +20,8 @@ __all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging", "mask_url"]
 LOG_FORMATS = ("json", "text")
 
 _MASK = "***"
+#: Where a list of URLs (kombu's ``sentinel://h1;sentinel://h2``) has its next URL.
+_URL_LIST = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 #: Attributes every LogRecord has; anything else on a record came from ``extra=`` and is logged.
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -46,7 +48,15 @@ def mask_url(url: str) -> str:
     'rediss://redis/0?ssl_cert_reqs=required&PassWord=***&socket_timeout=5'
     >>> mask_url("redis://:pa#ss@redis:6379/0")
     'redis://***@redis:6379/0'
+
+    A list of URLs, as kombu spells Sentinel's, is masked URL by URL:
+
+    >>> mask_url("sentinel://:pw@h1:26379/0;sentinel://u:pw@h2:26379/0")
+    'sentinel://:***@h1:26379/0;sentinel://u:***@h2:26379/0'
     """
+    urls = _URL_LIST.split(url)
+    if len(urls) > 1:
+        return ";".join(mask_url(one) for one in urls)
     # Split by hand, as urlsplit does, so that what is not masked comes back byte for byte.
     rest, hash_, fragment = url.partition("#")
     rest, qmark, query = rest.partition("?")

@@ -17,6 +17,8 @@ Names (all prefixed ``imgq_``):
 - ``followups_total{kind,outcome}``: what was sent after a task for its canvas
   (``worker/celeryapp/followups.py``): kind ``callback``, ``chain``, ``chord``, ``errback``; outcome
   ``sent`` or ``failed`` (logged; the task's own result is stored either way).
+- ``wait_shortfalls_total``: settles whose ``WAIT`` (``IMGQ_WAIT_REPLICAS``) fell short: their
+  results and ack were on the master only when the runner went on (``worker/broker/settle.py``).
 - ``model_info{name,sha256,version,provider}`` = 1.
 - ``drift_psi{model,drift_id,feature}``, ``drift_alerts_open{model,drift_id,tier}``,
   ``drift_alerts_total{model,drift_id,tier}`` (one per alert raised; at 0 for both tiers from
@@ -79,6 +81,10 @@ class WorkerMetrics:
         self.followups = Counter(
             "imgq_followups", "Callbacks, chain steps, chord parts and errbacks of tasks.",
             ["kind", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.wait_shortfalls = Counter(
+            "imgq_wait_shortfalls", "Settles whose WAIT for replicas fell short.",
+            registry=registry,
         )  # fmt: skip
         self.images = Counter("imgq_images", "Images run through the model.", registry=registry)
         self.batch_size = Histogram(

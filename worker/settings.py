@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from imgq.worker.broker.connection import results_options, url_problem
 from imgq.worker.broker.priority import QueueLists
 from imgq.worker.envvars import (
     _ENV_OF,
@@ -32,10 +33,19 @@ from imgq.worker.envvars import (
 from imgq.worker.logs import LOG_FORMATS, mask_url
 
 if TYPE_CHECKING:
+    import redis
+
     from imgq.shared.probe import DecodeLimits
 
-__all__ = ["DEVICES", "ENV_VARS", "TRACES_EXPORTERS", "WorkerSettings", "parse_infer_batch",
-           "webhook_origin"]  # fmt: skip
+__all__ = [
+    "DEVICES",
+    "ENV_VARS",
+    "TRACES_EXPORTERS",
+    "SettingsError",
+    "WorkerSettings",
+    "parse_infer_batch",
+    "webhook_origin",
+]
 
 DEVICES = ("auto", "cpu", "cuda")
 #: What ``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_PROTOCOL`` and ``OTEL_TRACES_SAMPLER`` may
@@ -45,7 +55,11 @@ TRACES_PROTOCOLS = ("http/protobuf", "grpc")
 TRACES_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
                    "parentbased_always_off", "parentbased_traceidratio")  # fmt: skip
 _SECRET = re.compile("password|secret|token|credential", re.IGNORECASE)
-_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class SettingsError(ValueError):
+    """Settings refused at start; the message names each variable, the value given and what is
+    allowed (``imgq`` prints it as one line)."""
 
 
 def _default_limits() -> DecodeLimits:
@@ -63,7 +77,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
          "brpop_timeout", "health_check_interval", "reauth_check_interval", "max_connections",
          "unacked_mutex_expire", "unacked_restore_limit", "unacked_restore_interval",
          "unacked_restore_throttle", "max_retries", "interval_start", "interval_step",
-         "interval_max"),
+         "interval_max", "min_other_sentinels"),
         (int, float),
     ),
     **dict.fromkeys(
@@ -77,6 +91,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
         (str,),
     ),
     "fanout_prefix": (bool, str),
+    "sentinel_kwargs": (dict,),
 }  # fmt: skip
 
 
@@ -117,6 +132,19 @@ def webhook_origin(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}"
 
 
+def _masked(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Transport options with the values of secret-looking keys masked, at any depth
+    (``sentinel_kwargs`` holds the sentinels' password).
+
+    >>> _masked({"master_name": "m", "sentinel_kwargs": {"password": "pw"}})
+    {'master_name': 'm', 'sentinel_kwargs': {'password': '***'}}
+    """
+    return {
+        k: "***" if _SECRET.search(str(k)) else _masked(v) if isinstance(v, Mapping) else v
+        for k, v in options.items()
+    }
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
     """Everything a worker process is configured with; build it with :meth:`from_env`.
@@ -134,6 +162,8 @@ class WorkerSettings:
         broker_transport_options: Celery's ``broker_transport_options`` of the clients: the
             worker's Celery app uses them, and :attr:`queue_lists` reads the list names.
         result_backend_transport_options: The clients' ``result_backend_transport_options``.
+        wait_replicas: Replicas that must acknowledge each settle (``WAIT``); 0: none.
+        wait_timeout_ms: Longest ``WAIT`` of a settle.
         handlers: The handlers served (``worker/handlers/__init__.py``'s ``HANDLERS``).
         concurrency: Batch runner threads per process.
         max_batch: Most tasks taken, served and stored together.
@@ -190,6 +220,8 @@ class WorkerSettings:
     queue: str = "imgq"
     broker_transport_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     result_backend_transport_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000
     handlers: tuple[str, ...] = ("classify",)
     concurrency: int = 1
     max_batch: int = 32
@@ -231,12 +263,22 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if not self.result_backend:
             object.__setattr__(self, "result_backend", self.broker_url)
+        if isinstance(self.result_backend_transport_options, dict) and isinstance(
+            self.broker_transport_options, dict
+        ):
+            results = results_options(
+                self.broker_url,
+                self.broker_transport_options,
+                self.result_backend,
+                self.result_backend_transport_options,
+            )
+            object.__setattr__(self, "result_backend_transport_options", results)  # fmt: skip
         if self.model_dir is not None:
             object.__setattr__(self, "model_dir", Path(self.model_dir))
         object.__setattr__(self, "model_cache", Path(self.model_cache).expanduser())
         problems = [p for p in self._problems() if p]
         if problems:
-            raise ValueError("invalid worker settings: " + "; ".join(problems))
+            raise SettingsError("invalid worker settings: " + "; ".join(problems))
 
     def _problems(self) -> list[str | None]:
         def name(field: str) -> str:
@@ -256,13 +298,16 @@ class WorkerSettings:
                 return f"{name(field)} must be one of {', '.join(allowed)}, got {value!r}"
             return None
 
-        def url(field: str) -> str | None:
-            value = getattr(self, field)
-            if not isinstance(value, str) or not value.startswith(_URL_SCHEMES):
+        def url(field: str, options_field: str) -> str | None:
+            value, options = getattr(self, field), getattr(self, options_field)
+            problem = (
+                url_problem(value, options if isinstance(options, dict) else {},
+                            _ENV_OF[options_field])
+                if isinstance(value, str) else "must be a Redis URL"
+            )  # fmt: skip
+            if problem:
                 shown = mask_url(value) if isinstance(value, str) else value
-                return (
-                    f"{name(field)} must be a Redis URL ({', '.join(_URL_SCHEMES)}), got {shown!r}"
-                )
+                return f"{name(field)}={shown!r}: {problem}"
             return None
 
         from imgq.worker.handlers import HANDLERS  # light: the registry imports nothing heavy
@@ -288,8 +333,10 @@ class WorkerSettings:
         if results_problem:
             results_problem = f"{name('result_backend_transport_options')}: {results_problem}"
         return [
-            url("broker_url"),
-            url("result_backend"),
+            url("broker_url", "broker_transport_options"),
+            None
+            if self.results_in_broker
+            else url("result_backend", "result_backend_transport_options"),
             lists_problem,
             results_problem,
             None if model_ok else f"{name('model_dir')} {self.model_dir} is not a folder",
@@ -300,6 +347,8 @@ class WorkerSettings:
             if handlers_ok
             else f"{name('handlers')} must name handlers among {', '.join(sorted(HANDLERS))}, "
             f"each once, got {self.handlers!r}",
+            number("wait_replicas", 0, 100),
+            number("wait_timeout_ms", 1, 600_000),
             number("concurrency", 1, 64),
             number("max_batch", 1, 4096),
             number("infer_batch", 0, 4096),
@@ -395,16 +444,17 @@ class WorkerSettings:
                 so parsed command-line options can be passed as they are.
 
         Raises:
-            ValueError: a variable cannot be parsed or a value is outside what is allowed; the
+            SettingsError: a variable cannot be parsed or a value is outside what is allowed; the
                 message names the variable, the value given and what is allowed.
             TypeError: an override names no field.
 
         >>> WorkerSettings.from_env({"IMGQ_MAX_BATCH": "8"}, queue="gpu").max_batch
         8
-        >>> WorkerSettings.from_env({"IMGQ_MAX_BATCH": "lots"})
-        Traceback (most recent call last):
-        ...
-        ValueError: invalid worker settings: IMGQ_MAX_BATCH='lots' is not an integer
+        >>> try:
+        ...     WorkerSettings.from_env({"IMGQ_MAX_BATCH": "lots"})
+        ... except SettingsError as exc:
+        ...     print(exc)
+        invalid worker settings: IMGQ_MAX_BATCH='lots' is not an integer
         """
         env = os.environ if environ is None else environ
         known = {f.name for f in dataclasses.fields(cls)}
@@ -422,7 +472,7 @@ class WorkerSettings:
             except ValueError as exc:
                 problems.append(f"{var.env}={raw!r} {exc}")
         if problems:
-            raise ValueError("invalid worker settings: " + "; ".join(problems))
+            raise SettingsError("invalid worker settings: " + "; ".join(problems))
         limits = {k: values.pop(k) for k in _LIMIT_FIELDS if k in values}
         if limits:
             from imgq.shared.probe import DecodeLimits
@@ -430,6 +480,30 @@ class WorkerSettings:
             values["decode_limits"] = DecodeLimits(**limits)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def broker_client(self, **kwargs: Any) -> redis.Redis:
+        """A client of the broker's Redis (its master, through Sentinel); ``kwargs`` are
+        redis-py's connection options (``worker/broker/connection.py``)."""
+        from imgq.worker.broker.connection import connect
+
+        return connect(self.broker_url, self.broker_transport_options,
+                       options_name=_ENV_OF["broker_transport_options"], **kwargs)  # fmt: skip
+
+    def results_client(self, **kwargs: Any) -> redis.Redis:
+        """A client of the results' Redis, as :meth:`broker_client`."""
+        from imgq.worker.broker.connection import connect
+
+        options_name = _ENV_OF["result_backend_transport_options"]
+        return connect(self.result_backend, self.result_backend_transport_options,
+                       options_name=options_name, **kwargs)  # fmt: skip
+
+    @property
+    def results_in_broker(self) -> bool:
+        """Whether the results live in the broker's Redis (the same URL and, for Sentinel, the
+        same master)."""
+        return self.result_backend == self.broker_url and self.result_backend_transport_options.get(
+            "master_name"
+        ) == self.broker_transport_options.get("master_name")
 
     @property
     def queue_lists(self) -> QueueLists:
@@ -468,7 +542,7 @@ class WorkerSettings:
             elif field.name == "alert_webhook_secret":
                 value = "***" if value else ""
             elif field.name.endswith("transport_options"):
-                value = {k: "***" if _SECRET.search(k) else v for k, v in value.items()}
+                value = _masked(value)
             elif field.name == "decode_limits":
                 value = dataclasses.asdict(value)
             elif isinstance(value, Path):

@@ -106,7 +106,7 @@ class BatchStore:
     ) -> None:
         self.settings = settings
         self.redis = redis_client
-        same_redis = settings.result_backend == settings.broker_url
+        same_redis = settings.results_in_broker
         self.results_redis: redis.Redis = redis_client if same_redis else backend.client
         self.backend = backend
         self.settler = settler
@@ -184,7 +184,7 @@ class BatchStore:
         else:
             rpipe = self.results_redis.pipeline(transaction=False)
             index = self.settler.settle(rpipe, None, results, [], [])
-            flags = rpipe.execute()[index]
+            flags = self.settler.reply(rpipe.execute(raise_on_error=False), index)
             pipe = self.redis.pipeline(transaction=False)
             windows = self._windows(out, flags) if any(flags) else []
             index = self.settler.settle(
@@ -209,10 +209,7 @@ class BatchStore:
         self._extras(pipe, out)
         at = probe.probe(pipe) if probe is not None else -1
         replies = pipe.execute(raise_on_error=False)
-        reply = replies[index]
-        if isinstance(reply, Exception):
-            raise reply
-        return reply, _lengths(replies, at)
+        return self.settler.reply(replies, index), _lengths(replies, at)
 
     def _windows(self, out: BatchOutcome, flags: Sequence[int] | None) -> list[WindowCounts]:
         """The observer's counts of the batch (of the results ``flags`` says were new)."""

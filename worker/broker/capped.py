@@ -9,7 +9,8 @@ raises :class:`ReplyTooLarge` (dropping the connection, unread bytes and all) on
 (``worker/broker/intake.py``, a Lua script that sees each message's length inside Redis).
 
 The count wraps the socket that redis-py's parsers read (``Connection._connect`` returns it), so
-it works with the hiredis and the pure-Python parser, over TCP, TLS and Unix sockets.
+it works with the hiredis and the pure-Python parser, over TCP, TLS and Unix sockets, and with a
+Sentinel-managed master (the counting class derives from redis-py's ``SentinelManagedConnection``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from imgq.worker.broker.connection import sibling
 
 __all__ = ["ReplyTooLarge", "capped_client"]
 
@@ -84,8 +87,8 @@ def capped_client(client: redis.Redis, max_reply_bytes: int) -> redis.Redis:
     a retried take would move messages twice).
 
     Args:
-        client: A client built by ``redis.Redis.from_url`` or similar; its connection settings
-            (host, TLS, password, database, timeouts) are copied.
+        client: A client built by ``worker/broker/connection.py``; its connection settings
+            (host or Sentinel master, TLS, password, database, timeouts) are copied.
         max_reply_bytes: Most bytes one reply (one command, or one pipeline) may have.
 
     Raises:
@@ -93,10 +96,5 @@ def capped_client(client: redis.Redis, max_reply_bytes: int) -> redis.Redis:
     """
     if not isinstance(max_reply_bytes, int) or max_reply_bytes < 1:
         raise ValueError(f"max_reply_bytes must be a positive integer, got {max_reply_bytes!r}")
-    pool = client.connection_pool
-    kwargs = dict(pool.connection_kwargs)
-    kwargs["retry"] = Retry(NoBackoff(), 0)
-    capped_pool = redis.ConnectionPool(
-        connection_class=_capped_class(pool.connection_class, max_reply_bytes), **kwargs
-    )
-    return redis.Redis(connection_pool=capped_pool)
+    capped = _capped_class(client.connection_pool.connection_class, max_reply_bytes)
+    return sibling(client, capped, retry=Retry(NoBackoff(), 0))

@@ -19,12 +19,25 @@ refusing a write) stops before the ack and the batch is retried whole, never los
 
 When results live in another Redis than the queue, step 2 runs there first and the rest follows
 on the broker, with the drift counts guarded by the same mark.
+
+Durability (``IMGQ_WAIT_REPLICAS``): Redis replicates asynchronously, so a failover can lose a
+settle the master had acknowledged. With the option, ``WAIT replicas timeout`` follows the
+script in the same round trip, and the runner goes on only once that many replicas have the
+batch's results and ack, or the timeout has passed. A ``WAIT`` that falls short is counted and
+logged, never retried and never fatal: the script ran on the master, and if that master is
+lost before it replicates, the batch's messages are still in the new master's queue or in a
+lane the keepers give back (``worker/broker/intake.py``), so its tasks are served again: a
+result may be stored and published twice (the same answer, for a deterministic model), no task
+is lost. Stopping the runner instead would stop serving whenever a replica is down.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -35,6 +48,10 @@ from imgq.worker.broker.schedule import eta_key
 from imgq.worker.wire.codec import json_dumps
 
 __all__ = ["DONE_TTL_S", "DeadMessage", "Settler", "WindowCounts", "done_key", "once_token"]
+
+logger = logging.getLogger(__name__)
+
+_LOG_EVERY_S = 10.0  # a replica that is down makes every batch fall short: logged this often
 
 #: Longest a task sent with ``ignore_result`` is remembered as answered (its marker's time to
 #: live, at most the results' own): long enough for any redelivery, short enough that a flood of
@@ -153,6 +170,12 @@ class Settler:
         dead_letters: ``(ttl_s, max_entries, max_body_bytes)``.
         lua_add_window: The observer's Lua function that adds counts to a window
             (``Observer.lua_add_window``), or None when nothing observes the batches.
+        wait_replicas: Replicas that must acknowledge each settle (``WAIT``); 0: none.
+        wait_timeout_ms: Longest ``WAIT``.
+        on_shortfall: Called once per ``WAIT`` that fell short (a metric).
+
+    Attributes:
+        shortfalls: How many ``WAIT`` replies fell short so far.
     """
 
     def __init__(
@@ -164,6 +187,10 @@ class Settler:
         result_expires_s: int,
         dead_letters: tuple[int, int, int],
         lua_add_window: str | None = None,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        on_shortfall: Callable[[], None] | None = None,
     ) -> None:
         self.broker = broker
         self.results = results
@@ -172,6 +199,12 @@ class Settler:
         self.result_expires_s = result_expires_s
         self.dead_letters = dead_letters
         self._script = LUA_DEAD_LETTER + (lua_add_window or _NO_WINDOW) + _SETTLE_BODY
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._on_shortfall = on_shortfall
+        self.shortfalls = 0
+        self._wait_at: int | None = None  # where the last settle's WAIT reply is, if it has one
+        self._logged_s = -math.inf
 
     def settle(
         self,
@@ -202,7 +235,9 @@ class Settler:
 
         Returns:
             The index of the script's reply in ``pipe.execute()``: ``[count per window (-1 when
-            not counted, -2 when counting failed)..., stored flag per result...]``.
+            not counted, -2 when counting failed)..., stored flag per result...]``; read it with
+            :meth:`reply`, which also checks the ``WAIT`` queued after the script when the
+            batch stores results or acks a lane.
         """
         ttl_s, max_entries, max_body = self.dead_letters
         mark, seq = once if once is not None else ("", 0)
@@ -222,7 +257,42 @@ class Settler:
         args += [b"" if record is None else json_dumps(record) for _, record in results]
         index = len(pipe)
         pipe.eval(self._script, len(keys), *keys, *args)
+        self._wait_at = None
+        if self.wait_replicas and (lane is not None or results):
+            self._wait_at = len(pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
         return index
+
+    def reply(self, replies: Sequence[Any], index: int) -> Any:
+        """The settle script's reply from ``pipe.execute(raise_on_error=False)`` of the pipeline
+        the last :meth:`settle` call queued it on; a ``WAIT`` after it that fell short (or
+        failed) is counted and logged (see the module docstring).
+
+        Raises:
+            redis.RedisError: the script failed (nothing after the failing write happened).
+        """
+        script = replies[index]
+        if isinstance(script, Exception):
+            raise script
+        wait_at, self._wait_at = self._wait_at, None
+        if wait_at is not None:
+            acked = replies[wait_at]
+            if isinstance(acked, Exception) or int(acked) < self.wait_replicas:
+                self._short(acked)
+        return script
+
+    def _short(self, acked: Any) -> None:
+        self.shortfalls += 1
+        if self._on_shortfall is not None:
+            self._on_shortfall()
+        now = time.monotonic()
+        if now - self._logged_s >= _LOG_EVERY_S:
+            self._logged_s = now
+            logger.warning(
+                "WAIT %d %d answered %s: a batch's results and ack are on the master only (%d "
+                "batches so far); if it fails before they replicate, their tasks are served "
+                "again", self.wait_replicas, self.wait_timeout_ms, acked, self.shortfalls,
+            )  # fmt: skip
 
 
 # Without drift the script still names add_window (never called).

@@ -43,6 +43,7 @@ from celery.worker.consumer.tasks import Tasks
 from kombu import Consumer as KombuConsumer
 from kombu.common import QoS
 
+from imgq.worker.broker.connection import follow
 from imgq.worker.broker.fleet import Fleet
 from imgq.worker.broker.intake import Intake
 from imgq.worker.broker.schedule import release_due
@@ -97,9 +98,11 @@ class BulkService:
         self.settings = settings
         app.imgq_service = self  # for `imgq worker`'s exit status
         self.worker_id = f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.redis = redis.Redis.from_url(
-            settings.broker_url, socket_timeout=_SOCKET_TIMEOUT_S, health_check_interval=30
+        self.redis = settings.broker_client(
+            socket_timeout=_SOCKET_TIMEOUT_S, health_check_interval=30
         )
+        if not settings.results_in_broker:  # the engine stores results with Celery's client
+            follow(app.backend.client)
         self.metrics = process_metrics()
         #: The process's tracer while OTEL_TRACES_EXPORTER names an exporter (worker/tracing/).
         self.tracing = start_tracing(settings, hostname)
@@ -120,7 +123,7 @@ class BulkService:
                           settings.dead_letter_max_bytes),
             result_key_prefix=(
                 app.backend.task_keyprefix.decode()
-                if settings.result_backend == settings.broker_url else ""
+                if settings.results_in_broker else ""
             ),
             lists=settings.queue_lists.names(settings.queue),
         )  # fmt: skip

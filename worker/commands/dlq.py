@@ -73,20 +73,11 @@ def _run(
         settings = WorkerSettings.from_env(queue=args.queue)
     except ValueError as exc:
         return _fail(str(exc), 2)
-    client = redis.Redis.from_url(
-        settings.broker_url,
-        socket_connect_timeout=_SOCKET_TIMEOUT_S,
-        socket_timeout=_SOCKET_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 1),
-    )
+    timeouts = {"socket_connect_timeout": _SOCKET_TIMEOUT_S, "socket_timeout": _SOCKET_TIMEOUT_S}
+    client = settings.broker_client(retry=Retry(NoBackoff(), 1), **timeouts)
     results = client
-    if settings.result_backend != settings.broker_url:
-        results = redis.Redis.from_url(
-            settings.result_backend,
-            socket_connect_timeout=_SOCKET_TIMEOUT_S,
-            socket_timeout=_SOCKET_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 1),
-        )
+    if not settings.results_in_broker:
+        results = settings.results_client(retry=Retry(NoBackoff(), 1), **timeouts)
     limits = DeadLetterLimits.from_settings(settings)
     try:
         action(args, DeadLetters(client, settings.queue_list, limits, results=results))

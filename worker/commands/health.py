@@ -22,7 +22,7 @@ import re
 import socket
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -31,6 +31,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from imgq.worker.celeryapp.status import STATUS_COMMAND
+
+if TYPE_CHECKING:
+    from imgq.worker.settings import WorkerSettings
 
 __all__ = ["local_node_pattern", "main"]
 
@@ -50,9 +53,8 @@ def local_node_pattern(hostname: str | None = None) -> str:
     return rf"^[^@]+@{re.escape(short)}(\..*)?$"
 
 
-def _check_redis(url: str, timeout_s: float) -> str:
-    client = redis.Redis.from_url(
-        url,
+def _check_redis(settings: WorkerSettings, timeout_s: float) -> str:
+    client = settings.broker_client(
         socket_connect_timeout=timeout_s,
         socket_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),  # one attempt: the caller's deadline is the budget
@@ -159,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     url = mask_url(settings.broker_url)
     try:
-        detail = _check_redis(settings.broker_url, left_s())
+        detail = _check_redis(settings, left_s())
     except (redis.RedisError, OSError) as exc:
         report("redis", False, f"{url}: {type(exc).__name__}: {exc}")
         return 1
@@ -200,7 +202,7 @@ def _report_routing(settings: Any) -> None:
     from imgq.worker.handlers import HANDLERS
 
     names = sorted(HANDLERS[h].task_name for h in settings.handlers if h in HANDLERS)
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    client = settings.broker_client(socket_timeout=5, socket_connect_timeout=5)
     try:
         found = misrouted(client, names, settings.queue, lists=settings.queue_lists)
     except redis.RedisError as exc:

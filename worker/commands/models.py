@@ -21,7 +21,7 @@ _INSPECT_TIMEOUT_S = 1.0
 
 
 def _client(settings: WorkerSettings) -> redis.Redis:
-    return redis.Redis.from_url(settings.broker_url, socket_timeout=60)
+    return settings.broker_client(socket_timeout=60)
 
 
 def publish_main(args: argparse.Namespace) -> int:

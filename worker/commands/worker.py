@@ -18,6 +18,7 @@ from celery.utils.nodenames import default_nodename, host_format
 from prometheus_client import REGISTRY
 
 from imgq.shared.errors import ImgqError
+from imgq.worker.broker.connection import RedisRefused
 from imgq.worker.celeryapp.app import make_app
 from imgq.worker.commands.backlog import readers, redis_client
 from imgq.worker.logs import configure_logging, mask_url
@@ -104,8 +105,12 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if not _wait_for_redis(settings):
-        return 1
+    try:
+        if not _wait_for_redis(settings):
+            return 1
+    except RedisRefused as exc:
+        print(f"imgq worker: {exc}", file=sys.stderr)
+        return 2
     if settings.model_dir is None and "classify" in settings.handlers:
         try:
             settings = _published_bundle(settings)
@@ -138,7 +143,7 @@ def _published_bundle(settings: WorkerSettings) -> WorkerSettings:
     stable version is fetched: the worker follows the queue's rollout (``worker/rollout/``)."""
     from imgq.worker.bundles import fetch, resolve
 
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=60)
+    client = settings.broker_client(socket_timeout=60)
     version = resolve(client, settings.model_version, settings.queue_list)
     folder = fetch(client, version, settings.model_cache, settings.bundle_max_bytes)
     logger.info("model version fetched", extra={"version": version.version, "model": version.name,
@@ -156,14 +161,30 @@ def _names(raw: str | None) -> tuple[str, ...] | None:
 
 
 def _wait_for_redis(settings: WorkerSettings) -> bool:
-    """Until the broker accepts a write, log why not every few seconds: a Redis that is down,
-    loading its data, full (``maxmemory`` with ``noeviction``), a read-only replica or a user
-    without permission is an outage to wait out, not a reason to crash-loop.
+    """Until the broker (and the results' Redis, when another) accepts a write, log why not
+    every few seconds: a Redis that is down, loading its data, full (``maxmemory`` with
+    ``noeviction``), a read-only replica, a user without permission or a Sentinel group amid a
+    failover is an outage to wait out, not a reason to crash-loop.
 
     Returns:
-        True once Redis accepts a write; False when interrupted.
+        True once Redis accepts writes; False when interrupted.
+
+    Raises:
+        RedisRefused: a Redis Cluster node, or sentinels that monitor no master of that name:
+            a mistake no wait mends.
     """
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    timeouts = {"socket_timeout": 5, "socket_connect_timeout": 5}
+    targets = [(settings.broker_url, settings.broker_client(**timeouts))]
+    if not settings.results_in_broker:
+        targets.append((settings.result_backend, settings.results_client(**timeouts)))
+    try:
+        return all(_wait_for_writes(url, client) for url, client in targets)
+    finally:
+        for _, client in targets:
+            client.close()
+
+
+def _wait_for_writes(url: str, client: redis.Redis) -> bool:
     probe = f"imgq:probe:{os.getpid()}"
     backoff_s, logged_s = 0.2, -math.inf
     try:
@@ -171,24 +192,21 @@ def _wait_for_redis(settings: WorkerSettings) -> bool:
             try:
                 client.set(probe, "1", px=1000)
                 if logged_s > -math.inf:
-                    logger.info(
-                        "Redis at %s accepts writes; starting", mask_url(settings.broker_url)
-                    )
+                    logger.info("Redis at %s accepts writes; starting", mask_url(url))
                 return True
+            except RedisRefused:
+                raise
             except redis.RedisError as exc:
                 now = time.monotonic()
                 if now - logged_s >= 10:
                     logged_s = now
                     logger.warning(
-                        "waiting for Redis at %s to accept writes: %s",
-                        mask_url(settings.broker_url), _why(exc),
-                    )  # fmt: skip
+                        "waiting for Redis at %s to accept writes: %s", mask_url(url), _why(exc)
+                    )
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
     except KeyboardInterrupt:
         return False
-    finally:
-        client.close()
 
 
 def _why(exc: redis.RedisError) -> str:

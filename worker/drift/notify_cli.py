@@ -59,7 +59,7 @@ def notify_main(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_format)
     start_metrics_server(settings.metrics_port)
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=30, health_check_interval=30)
+    client = settings.broker_client(socket_timeout=30, health_check_interval=30)
     log.info("imgq drift notify: Redis at %s", mask_url(settings.broker_url))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -377,7 +377,7 @@ def serve_main(args: argparse.Namespace) -> int:
     """`imgq drift serve [--host 127.0.0.1] [--port 8765] [--allow-host NAME] [--model DIR]`."""
     try:
         settings = WorkerSettings.from_env(model_dir=args.model)
-        client = redis.Redis.from_url(settings.broker_url)
+        client = settings.broker_client()
         data = ReviewData(client, settings, settings.model_dir)
         server = make_server(data, args.host, args.port, tuple(args.allow_host or ()))
     except (ImgqError, ValueError, OSError) as exc:

@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace, command: Any) -> int:
         settings = WorkerSettings.from_env(
             model_dir=args.model, model_version=getattr(args, "model_version", None)
         )
-        client = redis.Redis.from_url(settings.broker_url)
+        client = settings.broker_client()
         if settings.model_dir is None:  # a published version: the Redis URL is enough
             settings = _published(settings, client)
         assert settings.model_dir is not None  # a folder given, or the published one fetched

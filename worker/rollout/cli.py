@@ -27,7 +27,7 @@ __all__ = ["abort_main", "promote_main", "start_main", "status_main"]
 
 def _run(name: str, args: argparse.Namespace, command: Callable[..., int]) -> int:
     settings = WorkerSettings.from_env(queue=args.queue)
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=30)
+    client = settings.broker_client(socket_timeout=30)
     try:
         return command(client, settings)
     except (ImgqError, redis.RedisError) as exc:

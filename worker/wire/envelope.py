@@ -92,9 +92,13 @@ class MessageTemplate:
         top_k: int,
         expires_s: float | None,
         extra_headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
     ) -> None:
         self.app, self.top_k, self.expires_s = app, top_k, expires_s
         kwargs = {"image": self._SPLICE, "top_k": check_top_k(top_k)}
+        if request_id is not None:  # the same for every message: one per template
+            kwargs["request_id"] = str(request_id)
+        self._shown = dict(kwargs, image="")
         headers, properties, body, _ = app.amqp.as_task_v2(
             self._SPLICE,
             task_name,
@@ -135,7 +139,7 @@ class MessageTemplate:
         """The task id and the message for one image."""
         check_image(image_bytes)
         task_id = str(uuid4())
-        kwargsrepr = kwargs_repr(image_bytes, {"image": "", "top_k": self.top_k})
+        kwargsrepr = kwargs_repr(image_bytes, self._shown)
         headers = dict(self.headers, id=task_id, root_id=task_id, kwargsrepr=kwargsrepr)
         if self.expires_s is not None:
             headers["expires"] = (self.app.now() + timedelta(seconds=self.expires_s)).isoformat()
