@@ -23,7 +23,6 @@ import keras
 import numpy as np
 
 from imgq.shared.calibration import Calibration, calibrated_top1, fit_temperature
-from imgq.shared.decode import decode_image
 from imgq.shared.errors import ImgqError
 from imgq.shared.imagestats import (
     IMAGE_FEATURES,
@@ -39,9 +38,17 @@ from imgq.shared.reference import (
     build_reference,
     leave_one_out_outside,
 )
-from imgq.trainer.dataset import DataDirs, Dataset, Split, load_dataset, stratified_split
-from imgq.trainer.export import MIN_PARITY_IMAGES, export_bundle
+from imgq.trainer.dataset import (
+    DataDirs,
+    Dataset,
+    Split,
+    load_dataset,
+    stratified_split,
+    thumbnail_jpeg,
+)
+from imgq.trainer.export import FEATURES_NAME, MIN_PARITY_IMAGES, export_bundle, with_features
 from imgq.trainer.model import ARCHITECTURES, build_model
+from imgq.trainer.novelty import bundle_novelty, describe_novelty
 from imgq.trainer.plots import plot_confusion_matrix, plot_training_curves
 
 __all__ = [
@@ -243,12 +250,21 @@ def _write_samples(data: Dataset, split: Split, out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for row in split.train[data.y[split.train] == k][:_SAMPLES_PER_CLASS]:
             path = data.files[row]
-            rgb = decode_image(path.read_bytes())
-            scale = min(1.0, _THUMBNAIL_PX / max(rgb.shape[:2]))
-            thumb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
-            if ok:
-                (folder / f"{path.stem}.jpg").write_bytes(buf.tobytes())
+            jpeg = thumbnail_jpeg(path, _THUMBNAIL_PX)
+            if jpeg is not None:
+                (folder / f"{path.stem}.jpg").write_bytes(jpeg)
+
+
+def _predict(model: keras.Model, data: Dataset, rows: np.ndarray, spec: PreprocessSpec) -> Any:
+    """``model``'s outputs for dataset rows, normalised a chunk at a time (a training set at
+    224 pixels as one float32 tensor would take gigabytes)."""
+    chunks = [
+        model.predict(normalise_batch(data.images[rows[i : i + 512]], spec), verbose=0)
+        for i in range(0, len(rows), 512)
+    ]
+    if isinstance(chunks[0], list):
+        return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+    return np.concatenate(chunks)
 
 
 def _relative(path: Path, roots: list[Path]) -> str:
@@ -379,7 +395,22 @@ def train_bundle(
     epochs_run = len(history["loss"])
     best_epoch = stopper.best_epoch + 1
 
-    test_probs = model.predict(x_test, batch_size=64, verbose=0)
+    both = with_features(model)
+    if both is None:  # no dense layer: no features to judge novelty on
+        test_probs = model.predict(x_test, batch_size=64, verbose=0)
+        val_probs = model.predict(x_val, batch_size=64, verbose=0)
+        novelty = None
+    else:
+        test_probs, test_features = both.predict(x_test, batch_size=64, verbose=0)
+        val_probs, val_features = both.predict(x_val, batch_size=64, verbose=0)
+        _, train_features = _predict(both, data, split.train, spec)
+        novelty = bundle_novelty(
+            data,
+            split,
+            {"train": train_features, "val": val_features, "test": test_features},
+            out,
+            output_name=FEATURES_NAME,
+        )
     matrix, per_class = _class_metrics(y_test, test_probs.argmax(axis=1), data.class_names)
     test_accuracy = float(np.trace(matrix) / matrix.sum())
     curves = plot_training_curves(
@@ -387,7 +418,6 @@ def train_bundle(
         overfit_epoch=overfit.onset_epoch,
     )  # fmt: skip
     plot_confusion_matrix(matrix, data.class_names, out / "confusion_matrix.png")
-    val_probs = model.predict(x_val, batch_size=64, verbose=0)
     held_out_probs = np.concatenate([val_probs, test_probs])
     calibration = _calibration(val_probs, y_val, held_out_probs)
     _write_samples(data, split, out)
@@ -438,6 +468,7 @@ def train_bundle(
         parity_rows=_parity_rows(split),
         reference=_reference(data, split, held_out_probs),
         calibration=calibration,
+        novelty=novelty,
         training=training,
     )
     p = manifest.parity
@@ -454,9 +485,17 @@ def train_bundle(
         f"{calibration.nll_before:.4f} -> {calibration.nll_after:.4f}, ECE "
         f"{calibration.ece_before:.4f} -> {calibration.ece_after:.4f})\n"
         + _calibration_note(calibration)
+        + describe_novelty(manifest.novelty)
         + f"parity (Keras vs served ONNX, {p['n_images']} images from their files): top-1 agree "
         f"{p['top1_agree']}/{p['n_images']}, max |diff| {p['max_abs_diff']:.2e} "
-        f"(limit {p['atol']:g})\n"
+        f"(limit {p['atol']:g})"
+        + (
+            f"; features {p['features_max_rel_diff']:.2e}, novelty "
+            f"{p['novelty_max_rel_diff']:.2e} relative"
+            if "novelty_max_rel_diff" in p
+            else ""
+        )
+        + "\n"
         f"bundle: {out} (sha256 {manifest.short_sha}), {time.perf_counter() - started:.0f} s in all"
     )
     return out
