@@ -208,7 +208,8 @@ def test_samples_of_a_window_train_with_the_old_data(served: Served, tmp_path: P
     pngs = sorted(out.glob("*/*.png"))
     assert pngs, "no sample written"
     rows = (out / "samples.csv").read_text().splitlines()
-    assert rows[0] == "id,time,predicted_label,score,out_of_range" and len(rows) == len(pngs) + 1
+    header = "id,time,predicted_label,score,out_of_range,novelty"
+    assert rows[0] == header and len(rows) == len(pngs) + 1
     assert {p.parent.name for p in pngs} <= {"a", "b", "c"}
     assert (out / "README.txt").read_text().startswith("Each image is in the folder")
     with Image.open(pngs[0]) as im:

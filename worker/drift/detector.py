@@ -84,6 +84,9 @@ class DriftDetector:
             if calibration is not None and len(calibration.held_out_confidence) >= 2
             else None
         )
+        self.novel_reference = (
+            manifest.novelty.held_out_novel if manifest.novelty is not None else None
+        )
         self.state_ttl_s = state_ttl_s
         self.metrics = metrics or process_metrics()
         self.layout = WindowLayout(manifest.reference)
@@ -111,6 +114,7 @@ class DriftDetector:
             labels=self.manifest.labels,
             page_alpha=self.page_alpha,
             accuracy_test=self.accuracy_test,
+            novel_reference=self.novel_reference,
         )
         estimated = self.estimated_accuracy(window)
         latest = {

@@ -1,8 +1,9 @@
 """The page tier's tests: evidence on the output side that the model is being hurt, pure
 numpy/scipy on a window's counts, unit tested without Redis.
 
-Six tests, each one-sided where the direction of harm is known, judged together with Holm's
-correction at the page tier's own family-wise level (``docs/drift.md``):
+Six tests, seven with a novelty model, each one-sided where the direction of harm is known,
+judged together with Holm's correction at the page tier's own family-wise level
+(``docs/drift.md``):
 
 ==========================  =================================================  ==============
 test                        what it compares                                   direction
@@ -15,10 +16,16 @@ test                        what it compares                                   d
                             range, against held-out images (Fisher's exact)
 ``estimated_accuracy``      mean calibrated top-1 probability (CBPE), against  lower
                             the held-out images, by resampling them
+``novel_share``             inputs above the novelty threshold of the model's  higher
+                            penultimate features, against held-out images
+                            (Fisher's exact)
 ==========================  =================================================  ==============
 
-The two share tests see a minority of harmed or foreign inputs that moves a mean or a whole
-histogram too little. Every test compares the window with a *sample* (the held-out images'
+The share tests see a minority of harmed, foreign or new inputs that moves a mean or a whole
+histogram too little. With a novelty model, the out-of-range share alone is no evidence of harm:
+pixels outside the training range that the model's features do not find novel (noise, a darker
+room) page only when another page test agrees, else they are notice evidence. Every test
+compares the window with a *sample* (the held-out images'
 outputs), so the reference's own sampling noise is part of the null distribution instead of a
 source of false alarms. Each test also has an effect floor (:data:`EFFECT_FLOORS`), so a very
 large window does not page on a difference too small to matter.
@@ -55,6 +62,7 @@ PAGE_TESTS: tuple[str, ...] = (
     "low_confidence_share",
     "out_of_range_share",
     "estimated_accuracy",
+    "novel_share",
 )
 
 #: Smallest effect that may page, per test: PSI for the class mix; for confidence and margin
@@ -67,6 +75,7 @@ EFFECT_FLOORS: dict[str, float] = {
     "low_confidence_share": 0.03,
     "out_of_range_share": 0.02,
     "estimated_accuracy": 0.01,
+    "novel_share": 0.02,
 }
 
 
@@ -191,6 +200,7 @@ def page_results(
     labels: Sequence[str] = (),
     accuracy_test: AccuracyTest | None = None,
     floors: dict[str, float] | None = None,
+    novel_reference: tuple[int, int] | None = None,
 ) -> list[FeatureResult]:
     """The page tier's verdicts on one window: the tests of :data:`PAGE_TESTS` whose inputs
     the reference has, with Holm's correction over them at family-wise ``alpha``.
@@ -203,9 +213,14 @@ def page_results(
         accuracy_test: The held-out calibrated confidences (None: not tested; a bundle without
             calibration).
         floors: Effect floors by test. Defaults to :data:`EFFECT_FLOORS`.
+        novel_reference: ``(k, n)`` held-out images above the novelty threshold (the
+            manifest's ``novelty.held_out_novel``); None (no novelty model): no novel-share
+            test, and the out-of-range share pages on its own, as before novelty.
 
     Returns:
-        One :class:`FeatureResult` per test run (``tier="page"``), in :data:`PAGE_TESTS` order.
+        One :class:`FeatureResult` per test run, in :data:`PAGE_TESTS` order: ``tier="page"``,
+        but ``"notice"`` for an out-of-range share that alerts alone where there is a novelty
+        model (nothing on the output side nor the novel share agrees).
     """
     floors = EFFECT_FLOORS | (floors or {})
     features = reference.features
@@ -235,10 +250,39 @@ def page_results(
         )
     if accuracy_test is not None and "confidence" in window.counts:
         results.append(_accuracy_result(accuracy_test, window, floors["estimated_accuracy"]))
+    if novel_reference is not None:
+        k_ref, n_ref = novel_reference
+        results.append(
+            _share_result(
+                "novel_share",
+                "share novel",
+                window.novel,
+                window.n_images,
+                k_ref,
+                n_ref,
+                floors["novel_share"],
+            )  # fmt: skip
+        )
     thresholds, significant = holm([r.p_value for r in results], alpha)
-    return [
+    judged = [
         dataclasses.replace(r, p_threshold=float(t), significant=bool(s))
         for r, t, s in zip(results, thresholds, significant, strict=True)
+    ]
+    return _pixels_alone_notice(judged) if novel_reference is not None else judged
+
+
+def _pixels_alone_notice(results: list[FeatureResult]) -> list[FeatureResult]:
+    """The out-of-range share as notice evidence when no other page test alerts: inputs whose
+    pixels left the training range but whose features the model finds familiar, with outputs
+    as usual, are a changed input pipeline, not a hurt model (issue 26)."""
+    others = [r for r in results if r.name != "out_of_range_share" and r.drifting]
+    if others:
+        return results
+    return [
+        dataclasses.replace(r, tier="notice", summary=r.summary + " (novelty and outputs as usual)")
+        if r.name == "out_of_range_share"
+        else r
+        for r in results
     ]
 
 
