@@ -91,6 +91,12 @@ class DriftDetector:
         self.metrics = metrics or process_metrics()
         self.layout = WindowLayout(manifest.reference)
 
+    def prepare(self, window_size: int) -> None:
+        """Compute now what judging a window of ``window_size`` images needs once per size
+        (the estimated-accuracy test's resampled null distribution)."""
+        if self.accuracy_test is not None:
+            self.accuracy_test.p_value(self.accuracy_test.reference_mean, window_size)
+
     def evaluate(self, window_id: int) -> dict[str, Any] | None:
         """Judge closed window ``window_id``: store its verdict as the latest and in the
         history, open an alert (with its tier) when the window alerts and none of its tier is

@@ -233,12 +233,7 @@ class DriftRecorder:
         """
         features = image_features(stacked, originals)
         outside = self._range_check.outside(features)
-        names = self._range_check.names
-        out_of_range: list[list[str]] = (
-            [[names[j] for j in np.flatnonzero(row)] for row in outside]
-            if outside.any()
-            else [[] for _ in range(len(features))]
-        )
+        out_of_range = self._range_check.names_of(outside)
         pixel_outside = np.asarray(outside[:, : len(PIXEL_FEATURES)].any(axis=1))
         novelty = embedding = None
         if self.novelty is not None and penultimate is not None:
@@ -477,6 +472,9 @@ class DriftRecorder:
         self._thread.join()
 
     def _run(self) -> None:
+        # The estimated-accuracy test's null distribution for a full window (~0.1 s), made
+        # before traffic comes rather than when the first window is judged.
+        self.detector.prepare(self.window_size)
         while True:
             try:
                 request = self._requests.get(timeout=self._tick_s)
