@@ -4,8 +4,10 @@ A bundle is a folder::
 
     MODEL_DIR/
       manifest.json     this schema (JSON), written last by the trainer
-      model.onnx        the model; its sha256 is in the manifest
+      model.onnx        the model (probabilities, and penultimate features); its sha256 is in
+                        the manifest
       golden/           a few encoded images whose expected probabilities are in the manifest
+      novelty/          training thumbnails the review page shows beside novel inputs
       samples/          a few training thumbnails per class, for the drift report
       history.json, training_curves.png, confusion_matrix.png   (for people)
 

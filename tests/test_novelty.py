@@ -38,14 +38,17 @@ def _gaussians(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray
 
 
 def test_threshold_is_an_order_statistic_of_the_held_out_images() -> None:
-    """Exactly floor(1% of n) held-out images lie above the threshold (the reference share the
-    page tier tests against); a point far from every class is novel, one at a class mean not."""
+    """Exactly floor(0.5% of n), and at least 3, held-out images lie above the threshold (the
+    reference share the page tier tests against); a point far from every class is novel, one
+    at a class mean not."""
     rng = np.random.default_rng(0)
     train, y = _gaussians(rng, 900)
-    held, _ = _gaussians(rng, 650)
+    held, _ = _gaussians(rng, 1650)
     model = fit_novelty(train, y, held, 3, output_name="features")
-    assert model.held_out_novel == (6, 650)
-    assert int((model.score(held)[0] > 1.0).sum()) == 6
+    assert model.held_out_novel == (8, 1650) and model.quantile == 1 - 8 / 1650
+    assert int((model.score(held)[0] > 1.0).sum()) == 8
+    few = fit_novelty(train, y, held[:100], 3, output_name="features")
+    assert few.held_out_novel == (3, 100)
     far, mean = np.full((1, 8), 30.0), train[y == 1].mean(axis=0, keepdims=True)
     assert model.score(far)[0][0] > 3.0 and model.score(mean)[0][0] < 0.5
 

@@ -17,6 +17,7 @@ from imgq.trainer.dataset import Dataset, Split, thumbnail_jpeg
 
 __all__ = [
     "MAX_COMPONENTS",
+    "MIN_ABOVE",
     "NOVELTY_QUANTILE",
     "SHRINKAGE",
     "bundle_novelty",
@@ -24,10 +25,16 @@ __all__ = [
     "fit_novelty",
     "gallery_rows",
     "with_gallery",
+    "with_threshold",
 ]
 
-#: Share of held-out images at or below the threshold: 1% of in-distribution images are novel.
-NOVELTY_QUANTILE = 0.99
+#: Share of held-out images at or below the threshold: 0.5% of in-distribution images are
+#: novel. The 99th percentile also let mild, harmless shifts (noise, heavy JPEG) push more
+#: images over it than new classes need to be seen (docs/drift.md).
+NOVELTY_QUANTILE = 0.995
+#: Fewest held-out images above the threshold: a reference share of 0 or 1 image is mostly
+#: the luck of a small validation split.
+MIN_ABOVE = 3
 #: Weight of the classes' shared covariance in each class's own (a class of a few hundred
 #: images estimates its own covariance of ~100 components poorly).
 SHRINKAGE = 0.1
@@ -90,9 +97,10 @@ def fit_novelty(
     """The novelty model of a classifier, from its penultimate features.
 
     Per-class Gaussians are fitted to the training images; the threshold is the held-out
-    images' ``quantile`` (an order statistic of them, so exactly ``k = floor((1 - quantile)
-    * n)`` of them lie above it: the reference share the page tier tests a window's against,
-    with Fisher's exact test, which is exact for a threshold set this way).
+    images' ``quantile``: an order statistic of them, so exactly ``k = max(MIN_ABOVE,
+    floor((1 - quantile) * n))`` of the ``n`` lie above it (the manifest's ``quantile`` is the
+    share at or below it, ``1 - k / n``). ``(k, n)`` is the reference share the page tier tests a
+    window's against with Fisher's exact test, which is exact for a threshold set this way.
 
     Args:
         train_features: ``(N, D)`` features of the training images.
@@ -123,7 +131,7 @@ def fit_novelty(
         raise ValueError("fit_novelty got NaN or infinite features")
     centre, axes = _components(f, max_components)
     means, factors = _whitening((f - centre) @ axes, y, n_classes, shrinkage)
-    provisional = NoveltyModel(
+    unscaled = NoveltyModel(
         output_name=output_name,
         centre=centre.astype(np.float32),
         projection=axes.astype(np.float32),
@@ -134,22 +142,33 @@ def fit_novelty(
         held_out_novel=(0, 1),
         shrinkage=shrinkage,
     )
-    squared = np.sort(provisional.score(held)[0] ** 2)
-    above = int(np.floor((1 - quantile) * len(squared) + 1e-9))
+    return with_threshold(unscaled, held, quantile)
+
+
+def with_threshold(
+    model: NoveltyModel, held_out_features: np.ndarray, quantile: float = NOVELTY_QUANTILE
+) -> NoveltyModel:
+    """``model`` with its threshold set on these held-out images (see :func:`fit_novelty`).
+
+    >>> m = fit_novelty(np.eye(3)[[0, 1, 2] * 4] + 0.1 * np.arange(12)[:, None],
+    ...                 np.array([0, 1, 2] * 4), np.eye(3), 3, output_name="f")
+    >>> with_threshold(m, np.random.default_rng(0).normal(size=(400, 3))).held_out_novel
+    (3, 400)
+    """
+    squared = np.sort(model.score(held_out_features)[0] ** 2 * model.threshold)
+    if not np.isfinite(squared).all():
+        raise ValueError("with_threshold got NaN or infinite held-out features")
+    above = max(MIN_ABOVE, int(np.floor((1 - quantile) * len(squared) + 1e-9)))
+    above = min(above, len(squared) - 1)
     threshold = float(squared[len(squared) - 1 - above])
     if not threshold > 0:  # every held-out image on a class mean: nothing to scale by
         threshold = float(np.finfo(np.float32).tiny)
     above = int(np.count_nonzero(squared > threshold))
-    return NoveltyModel(
-        output_name=output_name,
-        centre=provisional.centre,
-        projection=provisional.projection,
-        means=provisional.means,
-        whitening=provisional.whitening,
+    return dataclasses.replace(
+        model,
         threshold=threshold,
-        quantile=quantile,
+        quantile=1.0 - above / len(squared) if above else quantile,
         held_out_novel=(above, len(squared)),
-        shrinkage=shrinkage,
     )
 
 
@@ -224,5 +243,5 @@ def describe_novelty(novelty: NoveltyModel | None) -> str:
     d, r = novelty.projection.shape
     return (
         f"novelty: per-class Gaussians on {r} of {d} feature components; threshold at the "
-        f"{novelty.quantile:.0%} point of {n} held-out images ({k} above it)\n"
+        f"{novelty.quantile:.1%} point of {n} held-out images ({k} above it)\n"
     )
