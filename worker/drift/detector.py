@@ -184,8 +184,9 @@ class DriftDetector:
         alert = clear = None
         ttl_s = self.state_ttl_s
         pipe.multi()
-        pipe.set(self.keys.latest, json.dumps(latest), ex=ttl_s)
-        pipe.lpush(self.keys.verdicts, json.dumps(latest))
+        verdict = json.dumps(latest)
+        pipe.set(self.keys.latest, verdict, ex=ttl_s)
+        pipe.lpush(self.keys.verdicts, verdict)
         pipe.ltrim(self.keys.verdicts, 0, 499)
         pipe.expire(self.keys.verdicts, ttl_s)
         if change.tier is not None:

@@ -38,8 +38,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.special import ndtr
-from scipy.stats import hypergeom
+from scipy.special import gammaln, ndtr
 
 from imgq.shared.reference import ReferenceStats
 from imgq.worker.drift.layout import Window
@@ -128,14 +127,33 @@ def fisher_greater(k_cur: int, n_cur: int, k_ref: int, n_ref: int) -> float:
     the reference sample's ``k_ref / n_ref``: exact for the few counts of rare events, and
     valid whatever the reference's size.
 
+    The p-value is the hypergeometric tail, summed from the log-gamma function: the same
+    figure as ``scipy.stats.hypergeom.sf`` (to ~1e-12) at a hundredth of its cost (each
+    window has up to three of these).
+
     >>> round(fisher_greater(5, 100, 5, 100), 3)
     0.626
     >>> fisher_greater(30, 200, 3, 300) < 1e-9
     True
+    >>> fisher_greater(0, 200, 3, 300), round(fisher_greater(4, 4, 0, 1), 12)
+    (1.0, 0.2)
     """
-    if n_cur <= 0 or n_ref <= 0:
+    if n_cur <= 0 or n_ref <= 0 or k_cur <= 0:
         return 1.0
-    return float(hypergeom.sf(k_cur - 1, n_cur + n_ref, k_cur + k_ref, n_cur))
+    total, drawn, marked = n_cur + n_ref, n_cur, k_cur + k_ref
+    x = np.arange(k_cur, min(marked, drawn) + 1, dtype=np.float64)
+    log_pmf = (
+        _log_choose(marked, x) + _log_choose(total - marked, drawn - x)
+        - _log_choose(total, drawn)
+    )  # fmt: skip
+    return float(min(1.0, np.exp(log_pmf).sum()))
+
+
+def _log_choose(n: float | np.ndarray, k: float | np.ndarray) -> np.ndarray:
+    """``log(n choose k)``."""
+    return np.asarray(
+        gammaln(np.add(n, 1)) - gammaln(np.add(k, 1)) - gammaln(np.subtract(n, k) + 1)
+    )
 
 
 class AccuracyTest:
