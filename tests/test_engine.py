@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from imgq.shared.decode import DecodeLimits
 from imgq.shared.errors import InvalidImage, InvalidTask
-from imgq.shared.imagestats import IMAGE_FEATURES, image_features
+from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.manifest import load_manifest
 from imgq.shared.reference import RangeCheck
 from imgq.worker.broker.deadletters import DeadLetters
@@ -70,9 +70,8 @@ class FakeDrift:
         self.replies: list[Any] = []
         self.thumbnails: list[list[str]] = []
 
-    def observe_batch(self, inputs, stacked, originals, probs, penultimate, *, sampled=-1):  # type: ignore[no-untyped-def]
+    def observe_batch(self, inputs, features, probs, penultimate, *, sampled=-1):  # type: ignore[no-untyped-def]
         """The batch as the recorder sees it: its image features and their range check."""
-        features = image_features(stacked, originals)
         out = self.range_check(features) if self.range_check else [[] for _ in probs]
         drift = [{"out_of_range": o} for o in out]
         none = np.zeros(len(probs), bool)

@@ -17,6 +17,7 @@ import redis
 
 from imgq.shared.bundle import ModelBundle, serving_files
 from imgq.shared.errors import BundleError, ManifestError
+from imgq.shared.imagestats import image_features
 from imgq.shared.manifest import MANIFEST_FILE, load_manifest, save_manifest
 from imgq.shared.novelty import NoveltyModel, decode_array, encode_array
 from imgq.shared.preprocess import preprocess_batch
@@ -202,7 +203,7 @@ def test_recorder_counts_novel_images_and_keeps_them_beside_their_neighbours(
         stacked = np.stack(images)
         probs, features = bundle.features_of_images(images)
         sizes = np.array([[16, 16, 800]] * 5, np.float64)
-        batch = recorder.observe_batch(images, stacked, sizes, probs, features)
+        batch = recorder.observe_batch(images, image_features(stacked, sizes), probs, features)
         assert [d["novel"] for d in batch.drift] == [False, False, False, True, True]
         assert all(isinstance(d["novelty"], float) for d in batch.drift)
         observations = [Observation(batch, i) for i in range(5)]

@@ -21,7 +21,6 @@ from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     IMAGE_FEATURES_VERSION,
     PIXEL_FEATURES,
-    image_features,
     output_features,
 )
 from imgq.shared.manifest import Manifest
@@ -199,6 +198,9 @@ class DriftRecorder:
         self._novel_slot = layout.novel_slot
         calibration = manifest.calibration
         self._temperature = None if calibration is None else calibration.temperature
+        # The estimated-accuracy test's null distribution for a full window (0.1-0.3 s): at
+        # start-up, not in the middle of serving when the first window is judged.
+        self.detector.prepare(window_size)
         self._requests: queue.Queue[str | None] = queue.Queue()
         self._tick_s = min(self.window_s / 4, 5.0)
         self._thread = threading.Thread(target=self._run, name="imgq-drift", daemon=True)
@@ -212,26 +214,25 @@ class DriftRecorder:
     def observe_batch(
         self,
         model_inputs: Sequence[np.ndarray],
-        stacked: np.ndarray,
-        originals: np.ndarray,
+        features: np.ndarray,
         probs: np.ndarray,
         penultimate: np.ndarray | None,
         *,
         sampled: int = -1,
     ) -> BatchDrift:
-        """Everything drift needs of a classified batch, vectorised over the batch: image
-        features, the out-of-range check, novelty (with ``penultimate``, the model's features
-        output, when the bundle has a novelty model), and each result's ``drift`` entry.
+        """Everything drift needs of a classified batch, vectorised over the batch: the
+        out-of-range check, novelty (with ``penultimate``, the model's features output, when
+        the bundle has a novelty model), and each result's ``drift`` entry.
 
         Args:
             model_inputs: The images as the model saw them (RGB uint8, its input size).
-            stacked: The same as one ``(N, H, W, 3)`` array.
-            originals: ``(N, 3)`` width, height and encoded bytes of each original.
+            features: ``(N, len(IMAGE_FEATURES))`` their :func:`~shared.imagestats.image_features`
+                (the handler computes them before the model call, while the inputs are in the
+                CPU's caches).
             probs: ``(N, K)`` the model's probabilities.
             penultimate: ``(N, D)`` the model's features output, or None.
             sampled: The row to keep as a sample of the window, or -1.
         """
-        features = image_features(stacked, originals)
         outside = self._range_check.outside(features)
         out_of_range = self._range_check.names_of(outside)
         pixel_outside = np.asarray(outside[:, : len(PIXEL_FEATURES)].any(axis=1))
@@ -472,9 +473,6 @@ class DriftRecorder:
         self._thread.join()
 
     def _run(self) -> None:
-        # The estimated-accuracy test's null distribution for a full window (~0.1 s), made
-        # before traffic comes rather than when the first window is judged.
-        self.detector.prepare(self.window_size)
         while True:
             try:
                 request = self._requests.get(timeout=self._tick_s)
