@@ -152,6 +152,7 @@ class NoveltyModel:
     )
     _stacked: np.ndarray = dataclasses.field(init=False, repr=False)
     _offsets: np.ndarray = dataclasses.field(init=False, repr=False)
+    _shift: np.ndarray = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         d, r = self.projection.shape if self.projection.ndim == 2 else (0, 0)
@@ -185,6 +186,8 @@ class NoveltyModel:
         offsets = np.einsum("kr,krs->ks", self.means, self.whitening).reshape(-1)
         object.__setattr__(self, "_stacked", stacked.astype(np.float32))
         object.__setattr__(self, "_offsets", offsets.astype(np.float32))
+        # (f - centre) @ P as f @ P - centre @ P: no (N, D) temporary per batch.
+        object.__setattr__(self, "_shift", (self.centre @ self.projection).astype(np.float32))
 
     @property
     def n_features(self) -> int:
@@ -196,7 +199,7 @@ class NoveltyModel:
         f = np.asarray(features, np.float32)
         if f.ndim != 2 or f.shape[1] != self.n_features:
             raise ValueError(f"novelty needs (N, {self.n_features}) features, got shape {f.shape}")
-        return _product(f - self.centre, self.projection)
+        return _product(f, self.projection) - self._shift
 
     def score(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each image's novelty (above 1: novel) and its projected features.
