@@ -27,9 +27,7 @@ from pathlib import Path
 _CHUNK_BYTES = 1 << 18
 
 
-async def _pump(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float
-) -> None:
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
     """Copy ``reader`` to ``writer``, each chunk ``delay_s`` after it was read."""
     loop = asyncio.get_running_loop()
     queue: collections.deque[tuple[float, bytes]] = collections.deque()
