@@ -88,7 +88,7 @@ def bench_model(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="small", help="comma-separated: small, mobilenetv2")
-    p.add_argument("--tasks", dest="drift_ab_tasks", type=int, default=2000, help="tasks per drain")
+    p.add_argument("--tasks", dest="drift_ab_tasks", type=int, default=6000, help="tasks per drain")
     p.add_argument("--drains", type=int, default=6, help="side-by-side drains per model")
     p.add_argument("--profile", action="store_true", help="add a profiled side-by-side drain")
     p.add_argument("--profile-top", type=int, default=25, help="functions per profile table")
