@@ -86,9 +86,10 @@ def small_bundle(work: Path, data_dir: Path, epochs: int) -> Path:
 
 
 def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
-    """MobileNetV2 with random weights, exported by the trainer's ``export_onnx``, with a
-    manifest (reference statistics from the sample images, no golden set)."""
-    out = work / f"model-mobilenetv2-{size_px}"
+    """MobileNetV2 with random weights, exported by the trainer's ``export_onnx`` (probabilities
+    and penultimate features), with a manifest (reference statistics and the novelty model from
+    the sample images, no golden set)."""
+    out = work / f"model-mobilenetv2-{size_px}-novelty"
     if (out / "manifest.json").is_file():
         return out
     import numpy as np
@@ -105,8 +106,9 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
     from imgq.shared.manifest import Manifest, save_manifest, sha256_file
     from imgq.shared.preprocess import PreprocessSpec, preprocess_batch
     from imgq.shared.reference import build_reference
-    from imgq.trainer.export import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, export_onnx
+    from imgq.trainer.export import FEATURES_NAME, INPUT_NAME, MODEL_FILE, OUTPUT_NAME, export_onnx
     from imgq.trainer.model import build_model
+    from imgq.trainer.novelty import fit_novelty
 
     files, labels = list_labelled_files(data_dir)
     classes = tuple(sorted(set(labels)))
@@ -118,7 +120,12 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
     encoded = [f.read_bytes() for f in files[::4]]
     images = [decode_image(data) for data in encoded]
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    probs = session.run([OUTPUT_NAME], {INPUT_NAME: preprocess_batch(images, spec)})[0]
+    outputs = [OUTPUT_NAME, FEATURES_NAME]
+    probs, features = session.run(outputs, {INPUT_NAME: preprocess_batch(images, spec)})
+    y = np.array([classes.index(label) for label in labels[::4]])
+    held = [decode_image(f.read_bytes()) for f in files[2::8]]
+    held_features = session.run([FEATURES_NAME], {INPUT_NAME: preprocess_batch(held, spec)})[0]
+    novelty = fit_novelty(features, y, held_features, len(classes), output_name=FEATURES_NAME)
     feats = decoded_image_features(images, [len(d) for d in encoded], spec)
     reference = build_reference(
         np.hstack([feats, output_features(probs)]),
@@ -136,6 +143,7 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
             labels=classes,
             preprocess=spec,
             reference=reference,
+            novelty=novelty,
         ),
         out,
     )

@@ -45,7 +45,7 @@ import imgq.worker.engine as engine_module
 import imgq.worker.handlers.classify as classify
 from imgq.localredis import LocalRedis
 from imgq.shared.bundle import ModelBundle
-from imgq.shared.imagestats import IMAGE_FEATURES
+from imgq.shared.novelty import NoveltyModel
 from imgq.shared.reference import RangeCheck
 from imgq.worker.broker.intake import Intake, Lane
 from imgq.worker.client import ImgqClient
@@ -65,7 +65,10 @@ _FUNCTIONS = ((engine_module, "parse_message"), (classify, "decode_base64"),
 #: Methods timed in place: (class, method, stage name).
 _METHODS = (
     (ModelBundle, "predict", "onnxruntime (predict)"),
-    (RangeCheck, "__call__", "drift: out-of-range check"),
+    (ModelBundle, "predict_with_features", "onnxruntime (predict, with features)"),
+    (RangeCheck, "outside", "drift: out-of-range check"),
+    (NoveltyModel, "score", "drift: novelty"),
+    (DriftRecorder, "observe_batch", "drift: the batch's statistics (all of them)"),
     (DriftRecorder, "window_counts", "drift: bin counts (for the settle script)"),
     (DriftDetector, "evaluate", "drift: window verdicts"),
     (BatchEngine, "_store_once", "Redis round trip (settle script, events)"),
@@ -128,9 +131,6 @@ def _set_drift(runner: BatchEngine, recorder: DriftRecorder | None) -> None:
     assert isinstance(handler, ClassifyHandler)
     handler.drift = recorder
     handler.observers = [recorder] if recorder is not None else []
-    handler._range_check = (
-        RangeCheck(handler.bundle.manifest.reference, IMAGE_FEATURES) if recorder else None
-    )
     runner.observer = recorder
 
 

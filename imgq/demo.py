@@ -1,9 +1,10 @@
 """`imgq demo`: the whole product, end to end, on this machine.
 
 sample data -> training (live progress, curves, parity) -> a local Redis (or IMGQ_BROKER_URL)
--> worker processes -> single-image tasks with a progress bar -> a summary -> a stream of night
-images (darker and lower-resolution than any training image) -> the drift page ->
-`imgq drift report` figures -> everything stopped.
+-> worker processes -> single-image tasks with a progress bar -> a summary -> a stream in which
+half the images are shapes the model never saw (answered as confidently as the others: only its
+own features tell them apart) -> the drift page -> `imgq drift report` figures -> everything
+stopped.
 """
 
 from __future__ import annotations
@@ -129,8 +130,7 @@ def _wait_for_page(
 def main(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
     from imgq.shared.manifest import load_manifest
-    from imgq.shifts import shift_image
-    from imgq.trainer.sample_data import generate
+    from imgq.trainer.sample_data import CLASS_NAMES, generate
     from imgq.trainer.train import train_bundle
     from imgq.worker.client import ImgqClient
     from imgq.worker.commands.classify import ProgressBar
@@ -147,6 +147,8 @@ def main(args: argparse.Namespace) -> int:
     generate(data_dir, classes=4, per_class=args.per_class, size=128, seed=0)
     per_holdout = max(1, -(-args.tasks // 4))
     generate(holdout_dir, classes=4, per_class=per_holdout, size=128, seed=12345)
+    unseen_dir = out / "data" / "unseen"
+    generate(unseen_dir, classes=8, per_class=-(-args.drift_tasks // 8), size=128, seed=54321)
     print(f"training images in {data_dir}; held-out images in {holdout_dir}")
 
     _say("2/6 training (early stopping on validation loss, best weights restored)")
@@ -206,19 +208,23 @@ def main(args: argparse.Namespace) -> int:
             )
 
             _say(
-                f"5/6 a night camera (a fifth of the light, a quarter of the resolution): "
-                f"{args.drift_tasks} more tasks"
+                f"5/6 new kinds of objects: {args.drift_tasks} more tasks, half of them shapes "
+                f"the model never saw ({', '.join(CLASS_NAMES[4:])})"
             )
-            shifted = [
-                shift_image("night", p)
-                for p in itertools.islice(itertools.cycle(payloads), args.drift_tasks)
+            new = [
+                p.read_bytes() for n in CLASS_NAMES[4:] for p in sorted((unseen_dir / n).iterdir())
             ]
-            pending = client.classify_many(shifted)
+            usual = itertools.cycle(payloads)
+            mixed = [b for pair in zip(new, usual, strict=False) for b in pair][: args.drift_tasks]
+            pending = client.classify_many(mixed)
             drifted = client.results(pending, 300, progress=ProgressBar(len(pending)))
             flagged = sum(
-                bool(r.get("drift", {}).get("out_of_range")) for r in drifted if isinstance(r, dict)
+                bool(r.get("drift", {}).get("novel")) for r in drifted[::2] if isinstance(r, dict)
             )
-            print(f"{flagged}/{len(drifted)} answers flagged out of the training range")
+            print(
+                f"{flagged}/{len(drifted[::2])} answers to unseen shapes flagged novel "
+                "(drift.novel: unlike every training class in the model's own features)"
+            )
             alert = _wait_for_page(url, manifest, timeout_s=60, seen=seen)
             if alert is None:
                 print("no drift page was raised", file=sys.stderr)

@@ -30,6 +30,7 @@ from imgq.shared.preprocess import preprocess_batch
 
 __all__ = [
     "DEVICES",
+    "NOVELTY_RTOL",
     "ModelBundle",
     "bundle_file",
     "bundle_sha256",
@@ -39,6 +40,9 @@ __all__ = [
 
 #: Values of ``device``: ``auto`` takes CUDA when onnxruntime can use it, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")
+#: Largest relative difference of a golden image's novelty, served vs exported (relative to
+#: the larger of 1 and its value: novelty is a distance over the threshold, ~1 at the border).
+NOVELTY_RTOL = 1e-3
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
@@ -114,12 +118,15 @@ def bundle_file(name: str) -> str:
 
 def serving_files(manifest: Manifest) -> list[str]:
     """The files of a bundle that serving reads, as normalised paths relative to it (each
-    once): the manifest, the model file it names, the golden set.
+    once): the manifest, the model file it names, the golden set, and the training images the
+    review page shows beside novel inputs (the novelty gallery).
 
     Raises:
         BundleError: a path :func:`bundle_file` refuses.
     """
-    names = ["manifest.json", manifest.model_file, *(g.file for g in manifest.golden)]
+    gallery = manifest.novelty.gallery if manifest.novelty is not None else ()
+    names = ["manifest.json", manifest.model_file, *(g.file for g in manifest.golden),
+             *(g.file for g in gallery)]  # fmt: skip
     return list(dict.fromkeys(bundle_file(name) for name in names))
 
 
@@ -160,6 +167,10 @@ class ModelBundle:
         self.infer_batch: int | None = None
         self._session = session
         self._output_names = [manifest.output_name]
+        novelty = manifest.novelty
+        self._with_features = (
+            [manifest.output_name, novelty.output_name] if novelty is not None else []
+        )
 
     @classmethod
     def load(
@@ -243,6 +254,33 @@ class ModelBundle:
         (probs,) = self._session.run(self._output_names, {self.manifest.input_name: batch})
         return np.asarray(probs, dtype=np.float32)
 
+    def predict_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict`, and the penultimate features the manifest's novelty model scores,
+        from the same forward pass.
+
+        Returns:
+            ``(probs, features)``: ``(N, K)`` and ``(N, D)`` float32.
+
+        Raises:
+            BundleError: the bundle has no novelty model (no features output).
+        """
+        if not self._with_features:
+            raise BundleError(
+                f"bundle {self.directory} has no novelty model (manifest version "
+                f"{self.manifest.version}): its model has no features output"
+            )
+        step = self.infer_batch or len(batch)
+        parts = [
+            self._session.run(self._with_features, {self.manifest.input_name: batch[i : i + step]})
+            for i in range(0, max(1, len(batch)), step)
+        ]
+        if len(parts) == 1:
+            probs, features = parts[0]
+        else:
+            probs = np.concatenate([p for p, _ in parts])
+            features = np.concatenate([f for _, f in parts])
+        return np.asarray(probs, np.float32), np.asarray(features, np.float32)
+
     def calibrate_infer_batch(self, max_batch: int, budget_s: float = 2.0) -> dict[int, float]:
         """Measure which onnxruntime call size serves an image fastest here, and use it.
 
@@ -296,6 +334,10 @@ class ModelBundle:
         then :meth:`predict`)."""
         return self.predict(preprocess_batch(rgb_images, self.manifest.preprocess))
 
+    def features_of_images(self, rgb_images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`classify_images` with the features (:meth:`predict_with_features`)."""
+        return self.predict_with_features(preprocess_batch(rgb_images, self.manifest.preprocess))
+
     def check_golden(self, atol: float = 1e-4) -> dict[str, Any]:
         """Re-run the bundle's golden images through the served path and compare with Keras.
 
@@ -303,16 +345,21 @@ class ModelBundle:
         and run on this bundle's provider, so a wrong provider build, a changed preprocessing or
         a damaged file shows up before the worker serves anything.
 
+        In a bundle with a novelty model each golden image's novelty is checked too (the
+        features output, scored by the manifest's model), to :data:`NOVELTY_RTOL`.
+
         Args:
             atol: Largest allowed absolute difference of any probability. Defaults to 1e-4.
 
         Returns:
             ``{"n": images checked, "max_abs_diff": float, "top1_agree": images whose top-1
-            label matches, "provider": provider name}``.
+            label matches, "provider": provider name}``, and ``"novelty_max_rel_diff"`` where
+            novelty was checked.
 
         Raises:
-            BundleError: a golden file is missing or undecodable, a top-1 label differs, or a
-                probability differs by more than ``atol``; the message names the files.
+            BundleError: a golden file is missing or undecodable, a top-1 label differs, a
+                probability differs by more than ``atol``, or a novelty by more than
+                :data:`NOVELTY_RTOL` of itself; the message names the files.
         """
         golden = self.manifest.golden
         if not golden:
@@ -324,7 +371,17 @@ class ModelBundle:
                 images.append(decode_image(path.read_bytes()))
             except (OSError, ImgqError) as exc:
                 raise BundleError(f"golden image {path} cannot be read: {exc}") from exc
-        served = self.classify_images(images)
+        novelty = self.manifest.novelty
+        checked = novelty is not None and all(g.novelty is not None for g in golden)
+        if checked:
+            assert novelty is not None
+            served, features = self.features_of_images(images)
+            novel = novelty.score(features)[0]
+            stored = np.asarray([g.novelty for g in golden], np.float64)
+            novelty_diff = np.abs(novel - stored) / np.maximum(1.0, np.abs(stored))
+        else:
+            served = self.classify_images(images)
+            novelty_diff = np.zeros(len(golden))
         expected = np.asarray([g.probs for g in golden], dtype=np.float32)
         diff = np.abs(served - expected).max(axis=1)
         agree = served.argmax(axis=1) == expected.argmax(axis=1)
@@ -336,6 +393,11 @@ class ModelBundle:
             for i, g in enumerate(golden)
             if not agree[i] or diff[i] > atol
         ]
+        problems += [
+            f"{g.file}: novelty expected {g.novelty:.6g}, served {novel[i]:.6g}"
+            for i, g in enumerate(golden)
+            if checked and not novelty_diff[i] <= NOVELTY_RTOL
+        ]
         if problems:
             raise BundleError(
                 f"the served path ({self.provider}) does not reproduce the golden set "
@@ -344,12 +406,15 @@ class ModelBundle:
                 + ". The model file, its preprocessing or the execution provider differs from "
                 "the one the bundle was exported with"
             )
-        return {
+        figures: dict[str, Any] = {
             "n": len(golden),
             "max_abs_diff": float(diff.max()),
             "top1_agree": int(agree.sum()),
             "provider": self.provider,
         }
+        if checked:
+            figures["novelty_max_rel_diff"] = float(novelty_diff.max())
+        return figures
 
 
 def _check_signature(session: ort.InferenceSession, manifest: Manifest) -> None:
@@ -380,4 +445,18 @@ def _check_signature(session: ort.InferenceSession, manifest: Manifest) -> None:
         raise BundleError(
             f"the model outputs {width} classes, the manifest has {len(manifest.labels)} labels "
             f"{list(manifest.labels)}"
+        )
+    novelty = manifest.novelty
+    if novelty is None:
+        return
+    if novelty.output_name not in names:
+        raise BundleError(
+            f"the model's outputs are {names}; the manifest's novelty model reads features from "
+            f"{novelty.output_name!r}: the manifest belongs to another model; re-export the bundle"
+        )
+    width = outputs[names.index(novelty.output_name)].shape[-1]
+    if isinstance(width, int) and width != novelty.n_features:
+        raise BundleError(
+            f"the model's {novelty.output_name!r} output has {width} features, the manifest's "
+            f"novelty model {novelty.n_features}: re-export the bundle"
         )

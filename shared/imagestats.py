@@ -127,9 +127,10 @@ def image_features(inputs: np.ndarray, originals: np.ndarray) -> np.ndarray:
     luma = cv2.cvtColor(tall, cv2.COLOR_RGB2GRAY)
     rows = luma.reshape(n, px)
     luma_mean = _row_sums(rows) / px
-    luma_var = _row_squares(rows) / px - luma_mean * luma_mean
+    # Squares of uint8 fit int32 and so do their sums (at most 64 x 64 of 255**2): exact.
+    luma_var = np.square(rows, dtype=np.int32).sum(axis=1) / px - luma_mean * luma_mean
     red, green, blue = cv2.split(tall)
-    saturation = cv2.extractChannel(cv2.cvtColor(tall, cv2.COLOR_RGB2HSV), 1)
+    saturation = _row_sums(_saturation(red, green, blue).reshape(n, px))
     # int16 holds the Laplacian of uint8 exactly; float64 sums of its squares stay exact.
     lap = cv2.Laplacian(luma, cv2.CV_16S).reshape(n, h, w)[:, 1:-1].reshape(n, -1)
     lap_f = lap.astype(np.float64)
@@ -143,7 +144,7 @@ def image_features(inputs: np.ndarray, originals: np.ndarray) -> np.ndarray:
             _row_sums(red.reshape(n, px)) / px / 255.0,
             _row_sums(green.reshape(n, px)) / px / 255.0,
             _row_sums(blue.reshape(n, px)) / px / 255.0,
-            _row_sums(saturation.reshape(n, px)) / px / 255.0,
+            saturation / px / 255.0,
             # Integer thresholds: luma < 0.1 * 255 and luma > 0.9 * 255 on uint8 values; the
             # comparison masks are 255 where true. (OpenCV takes a scalar; its stubs do not say.)
             _row_sums(cv2.compare(rows, _DARK_MAX, cv2.CMP_LE)) / 255.0 / px,  # type: ignore[call-overload]
@@ -225,6 +226,32 @@ def _block_means(inputs: np.ndarray) -> np.ndarray:
     hk, wk = (h - h % k) // k, (w - w % k) // k
     tall = inputs.reshape(n * hk * k, wk * k, 3)
     return cv2.resize(tall, (wk, n * hk), interpolation=cv2.INTER_AREA).reshape(n, hk, wk, 3)
+
+
+#: OpenCV's 8-bit HSV saturation is ``(diff * sdiv[v] + 2**11) >> 12`` (``v`` the largest
+#: channel, ``diff`` it minus the smallest, ``sdiv[v] = round(255 * 2**12 / v)``;
+#: ``color_hsv.simd.hpp``), here as a table of every ``(v, diff)``: the same integers without
+#: the hue, at a fifth of ``cvtColor``'s cost.
+_SDIV = np.zeros(256, np.int64)
+_SDIV[1:] = np.rint((255 << 12) / np.arange(1, 256))
+_SATURATION = ((np.arange(256)[None, :] * _SDIV[:, None] + (1 << 11)) >> 12).clip(0, 255)
+_SATURATION = _SATURATION.astype(np.uint8).ravel()  # index v * 256 + diff
+
+
+def _saturation(red: np.ndarray, green: np.ndarray, blue: np.ndarray) -> np.ndarray:
+    """Each pixel's HSV saturation (0..255) exactly as ``cv2.cvtColor(..., COLOR_RGB2HSV)``
+    gives it, as uint8 of the channels' shape.
+
+    >>> rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    >>> hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[:, :, 1]
+    >>> bool((_saturation(*cv2.split(rgb)) == hsv).all())
+    True
+    """
+    top = cv2.max(cv2.max(red, green), blue)
+    index = top.astype(np.uint16)
+    index <<= 8
+    index |= np.asarray(cv2.subtract(top, cv2.min(cv2.min(red, green), blue)), np.uint8)
+    return _SATURATION[index]
 
 
 def _row_squares(rows: np.ndarray) -> np.ndarray:

@@ -4,8 +4,10 @@ A bundle is a folder::
 
     MODEL_DIR/
       manifest.json     this schema (JSON), written last by the trainer
-      model.onnx        the model; its sha256 is in the manifest
+      model.onnx        the model (probabilities, and penultimate features); its sha256 is in
+                        the manifest
       golden/           a few encoded images whose expected probabilities are in the manifest
+      novelty/          training thumbnails the review page shows beside novel inputs
       samples/          a few training thumbnails per class, for the drift report
       history.json, training_curves.png, confusion_matrix.png   (for people)
 
@@ -26,6 +28,7 @@ from typing import Any
 
 from imgq.shared.calibration import Calibration
 from imgq.shared.errors import ManifestError
+from imgq.shared.novelty import NoveltyModel
 from imgq.shared.preprocess import PreprocessSpec
 from imgq.shared.reference import ReferenceStats
 
@@ -40,21 +43,32 @@ __all__ = [
     "sha256_file",
 ]
 
-#: Schema version written by this code (2: adds ``calibration``); versions in
-#: :data:`READABLE_VERSIONS` load, another is an error that says so.
-MANIFEST_VERSION = 2
-#: Versions this code reads: a version 1 manifest loads with ``calibration`` None.
-READABLE_VERSIONS = (1, 2)
+#: Schema version written by this code (2: adds ``calibration``; 3: ``novelty`` and the golden
+#: images' novelty); versions in :data:`READABLE_VERSIONS` load, another is an error that says so.
+MANIFEST_VERSION = 3
+#: Versions this code reads: a version 1 manifest loads with ``calibration`` None, versions 1
+#: and 2 with ``novelty`` None (served and judged as before novelty existed).
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class GoldenImage:
-    """One encoded image of the bundle and the probabilities Keras gave it at export."""
+    """One encoded image of the bundle and the probabilities Keras gave it at export (and its
+    novelty, in bundles with a novelty model)."""
 
     file: str
     probs: tuple[float, ...]
     label: str | None = None
+    novelty: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; ``novelty`` only when set, so an older manifest's JSON (and its
+        drift id) is what it was."""
+        data: dict[str, Any] = {"file": self.file, "probs": list(self.probs), "label": self.label}
+        if self.novelty is not None:
+            data["novelty"] = self.novelty
+        return data
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +87,9 @@ class Manifest:
         reference: Reference histograms of image and output features (for drift).
         calibration: Temperature scaling of the probabilities, fitted on held-out images at
             export (for the drift windows' estimated accuracy); None in version 1 bundles.
+        novelty: How far an image lies from the training classes in the model's penultimate
+            features (a second ONNX output), with its threshold (``shared/novelty.py``); None in
+            bundles before version 3, and in bundles whose model has no features output.
         golden: Encoded images with expected probabilities, re-checked by every worker at start.
         training: Training summary (epochs, best epoch, losses, test accuracy, per-class metrics).
         parity: Train/serve parity results measured at export.
@@ -92,6 +109,7 @@ class Manifest:
     reference: ReferenceStats
     golden: tuple[GoldenImage, ...] = ()
     calibration: Calibration | None = None
+    novelty: NoveltyModel | None = None
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     parity: dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -124,8 +142,27 @@ class Manifest:
                     f"golden image {g.file} has {len(g.probs)} probabilities for "
                     f"{len(self.labels)} labels"
                 )
+        problems += self._novelty_problems()
         if problems:
             raise ManifestError("invalid manifest: " + "; ".join(problems))
+
+    def _novelty_problems(self) -> list[str]:
+        novelty = self.novelty
+        if novelty is None:
+            return []
+        problems = []
+        if self.version < 3:
+            problems.append(f"novelty needs manifest version 3, this one is {self.version}")
+        if novelty.means.shape[0] != len(self.labels):
+            problems.append(
+                f"novelty has {novelty.means.shape[0]} class means for {len(self.labels)} labels"
+            )
+        if novelty.output_name in (self.output_name, self.input_name):
+            problems.append(f"novelty output {novelty.output_name!r} names another tensor")
+        strays = sorted({g.label for g in novelty.gallery} - set(self.labels))
+        if strays:
+            problems.append(f"novelty gallery labels {strays} are not among the labels")
+        return problems
 
     @property
     def short_sha(self) -> str:
@@ -143,7 +180,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as written to ``manifest.json``."""
-        return {
+        data = {
             "version": self.version,
             "name": self.name,
             "model_file": self.model_file,
@@ -154,13 +191,16 @@ class Manifest:
             "labels": list(self.labels),
             "preprocess": self.preprocess.to_dict(),
             "reference": self.reference.to_dict(),
-            "golden": [dataclasses.asdict(g) | {"probs": list(g.probs)} for g in self.golden],
+            "golden": [g.to_dict() for g in self.golden],
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "training": self.training,
             "parity": self.parity,
             "versions": self.versions,
             "created_at": self.created_at,
         }
+        if self.version >= 3:  # an older manifest's JSON, and so its drift id, stay as they were
+            data["novelty"] = None if self.novelty is None else self.novelty.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
@@ -197,12 +237,22 @@ class Manifest:
                 preprocess=PreprocessSpec.from_dict(data["preprocess"]),
                 reference=ReferenceStats.from_dict(data["reference"]),
                 golden=tuple(
-                    GoldenImage(file=g["file"], probs=tuple(g["probs"]), label=g.get("label"))
+                    GoldenImage(
+                        file=g["file"],
+                        probs=tuple(g["probs"]),
+                        label=g.get("label"),
+                        novelty=None if g.get("novelty") is None else float(g["novelty"]),
+                    )
                     for g in data.get("golden", [])
                 ),
                 calibration=(
                     Calibration.from_dict(data["calibration"])
                     if data.get("calibration") is not None
+                    else None
+                ),
+                novelty=(
+                    NoveltyModel.from_dict(data["novelty"])
+                    if data.get("novelty") is not None
                     else None
                 ),
                 training=dict(data.get("training", {})),

@@ -341,11 +341,18 @@ class RangeCheck:
         return int(self.outside(values).any(axis=1).sum())
 
     def __call__(self, values: np.ndarray) -> list[list[str]]:
-        outside = self.outside(values)
-        if not outside.any():
-            return [[] for _ in range(len(values))]
+        return self.names_of(self.outside(values))
+
+    def names_of(self, outside: np.ndarray) -> list[list[str]]:
+        """Per row of an :meth:`outside` matrix, the names of its features out of range, in
+        one pass over the cells that are (a shift can put every image of a batch out of
+        range)."""
         names = self.names
-        return [[names[j] for j in np.flatnonzero(row).tolist()] for row in outside]
+        found: list[list[str]] = [[] for _ in range(len(outside))]
+        rows, columns = np.nonzero(outside)
+        for row, column in zip(rows.tolist(), columns.tolist(), strict=True):
+            found[row].append(names[column])
+        return found
 
 
 def _quantile_edges(col: np.ndarray, n_bins: int) -> np.ndarray:

@@ -63,10 +63,10 @@ class Served:
 
 @pytest.fixture
 def served(redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
-    """The tiny bundle, named with a script tag, published (so only the Redis URL is needed) and
-    served by one real worker with drift on in windows of 50; ``judge(images)`` sends one window
-    in small requests and waits until it is judged."""
-    bundle = make_tiny_bundle(tmp_path / "bundle")
+    """The tiny bundle with its novelty model, named with a script tag, published (so only the
+    Redis URL is needed) and served by one real worker with drift on in windows of 50;
+    ``judge(images)`` sends one window in small requests and waits until it is judged."""
+    bundle = make_tiny_bundle(tmp_path / "bundle", novelty=True)
     save_manifest(dataclasses.replace(load_manifest(bundle), name=f"tiny{HOSTILE}"), bundle)
     db = redis.Redis.from_url(redis_server.url)
     publish(db, bundle, 1 << 24, "imgq")
@@ -135,11 +135,12 @@ def post(url: str, form: dict[str, str], **headers: str) -> int:
 @pytest.mark.integration
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium: bash scripts/setup.sh --browser")
 def test_review_page_in_headless_chromium(served: Served, page: str, tmp_path: Path) -> None:
-    """Windows judged from a real worker's traffic (plain, then dark: an alert and out-of-range
-    inputs), a hostile alert and a verdict with tier and estimated accuracy as the shared
+    """Windows judged from a real worker's traffic (plain, then dark: an alert, out-of-range and
+    novel inputs), a hostile alert and a verdict with tier and estimated accuracy as the shared
     contract writes them: Chromium renders the tiers, the accuracy, the alerts with their
-    Acknowledge button and the histograms, shows hostile text as text, takes a non-blank
-    screenshot; the page's token acknowledges, other origins and hosts are refused."""
+    Acknowledge button, the histograms and the novel inputs beside their nearest training
+    images, shows hostile text as text, takes a non-blank screenshot; the page's token
+    acknowledges, other origins and hosts are refused."""
     served.judge(images(WINDOW))
     served.judge(images(WINDOW, gain=0.15, seed=100))
     sha = served.keys.prefix.split(":")[2]
@@ -166,6 +167,7 @@ def test_review_page_in_headless_chromium(served: Served, page: str, tmp_path: P
     assert re.search(r'data-window="2">.*?data-tier="page"', dom)  # no tier recorded: page
     assert 'class="card histogram" data-feature="brightness"' in dom
     assert 'alt="out-of-range input"' in dom and 'alt="training sample of ' in dom
+    assert 'alt="novel input"' in dom and 'alt="nearest training image, ' in dom
     first_alert = json.loads(real_alerts[0][1][b"json"])["id"]
     assert f'id="ack-{first_alert}"' in dom
     index = chromium(tmp_path, "--dump-dom", f"{page}/")
@@ -208,7 +210,8 @@ def test_samples_of_a_window_train_with_the_old_data(served: Served, tmp_path: P
     pngs = sorted(out.glob("*/*.png"))
     assert pngs, "no sample written"
     rows = (out / "samples.csv").read_text().splitlines()
-    assert rows[0] == "id,time,predicted_label,score,out_of_range" and len(rows) == len(pngs) + 1
+    header = "id,time,predicted_label,score,out_of_range,novelty"
+    assert rows[0] == header and len(rows) == len(pngs) + 1
     assert {p.parent.name for p in pngs} <= {"a", "b", "c"}
     assert (out / "README.txt").read_text().startswith("Each image is in the folder")
     with Image.open(pngs[0]) as im:
@@ -443,3 +446,43 @@ def test_a_quiet_connection_is_dropped(review: Review) -> None:
     with serving(review.data, connection_timeout=0.5) as port:
         assert raw_request(port, f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()) == b""
         assert status_of(get(port, "/")) == 200
+
+
+def test_novel_inputs_beside_their_nearest_training_images(
+    redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each kept novel input is shown beside the gallery images it names, with its novelty and
+    the class the model gave it; hostile entries (a neighbour that is no position in the
+    gallery, a novelty that is no number, a label with markup, bytes that are no JPEG) render
+    as n/a, escaped text or not at all."""
+    monkeypatch.setenv("IMGQ_BROKER_URL", redis_server.url)
+    monkeypatch.setenv("IMGQ_MODEL_CACHE", str(tmp_path / "cache"))
+    bundle = make_tiny_bundle(tmp_path / "bundle", novelty=True)
+    manifest = load_manifest(bundle)
+    keys = DriftKeys(manifest.drift_id)
+    db = redis.Redis.from_url(redis_server.url)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(jpeg, "JPEG")
+    good = base64.b64encode(jpeg.getvalue()).decode()
+    entries = [
+        {"jpeg_b64": good, "novelty": 3.5, "label": "a", "neighbours": [2, 0]},
+        {"jpeg_b64": good, "novelty": "NaN", "label": HOSTILE, "neighbours": [99, -1, True, "1"]},
+        {"jpeg_b64": base64.b64encode(encode_png(colour_image(COLOURS[0]))).decode(),
+         "novelty": 9.0, "label": "png", "neighbours": [1]},
+    ]  # fmt: skip
+    for entry in reversed(entries):
+        db.lpush(keys.novel, json.dumps(entry))
+    try:
+        with serving(ReviewData(db, WorkerSettings.from_env(), bundle)) as port:
+            page = get(port, f"/model/{keys.prefix.split(':')[2]}").decode()
+    finally:
+        db.close()
+    cards = re.findall(r'<div class="card novel">(.*?)</div>', page)
+    assert len(cards) == 2, cards  # the PNG is no thumbnail
+    assert manifest.novelty is not None
+    gallery = manifest.novelty.gallery
+    near = re.findall(r'alt="nearest training image, (\w+)"', cards[0])
+    assert near == [gallery[2].label, gallery[0].label]
+    assert "novelty <b>3.50</b>" in cards[0] and "predicted <b>a</b>" in cards[0]
+    assert "novelty <b>n/a</b>" in cards[1] and "no training image" in cards[1]
+    assert "&lt;script&gt;" in cards[1] and "<script" not in page.lower()

@@ -31,6 +31,7 @@ from imgq.shared.manifest import load_manifest, save_manifest
 from imgq.shared.preprocess import preprocess_batch
 from imgq.shared.reference import build_reference, leave_one_out_outside
 from imgq.shifts import EXPECTED, SHIFTS, shift_image
+from imgq.trainer.novelty import with_threshold
 from imgq.trainer.sample_data import CLASS_NAMES, generate
 from imgq.worker.client import ImgqClient
 from imgq.worker.drift import ALL_FEATURES, DriftKeys
@@ -46,9 +47,9 @@ WINDOW = 200
 def drift_bundle(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`trained_bundle` with its drift reference rebuilt as `imgq train` builds it (image
     features, the bundle's own model outputs and calibrated confidences, the out-of-range
-    count left one out) but on 1,000 fresh sample images. Its own reference (168 training and
-    72 held-out images) is too small a sample to detect a colour cast: a two-sample test's
-    power is bounded by the smaller sample (docs/drift.md)."""
+    count left one out, the novelty threshold) but on 1,000 fresh sample images. Its own
+    reference (168 training and 72 held-out images) is too small a sample to detect a colour
+    cast: a two-sample test's power is bounded by the smaller sample (docs/drift.md)."""
     root = tmp_path_factory.mktemp("drift-bundle")
     out = Path(shutil.copytree(trained_bundle, root / "bundle"))
     manifest = load_manifest(out)
@@ -58,9 +59,11 @@ def drift_bundle(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
     session = ort.InferenceSession(
         str(out / manifest.model_file), providers=["CPUExecutionProvider"]
     )
-    probs = session.run(
-        [manifest.output_name], {manifest.input_name: preprocess_batch(images, manifest.preprocess)}
-    )[0]
+    assert manifest.novelty is not None, "the trainer fits a novelty model"
+    probs, penultimate = session.run(
+        [manifest.output_name, manifest.novelty.output_name],
+        {manifest.input_name: preprocess_batch(images, manifest.preprocess)},
+    )
     features = decoded_image_features(images, [len(b) for b in payloads], manifest.preprocess)
     reference = build_reference(
         np.hstack([features, output_features(probs)]),
@@ -74,7 +77,19 @@ def drift_bundle(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
     calibration = dataclasses.replace(
         manifest.calibration, held_out_confidence=tuple(confidence.tolist())
     )
-    save_manifest(dataclasses.replace(manifest, reference=reference, calibration=calibration), out)
+    novelty = with_threshold(manifest.novelty, penultimate)
+    # The golden images' novelty is over the threshold: over the new one now.
+    rescale = (manifest.novelty.threshold / novelty.threshold) ** 0.5
+    golden = tuple(
+        dataclasses.replace(g, novelty=None if g.novelty is None else g.novelty * rescale)
+        for g in manifest.golden
+    )
+    save_manifest(
+        dataclasses.replace(
+            manifest, reference=reference, calibration=calibration, novelty=novelty, golden=golden
+        ),
+        out,
+    )
     return out
 
 
@@ -266,3 +281,31 @@ def test_shift_alerts_naming_the_feature_within_two_windows(
     assert alerts, f"{shift}: no alert in two windows"
     top_two = [f["feature"] for f in alerts[0]["features"][:2]]
     assert set(top_two) & EXPECTED[shift], f"{shift}: top two {top_two}, want {EXPECTED[shift]}"
+
+
+def test_unseen_classes_page_on_novelty_and_each_answer_says_so(
+    fleet: Callable[[list[bytes]], list[dict[str, Any]]],
+    held_out: dict[str, list[bytes]],
+    redis_server: Any,
+    tmp_path: Path,
+) -> None:
+    """Issue 26: a window with a fifth of its images from the four shapes the model never saw
+    (their pixels like the training images', answered confidently) pages on the novel share;
+    every answer carries its novelty, the unseen shapes' higher, more of them novel."""
+    unseen = generate(tmp_path / "unseen", classes=8, per_class=25, size=96, seed=11)
+    new = [p.read_bytes() for name in CLASS_NAMES[4:] for p in sorted((unseen / name).iterdir())]
+    window = interleaved(held_out)[: WINDOW - len(new)] + new
+    window = [window[i] for i in np.random.default_rng(0).permutation(len(window))]
+    alerts = fleet(window)
+    pages = [a for a in alerts if a["tier"] == "page"]
+    assert pages, alerts
+    assert "novel_share" in {f["feature"] for f in pages[0]["features"]}, pages[0]
+    client = ImgqClient(redis_server.url)
+    try:
+        answers = client.results(client.classify_many(new[:40] + interleaved(held_out)[:40]), 60)
+    finally:
+        client.close()
+    novelty = np.array([a["drift"]["novelty"] for a in answers])
+    novel = [a["drift"]["novel"] for a in answers]
+    assert novelty[:40].mean() > 1.5 * novelty[40:].mean(), novelty
+    assert sum(novel[:40]) > max(2, sum(novel[40:])), novel

@@ -24,9 +24,11 @@ from imgq.shared.decode import DecodeLimits
 from imgq.shared.errors import InvalidImage, InvalidTask
 from imgq.shared.imagestats import IMAGE_FEATURES
 from imgq.shared.manifest import load_manifest
+from imgq.shared.reference import RangeCheck
 from imgq.worker.broker.deadletters import DeadLetters
 from imgq.worker.broker.intake import Intake
 from imgq.worker.broker.settle import WindowCounts
+from imgq.worker.drift.recorder import BatchDrift
 from imgq.worker.engine import BatchEngine
 from imgq.worker.handlers.classify import ClassifyHandler
 from imgq.worker.metrics import WorkerMetrics
@@ -62,11 +64,20 @@ class FakeDrift:
     lua_add_window = (
         "local function add_window(key, n, pairs, ttl) return redis.call('INCRBY', key, n) end\n"
     )
+    novelty = None  # no novelty model: the handler asks the model for probabilities only
+    range_check: RangeCheck | None = None  # the bundle's, where _runner sets it
 
     def __init__(self) -> None:
         self.added: list[list[Any]] = []
         self.replies: list[Any] = []
         self.thumbnails: list[list[str]] = []
+
+    def observe_batch(self, inputs, features, probs, penultimate, *, sampled=-1):  # type: ignore[no-untyped-def]
+        """The batch as the recorder sees it: its image features and their range check."""
+        out = self.range_check(features) if self.range_check else [[] for _ in probs]
+        drift = [{"out_of_range": o} for o in out]
+        none = np.zeros(len(probs), bool)
+        return BatchDrift(features, probs, none, out, None, None, inputs, sampled, drift)
 
     def window_counts(self, observations: list[Any]) -> list[WindowCounts]:
         self.added.append(list(observations))
@@ -79,9 +90,9 @@ class FakeDrift:
         self.replies.append(counted["drift-count"])
 
     def extras(self, pipe: Any, observations: list[Any]) -> None:
-        for o in observations:
-            if o.out_of_range:
-                self.thumbnails.append(o.out_of_range)
+        for batch, row in observations:
+            if batch.out_of_range[row]:
+                self.thumbnails.append(batch.out_of_range[row])
                 return
 
     def close(self) -> None:
@@ -115,6 +126,8 @@ def _runner(redis_server, client, bundle, *, drift=None, **settings: Any) -> Bat
     intake = Intake(r, "imgq", "test-worker", lease_ttl_s=30, max_message_bytes=s.max_message_bytes)
     intake.renew_lease()
     metrics = WorkerMetrics(CollectorRegistry())
+    if isinstance(drift, FakeDrift):
+        drift.range_check = RangeCheck(bundle.manifest.reference, IMAGE_FEATURES)
     handler = ClassifyHandler(bundle, s, metrics, drift)
     return BatchEngine(s, {TASK_NAME: handler}, r, intake.lanes[0], client.backend, metrics,
                        wait_ms=s.wait_ms_for(bundle.provider))  # fmt: skip
@@ -234,8 +247,8 @@ def test_drift_gets_features_and_its_reply(redis_server, client, manifest) -> No
     runner = _runner(redis_server, client, FakeBundle(manifest), drift=drift)
     runner.run_once()
     (observations,) = drift.added
-    assert [o.features.shape for o in observations] == [(len(IMAGE_FEATURES),)] * 2
-    assert [o.probs.shape for o in observations] == [(3,)] * 2
+    assert [b.features[i].shape for b, i in observations] == [(len(IMAGE_FEATURES),)] * 2
+    assert [b.probs[i].shape for b, i in observations] == [(3,)] * 2
     assert drift.replies == [2]  # the window's count after the batch
     assert normal.get(timeout=5)["drift"] == {"out_of_range": []}
     wide_out = wide.get(timeout=5)["drift"]["out_of_range"]

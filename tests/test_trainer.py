@@ -13,6 +13,10 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+import onnxruntime as ort
 import pytest
 
 from imgq.cli import main as imgq
@@ -20,7 +24,7 @@ from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_image
 from imgq.shared.errors import ParityError
 from imgq.shared.imagestats import IMAGE_FEATURES, OUTPUT_FEATURES
-from imgq.shared.manifest import load_manifest
+from imgq.shared.manifest import Manifest, load_manifest, sha256_file
 from imgq.shared.preprocess import (
     PreprocessSpec,
     compute_mean_std,
@@ -30,8 +34,18 @@ from imgq.shared.preprocess import (
 )
 from imgq.shared.reference import build_reference
 from imgq.trainer.dataset import Dataset, Split, load_dataset, stratified_split
-from imgq.trainer.export import export_bundle
+from imgq.trainer.export import (
+    FEATURES_NAME,
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    _parity,
+    export_bundle,
+    export_onnx,
+    with_features,
+)
 from imgq.trainer.model import build_model
+from imgq.trainer.novelty import fit_novelty
 from imgq.trainer.sample_data import generate
 from imgq.trainer.train import (
     AugmentedBatches,
@@ -153,6 +167,31 @@ def test_trained_bundle_contents(trained_bundle: Path) -> None:
     assert len(m.calibration.held_out_confidence) == held_out
     before, after = m.calibration.nll_before, m.calibration.nll_after
     assert before is not None and after is not None and after <= before + 1e-9
+
+
+def test_trained_bundle_judges_novelty_in_its_features(
+    trained_bundle: Path, sample_data_dir: Path
+) -> None:
+    """Issue 26: the model's second output is its penultimate features (the small CNN's 192),
+    the manifest's novelty model scores them with its threshold set on the held-out images,
+    the parity gate compared features and novelty, each golden image records its novelty, and
+    the gallery holds training images of every class."""
+    m = load_manifest(trained_bundle)
+    novelty = m.novelty
+    assert m.version == 3 and novelty is not None and novelty.n_features == 192
+    held_out = m.training["n_val"] + m.training["n_test"]
+    assert novelty.held_out_novel == (3, held_out)  # at least 3 above it: a small split
+    assert m.parity["features_max_rel_diff"] <= 1e-3 and m.parity["novelty_max_rel_diff"] <= 1e-3
+    assert all(g.novelty is not None for g in m.golden)
+    assert {g.label for g in novelty.gallery} == set(m.labels)
+    assert all((trained_bundle / g.file).is_file() for g in novelty.gallery)
+    bundle = ModelBundle.load(trained_bundle, device="cpu")
+    assert bundle.check_golden()["novelty_max_rel_diff"] <= 1e-3
+    history = json.loads((trained_bundle / "history.json").read_text())
+    files = [sample_data_dir / f for f in history["split"]["val"] + history["split"]["test"]]
+    _, features = bundle.features_of_images([decode_image(f.read_bytes()) for f in files])
+    # The reference share, served (the threshold's own image may land either side of it).
+    assert int((novelty.score(features)[0] > 1.0).sum()) in (3, 4)
 
 
 def test_calibration_fits_the_validation_accuracy(trained_bundle: Path) -> None:
@@ -306,6 +345,43 @@ def test_parity_gate_catches_wrong_serving_preprocessing(
         )  # fmt: skip
     assert "images differ" in str(info.value) and "Worst:" in str(info.value)
     assert not (tmp_path / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_parity_gate_compares_the_features(
+    quick_model: tuple[keras.Model, Dataset, Split, PreprocessSpec], tmp_path: Path
+) -> None:
+    """Served features that differ from Keras' (the ONNX graph's features output shifted by 0.01)
+    fail the parity gate, naming features and novelty, though every probability agrees."""
+    model, data, split, spec = quick_model
+    path = export_onnx(model, spec, tmp_path / MODEL_FILE)
+    proto = onnx.load(str(path))
+    producer = next(n for n in proto.graph.node if FEATURES_NAME in n.output)
+    producer.output[list(producer.output).index(FEATURES_NAME)] = "features_exact"
+    shift = onnx.numpy_helper.from_array(np.array(0.01, np.float32), "shift")
+    proto.graph.initializer.append(shift)
+    add = onnx.helper.make_node("Add", ["features_exact", "shift"], [FEATURES_NAME])
+    proto.graph.node.append(add)
+    onnx.save(proto, str(path))
+    both = with_features(model)
+    assert both is not None
+    rows = np.concatenate([split.val, split.test])
+    _, train = both.predict(normalise_batch(data.images[split.train], spec), verbose=0)
+    _, held = both.predict(normalise_batch(data.images[rows], spec), verbose=0)
+    novelty = fit_novelty(train, data.y[split.train], held, len(data.class_names),
+                          output_name=FEATURES_NAME)  # fmt: skip
+    manifest = Manifest(
+        name="shifted", model_file=MODEL_FILE, model_sha256=sha256_file(path),
+        input_name=INPUT_NAME, output_name=OUTPUT_NAME, input_shape=spec.input_shape,
+        labels=data.class_names, preprocess=spec, novelty=novelty,
+        reference=build_reference(data.features, IMAGE_FEATURES),
+    )  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    served = ModelBundle(tmp_path, manifest, session)
+    files = [data.files[r] for r in rows]
+    with pytest.raises(ParityError, match=r"features [0-9.e-]+, novelty") as info:
+        _parity(model, served, files, normalise_batch(data.images[rows], spec), spec)
+    assert f"top-1 agrees on {len(files)}" in str(info.value)
 
 
 def test_a_weak_calibration_is_named_at_export() -> None:

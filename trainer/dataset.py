@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from imgq.shared.decode import decode_image
@@ -169,3 +170,13 @@ def load_dataset(data_dirs: DataDirs, spec: PreprocessSpec) -> Dataset:
         images=images,
         features=image_features(images, originals),
     )
+
+
+def thumbnail_jpeg(path: Path, max_side_px: int) -> bytes | None:
+    """A training image as a JPEG of at most ``max_side_px`` a side (None if OpenCV cannot
+    encode it), for the bundle's ``samples/`` and novelty gallery."""
+    rgb = decode_image(path.read_bytes())
+    scale = min(1.0, max_side_px / max(rgb.shape[:2]))
+    thumb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
+    return buf.tobytes() if ok else None

@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import keras
 import numpy as np
 
 from imgq.shared.calibration import Calibration, calibrated_top1, fit_temperature
-from imgq.shared.decode import decode_image
 from imgq.shared.errors import ImgqError
 from imgq.shared.imagestats import (
     IMAGE_FEATURES,
@@ -39,9 +36,18 @@ from imgq.shared.reference import (
     build_reference,
     leave_one_out_outside,
 )
-from imgq.trainer.dataset import DataDirs, Dataset, Split, load_dataset, stratified_split
-from imgq.trainer.export import MIN_PARITY_IMAGES, export_bundle
+from imgq.trainer.augment import AugmentedBatches, augment_batch
+from imgq.trainer.dataset import (
+    DataDirs,
+    Dataset,
+    Split,
+    load_dataset,
+    stratified_split,
+    thumbnail_jpeg,
+)
+from imgq.trainer.export import FEATURES_NAME, MIN_PARITY_IMAGES, export_bundle, with_features
 from imgq.trainer.model import ARCHITECTURES, build_model
+from imgq.trainer.novelty import bundle_novelty, describe_novelty
 from imgq.trainer.plots import plot_confusion_matrix, plot_training_curves
 
 __all__ = [
@@ -56,68 +62,6 @@ __all__ = [
 #: Training thumbnails per class written to ``samples/`` for the drift report.
 _SAMPLES_PER_CLASS = 4
 _THUMBNAIL_PX = 128
-
-
-def augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal flip, crop (85-100% of each side, resized back) and brightness/contrast
-    on an (N, H, W, 3) uint8 batch; returns a new uint8 batch of the same shape.
-
-    It works on decoded pixels, before ``shared.preprocess.normalise_batch``, so the model's
-    input path is still exactly the manifest's.
-    """
-    n, h, w, _ = images.shape
-    out = np.empty_like(images)
-    for i in range(n):
-        img = images[i, :, ::-1] if rng.random() < 0.5 else images[i]
-        side = rng.uniform(0.85, 1.0)
-        ch, cw = max(1, round(h * side)), max(1, round(w * side))
-        y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        out[i] = cv2.resize(img[y0 : y0 + ch, x0 : x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
-    gain = rng.uniform(0.75, 1.25, (n, 1, 1, 1)).astype(np.float32)
-    offset = rng.uniform(-20, 20, (n, 1, 1, 1)).astype(np.float32)
-    return np.clip(out * gain + offset, 0, 255).astype(np.uint8)
-
-
-class AugmentedBatches(keras.utils.PyDataset):
-    """Training batches: shuffled each epoch, augmented on uint8, normalised by ``shared/``.
-
-    Args:
-        images: (N, H, W, 3) uint8 images, already resized by ``shared.preprocess.resize_image``.
-        y: Class index per image.
-        spec: The preprocessing (with the training split's mean/std).
-        batch_size: Images per batch.
-        augment: Apply :func:`augment_batch`. Defaults to True.
-        seed: Seed of the shuffling and augmentation. Defaults to 0.
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        y: np.ndarray,
-        spec: PreprocessSpec,
-        batch_size: int,
-        *,
-        augment: bool = True,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.images, self.y, self.spec = images, y, spec
-        self.batch_size, self.augment = batch_size, augment
-        self._rng = np.random.default_rng(seed)
-        self._order = self._rng.permutation(len(y))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        batch = self.images[rows]
-        if self.augment:
-            batch = augment_batch(batch, self._rng)
-        return normalise_batch(batch, self.spec), self.y[rows]
-
-    def on_epoch_end(self) -> None:
-        self._order = self._rng.permutation(len(self.y))
 
 
 def overfit_onset(
@@ -243,12 +187,21 @@ def _write_samples(data: Dataset, split: Split, out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for row in split.train[data.y[split.train] == k][:_SAMPLES_PER_CLASS]:
             path = data.files[row]
-            rgb = decode_image(path.read_bytes())
-            scale = min(1.0, _THUMBNAIL_PX / max(rgb.shape[:2]))
-            thumb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
-            if ok:
-                (folder / f"{path.stem}.jpg").write_bytes(buf.tobytes())
+            jpeg = thumbnail_jpeg(path, _THUMBNAIL_PX)
+            if jpeg is not None:
+                (folder / f"{path.stem}.jpg").write_bytes(jpeg)
+
+
+def _predict(model: keras.Model, data: Dataset, rows: np.ndarray, spec: PreprocessSpec) -> Any:
+    """``model``'s outputs for dataset rows, normalised a chunk at a time (a training set at
+    224 pixels as one float32 tensor would take gigabytes)."""
+    chunks = [
+        model.predict(normalise_batch(data.images[rows[i : i + 512]], spec), verbose=0)
+        for i in range(0, len(rows), 512)
+    ]
+    if isinstance(chunks[0], list):
+        return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+    return np.concatenate(chunks)
 
 
 def _relative(path: Path, roots: list[Path]) -> str:
@@ -379,7 +332,22 @@ def train_bundle(
     epochs_run = len(history["loss"])
     best_epoch = stopper.best_epoch + 1
 
-    test_probs = model.predict(x_test, batch_size=64, verbose=0)
+    both = with_features(model)
+    if both is None:  # no dense layer: no features to judge novelty on
+        test_probs = model.predict(x_test, batch_size=64, verbose=0)
+        val_probs = model.predict(x_val, batch_size=64, verbose=0)
+        novelty = None
+    else:
+        test_probs, test_features = both.predict(x_test, batch_size=64, verbose=0)
+        val_probs, val_features = both.predict(x_val, batch_size=64, verbose=0)
+        _, train_features = _predict(both, data, split.train, spec)
+        novelty = bundle_novelty(
+            data,
+            split,
+            {"train": train_features, "val": val_features, "test": test_features},
+            out,
+            output_name=FEATURES_NAME,
+        )
     matrix, per_class = _class_metrics(y_test, test_probs.argmax(axis=1), data.class_names)
     test_accuracy = float(np.trace(matrix) / matrix.sum())
     curves = plot_training_curves(
@@ -387,7 +355,6 @@ def train_bundle(
         overfit_epoch=overfit.onset_epoch,
     )  # fmt: skip
     plot_confusion_matrix(matrix, data.class_names, out / "confusion_matrix.png")
-    val_probs = model.predict(x_val, batch_size=64, verbose=0)
     held_out_probs = np.concatenate([val_probs, test_probs])
     calibration = _calibration(val_probs, y_val, held_out_probs)
     _write_samples(data, split, out)
@@ -438,6 +405,7 @@ def train_bundle(
         parity_rows=_parity_rows(split),
         reference=_reference(data, split, held_out_probs),
         calibration=calibration,
+        novelty=novelty,
         training=training,
     )
     p = manifest.parity
@@ -454,9 +422,17 @@ def train_bundle(
         f"{calibration.nll_before:.4f} -> {calibration.nll_after:.4f}, ECE "
         f"{calibration.ece_before:.4f} -> {calibration.ece_after:.4f})\n"
         + _calibration_note(calibration)
+        + describe_novelty(manifest.novelty)
         + f"parity (Keras vs served ONNX, {p['n_images']} images from their files): top-1 agree "
         f"{p['top1_agree']}/{p['n_images']}, max |diff| {p['max_abs_diff']:.2e} "
-        f"(limit {p['atol']:g})\n"
+        f"(limit {p['atol']:g})"
+        + (
+            f"; features {p['features_max_rel_diff']:.2e}, novelty "
+            f"{p['novelty_max_rel_diff']:.2e} relative"
+            if "novelty_max_rel_diff" in p
+            else ""
+        )
+        + "\n"
         f"bundle: {out} (sha256 {manifest.short_sha}), {time.perf_counter() - started:.0f} s in all"
     )
     return out

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any
 
+import orjson
 import redis
 
 from imgq.shared.manifest import Manifest
@@ -85,6 +86,9 @@ class DriftDetector:
             if calibration is not None and len(calibration.held_out_confidence) >= 2
             else None
         )
+        self.novel_reference = (
+            manifest.novelty.held_out_novel if manifest.novelty is not None else None
+        )
         self.state_ttl_s = state_ttl_s
         self.metrics = metrics or process_metrics()
         # Both tiers' counters exist at 0 from now on: a rule's increase() sees no page in a
@@ -93,7 +97,19 @@ class DriftDetector:
             self.metrics.drift_alerts.labels(
                 model=manifest.name, drift_id=manifest.drift_id, tier=tier
             )
+        self._psi_gauges: dict[str, Any] = {}
         self.layout = WindowLayout(manifest.reference)
+
+    def prepare(self, window_size: int) -> None:
+        """Compute now what judging a full window of ``window_size`` images needs (the
+        estimated-accuracy test's resampled null distribution). With a novelty model, every
+        full window is judged on that one (:class:`AccuracyTest`'s ``window_cap``); without,
+        each window size has its own, as before novelty."""
+        if self.accuracy_test is None:
+            return
+        if self.manifest.novelty is not None:
+            self.accuracy_test.window_cap = window_size
+        self.accuracy_test.p_value(self.accuracy_test.reference_mean, window_size)
 
     def evaluate(self, window_id: int) -> dict[str, Any] | None:
         """Judge closed window ``window_id``: store its verdict as the latest and in the
@@ -118,6 +134,7 @@ class DriftDetector:
             labels=self.manifest.labels,
             page_alpha=self.page_alpha,
             accuracy_test=self.accuracy_test,
+            novel_reference=self.novel_reference,
         )
         estimated = self.estimated_accuracy(window)
         latest = {
@@ -138,7 +155,7 @@ class DriftDetector:
             while True:
                 try:
                     pipe.watch(self.keys.open_alerts)
-                    alert, clear = self._transition(pipe, window, results, latest)
+                    alert, clear, still_open = self._transition(pipe, window, results, latest)
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -160,7 +177,7 @@ class DriftDetector:
                 ),
                 extra={"event": "drift_alert", "drift": alert},
             )
-        self._export(results, latest, alert)
+        self._export(results, latest, alert, still_open)
         return alert
 
     def estimated_accuracy(self, window: Window) -> float | None:
@@ -173,16 +190,18 @@ class DriftDetector:
 
     def _transition(
         self, pipe: Any, window: Window, results: list[FeatureResult], latest: dict[str, Any]
-    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, str]]:
         """Inside the transaction: store the latest statistics, open new alerts, clear ended
-        ones. Returns the alert and clear events written (None when there is none)."""
+        ones. Returns the alert and clear events written (None when there is none) and the
+        open-alert map as the transaction leaves it."""
         open_alerts = {_text(k): _text(v) for k, v in pipe.hgetall(self.keys.open_alerts).items()}
         change = alert_transitions(open_alerts, results)
         alert = clear = None
         ttl_s = self.state_ttl_s
         pipe.multi()
-        pipe.set(self.keys.latest, json.dumps(latest), ex=ttl_s)
-        pipe.lpush(self.keys.verdicts, json.dumps(latest))
+        verdict = _json(latest)
+        pipe.set(self.keys.latest, verdict, ex=ttl_s)
+        pipe.lpush(self.keys.verdicts, verdict)
         pipe.ltrim(self.keys.verdicts, 0, 499)
         pipe.expire(self.keys.verdicts, ttl_s)
         if change.tier is not None:
@@ -199,7 +218,7 @@ class DriftDetector:
                 "time": _iso(time.time()),
             }
             pipe.xadd(
-                self.keys.alerts, {"json": json.dumps(alert)}, maxlen=ALERTS_KEPT, approximate=True
+                self.keys.alerts, {"json": _json(alert)}, maxlen=ALERTS_KEPT, approximate=True
             )
         opened = {f: str(window.id) for f in change.opened} | change.joined
         if opened:
@@ -212,22 +231,33 @@ class DriftDetector:
                 "features": {f: open_alerts[f] for f in change.cleared},
             }
             pipe.xadd(
-                self.keys.alerts, {"json": json.dumps(clear)}, maxlen=ALERTS_KEPT, approximate=True
+                self.keys.alerts, {"json": _json(clear)}, maxlen=ALERTS_KEPT, approximate=True
             )
             pipe.hdel(self.keys.open_alerts, *change.cleared)
         if alert or opened or clear:
             pipe.expire(self.keys.alerts, ttl_s)
             pipe.expire(self.keys.open_alerts, ttl_s)  # a no-op when the last one cleared
-        return alert, clear
+        still_open = {f: i for f, i in open_alerts.items() if f not in change.cleared} | opened
+        return alert, clear, still_open
 
     def _export(
-        self, results: list[FeatureResult], latest: dict[str, Any], alert: dict[str, Any] | None
+        self,
+        results: list[FeatureResult],
+        latest: dict[str, Any],
+        alert: dict[str, Any] | None,
+        open_alerts: dict[str, str],
     ) -> None:
         """Prometheus: PSI per feature, windows judged by tier, alerts raised by tier, open
-        alerts by tier, and the estimated accuracy."""
+        alerts by tier (``open_alerts``: the map the transaction left), and the estimated
+        accuracy."""
         model, drift_id = self.manifest.name, self.manifest.drift_id
+        psi = self._psi_gauges
         for r in results:
-            self.metrics.drift_psi.labels(model=model, drift_id=drift_id, feature=r.name).set(r.psi)
+            if r.name not in psi:  # a child per feature, made once: labels() costs each window
+                psi[r.name] = self.metrics.drift_psi.labels(
+                    model=model, drift_id=drift_id, feature=r.name
+                )
+            psi[r.name].set(r.psi)
         self.metrics.drift_windows.labels(model=model, drift_id=drift_id, tier=latest["tier"]).inc()
         if alert is not None:
             tier = alert["tier"]
@@ -240,9 +270,6 @@ class DriftDetector:
             self.metrics.drift_estimated_accuracy.labels(model=model, drift_id=drift_id).set(
                 latest["estimated_accuracy"]
             )
-        open_alerts = {
-            _text(k): _text(v) for k, v in self.redis.hgetall(self.keys.open_alerts).items()
-        }
         tiers = {r.name: r.tier for r in results}
         by_tier: dict[str, set[str]] = {tier: set() for tier in ALERT_TIERS}
         for feature, alert_id in open_alerts.items():
@@ -252,6 +279,15 @@ class DriftDetector:
             self.metrics.drift_alerts_open.labels(model=model, drift_id=drift_id, tier=tier).set(
                 len(ids)
             )
+
+
+def _json(value: Any) -> bytes:
+    """A verdict or alert as JSON at orjson's speed (a window's verdict is ~20 kB), numpy's
+    floats as numbers; what orjson refuses, the standard library writes."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(value).encode()
 
 
 def _counts(window: Window, r: FeatureResult) -> list[int]:

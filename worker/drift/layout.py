@@ -61,6 +61,8 @@ class Window:
         out_of_range: Images with some pixel feature outside the training range.
         calibrated_confidence_sum: Sum of the calibrated top-1 probabilities (0 when the bundle
             has no calibration).
+        novel: Images whose novelty is above the bundle's threshold (0 when the bundle has no
+            novelty model).
     """
 
     id: int
@@ -71,6 +73,7 @@ class Window:
     sums: dict[str, float]
     out_of_range: int = 0
     calibrated_confidence_sum: float = 0.0
+    novel: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Summary for alerts and logs (no counts)."""
@@ -90,22 +93,23 @@ class WindowLayout:
     Slot 0 is the image count, 1 and 2 the server time (µs) of the first and last batch, then the
     bins of every feature in :data:`ALL_FEATURES` order (those the reference has), then the sums
     of the continuous features in fixed point (:data:`SUM_SCALE` per unit), for the current mean,
-    then the count of out-of-range images and the fixed-point sum of calibrated confidences
-    (slots a window written by an older worker lacks read as 0).
+    then the count of out-of-range images, the fixed-point sum of calibrated confidences and the
+    count of novel images (slots a window written by an older worker lacks read as 0; a slot
+    never incremented is not in the string, so a bundle without novelty writes what it did).
     Every worker derives the same layout from the same reference. One ``BITFIELD`` of a batch's
     ~150 increments costs Redis a fraction of what ~150 ``HINCRBY`` on a hash did
     (``docs/benchmarks.md``).
 
     >>> from imgq.shared.reference import build_reference
     >>> layout = WindowLayout(build_reference(np.arange(40.0)[:, None], ["brightness"], n_bins=4))
-    >>> layout.first_bin, layout.sum_slots, layout.out_of_range_slot, layout.size
+    >>> layout.first_bin, layout.sum_slots, layout.out_of_range_slot, layout.novel_slot
     ({'brightness': 3}, {'brightness': 7}, 8, 10)
     >>> raw = np.array([5, 2_000_000, 3_500_000, 1, 0, 4, 0, 2_500_000, 2, 4_000_000], ">i8")
     >>> w = layout.parse(9, raw.tobytes())
     >>> w.n_images, w.start_s, w.end_s, w.counts["brightness"].tolist(), w.sums["brightness"]
     (5, 2.0, 3.5, [1, 0, 4, 0], 2.5)
-    >>> w.out_of_range, w.calibrated_confidence_sum
-    (2, 4.0)
+    >>> w.out_of_range, w.calibrated_confidence_sum, w.novel
+    (2, 4.0, 0)
     """
 
     def __init__(self, reference: ReferenceStats) -> None:
@@ -123,7 +127,8 @@ class WindowLayout:
                 slot += 1
         self.out_of_range_slot = slot
         self.calibrated_confidence_slot = slot + 1
-        self.size = slot + 2
+        self.novel_slot = slot + 2
+        self.size = slot + 3
         self._n_bins = {name: len(features[name].counts) for name in self.names}
 
     def parse(self, window_id: int, raw: bytes | None) -> Window:
@@ -146,6 +151,7 @@ class WindowLayout:
             sums=sums,
             out_of_range=int(values[self.out_of_range_slot]),
             calibrated_confidence_sum=float(values[self.calibrated_confidence_slot]) / SUM_SCALE,
+            novel=int(values[self.novel_slot]),
         )
 
 
@@ -169,6 +175,7 @@ class DriftKeys:
         self.open_alerts = prefix + "open_alerts"
         self.acked = prefix + "acked"
         self.out_of_range = prefix + "out_of_range"
+        self.novel = prefix + "novel"
         self.verdicts = prefix + "verdicts"
         self.samples = prefix + "samples"
 
@@ -185,6 +192,7 @@ class DriftKeys:
             self.out_of_range,
             self.verdicts,
             self.samples,
+            self.novel,
         )
 
     def window(self, window_id: int) -> str:

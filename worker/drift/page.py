@@ -4,8 +4,10 @@ Per model (every published version, ``worker/bundles.py``, and every model with 
 the window timeline with tiers and estimated accuracy (the verdict history the detector keeps),
 the alerts with an Acknowledge button (the same as ``imgq drift alerts --ack ID``), per-feature
 histograms of the training reference (from the model's manifest, fetched from its published
-bundle) against the latest window, and recent out-of-range inputs beside training images of the
-class the model predicted (the bundle's ``samples/`` when it has them, else its golden set).
+bundle) against the latest window, recent out-of-range inputs beside training images of the
+class the model predicted (the bundle's ``samples/`` when it has them, else its golden set), and
+recent novel inputs beside the training images nearest to them in the model's features (the
+bundle's novelty gallery).
 ``/api/models`` and ``/api/model/<sha12>`` return the same as JSON.
 
 The standard library's HTTP server, bound to 127.0.0.1 by default. Every request must name this
@@ -39,8 +41,10 @@ from imgq.shared.manifest import Manifest, load_manifest
 from imgq.worker.drift.layout import DriftKeys, WindowLayout
 from imgq.worker.drift.page_html import render_error, render_index, render_model
 from imgq.worker.drift.page_view import (
+    gallery_images,
     histograms,
     json_entry,
+    novel_thumbnails,
     thumbnails,
     training_samples,
     verdict,
@@ -182,6 +186,8 @@ class ReviewData:
             "histogram_window": None,
             "out_of_range": thumbnails(self.client.lrange(keys.out_of_range, 0, _THUMBS_SHOWN)),
             "training_samples": {},
+            "novel": [],
+            "gallery": [],
         }
         if not isinstance(bundle, str):
             folder, manifest = bundle
@@ -192,6 +198,9 @@ class ReviewData:
                 view["histograms"] = histograms(manifest, latest)
                 view["histogram_window"] = latest["window"].get("id")
             view["training_samples"] = training_samples(folder, manifest)
+            view["gallery"] = gallery_images(folder, manifest)
+            raw_novel = self.client.lrange(keys.novel, 0, _THUMBS_SHOWN)
+            view["novel"] = novel_thumbnails(raw_novel, len(view["gallery"]))
         return view
 
 

@@ -98,6 +98,7 @@ def render_model(view: dict[str, Any], token: str) -> str:
         + _alerts(view["alerts"], sha, token)
         + _timeline(view["verdicts"])
         + _histograms(view["histograms"], view.get("histogram_window"))
+        + _novel(view.get("novel", []), view.get("gallery", []))
         + _out_of_range(view["out_of_range"], view["training_samples"]),
     )
 
@@ -218,6 +219,35 @@ def _histograms(histograms: list[dict[str, Any]], window_id: Any) -> str:
         f'<span style="color:#5c7cfa">&#9632;</span> training reference, '
         f'<span style="color:#f08c00">&#9632;</span> window {_e(window_id)}; shares per '
         f'bin.</p><div class="grid">{cards}</div>'
+    )
+
+
+def _novel(thumbs: list[dict[str, Any]], gallery: list[dict[str, Any]]) -> str:
+    """Recent novel inputs, each beside the training images nearest to it in the model's
+    features."""
+    if not thumbs:
+        return '<h2 id="novel">Novel inputs</h2><p>None kept.</p>'
+    cards = []
+    for t in thumbs:
+        near = "".join(
+            f'<img src="{_e(gallery[i]["uri"])}" alt="nearest training image, '
+            f'{_e(gallery[i]["label"])}" title="{_e(gallery[i]["label"])}">'
+            for i in t["neighbours"]
+            if gallery[i]["uri"] is not None
+        )
+        novelty = "n/a" if t["novelty"] is None else f"{t['novelty']:.2f}"
+        cards.append(
+            f'<div class="card novel"><img src="data:image/jpeg;base64,{_e(t["jpeg_b64"])}" '
+            f'alt="novel input"> {near or "<i>no training image</i>"}<br>'
+            f"novelty <b>{_e(novelty)}</b> (1 = threshold); predicted "
+            f"<b>{_e(t['label'] if t['label'] is not None else 'n/a')}</b><br>"
+            f'<span class="muted">{_e(t["time"])}</span></div>'
+        )
+    return (
+        '<h2 id="novel">Novel inputs</h2><p class="muted">Each recent input the model finds '
+        "unlike its training classes in its own features (left), beside the training images "
+        "nearest to it there: a new kind of object the model answers as something it knows. "
+        f'Label a few and retrain (docs/drift.md).</p><div class="grid">{"".join(cards)}</div>'
     )
 
 

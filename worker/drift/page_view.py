@@ -18,7 +18,15 @@ from imgq.shared.manifest import Manifest
 from imgq.worker.drift.records import MAX_RECORD_BYTES, accuracy, finite
 from imgq.worker.drift.review import _bin_labels
 
-__all__ = ["histograms", "json_entry", "thumbnails", "training_samples", "verdict"]
+__all__ = [
+    "gallery_images",
+    "histograms",
+    "json_entry",
+    "novel_thumbnails",
+    "thumbnails",
+    "training_samples",
+    "verdict",
+]
 
 #: Training images per class and their largest file; a thumbnail's largest base64.
 _SAMPLES_PER_CLASS, _SAMPLE_MAX_BYTES, _THUMB_MAX_B64 = 4, 256 << 10, 64 << 10
@@ -102,20 +110,26 @@ def histograms(manifest: Manifest, latest: dict[str, Any]) -> list[dict[str, Any
     return out
 
 
+def _jpeg_b64(item: Any) -> str | None:
+    """A stored thumbnail's base64, re-encoded, when it is small, valid and of a JPEG."""
+    if not isinstance(item, dict) or not isinstance(item.get("jpeg_b64"), str):
+        return None
+    if len(item["jpeg_b64"]) > _THUMB_MAX_B64:
+        return None
+    try:
+        jpeg = base64.b64decode(item["jpeg_b64"], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return base64.b64encode(jpeg).decode("ascii") if jpeg.startswith(_JPEG_MAGIC) else None
+
+
 def thumbnails(raw: list[Any]) -> list[dict[str, Any]]:
     """Recent out-of-range thumbnails: small, valid base64 of bytes that start as a JPEG
     (others are skipped)."""
     out = []
     for item in map(json_entry, raw):
-        if not isinstance(item, dict) or not isinstance(item.get("jpeg_b64"), str):
-            continue
-        if len(item["jpeg_b64"]) > _THUMB_MAX_B64:
-            continue
-        try:
-            jpeg = base64.b64decode(item["jpeg_b64"], validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        if not jpeg.startswith(_JPEG_MAGIC):
+        jpeg_b64 = _jpeg_b64(item)
+        if jpeg_b64 is None:
             continue
         features = item.get("features")
         label = item.get("label")
@@ -123,9 +137,56 @@ def thumbnails(raw: list[Any]) -> list[dict[str, Any]]:
             "time": str(item.get("time", "")),
             "features": [str(x) for x in features] if isinstance(features, list) else [],
             "label": label if isinstance(label, str) else None,
-            "jpeg_b64": base64.b64encode(jpeg).decode("ascii"),
+            "jpeg_b64": jpeg_b64,
         })  # fmt: skip
     return out
+
+
+def novel_thumbnails(raw: list[Any], gallery_size: int) -> list[dict[str, Any]]:
+    """Recent novel inputs: their thumbnail (as :func:`thumbnails` checks it), novelty (n/a
+    unless a finite number), predicted label, and the positions of their nearest training
+    images in the gallery (at most four; any that is not a position in it is dropped)."""
+    out = []
+    for item in map(json_entry, raw):
+        jpeg_b64 = _jpeg_b64(item)
+        if jpeg_b64 is None:
+            continue
+        label = item.get("label")
+        neighbours = item.get("neighbours")
+        near = [
+            i for i in (neighbours if isinstance(neighbours, list) else [])[:4]
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < gallery_size
+        ]  # fmt: skip
+        out.append({
+            "time": str(item.get("time", "")),
+            "novelty": finite(item.get("novelty")),
+            "label": label if isinstance(label, str) else None,
+            "neighbours": near,
+            "jpeg_b64": jpeg_b64,
+        })  # fmt: skip
+    return out
+
+
+def _data_uri(path: Path, root: Path) -> str | None:
+    """A bundle image as a data URI: a known image type, inside the bundle, small."""
+    mime = _MIME.get(path.suffix.lower())
+    if mime is None or not path.resolve().is_relative_to(root) or not path.is_file():
+        return None
+    if path.stat().st_size > _SAMPLE_MAX_BYTES:
+        return None
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def gallery_images(folder: Path, manifest: Manifest) -> list[dict[str, Any]]:
+    """The novelty gallery's training images, in gallery order (the positions novel inputs
+    name), each ``{"label", "uri"}`` (``uri`` None where the file is missing or refused)."""
+    if manifest.novelty is None:
+        return []
+    root = folder.resolve()
+    return [
+        {"label": g.label, "uri": _data_uri(folder / g.file, root)}
+        for g in manifest.novelty.gallery
+    ]
 
 
 def training_samples(folder: Path, manifest: Manifest) -> dict[str, list[str]]:
@@ -148,11 +209,7 @@ def training_samples(folder: Path, manifest: Manifest) -> dict[str, list[str]]:
     root = folder.resolve()
     for label, paths in found.items():
         for path in paths:
-            mime = _MIME.get(path.suffix.lower())
-            if mime is None or not path.resolve().is_relative_to(root) or not path.is_file():
-                continue
-            if path.stat().st_size > _SAMPLE_MAX_BYTES:
-                continue
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-            uris.setdefault(label, []).append(f"data:{mime};base64,{data}")
+            uri = _data_uri(path, root)
+            if uri is not None:
+                uris.setdefault(label, []).append(uri)
     return uris

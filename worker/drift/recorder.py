@@ -5,18 +5,13 @@ windows and has the detector judge them (never on the hot path).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 import logging
-import math
 import queue
 import threading
-import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
-import cv2
 import numpy as np
 import redis
 
@@ -39,40 +34,53 @@ from imgq.worker.drift.layout import (
     ALL_FEATURES,
     STATE_TTL_S,
     SUM_SCALE,
-    THUMBNAIL_PX,
-    THUMBNAILS_KEPT,
     DriftKeys,
     _check_ttl,
-    _iso,
 )
 from imgq.worker.drift.samples import SampleWriter
+from imgq.worker.drift.thumbnails import ThumbnailWriter
 from imgq.worker.drift.verdict import NOTICE_ALPHA, PAGE_ALPHA
 from imgq.worker.metrics import WorkerMetrics
 
-__all__ = ["DriftRecorder", "Observation"]
+__all__ = ["BatchDrift", "DriftRecorder", "Observation"]
 
 log = logging.getLogger("imgq.drift")
 
 
-@dataclasses.dataclass(frozen=True)
-class Observation:
-    """What drift sees of one classified image (the classification handler makes it).
+@dataclasses.dataclass(slots=True)
+class BatchDrift:
+    """What drift sees of one batch's classified images, computed once for the whole batch by
+    :meth:`DriftRecorder.observe_batch`; each image's :class:`Observation` points into it.
 
     Attributes:
-        features: Its image features, in ``IMAGE_FEATURES`` order.
-        probs: The model's probabilities for it.
-        out_of_range: Its features outside the training range.
-        model_input: The image as the model saw it, kept only when it is out of range (for a
-            thumbnail in ``imgq drift report``) or :attr:`sampled`.
-        sampled: Kept as a sample of the window (``worker/drift/samples.py``): the handler
-            marks at most one image per batch when :meth:`DriftRecorder.sample_due` says so.
+        features: ``(N, len(IMAGE_FEATURES))`` image features.
+        probs: ``(N, K)`` the model's probabilities.
+        pixel_outside: ``(N,)`` whether a pixel feature is out of range (the window's count).
+        out_of_range: Per image, its features outside the training range.
+        novelty: ``(N,)`` novelty (above 1: novel), or None without a novelty model.
+        embedding: ``(N, r)`` the features on the novelty model's principal axes, or None.
+        model_inputs: The images as the model saw them (thumbnails and samples are made of the
+            few that are kept).
+        sampled: The row kept as a sample of the window (``worker/drift/samples.py``), or -1.
+        drift: Per image, the task result's ``drift`` entry.
     """
 
     features: np.ndarray
     probs: np.ndarray
-    out_of_range: list[str]
-    model_input: np.ndarray | None = None
-    sampled: bool = False
+    pixel_outside: np.ndarray
+    out_of_range: list[list[str]]
+    novelty: np.ndarray | None
+    embedding: np.ndarray | None
+    model_inputs: Sequence[np.ndarray]
+    sampled: int
+    drift: list[dict[str, Any]]
+
+
+class Observation(NamedTuple):
+    """What drift sees of one classified image: a row of its batch's :class:`BatchDrift`."""
+
+    batch: BatchDrift
+    row: int
 
 
 class DriftRecorder:
@@ -162,9 +170,9 @@ class DriftRecorder:
         self.window_ttl_s = window_ttl_s
         self.state_ttl_s = state_ttl_s
         self._dropped_logged = False
-        self._thumbnail_interval_s = 1.0 / thumbnails_per_s
-        self._last_thumbnail_s = -math.inf
+        self.thumbnails = ThumbnailWriter(self.keys, thumbnails_per_s, state_ttl_s)
         self.samples = SampleWriter(self.keys, manifest, samples_per_s, state_ttl_s)
+        self.novelty = manifest.novelty
         ref = manifest.reference.features
         layout = self.detector.layout
         # Every bin of every feature numbered by its slot in the window's Redis string: the hot
@@ -187,8 +195,12 @@ class DriftRecorder:
         self._pixel_check = RangeCheck(manifest.reference, PIXEL_FEATURES)
         self._out_of_range_slot = layout.out_of_range_slot
         self._calibrated_slot = layout.calibrated_confidence_slot
+        self._novel_slot = layout.novel_slot
         calibration = manifest.calibration
         self._temperature = None if calibration is None else calibration.temperature
+        # The estimated-accuracy test's null distribution for a full window (0.1-0.3 s): at
+        # start-up, not in the middle of serving when the first window is judged.
+        self.detector.prepare(window_size)
         self._requests: queue.Queue[str | None] = queue.Queue()
         self._tick_s = min(self.window_s / 4, 5.0)
         self._thread = threading.Thread(target=self._run, name="imgq-drift", daemon=True)
@@ -199,6 +211,47 @@ class DriftRecorder:
         range (the task result's ``drift.out_of_range``)."""
         return self._range_check(image_features)
 
+    def observe_batch(
+        self,
+        model_inputs: Sequence[np.ndarray],
+        features: np.ndarray,
+        probs: np.ndarray,
+        penultimate: np.ndarray | None,
+        *,
+        sampled: int = -1,
+    ) -> BatchDrift:
+        """Everything drift needs of a classified batch, vectorised over the batch: the
+        out-of-range check, novelty (with ``penultimate``, the model's features output, when
+        the bundle has a novelty model), and each result's ``drift`` entry.
+
+        Args:
+            model_inputs: The images as the model saw them (RGB uint8, its input size).
+            features: ``(N, len(IMAGE_FEATURES))`` their :func:`~shared.imagestats.image_features`
+                (the handler computes them before the model call, while the inputs are in the
+                CPU's caches).
+            probs: ``(N, K)`` the model's probabilities.
+            penultimate: ``(N, D)`` the model's features output, or None.
+            sampled: The row to keep as a sample of the window, or -1.
+        """
+        outside = self._range_check.outside(features)
+        out_of_range = self._range_check.names_of(outside)
+        pixel_outside = np.asarray(outside[:, : len(PIXEL_FEATURES)].any(axis=1))
+        novelty = embedding = None
+        if self.novelty is not None and penultimate is not None:
+            novelty, embedding = self.novelty.score(penultimate)
+            shown = np.round(novelty, 4).tolist()
+            novel = (novelty > 1.0).tolist()
+            drift = [
+                {"out_of_range": o, "novelty": v, "novel": b}
+                for o, v, b in zip(out_of_range, shown, novel, strict=True)
+            ]
+        else:
+            drift = [{"out_of_range": o} for o in out_of_range]
+        return BatchDrift(
+            features, probs, pixel_outside, out_of_range, novelty, embedding, model_inputs,
+            sampled, drift,
+        )  # fmt: skip
+
     # -- the Observer protocol (imgq.worker.handler) ----------------------------------------------
 
     #: The Lua function ``add_window(key, n, pairs, ttl)`` that the batch's settle script
@@ -206,12 +259,34 @@ class DriftRecorder:
     lua_add_window = _ADD_WINDOW_FUNCTION_LUA
 
     def window_counts(self, observations: Sequence[Observation]) -> list[WindowCounts]:
-        """The counts of these images for the open window, for the settle script."""
+        """The counts of these images for the open window, for the settle script: their
+        batch's arrays as they are when all of its images count (the usual case), else the
+        rows that do."""
         if not observations:
             return []
-        features = np.stack([o.features for o in observations])
-        probs = np.stack([o.probs for o in observations])
-        return [self.counts_of(features, probs)]
+        batches: dict[int, tuple[BatchDrift, list[int]]] = {}
+        for o in observations:
+            batches.setdefault(id(o.batch), (o.batch, []))[1].append(o.row)
+        parts = [
+            (b.features, b.probs, b.pixel_outside, b.novelty)
+            if len(rows) == len(b.probs)
+            else (
+                b.features[rows],
+                b.probs[rows],
+                b.pixel_outside[rows],
+                None if b.novelty is None else b.novelty[rows],
+            )
+            for b, rows in batches.values()
+        ]
+        if len(parts) == 1:
+            features, probs, outside, novelty = parts[0]
+        else:
+            features = np.concatenate([p[0] for p in parts])
+            probs = np.concatenate([p[1] for p in parts])
+            outside = np.concatenate([p[2] for p in parts])
+            novelties = [p[3] for p in parts if p[3] is not None]
+            novelty = np.concatenate(novelties) if len(novelties) == len(parts) else None
+        return [self.counts_of(features, probs, novelty=novelty, pixel_outside=outside)]
 
     def after_settle(self, counted: Mapping[str, int]) -> None:
         """:meth:`after_pipeline` with the open window's count."""
@@ -219,16 +294,29 @@ class DriftRecorder:
             self.after_pipeline(counted[self.keys.open])
 
     def extras(self, pipe: Any, observations: Sequence[Observation]) -> None:
-        """A thumbnail of the batch's first out-of-range input, rate limited, and the batch's
-        sampled input with its answer."""
-        for o in observations:
-            if o.out_of_range and o.model_input is not None:
-                label = self.manifest.labels[int(np.argmax(o.probs))]
-                self.add_out_of_range_thumbnail(pipe, o.model_input, o.out_of_range, label)
-                break
-        for o in observations:
-            if o.sampled and o.model_input is not None:
-                self.samples.add(pipe, o.model_input, o.probs, o.out_of_range)
+        """Thumbnails of the batch's first out-of-range input and of its first novel input
+        (beside its nearest training images), each rate limited, and the batch's sampled input
+        with its answer."""
+        labels = self.manifest.labels
+        for batch, row in _first(observations, lambda b, i: bool(b.out_of_range[i])):
+            label = labels[int(np.argmax(batch.probs[row]))]
+            self.thumbnails.out_of_range(
+                pipe, batch.model_inputs[row], batch.out_of_range[row], label
+            )
+        novel = lambda b, i: b.novelty is not None and bool(b.novelty[i] > 1.0)  # noqa: E731
+        for batch, row in _first(observations, novel):
+            assert batch.novelty is not None and batch.embedding is not None
+            assert self.novelty is not None
+            label = labels[int(np.argmax(batch.probs[row]))]
+            neighbours = self.novelty.nearest_gallery(batch.embedding[row])
+            self.thumbnails.novel(
+                pipe, batch.model_inputs[row], float(batch.novelty[row]), label, neighbours
+            )
+        for batch, row in _first(observations, lambda b, i: b.sampled == i):
+            novelty = None if batch.novelty is None else float(batch.novelty[row])
+            self.samples.add(
+                pipe, batch.model_inputs[row], batch.probs[row], batch.out_of_range[row], novelty
+            )
 
     def sample_due(self) -> bool:
         """Whether the handler should mark one image of this batch :attr:`Observation.sampled`
@@ -237,12 +325,22 @@ class DriftRecorder:
 
     # -- counts ---------------------------------------------------------------------------------
 
-    def counts_of(self, image_features: np.ndarray, probs: np.ndarray) -> WindowCounts:
+    def counts_of(
+        self,
+        image_features: np.ndarray,
+        probs: np.ndarray,
+        *,
+        novelty: np.ndarray | None = None,
+        pixel_outside: np.ndarray | None = None,
+    ) -> WindowCounts:
         """A batch's counts for the open window.
 
         Args:
             image_features: (N, len(IMAGE_FEATURES)) features of the batch's inferred images.
             probs: (N, K) their probabilities, in the same order.
+            novelty: (N,) their novelty (the novel ones are counted), or None.
+            pixel_outside: (N,) whether a pixel feature is out of range, if known (else
+                checked here).
         """
         values = (
             np.hstack([image_features, output_features(probs)])
@@ -250,22 +348,26 @@ class DriftRecorder:
             else np.empty((0, len(ALL_FEATURES)))
         )
         increments = np.bincount(self._bin_numbers(values), minlength=self._n_slots)
-        finite = np.where(np.isfinite(values), values, 0.0)  # NaN is counted in the last bin
-        increments[self._sum_slots] = np.rint(finite[:, self._sum_columns].sum(axis=0) * SUM_SCALE)
+        summed = values[:, self._sum_columns]
+        summed = np.where(np.isfinite(summed), summed, 0.0)  # NaN is counted in the last bin
+        increments[self._sum_slots] = np.rint(summed.sum(axis=0) * SUM_SCALE)
         if len(probs):
-            increments[self._out_of_range_slot] = self._pixel_check.count(
-                image_features[:, : len(PIXEL_FEATURES)]
+            increments[self._out_of_range_slot] = (
+                np.count_nonzero(pixel_outside)
+                if pixel_outside is not None
+                else self._pixel_check.count(image_features[:, : len(PIXEL_FEATURES)])
             )
+            if novelty is not None:
+                increments[self._novel_slot] = np.count_nonzero(novelty > 1.0)
             if self._temperature is not None:
                 calibrated = calibrated_top1(probs, self._temperature).sum()
                 increments[self._calibrated_slot] = np.rint(calibrated * SUM_SCALE)
         slots = np.flatnonzero(increments)
         # "slot increment slot increment ...": one argument instead of ~2 per slot, which
-        # redis-py would encode one by one (~1 ms per batch of 32).
-        pairs = np.column_stack([slots, increments[slots]]).ravel().tolist()
-        return WindowCounts(
-            self.keys.open, len(image_features), " ".join(map(str, pairs)), self.state_ttl_s
-        )
+        # redis-py would encode one by one (~1 ms per batch of 32); one % in C to write it.
+        pairs = tuple(np.column_stack([slots, increments[slots]]).ravel().tolist())
+        text = ("%d %d " * len(slots) % pairs)[:-1]
+        return WindowCounts(self.keys.open, len(image_features), text, self.state_ttl_s)
 
     def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
         """Queue this batch's counts on ``pipe`` as one EVAL of its own (for callers without a
@@ -294,42 +396,14 @@ class DriftRecorder:
     def add_out_of_range_thumbnail(
         self, pipe: Any, rgb: np.ndarray, features: list[str], label: str | None = None
     ) -> bool:
-        """Keep a small JPEG of an out-of-range input for ``imgq drift report`` (LPUSH + LTRIM
-        on ``pipe``), at most ``thumbnails_per_s`` per second per worker.
-
-        Call it for the first image of a batch whose :meth:`out_of_range` is not empty;
-        ``label`` is the class the model predicted for it (the review page shows training
-        samples of that class beside it).
+        """Keep a small JPEG of an out-of-range input for the review page and ``imgq drift
+        report``, at most ``thumbnails_per_s`` per second per worker
+        (:meth:`ThumbnailWriter.out_of_range`).
 
         Returns:
             True when a thumbnail was queued, False when the rate limit skipped it.
         """
-        now = time.monotonic()
-        if now - self._last_thumbnail_s < self._thumbnail_interval_s:
-            return False
-        self._last_thumbnail_s = now
-        h, w = rgb.shape[:2]
-        scale = THUMBNAIL_PX / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-        ok, jpeg = cv2.imencode(
-            ".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85]
-        )
-        if not ok:
-            return False
-        item = {
-            "time": _iso(time.time()),
-            "features": features,
-            "width": w,
-            "height": h,
-            "jpeg_b64": base64.b64encode(jpeg.tobytes()).decode("ascii"),
-        }
-        if label is not None:
-            item["label"] = label
-        pipe.lpush(self.keys.out_of_range, json.dumps(item))
-        pipe.ltrim(self.keys.out_of_range, 0, THUMBNAILS_KEPT - 1)
-        pipe.expire(self.keys.out_of_range, self.state_ttl_s)
-        return True
+        return self.thumbnails.out_of_range(pipe, rgb, features, label)
 
     def after_pipeline(self, window_count: int) -> None:
         """Ask the background thread to close the window when ``window_count`` (the reply at
@@ -419,3 +493,13 @@ class DriftRecorder:
                 log.warning("drift: Redis unavailable; will retry", exc_info=True)
             except Exception:  # a bug here must not kill the thread and stop drift detection
                 log.exception("drift: evaluating a window failed")
+
+
+def _first(
+    observations: Sequence[Observation], wanted: Callable[[BatchDrift, int], bool]
+) -> list[tuple[BatchDrift, int]]:
+    """The first observation whose row is ``wanted``, as ``[(batch, row)]``, or ``[]``."""
+    for batch, row in observations:
+        if wanted(batch, row):
+            return [(batch, row)]
+    return []

@@ -86,10 +86,15 @@ class SampleWriter:
         return True
 
     def add(
-        self, pipe: Any, model_input: np.ndarray, probs: np.ndarray, out_of_range: list[str]
+        self,
+        pipe: Any,
+        model_input: np.ndarray,
+        probs: np.ndarray,
+        out_of_range: list[str],
+        novelty: float | None = None,
     ) -> bool:
         """Queue one sample on ``pipe`` (``XADD MAXLEN ~`` and ``EXPIRE``); False when the PNG
-        could not be made."""
+        could not be made. ``novelty``: the image's, when the bundle has a novelty model."""
         ok, png = cv2.imencode(".png", cv2.cvtColor(model_input, cv2.COLOR_RGB2BGR))
         if not ok:
             return False
@@ -103,6 +108,8 @@ class SampleWriter:
             "model": self.model,
             "out_of_range": out_of_range,
         }
+        if novelty is not None:
+            answer["novelty"] = round(novelty, 4)
         pipe.xadd(
             self.keys.samples,
             {"json": json.dumps(answer), "png": png.tobytes()},
@@ -154,6 +161,13 @@ def window_samples(
     return found
 
 
+def _number_or_blank(value: Any) -> str:
+    """A stored number for the CSV; anything else (absent, text, NaN) as blank."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return ""
+    return str(value)
+
+
 def _safe_folder(label: str, labels: tuple[str, ...]) -> bool:
     """A class folder name that stays inside the output folder and is one of the model's."""
     return (
@@ -182,7 +196,7 @@ def write_samples(
     written = skipped = 0
     with open(out / _CSV, "w", newline="", encoding="utf-8") as f:
         table = csv.writer(f)
-        table.writerow(["id", "time", "predicted_label", "score", "out_of_range"])
+        table.writerow(["id", "time", "predicted_label", "score", "out_of_range", "novelty"])
         for entry_id, answer, png in samples:
             label = answer["label"]
             image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
@@ -198,6 +212,7 @@ def write_samples(
                 label,
                 answer.get("score", ""),
                 ";".join(map(str, outside)) if isinstance(outside, list) else "",
+                _number_or_blank(answer.get("novelty")),
             ])  # fmt: skip
             written += 1
     (out / _README).write_text(

@@ -49,6 +49,7 @@ def evaluate_window(
     labels: Sequence[str] = (),
     page_alpha: float = PAGE_ALPHA,
     accuracy_test: AccuracyTest | None = None,
+    novel_reference: tuple[int, int] | None = None,
 ) -> list[FeatureResult]:
     """Judge one window against the reference, both tiers.
 
@@ -63,6 +64,8 @@ def evaluate_window(
             :data:`PAGE_ALPHA`.
         accuracy_test: Held-out calibrated confidences for the estimated-accuracy test; None
             leaves it out.
+        novel_reference: The novelty model's ``held_out_novel`` for the novel-share test;
+            None (a bundle without novelty) leaves it out, and judges as before novelty.
 
     Returns:
         One :class:`FeatureResult` per feature or test: alerting ones first, page before
@@ -71,8 +74,9 @@ def evaluate_window(
     names = [n for n in IMAGE_FEATURES if n in reference.features and n in window.counts]
     results = chi2_results(reference, window, names, alpha=alpha, psi_floor=psi_floor)
     results += page_results(
-        reference, window, alpha=page_alpha, labels=labels, accuracy_test=accuracy_test
-    )
+        reference, window, alpha=page_alpha, labels=labels, accuracy_test=accuracy_test,
+        novel_reference=novel_reference,
+    )  # fmt: skip
     return sorted(results, key=lambda r: (not r.drifting, r.tier != "page", -r.psi))
 
 

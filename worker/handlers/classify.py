@@ -5,8 +5,10 @@ its header probed against the limits and against the batch's decoded-pixel budge
 rest of the batch is :data:`~imgq.worker.handler.DEFERRED`: back to the head of the queue), the
 image decoded and resized for the model right away (the full-size frame is freed at once). Then
 one ``normalise_batch`` and one ``bundle.predict`` for the good images — if that fails, every
-one of them fails visibly — and, with drift statistics on, the batch's image features and each
-image's out-of-range features, handed to the drift observer with each success.
+one of them fails visibly — and, with drift statistics on, what drift needs of the batch
+(``DriftRecorder.observe_batch``: image features, out-of-range features, novelty from the
+model's features output of the same forward pass), handed to the drift observer with each
+success.
 
 No I/O: the engine (``worker/engine.py``) takes, stores and acks.
 """
@@ -26,11 +28,10 @@ import numpy as np
 from imgq.shared.bundle import ModelBundle
 from imgq.shared.decode import decode_base64, decode_image, probe_image
 from imgq.shared.errors import ImgqError, InvalidTask
-from imgq.shared.imagestats import IMAGE_FEATURES, image_features
+from imgq.shared.imagestats import image_features
 from imgq.shared.preprocess import normalise_batch, resize_image
-from imgq.shared.reference import RangeCheck
 from imgq.worker.drift.notify import AlertNotifier, notifier_for_model
-from imgq.worker.drift.recorder import DriftRecorder, Observation
+from imgq.worker.drift.recorder import BatchDrift, DriftRecorder, Observation
 from imgq.worker.handler import DEFERRED, Failure, HandlerContext, Outcome, Request, Success
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
@@ -88,9 +89,6 @@ class ClassifyHandler:
         self.drift = drift
         self.observers = [drift] if drift is not None else []
         self._rng = random.Random()
-        self._range_check = (
-            RangeCheck(manifest.reference, IMAGE_FEATURES) if drift is not None else None
-        )
 
     @property
     def provider(self) -> str:
@@ -143,11 +141,22 @@ class ClassifyHandler:
         t0: float,
     ) -> None:
         """One model call for the good images; on failure every one of them fails."""
+        # The features output only when drift judges novelty on it: a worker without drift
+        # statistics asks onnxruntime for the probabilities alone, as before.
+        novelty = self.drift is not None and self.drift.novelty is not None
+        penultimate = None
         try:
             stacked = np.stack(images)
             batch = normalise_batch(stacked, self._spec)
             t1 = time.perf_counter()
-            probs = self.bundle.predict(batch)
+            # Drift's image features now, while the inputs are in the CPU's caches: after the
+            # model call they cost half as much again.
+            statistics = self._image_statistics(stacked, originals)
+            t_model = time.perf_counter()
+            if novelty:
+                probs, penultimate = self.bundle.predict_with_features(batch)
+            else:
+                probs = self.bundle.predict(batch)
             t2 = time.perf_counter()
             if probs.shape != (len(good), len(self._labels)):
                 raise RuntimeError(
@@ -165,14 +174,14 @@ class ClassifyHandler:
         self.metrics.batch_size.observe(n)
         self.metrics.images.inc(n)
         self.metrics.preprocess.observe(t1 - t0)
-        self.metrics.inference.observe(t2 - t1)
-        features, outside = self._drift_statistics(stacked, originals)
-        preprocess_ms, infer_ms = round((t1 - t0) * 1000, 3), round((t2 - t1) * 1000, 3)
-        order = np.argsort(-probs, axis=1)
+        self.metrics.inference.observe(t2 - t_model)
         # One image of the batch, at random, kept as a sample of its window (rate limited).
         sampled = (
             self._rng.randrange(n) if self.drift is not None and self.drift.sample_due() else -1
         )
+        drift = self._drift_statistics(images, statistics, probs, penultimate, sampled)
+        preprocess_ms, infer_ms = round((t1 - t0) * 1000, 3), round((t2 - t_model) * 1000, 3)
+        order = np.argsort(-probs, axis=1)
         for i, g in enumerate(good):
             p = probs[i]
             top = [{"label": self._labels[j], "score": float(p[j])} for j in order[i, : g.top_k]]
@@ -187,26 +196,41 @@ class ClassifyHandler:
             if g.request_id is not None:
                 result["request_id"] = g.request_id
             observation = None
-            if features is not None and outside is not None:
-                result["drift"] = {"out_of_range": outside[i]}
-                kept = images[i] if outside[i] or i == sampled else None
-                observation = Observation(features[i], p, outside[i], kept, i == sampled)
+            if drift is not None:
+                result["drift"] = drift.drift[i]
+                observation = Observation(drift, i)
             outcomes[g.index] = Success(result, observation)
 
-    def _drift_statistics(
+    def _image_statistics(
         self, stacked: np.ndarray, originals: list[tuple[int, int, int]]
-    ) -> tuple[np.ndarray | None, list[list[str]] | None]:
-        """The batch's image features and each image's out-of-range features; (None, None)
-        without drift statistics. Statistics are an extra: if they fail, the batch's answers
-        are still served, without them."""
-        if self._range_check is None:
-            return None, None
+    ) -> np.ndarray | None:
+        """The batch's image features, or None without drift statistics (or when they fail:
+        statistics are an extra, the batch is served without them)."""
+        if self.drift is None:
+            return None
         try:
-            features = image_features(stacked, np.asarray(originals, np.float64))
-            return features, self._range_check(features)
+            return image_features(stacked, np.asarray(originals, np.float64))
         except Exception:
             logger.exception("drift statistics failed; the batch is served without them")
-            return None, None
+            return None
+
+    def _drift_statistics(
+        self,
+        images: list[np.ndarray],
+        features: np.ndarray | None,
+        probs: np.ndarray,
+        penultimate: np.ndarray | None,
+        sampled: int,
+    ) -> BatchDrift | None:
+        """What drift needs of the batch, or None without drift statistics (or when they
+        fail, as above)."""
+        if self.drift is None or features is None:
+            return None
+        try:
+            return self.drift.observe_batch(images, features, probs, penultimate, sampled=sampled)
+        except Exception:
+            logger.exception("drift statistics failed; the batch is served without them")
+            return None
 
     def close(self) -> None:
         if self.drift is not None:
