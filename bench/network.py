@@ -17,7 +17,8 @@ judged by the tasks it served (the workers' own Celery task events say which ser
 For each mode — ``overlap`` (default settings: the next batch is taken while this one is
 served, its settle carries the next take's reads) and ``serial`` (``IMGQ_PREFETCH=false``:
 take, serve, settle, one after the other, as before issue 24) — and each round trip; at 0 ms
-the pair measures the proxy's own cost. Last, the client itself through the proxy:
+the pair measures the proxy's own cost. First, before and after on loopback: a serial and an
+overlapping worker, both direct, on one queue. Last, the client itself through the proxy:
 ``classify_many`` and ``results`` of ``--client-tasks`` tasks, served by workers on loopback,
 alternating direct and proxied runs (medians).
 
@@ -128,18 +129,18 @@ def measure_pair(
     images: list[bytes],
     args: argparse.Namespace,
     work: Path,
-    mode: str,
+    modes: tuple[str, str],
     rtt_a: float | None,
-    rtt_b: float,
+    rtt_b: float | None,
 ) -> dict[str, Any]:
-    """One drain and one paced load by two workers serving one queue: A ``rtt_a`` ms away
-    through a proxy of its own (None: a direct connection), B ``rtt_b`` ms away."""
-    prefetch = _MODES[mode]
+    """One drain and one paced load by two workers serving one queue, A in ``modes[0]``,
+    ``rtt_a`` ms away through a proxy of its own (None: a direct connection), B in
+    ``modes[1]``, ``rtt_b`` ms away."""
     with contextlib.ExitStack() as stack:
-        client = stack.enter_context(ImgqClient(url, queue=f"net-{mode}"))
+        client = stack.enter_context(ImgqClient(url, queue=f"net-{'-'.join(modes)}"))
         envs = []
-        for rtt in (rtt_a, rtt_b):
-            env = {"IMGQ_PREFETCH": prefetch}
+        for rtt, mode in zip((rtt_a, rtt_b), modes, strict=True):
+            env = {"IMGQ_PREFETCH": _MODES[mode]}
             if rtt is not None:
                 proxy = stack.enter_context(DelayProxy(_target(url), rtt))
                 env["IMGQ_BROKER_URL"] = _proxied(url, proxy.port)
@@ -208,7 +209,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in args.modes:
-        for key, m in results[mode].items():
+        for key, m in results.get(mode, {}).items():
             a, b = m["drain"]["by_worker"][_DIRECT], m["drain"]["by_worker"][_PROXIED]
             pa, pb = (m["paced"]["by_worker"][n] for n in (_DIRECT, _PROXIED))
             rtt = float(key)
@@ -235,6 +236,19 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             a_s = results["serial"][key]["drain"]["by_worker"][_DIRECT].get("rate", 0)
             lines.append(f"| {key} ms | {ratio[0]:.0%} | {ratio[1]:.0%} | "
                          f"{a_o / max(1e-9, a_s):.2f}x |")  # fmt: skip
+    if results.get("versus"):
+        w = results["versus"]["drain"]["by_worker"]
+        p = results["versus"]["paced"]["by_worker"]
+        a, b = w[_DIRECT], w[_PROXIED]
+        lines += ["", "loopback, both direct: A serial (before), B overlap (after), one queue", "",
+                  "| drain A / B tasks/s | B / A | p50 A / B ms | p99 A / B ms |",
+                  "|---:|---:|---:|---:|",
+                  f"| {a.get('rate', 0):.0f} / {b.get('rate', 0):.0f} | "
+                  f"{b.get('rate', 0) / max(1e-9, a.get('rate', 0)):.0%} | "
+                  f"{p[_DIRECT].get('p50_ms', float('nan')):.1f} / "
+                  f"{p[_PROXIED].get('p50_ms', float('nan')):.1f} | "
+                  f"{p[_DIRECT].get('p99_ms', float('nan')):.1f} / "
+                  f"{p[_PROXIED].get('p99_ms', float('nan')):.1f} |"]  # fmt: skip
     if results.get("client"):
         lines += ["", "| client round trip | classify_many tasks/s direct / proxied | "
                   "results after enqueue s direct / proxied |", "|---|---:|---:|"]  # fmt: skip
@@ -256,6 +270,8 @@ def main() -> int:
     p.add_argument("--client-tasks", type=int, default=2000)
     p.add_argument("--client-runs", type=int, default=3)
     p.add_argument("--no-client", action="store_true", help="skip the client's own figures")
+    p.add_argument("--no-versus", action="store_true", help="skip the loopback pair of a "
+                   "serial and an overlapping worker")  # fmt: skip
     add_fleet_arguments(p)
     p.add_argument("--report", metavar="JSON", help="only print the tables of a --json file")
     args = p.parse_args()
@@ -274,11 +290,18 @@ def main() -> int:
     args.workers = 2
     server = LocalRedis(work / "redis").start()
     try:
+        if not args.no_versus:  # before and after on loopback, side by side
+            m = measure_pair(server.url, bundle, images, args, work, ("serial", "overlap"),
+                             None, None)  # fmt: skip
+            results["versus"] = m
+            w = m["drain"]["by_worker"]
+            print(f"[serial vs overlap] loopback: {w[_DIRECT].get('rate', 0):.0f} vs "
+                  f"{w[_PROXIED].get('rate', 0):.0f} tasks/s", flush=True)  # fmt: skip
         for rtt in rtts:  # the modes alternate per round trip: both see the same hour
             for mode in args.modes:
                 # At 0 ms: the proxy's own cost (A direct); else A through a proxy at 0 ms, as B
                 # is at rtt: the difference is the round trips alone.
-                m = measure_pair(server.url, bundle, images, args, work, mode,
+                m = measure_pair(server.url, bundle, images, args, work, (mode, mode),
                                  None if rtt == 0 else 0.0, rtt)  # fmt: skip
                 results.setdefault(mode, {})[f"{rtt:g}"] = m
                 w = m["drain"]["by_worker"]
