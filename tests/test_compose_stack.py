@@ -2,9 +2,10 @@
 where none does: CI has none). Built with `docker-compose build`; a model trained and published
 by the trainer service; `up -d --scale worker=3` with the exporter, Prometheus and Alertmanager
 (Grafana has no local stand-in image: the other services are named, as docs/operations.md says);
-500 tasks answered with one worker killed while it holds a batch, nothing lost; then a night
-camera's images raise a drift page that reaches a webhook receiver through Prometheus' rule and
-Alertmanager's routing, and the killed worker's loss reaches it as a warning.
+500 tasks answered with one worker killed while it holds a batch, nothing lost; then a stream in
+which half the images are shapes the model never saw raises a drift page (their novelty) that
+reaches a webhook receiver through Prometheus' rule and Alertmanager's routing, and the killed
+worker's loss reaches it as a warning.
 
 Alertmanager is given a copy of docker/alertmanager.yml whose receivers point at the test's
 receiver (tests/compose/stack-test.yml): everything else is the shipped configuration. The
@@ -43,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERRIDE = ROOT / "tests" / "compose" / "stack-test.yml"
 WORKERS = 3
 TASKS = 500
-#: Drift windows are IMGQ_DRIFT_WINDOW (200) images fleet-wide: three of a night camera's.
-NIGHT_TASKS = 600
+#: Drift windows are IMGQ_DRIFT_WINDOW (200) images fleet-wide: three, half of unseen shapes.
+DRIFT_TASKS = 600
 #: What the stack is started with: everything but Grafana.
 SERVICES = ("worker", "exporter", "prometheus", "alertmanager", "alert-receiver")
 _DEPLOYMENT = ("IMGQ_", "REDIS_", "FLOWER_", "PROMETHEUS_", "GPU_", "TRAIN_", "ALERTMANAGER_",
@@ -150,6 +151,7 @@ def stack(workdir: Path) -> Iterator[Stack]:
 
     generate(workdir / "train", classes=4, per_class=200, size=96, seed=0)
     generate(workdir / "held-out", classes=4, per_class=TASKS // 4, size=96, seed=7)
+    generate(workdir / "unseen", classes=8, per_class=DRIFT_TASKS // 8, size=96, seed=54321)
     s = Stack(workdir)
     try:
         yield s
@@ -207,10 +209,11 @@ def test_the_stack_serves_survives_a_killed_worker_and_pages(stack: Stack, workd
         backlog = _backlog(stack.url)
         assert backlog["ready"] + backlog["in_flight"] + backlog["due"] == 0, backlog
 
-        night = _night([image for image, _ in images], NIGHT_TASKS)
-        drifted = client.results(client.classify_many(night), timeout_s=600)
+        stream = _half_unseen(workdir, [image for image, _ in images], DRIFT_TASKS)
+        drifted = client.results(client.classify_many(stream), timeout_s=600)
         assert all(isinstance(res, dict) for res in drifted)
-        _say(started, f"{len(drifted)} night-camera tasks answered")
+        novel = sum(bool(res.get("drift", {}).get("novel")) for res in drifted[::2])
+        _say(started, f"{len(drifted)} tasks answered, {novel} of the unseen shapes novel")
 
     exported = stack.prometheus("/api/v1/query", query='imgq_queue_backlog{job="imgq-exporter"}')
     assert {m["metric"]["state"] for m in exported["result"]} == {
@@ -246,12 +249,14 @@ def _holds(r: redis.Redis, prefix: bytes) -> bool:
     return any(r.llen(lane) for lane in r.hkeys(LANES_KEY) if lane.startswith(prefix))
 
 
-def _night(images: list[bytes], count: int) -> list[bytes]:
-    from imgq.shifts import shift_image
+def _half_unseen(workdir: Path, images: list[bytes], count: int) -> list[bytes]:
+    """``count`` images, every other one a shape of a class the model was not trained on."""
+    from imgq.trainer.sample_data import CLASS_NAMES
 
-    return [
-        shift_image("night", image) for image in itertools.islice(itertools.cycle(images), count)
-    ]
+    unseen = [f.read_bytes() for name in CLASS_NAMES[4:8]
+              for f in sorted((workdir / "unseen" / name).iterdir())]  # fmt: skip
+    pairs = zip(itertools.cycle(unseen), itertools.cycle(images), strict=False)
+    return [image for pair in itertools.islice(pairs, count // 2) for image in pair]
 
 
 def _imgq(url: str, *args: str) -> subprocess.CompletedProcess[str]:
