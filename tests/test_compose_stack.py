@@ -215,10 +215,13 @@ def test_the_stack_serves_survives_a_killed_worker_and_pages(stack: Stack, workd
         novel = sum(bool(res.get("drift", {}).get("novel")) for res in drifted[::2])
         _say(started, f"{len(drifted)} tasks answered, {novel} of the unseen shapes novel")
 
-    exported = stack.prometheus("/api/v1/query", query='imgq_queue_backlog{job="imgq-exporter"}')
-    assert {m["metric"]["state"] for m in exported["result"]} == {
-        "ready", "in_flight", "due", "scheduled"
-    }  # fmt: skip
+    def exported_states() -> bool:  # once Prometheus has scraped the exporter (every 15 s)
+        query = 'imgq_queue_backlog{job="imgq-exporter"}'
+        exported = stack.prometheus("/api/v1/query", query=query)["result"]
+        return {m["metric"]["state"] for m in exported} == {"ready", "in_flight", "due",
+                                                             "scheduled"}  # fmt: skip
+
+    _wait(exported_states, 120, step_s=2)
     try:
         page = _wait(lambda: _notified(stack, "/imgq/pages", "ImgqDriftPage"), 600, step_s=5)
         _say(started, f"the receiver got the page: {json.dumps(page['labels'])}")
