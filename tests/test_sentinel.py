@@ -229,7 +229,7 @@ def _refusal(done: subprocess.CompletedProcess[str], prog: str) -> str:
     return last
 
 
-_ARGS = {"worker": ("--device", "cpu"), "models": ("list",), "dlq": ("list",)}
+_ARGS = {"worker": ("--device", "cpu"), "models": ("list",), "dlq": ("list",), "backlog": ()}
 
 
 def _args(command: str, bundle: Path) -> tuple[str, ...]:
@@ -257,7 +257,7 @@ def test_a_plain_url_to_a_cluster_node_is_refused_in_one_line(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("command", ["worker", "models", "dlq"])
+@pytest.mark.parametrize("command", ["worker", "models", "dlq", "backlog"])
 def test_a_wrong_master_name_is_a_clear_error(
     command: str, group: LocalSentinels, bundle_dir: Path
 ) -> None:
@@ -278,3 +278,16 @@ def test_a_sentinel_url_without_master_name_is_refused_in_one_line(
     """Refused before anything connects, naming the option to set."""
     done = _imgq(*_args(command, bundle_dir), IMGQ_BROKER_URL="sentinel://127.0.0.1:1")
     assert f"master_name in {OPTIONS}" in _refusal(done, command)
+
+
+@pytest.mark.integration
+def test_backlog_reads_the_master_through_sentinel(group: LocalSentinels) -> None:
+    """`imgq backlog` (and the exporter, on the same client) reads the master the sentinels
+    name, with the master's password from the URL list."""
+    master = group.master_port()
+    assert master is not None
+    group.client(master).lpush("imgq", b"not even a task")
+    done = _imgq("backlog", "--json", IMGQ_BROKER_URL=_url(group),
+                 IMGQ_BROKER_TRANSPORT_OPTIONS=json.dumps(group.transport_options))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["ready"] == 1
