@@ -81,6 +81,25 @@ def test_settings_refuse_a_sentinel_url_without_master_name() -> None:
     assert "IMGQ_RESULT_BACKEND" not in message
 
 
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        ({"sentinel_kwargs": {"bogus": 1}}, "redis-py does not know: 'bogus'"),
+        ({"sentinel_kwargs": {"host": "h"}}, "redis-py does not know: 'host'"),
+        ({"sentinel_kwargs": {"socket_timeout": "x"}}, "sentinel_kwargs: socket_timeout must"),
+        ({"min_other_sentinels": float("inf")}, "min_other_sentinels must be a number >= 0"),
+        ({"visibility_timeout": float("nan")}, "visibility_timeout must be a number >= 0"),
+    ],
+)
+def test_odd_sentinel_options_are_refused_at_start(options: dict, why: str) -> None:
+    """Options that redis-py would reject only on connecting (a TypeError, an OverflowError, a
+    traceback from every command) are refused with the settings, naming the option."""
+    env = {"IMGQ_BROKER_URL": "sentinel://h1;sentinel://h2",
+           OPTIONS: json.dumps({"master_name": "m", **options})}  # fmt: skip
+    with pytest.raises(SettingsError, match=why):
+        WorkerSettings.from_env(env)
+
+
 def test_results_follow_the_brokers_sentinel_options() -> None:
     """Results in the broker's Redis (the default) reach it through the same master; another
     master named for the results is another Redis."""

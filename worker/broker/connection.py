@@ -19,6 +19,7 @@ redis-py does not retry it, and every command prints it as the one line it is.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import threading
 import time
@@ -54,6 +55,10 @@ _SENTINEL_ADVICE = (
     "for failover use Redis Sentinel: IMGQ_BROKER_URL=sentinel://h1:26379;sentinel://h2:26379;"
     "sentinel://h3:26379 with master_name in IMGQ_BROKER_TRANSPORT_OPTIONS (docs/operations.md)"
 )
+#: What ``sentinel_kwargs`` may hold: a sentinel's client takes redis-py's connection options,
+#: but where it is, redis-py's Sentinel says.
+_CONNECTION_OPTIONS = frozenset(inspect.signature(redis.Redis.__init__).parameters) - {
+    "self", "host", "port", "unix_socket_path", "connection_pool"}  # fmt: skip
 _CLUSTER_WHY = (
     "imgq needs a single Redis: kombu has no Redis Cluster transport, and imgq's Lua scripts "
     "touch keys that Cluster would put in different hash slots"
@@ -155,6 +160,12 @@ def url_problem(url: str, transport_options: Mapping[str, Any], options_name: st
     kwargs = transport_options.get("sentinel_kwargs", {})
     if not isinstance(kwargs, dict):
         return f"sentinel_kwargs in {options_name} must be a JSON object"
+    unknown = sorted(set(kwargs) - _CONNECTION_OPTIONS)
+    if unknown:
+        return (
+            f"sentinel_kwargs in {options_name} has options redis-py does not know: "
+            f"{', '.join(repr(k)[:40] for k in unknown[:5])}"
+        )
     return None
 
 
