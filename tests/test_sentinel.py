@@ -5,6 +5,7 @@ the one-line refusals of `imgq worker` and an `imgq` command."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -310,3 +311,19 @@ def test_backlog_reads_the_master_through_sentinel(group: LocalSentinels) -> Non
                  IMGQ_BROKER_TRANSPORT_OPTIONS=json.dumps(group.transport_options))  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["ready"] == 1
+
+
+@pytest.mark.integration
+def test_health_ends_with_a_first_sentinel_that_never_answers(group: LocalSentinels) -> None:
+    """The first sentinel of the list accepts connections and never answers (a stopped
+    process, a half-open link): `imgq health` asks the next ones and ends (kombu gave the
+    sentinels' connections no timeout, and Celery's broadcast hung for ever)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        first = f"sentinel://:{PASSWORD}@127.0.0.1:{silent.getsockname()[1]};"
+        done = _imgq("health", "--timeout", "5", IMGQ_BROKER_URL=first + group.url,
+                     IMGQ_BROKER_TRANSPORT_OPTIONS=json.dumps(group.transport_options))  # fmt: skip
+    output = done.stdout + done.stderr
+    assert "redis   ok" in output and "no imgq worker on the broker answered" in output, output
+    assert PASSWORD not in output
