@@ -297,25 +297,38 @@ class _Sentinel(Sentinel):
         try:
             return super().discover_master(service_name)
         except MasterNotFoundError:
-            known = self._monitored()
-            if known is None or service_name in known:
-                raise
+            known, errors = self._monitored()
+            # redis-py's own message holds the repr of every sentinel client (a kilobyte).
+            if known is None:
+                raise MasterNotFoundError(
+                    f"no sentinel at {self._where} answers for master {service_name!r}: "
+                    + "; ".join(errors)
+                ) from None
+            if service_name in known:
+                raise MasterNotFoundError(
+                    f"the sentinels at {self._where} name no master {service_name!r} now "
+                    "(it is down, or being failed over)"
+                ) from None
             names = ", ".join(sorted(known)) or "none"
             raise RedisRefused(
                 f"no sentinel at {self._where} monitors a master named {service_name!r} "
                 f"(master_name in {self._options_name}); they monitor: {names}"
             ) from None
 
-    def _monitored(self) -> set[str] | None:
-        """The master names the answering sentinels monitor; None when none answers."""
+    def _monitored(self) -> tuple[set[str] | None, list[str]]:
+        """The master names the answering sentinels monitor (None when none answers), and why
+        each that did not answer did not."""
         names: set[str] | None = None
+        errors = []
         for sentinel in self.sentinels:
             try:
                 masters = sentinel.sentinel_masters()
-            except redis.RedisError:
+            except redis.RedisError as exc:
+                kwargs = sentinel.connection_pool.connection_kwargs
+                errors.append(f"{kwargs.get('host')}:{kwargs.get('port')}: {exc}")
                 continue
             names = (names or set()) | {str(name) for name in masters}
-        return names
+        return names, errors
 
 
 class _MasterWatch:
