@@ -38,6 +38,8 @@ NOVELTY_METHOD = "class_gaussian"
 #: Most float32 values one stored array may hold (16 MiB): a hostile manifest cannot make a
 #: worker allocate more.
 _MAX_ARRAY_VALUES = 1 << 22
+#: The manifest's numbers of a novelty model, with their defaults (None: required).
+_NUMBERS: dict[str, float | None] = {"threshold": None, "quantile": None, "shrinkage": 0.1}
 #: Rows per matrix product: OpenBLAS runs a product of a few rows on the calling thread, a
 #: larger one on a thread per core (unless the process limits them), whose spinning cost a
 #: batch of 32 MobileNetV2 features ~40 times the CPU of the product (docs/drift.md).
@@ -254,6 +256,20 @@ class NoveltyModel:
                 f"{NOVELTY_METHOD!r}"
             )
         held_out = data["held_out_novel"]
+        if not (
+            isinstance(held_out, list)
+            and len(held_out) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in held_out)
+        ):
+            raise ValueError(f"novelty held_out_novel must be [k, n], got {held_out!r:.60}")
+        numbers: dict[str, float] = {}
+        for key, default in _NUMBERS.items():
+            value = data.get(key, default)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"novelty {key} must be a number, got {value!r:.60}")
+            numbers[key] = float(value)
+        if not 0.0 <= numbers["shrinkage"] <= 1.0:
+            raise ValueError(f"novelty shrinkage must be in [0, 1], got {numbers['shrinkage']!r}")
         gallery = data.get("gallery", [])
         if not isinstance(gallery, list) or not all(
             isinstance(g, dict) and all(isinstance(g.get(key), str) for key in ("file", "label"))
@@ -266,10 +282,10 @@ class NoveltyModel:
             projection=decode_array(data["projection"], "projection", 2),
             means=decode_array(data["means"], "means", 2),
             whitening=decode_array(data["whitening"], "whitening", 3),
-            threshold=float(data["threshold"]),
-            quantile=float(data["quantile"]),
-            held_out_novel=(int(held_out[0]), int(held_out[1])),
-            shrinkage=float(data.get("shrinkage", 0.1)),
+            threshold=numbers["threshold"],
+            quantile=numbers["quantile"],
+            held_out_novel=(held_out[0], held_out[1]),
+            shrinkage=numbers["shrinkage"],
             gallery=tuple(GalleryImage(file=g["file"], label=g["label"]) for g in gallery),
             gallery_points=decode_array(data["gallery_points"], "gallery_points", 2),
         )

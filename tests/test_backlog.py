@@ -312,12 +312,18 @@ def test_hostile_messages_and_huge_ones_cost_a_bounded_read(r: redis.Redis) -> N
 
 
 def test_a_queue_key_of_another_type_fails_the_read_clearly(r: redis.Redis, redis_server) -> None:
-    """A key Redis refuses to read as a list: `imgq backlog` exits 1 and says so."""
+    """A key Redis refuses to read as a list: `imgq backlog` exits 1 and says which; so does a
+    lane registered for the queue that is no list."""
     r.set("imgq\x06\x166", "a string")
-    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE imgq\x06\x166 is a string"):
         BacklogReader(r, "imgq").read()
     out = _backlog_cli(redis_server.url)
     assert out.returncode == 1 and "WRONGTYPE" in out.stderr and out.stdout == ""
+    r.delete("imgq\x06\x166")
+    r.hset(LANES_KEY, "imgq:inflight:w:1:b0", "imgq")
+    r.set("imgq:inflight:w:1:b0", "a string")
+    with pytest.raises(redis.ResponseError, match="imgq:inflight:w:1:b0 is a string, not a list"):
+        BacklogReader(r, "imgq").read()
     bad = _backlog_cli(redis_server.url, "--queue", "two words")
     assert bad.returncode == 2 and "IMGQ_QUEUE" in bad.stderr
 

@@ -90,13 +90,20 @@ def test_novelty_section_round_trips_and_refuses_hostile_values(tmp_path: Path) 
         "larger than imgq reads": {"centre": {"shape": [1 << 23], "float32_b64": "AAAA"}},
         "class means for 3 labels": {"means": encode_array(np.zeros((2, 3)))},
         "unknown novelty method": {"method": "energy"},
+        "held_out_novel must be": {"held_out_novel": [1]},
+        "held_out_novel must be ": {"held_out_novel": [1e400, 1e400]},
+        "held_out_novel must be  ": {"held_out_novel": "12"},
+        "threshold must be a number": {"threshold": True},
+        "threshold must be a number ": {"threshold": None},
+        "quantile must be a number": {"quantile": "0.5"},
+        "shrinkage must be in": {"shrinkage": float("nan")},
     }
     for message, change in cases.items():
         bad = saved | {"novelty": saved["novelty"] | change}
         if message == "class means for 3 labels":
             bad["novelty"]["whitening"] = encode_array(np.zeros((2, 3, 3)))
         (bundle / MANIFEST_FILE).write_text(json.dumps(bad))
-        with pytest.raises(ManifestError, match=message):
+        with pytest.raises(ManifestError, match=message.strip()):
             load_manifest(bundle)
     with pytest.raises(ValueError, match="needs a shape of 2"):
         decode_array({"shape": [3], "float32_b64": "AAAA"}, "x", 2)

@@ -252,3 +252,30 @@ def test_the_take_ahead_waits_for_the_end_of_the_batch_in_hand() -> None:
     started = time.monotonic()
     pace.hold(pace.serving(100) - 1, stop)
     assert time.monotonic() - started < 1.0
+
+
+def test_a_held_take_goes_when_the_batch_in_hand_ends_early(monkeypatch) -> None:
+    """Pace: a take held for the estimated end of the batch in hand goes as soon as that batch
+    ends, however far off the estimate was: after one slow batch (a model's first run, a huge
+    image) the estimate stays high for several batches, and the runner must not sit idle
+    waiting out each of them. A stop (with ``wake``) ends a hold too."""
+    from imgq.worker import roundtrips
+
+    monkeypatch.setattr(roundtrips, "_MAX_HOLD_S", 600.0)
+    stop = threading.Event()
+    pace = roundtrips.Pace()
+    pace.serving(4)
+    pace.served(4, 400.0)  # one very slow batch: 100 s per message
+    ordinal = pace.serving(4)  # estimated to end in 400 s; it will end at once
+    held = threading.Thread(target=pace.hold, args=(ordinal - 1, stop), daemon=True)
+    held.start()
+    pace.served(4, 0.001)
+    held.join(30)
+    assert not held.is_alive(), "the take waited for the estimate, not the batch's end"
+    ordinal = pace.serving(4)
+    held = threading.Thread(target=pace.hold, args=(ordinal - 1, stop), daemon=True)
+    held.start()
+    stop.set()
+    pace.wake()
+    held.join(30)
+    assert not held.is_alive(), "a stop did not end the hold"

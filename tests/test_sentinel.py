@@ -5,6 +5,7 @@ the one-line refusals of `imgq worker` and an `imgq` command."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -79,6 +80,25 @@ def test_settings_refuse_a_sentinel_url_without_master_name() -> None:
     message = str(info.value)
     assert f"master_name in {OPTIONS}" in message
     assert "IMGQ_RESULT_BACKEND" not in message
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        ({"sentinel_kwargs": {"bogus": 1}}, "redis-py does not know: 'bogus'"),
+        ({"sentinel_kwargs": {"host": "h"}}, "redis-py does not know: 'host'"),
+        ({"sentinel_kwargs": {"socket_timeout": "x"}}, "sentinel_kwargs: socket_timeout must"),
+        ({"min_other_sentinels": float("inf")}, "min_other_sentinels must be a number >= 0"),
+        ({"visibility_timeout": float("nan")}, "visibility_timeout must be a number >= 0"),
+    ],
+)
+def test_odd_sentinel_options_are_refused_at_start(options: dict, why: str) -> None:
+    """Options that redis-py would reject only on connecting (a TypeError, an OverflowError, a
+    traceback from every command) are refused with the settings, naming the option."""
+    env = {"IMGQ_BROKER_URL": "sentinel://h1;sentinel://h2",
+           OPTIONS: json.dumps({"master_name": "m", **options})}  # fmt: skip
+    with pytest.raises(SettingsError, match=why):
+        WorkerSettings.from_env(env)
 
 
 def test_results_follow_the_brokers_sentinel_options() -> None:
@@ -198,6 +218,12 @@ def test_sentinels_that_do_not_answer_are_an_outage(tmp_path: Path) -> None:
     with pytest.raises(redis.ConnectionError) as info:
         client.ping()
     assert not isinstance(info.value, RedisRefused)
+    # Said in a line that names each sentinel and why, not redis-py's kilobyte of client reprs.
+    message = str(info.value)
+    assert message.startswith("no sentinel at 127.0.0.1:")
+    assert "answers for master 'imgq'" in message
+    assert message.count("Connection refused") == 2 and "redis.client" not in message
+    assert len(message) < 400, message
 
 
 @pytest.mark.integration
@@ -229,7 +255,7 @@ def _refusal(done: subprocess.CompletedProcess[str], prog: str) -> str:
     return last
 
 
-_ARGS = {"worker": ("--device", "cpu"), "models": ("list",), "dlq": ("list",)}
+_ARGS = {"worker": ("--device", "cpu"), "models": ("list",), "dlq": ("list",), "backlog": ()}
 
 
 def _args(command: str, bundle: Path) -> tuple[str, ...]:
@@ -257,7 +283,7 @@ def test_a_plain_url_to_a_cluster_node_is_refused_in_one_line(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("command", ["worker", "models", "dlq"])
+@pytest.mark.parametrize("command", ["worker", "models", "dlq", "backlog"])
 def test_a_wrong_master_name_is_a_clear_error(
     command: str, group: LocalSentinels, bundle_dir: Path
 ) -> None:
@@ -278,3 +304,32 @@ def test_a_sentinel_url_without_master_name_is_refused_in_one_line(
     """Refused before anything connects, naming the option to set."""
     done = _imgq(*_args(command, bundle_dir), IMGQ_BROKER_URL="sentinel://127.0.0.1:1")
     assert f"master_name in {OPTIONS}" in _refusal(done, command)
+
+
+@pytest.mark.integration
+def test_backlog_reads_the_master_through_sentinel(group: LocalSentinels) -> None:
+    """`imgq backlog` (and the exporter, on the same client) reads the master the sentinels
+    name, with the master's password from the URL list."""
+    master = group.master_port()
+    assert master is not None
+    group.client(master).lpush("imgq", b"not even a task")
+    done = _imgq("backlog", "--json", IMGQ_BROKER_URL=_url(group),
+                 IMGQ_BROKER_TRANSPORT_OPTIONS=json.dumps(group.transport_options))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["ready"] == 1
+
+
+@pytest.mark.integration
+def test_health_ends_with_a_first_sentinel_that_never_answers(group: LocalSentinels) -> None:
+    """The first sentinel of the list accepts connections and never answers (a stopped
+    process, a half-open link): `imgq health` asks the next ones and ends (kombu gave the
+    sentinels' connections no timeout, and Celery's broadcast hung for ever)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        first = f"sentinel://:{PASSWORD}@127.0.0.1:{silent.getsockname()[1]};"
+        done = _imgq("health", "--timeout", "5", IMGQ_BROKER_URL=first + group.url,
+                     IMGQ_BROKER_TRANSPORT_OPTIONS=json.dumps(group.transport_options))  # fmt: skip
+    output = done.stdout + done.stderr
+    assert "redis   ok" in output and "no imgq worker on the broker answered" in output, output
+    assert PASSWORD not in output

@@ -233,9 +233,10 @@ def test_worker_continues_the_producers_traces(workers, redis_server, otlp) -> N
 
 @pytest.mark.integration
 def test_new_traces_malformed_contexts_and_followups(workers, redis_server, otlp) -> None:
-    """A message without a context, or with a malformed or hostile ``traceparent``, starts a new
-    trace and is served as any; a context nested under ``headers`` is continued; a task's
-    callback is sent in its trace, under a PRODUCER span that is the callback's parent."""
+    """A message without a context, or with a malformed or hostile ``traceparent`` or
+    ``baggage``, starts a new trace and is served as any (its batch-mates keep their spans); a
+    context nested under ``headers`` is continued; a task's callback is sent in its trace, under
+    a PRODUCER span that is the callback's parent."""
     app = Celery("service", broker=redis_server.url, backend=redis_server.url)
     app.conf.task_serializer = "json"
     worker = workers.start("w1", **_tracing_env(otlp))
@@ -245,6 +246,8 @@ def test_new_traces_malformed_contexts_and_followups(workers, redis_server, otlp
         "zero": {"traceparent": f"00-{'0' * 32}-{PARENT_ID}-01"},
         "number": {"traceparent": 12345},
         "huge": {"traceparent": "00-" + "a" * 5000},
+        # JSON's "\udcff": OpenTelemetry's baggage propagator raises on it.
+        "surrogate": {"baggage": chr(0xDCFF) + "=x"},
     }
     sent = {
         name: app.send_task(TASK_NAME, kwargs={"image": IMAGE}, queue="imgq", headers=headers)

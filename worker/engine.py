@@ -183,6 +183,7 @@ class BatchEngine:
         """Ask :meth:`run` to return after the batch in hand is stored; the batch taken ahead
         goes back to the head of the queue now (not counted as a delivery)."""
         self._stop.set()
+        self._pace.wake()
         self._io.submit(self._give_back_ahead)
 
     def tick(self) -> None:

@@ -86,7 +86,8 @@ class Pace:
     while another worker may be idle and the tasks of a higher priority arrive behind it
     (Celery's prefetch problem); a take after the end would make the runner wait a round trip.
     The end is estimated from the batch's size and the runner's recent time per message, the
-    take's time from recent takes; a runner without estimates yet takes at once.
+    take's time from recent takes; a runner without estimates yet takes at once, and a batch
+    that ends before its estimate releases the take at once.
     """
 
     def __init__(self) -> None:
@@ -106,9 +107,18 @@ class Pace:
             return self._ordinal
 
     def served(self, messages: int, elapsed_s: float) -> None:
-        """A batch of ``messages`` took ``elapsed_s`` to serve."""
-        if messages:
-            self._per_message_s = _ewma(self._per_message_s, elapsed_s / messages)
+        """A batch of ``messages`` took ``elapsed_s`` to serve: a take held for its end goes
+        now, however far off the estimate was (one slow batch must not idle the next ones)."""
+        with self._changed:
+            if messages:
+                self._per_message_s = _ewma(self._per_message_s, elapsed_s / messages)
+            self._until = 0.0
+            self._changed.notify_all()
+
+    def wake(self) -> None:
+        """A take held back looks at its ``stop`` event now (call it after setting it)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def took(self, elapsed_s: float) -> None:
         """A take took ``elapsed_s``, round trips included."""
@@ -116,17 +126,18 @@ class Pace:
 
     def hold(self, after: int, stop: threading.Event) -> bool:
         """On the round-trip thread, before the take of the batch that follows batch ``after``:
-        wait until that batch is in hand, then until its estimated end less a take's time.
+        wait until that batch is in hand, then until its estimated end less a take's time, or
+        its actual end if that comes first, or ``stop`` (with :meth:`wake`).
         Returns whether it waited (reads made before may be stale)."""
         with self._changed:
             self._changed.wait_for(lambda: self._ordinal > after or stop.is_set(), _START_WAIT_S)
             until = self._until
-        lead_s = 1.5 * (self._take_s or 0.0) + _MARGIN_S
-        hold_s = min(until - lead_s - time.monotonic(), _MAX_HOLD_S)
-        if until and hold_s > 0:
-            stop.wait(hold_s)
+            lead_s = 1.5 * (self._take_s or 0.0) + _MARGIN_S
+            hold_s = min(until - lead_s - time.monotonic(), _MAX_HOLD_S)
+            if not until or hold_s <= 0:
+                return False
+            self._changed.wait_for(lambda: self._until != until or stop.is_set(), hold_s)
             return True
-        return False
 
 
 def _ewma(previous: float | None, value: float) -> float:

@@ -13,6 +13,7 @@ installed can use :meth:`WorkerSettings.from_env` for the broker URL and queue.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -108,10 +109,14 @@ def transport_problem(options: Any) -> str | None:
         if kinds is None:
             continue
         numeric = kinds == (int, float)
-        negative = isinstance(value, int | float) and (isinstance(value, bool) or value < 0)
+        negative = isinstance(value, int | float) and (
+            isinstance(value, bool) or not 0 <= value < math.inf  # JSON reads 1e400 as inf
+        )
         if not isinstance(value, kinds) or (numeric and negative):
             want = "a number >= 0" if numeric else " or ".join(k.__name__ for k in kinds)
             return f"{key} must be {want}, got {value!r:.40}"
+        if key == "sentinel_kwargs" and (problem := transport_problem(value)):
+            return f"sentinel_kwargs: {problem}"
     return None
 
 

@@ -29,7 +29,7 @@ reader itself: from when it first saw that message at that end (the same size an
 lower bound that the same watch also sets under a producer's clock running ahead. A one-shot
 read (``imgq backlog``) has no such memory: it says it does not know.
 
-Cost: one script of ``LLEN`` per list and per lane of the queue, the ``HGETALL`` of
+Cost: one script of ``TYPE`` and ``LLEN`` per list and per lane of the queue, the ``HGETALL`` of
 ``imgq:lanes`` (two lanes per runner), two ``ZCOUNT`` and two ``LINDEX`` per non-empty list;
 read-only (it runs on a replica, and on a Redis at ``maxmemory``). Each ``LINDEX`` copies its
 message inside Redis, the one cost that grows with message size.
@@ -59,15 +59,27 @@ STATES = ("scheduled", "due", "ready", "in_flight")
 #: body (a few kB, with Celery's argument summaries), other producers may write them first.
 FRAGMENT_BYTES = 8 << 10
 
+# A key of another type fails the read naming it (Redis's own WRONGTYPE names none).
 # KEYS: the ready lists, the lanes hash, the eta set. ARGV: the queue as lanes are registered
 # under, the fragment size. Returns {seconds, microseconds (Redis's TIME), {each list's
 # length}, in flight, due, scheduled, {per list: {size, head, tail} of its served end, then of
 # its newest end when it holds more than one message}}.
 _READ = """
+local function wrong(key, want)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'none' and kind ~= want then
+    local name = string.sub(key, 1, 120)
+    return redis.error_reply('WRONGTYPE ' .. name .. ' is a ' .. kind .. ', not a ' .. want)
+  end
+end
 local clock = redis.call('TIME')
 local now = string.format('%d.%06d', clock[1], clock[2])
 local n, cut = #KEYS - 2, tonumber(ARGV[2])
 local lengths, ends = {}, {}
+for i = 1, #KEYS do
+  local bad = wrong(KEYS[i], i == n + 1 and 'hash' or (i == n + 2 and 'zset' or 'list'))
+  if bad then return bad end
+end
 for i = 1, n do
   local length = redis.call('LLEN', KEYS[i])
   local found = {}
@@ -86,7 +98,11 @@ end
 local in_flight = 0
 local lanes = redis.call('HGETALL', KEYS[n + 1])
 for i = 1, #lanes, 2 do
-  if lanes[i + 1] == ARGV[1] then in_flight = in_flight + redis.call('LLEN', lanes[i]) end
+  if lanes[i + 1] == ARGV[1] then
+    local bad = wrong(lanes[i], 'list')
+    if bad then return bad end
+    in_flight = in_flight + redis.call('LLEN', lanes[i])
+  end
 end
 local due = redis.call('ZCOUNT', KEYS[n + 2], '-inf', now)
 local scheduled = redis.call('ZCOUNT', KEYS[n + 2], '(' .. now, '+inf')

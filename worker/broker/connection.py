@@ -19,6 +19,7 @@ redis-py does not retry it, and every command prints it as the one line it is.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import threading
 import time
@@ -54,6 +55,10 @@ _SENTINEL_ADVICE = (
     "for failover use Redis Sentinel: IMGQ_BROKER_URL=sentinel://h1:26379;sentinel://h2:26379;"
     "sentinel://h3:26379 with master_name in IMGQ_BROKER_TRANSPORT_OPTIONS (docs/operations.md)"
 )
+#: What ``sentinel_kwargs`` may hold: a sentinel's client takes redis-py's connection options,
+#: but where it is, redis-py's Sentinel says.
+_CONNECTION_OPTIONS = frozenset(inspect.signature(redis.Redis.__init__).parameters) - {
+    "self", "host", "port", "unix_socket_path", "connection_pool"}  # fmt: skip
 _CLUSTER_WHY = (
     "imgq needs a single Redis: kombu has no Redis Cluster transport, and imgq's Lua scripts "
     "touch keys that Cluster would put in different hash slots"
@@ -155,6 +160,12 @@ def url_problem(url: str, transport_options: Mapping[str, Any], options_name: st
     kwargs = transport_options.get("sentinel_kwargs", {})
     if not isinstance(kwargs, dict):
         return f"sentinel_kwargs in {options_name} must be a JSON object"
+    unknown = sorted(set(kwargs) - _CONNECTION_OPTIONS)
+    if unknown:
+        return (
+            f"sentinel_kwargs in {options_name} has options redis-py does not know: "
+            f"{', '.join(repr(k)[:40] for k in unknown[:5])}"
+        )
     return None
 
 
@@ -286,25 +297,38 @@ class _Sentinel(Sentinel):
         try:
             return super().discover_master(service_name)
         except MasterNotFoundError:
-            known = self._monitored()
-            if known is None or service_name in known:
-                raise
+            known, errors = self._monitored()
+            # redis-py's own message holds the repr of every sentinel client (a kilobyte).
+            if known is None:
+                raise MasterNotFoundError(
+                    f"no sentinel at {self._where} answers for master {service_name!r}: "
+                    + "; ".join(errors)
+                ) from None
+            if service_name in known:
+                raise MasterNotFoundError(
+                    f"the sentinels at {self._where} name no master {service_name!r} now "
+                    "(it is down, or being failed over)"
+                ) from None
             names = ", ".join(sorted(known)) or "none"
             raise RedisRefused(
                 f"no sentinel at {self._where} monitors a master named {service_name!r} "
                 f"(master_name in {self._options_name}); they monitor: {names}"
             ) from None
 
-    def _monitored(self) -> set[str] | None:
-        """The master names the answering sentinels monitor; None when none answers."""
+    def _monitored(self) -> tuple[set[str] | None, list[str]]:
+        """The master names the answering sentinels monitor (None when none answers), and why
+        each that did not answer did not."""
         names: set[str] | None = None
+        errors = []
         for sentinel in self.sentinels:
             try:
                 masters = sentinel.sentinel_masters()
-            except redis.RedisError:
+            except redis.RedisError as exc:
+                kwargs = sentinel.connection_pool.connection_kwargs
+                errors.append(f"{kwargs.get('host')}:{kwargs.get('port')}: {exc}")
                 continue
             names = (names or set()) | {str(name) for name in masters}
-        return names
+        return names, errors
 
 
 class _MasterWatch:

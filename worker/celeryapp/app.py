@@ -20,6 +20,13 @@ from imgq.worker.settings import WorkerSettings
 
 __all__ = ["ImgqCelery", "make_app"]
 
+#: Seconds Celery's connections to a sentinel wait for it to connect or answer, unless
+#: ``sentinel_kwargs`` says otherwise: kombu and Celery's result backend give them no timeout,
+#: so one sentinel that accepts and never answers (a stopped process, a half-open link) hung
+#: every Celery connection, and ``imgq health`` past its ``--timeout``; with one, the next
+#: sentinel is asked.
+SENTINEL_TIMEOUT_S = 2.0
+
 
 class ImgqCelery(Celery):
     """A Celery app that carries the worker's settings (read by the bulk consumer step)."""
@@ -49,8 +56,10 @@ def make_app(settings: WorkerSettings) -> ImgqCelery:
         result_accept_content=["json"],
         task_default_queue=settings.queue,
         # The clients' options: the same priority lists, key prefix and pub/sub names.
-        broker_transport_options=settings.broker_transport_options,
-        result_backend_transport_options=settings.result_backend_transport_options,
+        broker_transport_options=_with_sentinel_timeouts(settings.broker_transport_options),
+        result_backend_transport_options=_with_sentinel_timeouts(
+            settings.result_backend_transport_options
+        ),
         task_routes={name: {"queue": settings.queue} for name in _task_names(settings)},
         result_expires=settings.result_expires_s,
         broker_connection_retry_on_startup=True,
@@ -96,3 +105,16 @@ def _not_here(name: str) -> Callable[..., Any]:
 
     task.__name__ = task.__qualname__ = name.rsplit(".", 1)[-1]
     return task
+
+
+def _with_sentinel_timeouts(options: dict[str, Any]) -> dict[str, Any]:
+    """Transport options whose ``sentinel_kwargs`` bound each sentinel's connect and reply by
+    :data:`SENTINEL_TIMEOUT_S` unless they set their own; the same options without Sentinel.
+
+    >>> _with_sentinel_timeouts({"master_name": "m", "sentinel_kwargs": {"socket_timeout": 1}})
+    {'master_name': 'm', 'sentinel_kwargs': {'socket_connect_timeout': 2.0, 'socket_timeout': 1}}
+    """
+    if "master_name" not in options:
+        return dict(options)
+    timeouts = dict.fromkeys(("socket_connect_timeout", "socket_timeout"), SENTINEL_TIMEOUT_S)
+    return {**options, "sentinel_kwargs": timeouts | (options.get("sentinel_kwargs") or {})}

@@ -35,10 +35,9 @@ _SOURCES = {
 
 
 def redis_client(settings: WorkerSettings) -> redis.Redis:
-    """A client of the broker's Redis for reads that must fail fast (one retry, short
-    timeouts)."""
-    return redis.Redis.from_url(
-        settings.broker_url,
+    """A client of the broker's Redis (its master, through Sentinel) for reads that must fail
+    fast (one retry, short timeouts)."""
+    return settings.broker_client(
         socket_connect_timeout=SOCKET_TIMEOUT_S,
         socket_timeout=SOCKET_TIMEOUT_S,
         retry=Retry(NoBackoff(), 1),

@@ -209,14 +209,16 @@ def parse_message(raw: bytes | str, queue: str) -> TaskRequest:
 
 def trace_carrier(headers: dict[str, Any]) -> dict[str, str] | None:
     """The trace context of a message's headers: at the top level, where Celery's instrumentation
-    injects it, else in a nested ``headers`` object; each of :data:`TRACE_HEADERS` that is a
-    string within its bound. None when there is none (nearly every message: two lookups).
+    injects it, else in a nested ``headers`` object; each of :data:`TRACE_HEADERS` that is an
+    ASCII string within its bound. None when there is none (nearly every message: two lookups).
 
     >>> trace_carrier({"traceparent": "00-ab-cd-01", "baggage": 7})
     {'traceparent': '00-ab-cd-01'}
     >>> trace_carrier({"headers": {"traceparent": "00-ab-cd-01"}})
     {'traceparent': '00-ab-cd-01'}
     >>> trace_carrier({"traceparent": "x" * 300}) is None
+    True
+    >>> trace_carrier({"baggage": chr(0xDCFF) + "=x"}) is None
     True
     """
     source: Any = headers
@@ -227,7 +229,9 @@ def trace_carrier(headers: dict[str, Any]) -> dict[str, str] | None:
     carrier = {}
     for name, limit in TRACE_HEADERS:
         value = source.get(name)
-        if isinstance(value, str) and len(value) <= limit:
+        # ASCII only, as W3C defines them: OpenTelemetry's baggage propagator raises on a lone
+        # surrogate (JSON's "\udcff"), and one task's raise would cost its batch its spans.
+        if isinstance(value, str) and len(value) <= limit and value.isascii():
             carrier[name] = value
     return carrier or None
 
