@@ -212,7 +212,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         for key, m in results.get(mode, {}).items():
             a, b = m["drain"]["by_worker"][_DIRECT], m["drain"]["by_worker"][_PROXIED]
             pa, pb = (m["paced"]["by_worker"][n] for n in (_DIRECT, _PROXIED))
-            rtt = float(key)
+            rtt = float(key.split("/")[0])
             extra = pb.get("p99_ms", float("nan")) - pa.get("p99_ms", float("nan"))
             lines.append(
                 f"| {mode} | {key} ms | {a.get('rate', 0):.0f} | {b.get('rate', 0):.0f} | "
@@ -236,19 +236,23 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             a_s = results["serial"][key]["drain"]["by_worker"][_DIRECT].get("rate", 0)
             lines.append(f"| {key} ms | {ratio[0]:.0%} | {ratio[1]:.0%} | "
                          f"{a_o / max(1e-9, a_s):.2f}x |")  # fmt: skip
-    if results.get("versus"):
-        w = results["versus"]["drain"]["by_worker"]
-        p = results["versus"]["paced"]["by_worker"]
-        a, b = w[_DIRECT], w[_PROXIED]
+    versus = results.get("versus") or []
+    if isinstance(versus, dict):  # a --json file of one repetition
+        versus = [versus]
+    if versus:
         lines += ["", "loopback, both direct: A serial (before), B overlap (after), one queue", "",
                   "| drain A / B tasks/s | B / A | p50 A / B ms | p99 A / B ms |",
-                  "|---:|---:|---:|---:|",
-                  f"| {a.get('rate', 0):.0f} / {b.get('rate', 0):.0f} | "
-                  f"{b.get('rate', 0) / max(1e-9, a.get('rate', 0)):.0%} | "
-                  f"{p[_DIRECT].get('p50_ms', float('nan')):.1f} / "
-                  f"{p[_PROXIED].get('p50_ms', float('nan')):.1f} | "
-                  f"{p[_DIRECT].get('p99_ms', float('nan')):.1f} / "
-                  f"{p[_PROXIED].get('p99_ms', float('nan')):.1f} |"]  # fmt: skip
+                  "|---:|---:|---:|---:|"]  # fmt: skip
+        for v in versus:
+            a, b = (v["drain"]["by_worker"][n] for n in (_DIRECT, _PROXIED))
+            pa, pb = (v["paced"]["by_worker"][n] for n in (_DIRECT, _PROXIED))
+            lines.append(
+                f"| {a.get('rate', 0):.0f} / {b.get('rate', 0):.0f} | "
+                f"{b.get('rate', 0) / max(1e-9, a.get('rate', 0)):.0%} | "
+                f"{pa.get('p50_ms', float('nan')):.1f} / {pb.get('p50_ms', float('nan')):.1f} | "
+                f"{pa.get('p99_ms', float('nan')):.1f} / {pb.get('p99_ms', float('nan')):.1f} |"
+            )
+    lines += _medians(results, args, versus)
     if results.get("client"):
         lines += ["", "| client round trip | classify_many tasks/s direct / proxied | "
                   "results after enqueue s direct / proxied |", "|---|---:|---:|"]  # fmt: skip
@@ -258,6 +262,40 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                 f" | {c['direct_results_s']:.2f} / {c['proxied_results_s']:.2f} |"
             )
     return "\n".join(lines)
+
+
+def _ratio(m: dict[str, Any]) -> float:
+    w = m["drain"]["by_worker"]
+    return float(w[_PROXIED].get("rate", 0) / max(1e-9, w[_DIRECT].get("rate", 0)))
+
+
+def _medians(results: dict[str, Any], args: argparse.Namespace, versus: list[Any]) -> list[str]:
+    """With ``--repeat``: per mode and round trip, the median of B / A and of B's p99 over
+    A's in round trips, across the repetitions."""
+    if getattr(args, "repeat", 1) < 2:
+        return []
+    lines = ["", f"medians of {args.repeat} repetitions (each a pair of its own)", "",
+             "| mode | round trip | B / A, each | B / A median | B p99 - A p99 in round trips, "
+             "median |", "|---|---|---|---:|---:|"]  # fmt: skip
+    for mode in args.modes:
+        by_rtt: dict[str, list[dict[str, Any]]] = {}
+        for key, m in results.get(mode, {}).items():
+            by_rtt.setdefault(key.split("/")[0], []).append(m)
+        for rtt, ms in by_rtt.items():
+            extra = []
+            for m in ms:
+                pa, pb = (m["paced"]["by_worker"][n] for n in (_DIRECT, _PROXIED))
+                if float(rtt) and "p99_ms" in pa and "p99_ms" in pb:
+                    extra.append((pb["p99_ms"] - pa["p99_ms"]) / float(rtt))
+            each = ", ".join(f"{_ratio(m):.0%}" for m in ms)
+            median = statistics.median(map(_ratio, ms))
+            lines.append(f"| {mode} | {rtt} ms | {each} | {median:.0%} | "
+                         f"{f'{statistics.median(extra):+.1f}' if extra else '-'} |")  # fmt: skip
+    if len(versus) > 1:
+        each = ", ".join(f"{_ratio(v):.0%}" for v in versus)
+        lines.append(f"| overlap / serial | loopback | {each} | "
+                     f"{statistics.median(map(_ratio, versus)):.0%} | - |")  # fmt: skip
+    return lines
 
 
 def main() -> int:
@@ -270,6 +308,7 @@ def main() -> int:
     p.add_argument("--client-tasks", type=int, default=2000)
     p.add_argument("--client-runs", type=int, default=3)
     p.add_argument("--no-client", action="store_true", help="skip the client's own figures")
+    p.add_argument("--repeat", type=int, default=1, help="repetitions of every pair (medians)")
     p.add_argument("--no-versus", action="store_true", help="skip the loopback pair of a "
                    "serial and an overlapping worker")  # fmt: skip
     add_fleet_arguments(p)
@@ -290,24 +329,26 @@ def main() -> int:
     args.workers = 2
     server = LocalRedis(work / "redis").start()
     try:
-        if not args.no_versus:  # before and after on loopback, side by side
-            m = measure_pair(server.url, bundle, images, args, work, ("serial", "overlap"),
-                             None, None)  # fmt: skip
-            results["versus"] = m
-            w = m["drain"]["by_worker"]
-            print(f"[serial vs overlap] loopback: {w[_DIRECT].get('rate', 0):.0f} vs "
-                  f"{w[_PROXIED].get('rate', 0):.0f} tasks/s", flush=True)  # fmt: skip
-        for rtt in rtts:  # the modes alternate per round trip: both see the same hour
-            for mode in args.modes:
-                # At 0 ms: the proxy's own cost (A direct); else A through a proxy at 0 ms, as B
-                # is at rtt: the difference is the round trips alone.
-                m = measure_pair(server.url, bundle, images, args, work, (mode, mode),
-                                 None if rtt == 0 else 0.0, rtt)  # fmt: skip
-                results.setdefault(mode, {})[f"{rtt:g}"] = m
+        for rep in range(args.repeat):  # every pair again: medians of noisy pairs
+            suffix = f"/{rep + 1}" if rep else ""
+            if not args.no_versus:  # before and after on loopback, side by side
+                m = measure_pair(server.url, bundle, images, args, work, ("serial", "overlap"),
+                                 None, None)  # fmt: skip
+                results.setdefault("versus", []).append(m)
                 w = m["drain"]["by_worker"]
-                print(f"[{mode}] {rtt:g} ms: A {w[_DIRECT].get('rate', 0):.0f}, B "
-                      f"{w[_PROXIED].get('rate', 0):.0f} tasks/s (load "
-                      f"{os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
+                print(f"[serial vs overlap] loopback: {w[_DIRECT].get('rate', 0):.0f} vs "
+                      f"{w[_PROXIED].get('rate', 0):.0f} tasks/s", flush=True)  # fmt: skip
+            for rtt in rtts:  # the modes alternate per round trip: both see the same hour
+                for mode in args.modes:
+                    # At 0 ms: the proxy's own cost (A direct); else A through a proxy at 0 ms,
+                    # as B is at rtt: the difference is the round trips alone.
+                    m = measure_pair(server.url, bundle, images, args, work, (mode, mode),
+                                     None if rtt == 0 else 0.0, rtt)  # fmt: skip
+                    results.setdefault(mode, {})[f"{rtt:g}{suffix}"] = m
+                    w = m["drain"]["by_worker"]
+                    print(f"[{mode}] {rtt:g} ms: A {w[_DIRECT].get('rate', 0):.0f}, B "
+                          f"{w[_PROXIED].get('rate', 0):.0f} tasks/s (load "
+                          f"{os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
         if not args.no_client:
             results["client"] = {}
             for rtt in [r for r in rtts if r > 0]:
