@@ -223,9 +223,10 @@ def test_a_batch_storing_cannot_encode_fails_visibly(redis_server, r, app) -> No
 
 
 def test_the_take_ahead_waits_for_the_end_of_the_batch_in_hand() -> None:
-    """Pace: with estimates, a take ahead goes out a take's time before the batch in hand is
-    expected to end, not when it starts; without them, at once; an idle runner or a stop lets it
-    go at once (the wait is on the clock the pace reads, not a guess of the machine's speed)."""
+    """Pace: with estimates, a take ahead goes out two takes' time and a quarter of the batch
+    before the batch in hand is expected to end, not when it starts; without them, at once; an
+    idle runner or a stop lets it go at once (the wait is on the clock the pace reads, not a
+    guess of the machine's speed)."""
     from imgq.worker.roundtrips import Pace
 
     stop = threading.Event()
@@ -240,7 +241,7 @@ def test_the_take_ahead_waits_for_the_end_of_the_batch_in_hand() -> None:
     waited = time.monotonic() - started
     # Held until just before the end (an Event's wait never ends early; a busy machine may
     # wake it late, hence the upper bound's slack).
-    assert 0.4 - 1.5 * 0.01 - 0.002 - 0.05 <= waited < 2.0
+    assert 0.4 - 2 * 0.01 - 0.25 * 0.4 - 0.05 <= waited < 2.0
     # The take for the batch after the next one waits for that batch to start; an idle turn
     # (nothing in hand) lets it go at once.
     releaser = threading.Timer(0.01, lambda: pace.serving(0))

@@ -70,8 +70,11 @@ def _run_job(fn: Callable[[], Any], future: Future[Any]) -> None:
 #: Weight of the newest measurement in the running estimates of :class:`Pace`.
 _EWMA = 0.2
 #: A take goes out this much earlier than a take's running time before the batch in hand ends,
-#: for the thread switches around it.
+#: for the thread switches around it; or this share of the batch's estimated serving time,
+#: if more: a batch's time jitters with the machine's load, and a take that lands late makes
+#: the runner wait a round trip, one that lands early only holds a batch a little longer.
 _MARGIN_S = 0.002
+_MARGIN_SHARE = 0.25
 #: Longest a take waits for the runner to start the batch before the one it takes for.
 _START_WAIT_S = 0.05
 #: Longest a take is held back, whatever the estimates say.
@@ -79,8 +82,8 @@ _MAX_HOLD_S = 10.0
 
 
 class Pace:
-    """When a runner's next take goes out: just in time for the end of the batch in hand, a
-    take's running time (and a little) before it.
+    """When a runner's next take goes out: just in time for the end of the batch in hand, two
+    takes' running time and a quarter of the batch before it.
 
     A batch taken the moment the one before it started would wait a whole batch in this worker,
     while another worker may be idle and the tasks of a higher priority arrive behind it
@@ -94,6 +97,7 @@ class Pace:
         self._changed = threading.Condition()
         self._ordinal = 0  # batches started (an idle turn counts as one)
         self._until = 0.0  # monotonic time the batch in hand should end; 0: take at once
+        self._span_s = 0.0  # its estimated serving time
         self._per_message_s: float | None = None
         self._take_s: float | None = None
 
@@ -102,7 +106,8 @@ class Pace:
         with self._changed:
             self._ordinal += 1
             per = self._per_message_s
-            self._until = time.monotonic() + messages * per if messages and per else 0.0
+            self._span_s = messages * per if messages and per else 0.0
+            self._until = time.monotonic() + self._span_s if self._span_s else 0.0
             self._changed.notify_all()
             return self._ordinal
 
@@ -132,7 +137,7 @@ class Pace:
         with self._changed:
             self._changed.wait_for(lambda: self._ordinal > after or stop.is_set(), _START_WAIT_S)
             until = self._until
-            lead_s = 1.5 * (self._take_s or 0.0) + _MARGIN_S
+            lead_s = 2 * (self._take_s or 0.0) + max(_MARGIN_S, _MARGIN_SHARE * self._span_s)
             hold_s = min(until - lead_s - time.monotonic(), _MAX_HOLD_S)
             if not until or hold_s <= 0:
                 return False
