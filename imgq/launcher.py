@@ -141,7 +141,7 @@ class WorkerProcess:
                 bundle), or after ``timeout_s``; the child is left as it is.
         """
         deadline = time.monotonic() + timeout_s
-        while not app.control.ping(destination=[self.name], timeout=_PING_S):
+        while not self._pinged(app):
             if not self.running():
                 raise self.exit_error()
             if time.monotonic() > deadline:
@@ -149,6 +149,18 @@ class WorkerProcess:
                     f"worker {self.name} did not answer a ping within {timeout_s:.0f} s; the end "
                     f"of its log {self.log}:\n{self.log_tail()}"
                 )
+
+    def _pinged(self, app: Celery) -> bool:
+        """Whether the worker answered a ping; a broker connection that failed meanwhile (one
+        closed under a ping was seen once in CI) is dropped and counts as no answer yet."""
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        try:
+            return bool(app.control.ping(destination=[self.name], timeout=_PING_S))
+        except (OperationalError, RedisConnectionError, ConnectionError):
+            app.pool.force_close_all()
+            return False
 
     def _signal(self, signum: int) -> None:
         """Send ``signum`` to the child, or to its process group when it has its own."""
