@@ -141,7 +141,7 @@ class WorkerProcess:
                 bundle), or after ``timeout_s``; the child is left as it is.
         """
         deadline = time.monotonic() + timeout_s
-        while not self._pinged(app):
+        while not _ping(app, [self.name]):
             if not self.running():
                 raise self.exit_error()
             if time.monotonic() > deadline:
@@ -149,18 +149,6 @@ class WorkerProcess:
                     f"worker {self.name} did not answer a ping within {timeout_s:.0f} s; the end "
                     f"of its log {self.log}:\n{self.log_tail()}"
                 )
-
-    def _pinged(self, app: Celery) -> bool:
-        """Whether the worker answered a ping; a broker connection that failed meanwhile (one
-        closed under a ping was seen once in CI) is dropped and counts as no answer yet."""
-        from kombu.exceptions import OperationalError
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
-        try:
-            return bool(app.control.ping(destination=[self.name], timeout=_PING_S))
-        except (OperationalError, RedisConnectionError, ConnectionError):
-            app.pool.force_close_all()
-            return False
 
     def _signal(self, signum: int) -> None:
         """Send ``signum`` to the child, or to its process group when it has its own."""
@@ -280,8 +268,7 @@ class WorkerFleet:
                     f"workers {missing} did not answer a ping within {timeout_s:.0f} s; the ends "
                     f"of their logs:\n{tails}"
                 )
-            replies: list[dict[str, Any]] = app.control.ping(destination=missing, timeout=_PING_S)
-            for reply in replies or []:
+            for reply in _ping(app, missing):
                 answered.update(reply)
 
     def stop_all(self, timeout_s: float | None = None) -> list[int]:
@@ -303,3 +290,17 @@ class WorkerFleet:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def _ping(app: Celery, names: list[str]) -> list[dict[str, Any]]:
+    """The replies of the workers ``names`` to a Celery ping. A broker connection that fails
+    meanwhile (Redis closed one under a ping while workers started, twice in CI) is dropped
+    and counts as no answer yet: the caller's deadline and exit checks still end its wait."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    try:
+        return list(app.control.ping(destination=names, timeout=_PING_S) or [])
+    except (OperationalError, RedisConnectionError, ConnectionError):
+        app.pool.force_close_all()
+        return []
