@@ -139,7 +139,7 @@ def test_page_is_delivered_once_signed_and_nothing_secret_is_logged(
     with caplog.at_level(logging.DEBUG):
         judge_windows(client, manifest, [0.15])
         notifiers(receiver.url)
-        wait_for(lambda: settled(client, manifest), 20)
+        wait_for(lambda: settled(client, manifest, metrics), 20)
     assert len(receiver.requests) == 1
     request = receiver.requests[0]
     assert request["path"] == HOOK_PATH
@@ -178,7 +178,7 @@ def test_retries_with_back_off_after_500s(
     receiver.script = [500, 503]
     judge_windows(client, manifest, [0.15])
     notifiers(receiver.url, backoff_s=0.2, backoff_max_s=1.0)
-    wait_for(lambda: settled(client, manifest), 20)
+    wait_for(lambda: settled(client, manifest, metrics), 20)
     assert len(receiver.requests) == 3
     assert len({r["body"] for r in receiver.requests}) == 1
     assert [r["headers"]["X-Imgq-Attempt"] for r in receiver.requests] == ["1", "2", "3"]
@@ -216,7 +216,7 @@ def test_receiver_down_at_first_then_up(
     wait_for(lambda: outcome(metrics, "retried") >= 2, 20)
     late = Receiver(port)
     try:
-        wait_for(lambda: settled(client, manifest), 20)
+        wait_for(lambda: settled(client, manifest, metrics), 20)
         assert len(late.requests) == 1 and outcome(metrics, "delivered") == 1
     finally:
         late.close()
@@ -235,7 +235,7 @@ def test_slow_receiver_times_out_and_is_retried(
     judge_windows(client, manifest, [0.15])
     with caplog.at_level(logging.WARNING, logger="imgq.drift.notify"):
         notifiers(receiver.url, timeout_s=0.5)
-        wait_for(lambda: settled(client, manifest), 20)
+        wait_for(lambda: settled(client, manifest, metrics), 20)
     assert len(receiver.requests) == 2 and outcome(metrics, "delivered") == 1
     assert [r.reason for r in caplog.records if hasattr(r, "reason")] == ["timeout"]
 
@@ -251,7 +251,7 @@ def test_huge_answer_is_not_read(
     receiver.script = [("huge", 1 << 30)]
     judge_windows(client, manifest, [0.15])
     notifiers(receiver.url)
-    wait_for(lambda: settled(client, manifest), 20)
+    wait_for(lambda: settled(client, manifest, metrics), 20)
     assert outcome(metrics, "delivered") == 1
     assert receiver.huge_bytes_sent < 1 << 30
 
@@ -276,7 +276,7 @@ def test_4xx_and_redirects_are_not_retried_and_dead_lettered(
     judge_windows(client, manifest, [0.15])
     notifiers(receiver.url)
     wait_for(lambda: client.llen(DEAD_LETTERS) == 1, 20)
-    wait_for(lambda: settled(client, manifest), 20)
+    wait_for(lambda: settled(client, manifest, metrics), 20)
     assert [r["path"] for r in receiver.requests] == [HOOK_PATH]
     record = json.loads(client.lindex(DEAD_LETTERS, 0))
     assert record["reason"] == reason and record["attempts"] == 1
@@ -299,7 +299,7 @@ def test_408_and_429_are_retried(
     receiver.script = [status]
     judge_windows(client, manifest, [0.15])
     notifiers(receiver.url)
-    wait_for(lambda: settled(client, manifest), 20)
+    wait_for(lambda: settled(client, manifest, metrics), 20)
     assert len(receiver.requests) == 2 and outcome(metrics, "delivered") == 1
 
 
@@ -315,7 +315,7 @@ def test_attempts_run_out_into_a_dead_letter(
     judge_windows(client, manifest, [0.15])
     notifiers(receiver.url, attempts=3)
     wait_for(lambda: client.llen(DEAD_LETTERS) == 1, 20)
-    wait_for(lambda: settled(client, manifest), 20)
+    wait_for(lambda: settled(client, manifest, metrics), 20)
     record = json.loads(client.lindex(DEAD_LETTERS, 0))
     assert len(receiver.requests) == 3 and record["reason"] == "http_500"
     assert record["status"] == 500 and record["attempts"] == 3
@@ -339,7 +339,7 @@ def test_notices_are_never_sent_and_clears_of_pages_are(
     client.xadd(stream_of(manifest), {"json": json.dumps(clear)})
     judge_windows(client, manifest, [0.15, 0.0])  # a page, then its clear
     notifiers(receiver.url)
-    wait_for(lambda: settled(client, manifest), 20)
+    wait_for(lambda: settled(client, manifest, metrics), 20)
     kinds = [(b["type"], b["idempotency_key"]) for b in receiver.bodies()]
     assert [k for k, _ in kinds] == ["drift.alert", "drift.clear"]
     assert kinds[0][1].startswith(f"{manifest.drift_id}:1:")
@@ -395,7 +395,7 @@ def test_a_malformed_entry_does_not_stop_the_pages_after_it(
         client.xadd(stream, {"json": json.dumps(page)})
     judge_windows(client, manifest, [0.15])
     notifiers(receiver.url)
-    wait_for(lambda: settled(client, manifest), 20)
+    wait_for(lambda: settled(client, manifest, metrics), 20)
     [record] = [json.loads(r) for r in client.lrange(DEAD_LETTERS, 0, -1)]
     assert record["reason"] == "failed_TypeError" and outcome(metrics, "dead_letter") == 1
     assert len(receiver.requests) == 3 and outcome(metrics, "delivered") == 3
@@ -555,7 +555,7 @@ def test_own_pending_entry_is_picked_up_again(
     assert pending(client, manifest) == 1
     notifier.start()
     try:
-        wait_for(lambda: settled(client, manifest), 20)
+        wait_for(lambda: settled(client, manifest, metrics), 20)
     finally:
         notifier.close()
     assert len(receiver.requests) == 1

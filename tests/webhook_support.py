@@ -153,12 +153,18 @@ def pending(client: redis.Redis, manifest: Manifest) -> int:
         return -1
 
 
-def settled(client: redis.Redis, manifest: Manifest) -> bool:
-    """Every entry of the stream read by the group and acknowledged."""
+def settled(client: redis.Redis, manifest: Manifest, metrics: WorkerMetrics | None = None) -> bool:
+    """Every entry of the stream read by the group and acknowledged; with ``metrics``, also
+    counted (the notifier counts an outcome just after its ack, so an ack alone is too soon)."""
     groups = client.xinfo_groups(stream_of(manifest))
     last = client.xinfo_stream(stream_of(manifest))["last-generated-id"]
     read_all = bool(groups) and groups[0]["last-delivered-id"] == last
-    return read_all and pending(client, manifest) == 0
+    if not (read_all and pending(client, manifest) == 0):
+        return False
+    if metrics is None:
+        return True
+    counted = sum(outcome(metrics, name) for name in ("delivered", "dead_letter", "skipped"))
+    return counted >= client.xlen(stream_of(manifest))
 
 
 def outcome(metrics: WorkerMetrics, name: str) -> float:
