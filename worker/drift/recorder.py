@@ -15,17 +15,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import redis
 
-from imgq.shared.calibration import calibrated_top1
 from imgq.shared.errors import ManifestError
 from imgq.shared.imagestats import (
     IMAGE_FEATURES,
     IMAGE_FEATURES_VERSION,
     PIXEL_FEATURES,
-    output_features,
 )
 from imgq.shared.manifest import Manifest
 from imgq.shared.reference import RangeCheck
 from imgq.worker.broker.settle import WindowCounts
+from imgq.worker.drift.counting import WindowCounter
 from imgq.worker.drift.detector import DriftDetector
 from imgq.worker.drift.layout import (
     _ADD_LUA,
@@ -33,7 +32,6 @@ from imgq.worker.drift.layout import (
     _CLOSE_LUA,
     ALL_FEATURES,
     STATE_TTL_S,
-    SUM_SCALE,
     DriftKeys,
     _check_ttl,
 )
@@ -173,31 +171,8 @@ class DriftRecorder:
         self.thumbnails = ThumbnailWriter(self.keys, thumbnails_per_s, state_ttl_s)
         self.samples = SampleWriter(self.keys, manifest, samples_per_s, state_ttl_s)
         self.novelty = manifest.novelty
-        ref = manifest.reference.features
-        layout = self.detector.layout
-        # Every bin of every feature numbered by its slot in the window's Redis string: the hot
-        # path counts a batch with one bincount over these numbers.
-        n_bins = np.array([len(ref[n].counts) for n in ALL_FEATURES])
-        # Edges as one matrix, rows padded with +inf: a batch is binned in one comparison.
-        self._edges = np.full((len(ALL_FEATURES), int(n_bins.max()) + 1), np.inf)
-        for j, n in enumerate(ALL_FEATURES):
-            self._edges[j, : len(ref[n].edges)] = ref[n].edges
-        self._first_bin = np.array([layout.first_bin[n] for n in ALL_FEATURES])
-        self._last_bin = n_bins - 1
-        self._n_slots = layout.size
-        # Columns of [image features | output features] that have a sum, and its slot.
-        self._sum_columns = np.array(
-            [j for j, n in enumerate(ALL_FEATURES) if n in layout.sum_slots]
-        )
-        self._sum_slots = np.array([layout.sum_slots[ALL_FEATURES[j]] for j in self._sum_columns])
+        self.counter = WindowCounter(manifest, self.detector.layout, self.keys.open, state_ttl_s)
         self._range_check = RangeCheck(manifest.reference, IMAGE_FEATURES)
-        # The page tier's out-of-range share: images with a pixel feature out of range.
-        self._pixel_check = RangeCheck(manifest.reference, PIXEL_FEATURES)
-        self._out_of_range_slot = layout.out_of_range_slot
-        self._calibrated_slot = layout.calibrated_confidence_slot
-        self._novel_slot = layout.novel_slot
-        calibration = manifest.calibration
-        self._temperature = None if calibration is None else calibration.temperature
         # The estimated-accuracy test's null distribution for a full window (0.1-0.3 s): at
         # start-up, not in the middle of serving when the first window is judged.
         self.detector.prepare(window_size)
@@ -333,41 +308,10 @@ class DriftRecorder:
         novelty: np.ndarray | None = None,
         pixel_outside: np.ndarray | None = None,
     ) -> WindowCounts:
-        """A batch's counts for the open window.
-
-        Args:
-            image_features: (N, len(IMAGE_FEATURES)) features of the batch's inferred images.
-            probs: (N, K) their probabilities, in the same order.
-            novelty: (N,) their novelty (the novel ones are counted), or None.
-            pixel_outside: (N,) whether a pixel feature is out of range, if known (else
-                checked here).
-        """
-        values = (
-            np.hstack([image_features, output_features(probs)])
-            if len(probs)
-            else np.empty((0, len(ALL_FEATURES)))
+        """A batch's counts for the open window (:meth:`WindowCounter.counts_of`)."""
+        return self.counter.counts_of(
+            image_features, probs, novelty=novelty, pixel_outside=pixel_outside
         )
-        increments = np.bincount(self._bin_numbers(values), minlength=self._n_slots)
-        summed = values[:, self._sum_columns]
-        summed = np.where(np.isfinite(summed), summed, 0.0)  # NaN is counted in the last bin
-        increments[self._sum_slots] = np.rint(summed.sum(axis=0) * SUM_SCALE)
-        if len(probs):
-            increments[self._out_of_range_slot] = (
-                np.count_nonzero(pixel_outside)
-                if pixel_outside is not None
-                else self._pixel_check.count(image_features[:, : len(PIXEL_FEATURES)])
-            )
-            if novelty is not None:
-                increments[self._novel_slot] = np.count_nonzero(novelty > 1.0)
-            if self._temperature is not None:
-                calibrated = calibrated_top1(probs, self._temperature).sum()
-                increments[self._calibrated_slot] = np.rint(calibrated * SUM_SCALE)
-        slots = np.flatnonzero(increments)
-        # "slot increment slot increment ...": one argument instead of ~2 per slot, which
-        # redis-py would encode one by one (~1 ms per batch of 32); one % in C to write it.
-        pairs = tuple(np.column_stack([slots, increments[slots]]).ravel().tolist())
-        text = ("%d %d " * len(slots) % pairs)[:-1]
-        return WindowCounts(self.keys.open, len(image_features), text, self.state_ttl_s)
 
     def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
         """Queue this batch's counts on ``pipe`` as one EVAL of its own (for callers without a
@@ -381,17 +325,6 @@ class DriftRecorder:
         index = len(pipe)
         pipe.eval(_ADD_LUA, 1, counts.key, counts.images, counts.pairs, counts.ttl_s)
         return index
-
-    def _bin_numbers(self, values: np.ndarray) -> np.ndarray:
-        """Slot of the bin of every value of ``values``, whose columns are ``ALL_FEATURES``. The
-        same bins as :func:`shared.imagestats.bin_counts` (``[edge_i, edge_i+1)``, beyond the
-        ends into the outer bins) in one comparison for the whole batch: how many edges each
-        value is not below (as ``searchsorted(side="right")`` counts; NaN is below none, so it
-        lands in the last bin, where numpy sorts it), less one."""
-        idx = (~(values[:, :, None] < self._edges[None])).sum(axis=2)
-        np.clip(idx - 1, 0, self._last_bin, out=idx)
-        idx += self._first_bin
-        return idx.ravel()
 
     def add_out_of_range_thumbnail(
         self, pipe: Any, rgb: np.ndarray, features: list[str], label: str | None = None
