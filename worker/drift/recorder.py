@@ -261,7 +261,7 @@ class DriftRecorder:
             outside = np.concatenate([p[2] for p in parts])
             novelties = [p[3] for p in parts if p[3] is not None]
             novelty = np.concatenate(novelties) if len(novelties) == len(parts) else None
-        return [self.counts_of(features, probs, novelty=novelty, pixel_outside=outside)]
+        return [self.counter.counts_of(features, probs, novelty=novelty, pixel_outside=outside)]
 
     def after_settle(self, counted: Mapping[str, int]) -> None:
         """:meth:`after_pipeline` with the open window's count."""
@@ -300,19 +300,6 @@ class DriftRecorder:
 
     # -- counts ---------------------------------------------------------------------------------
 
-    def counts_of(
-        self,
-        image_features: np.ndarray,
-        probs: np.ndarray,
-        *,
-        novelty: np.ndarray | None = None,
-        pixel_outside: np.ndarray | None = None,
-    ) -> WindowCounts:
-        """A batch's counts for the open window (:meth:`WindowCounter.counts_of`)."""
-        return self.counter.counts_of(
-            image_features, probs, novelty=novelty, pixel_outside=pixel_outside
-        )
-
     def add_to_pipeline(self, pipe: Any, image_features: np.ndarray, probs: np.ndarray) -> int:
         """Queue this batch's counts on ``pipe`` as one EVAL of its own (for callers without a
         settle script: tests, benchmarks, tools).
@@ -321,7 +308,7 @@ class DriftRecorder:
             Index, in ``pipe.execute()``'s reply list, of the open window's new image count; pass
             that reply to :meth:`after_pipeline`.
         """
-        counts = self.counts_of(image_features, probs)
+        counts = self.counter.counts_of(image_features, probs)
         index = len(pipe)
         pipe.eval(_ADD_LUA, 1, counts.key, counts.images, counts.pairs, counts.ttl_s)
         return index
