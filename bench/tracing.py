@@ -2,15 +2,18 @@
 and 0.01, side by side; with ``--baseline REV``, also the code of commit REV ("today", before
 tracing existed), to show that off costs nothing.
 
-Each round starts one `imgq worker` per configuration at once, each on its own queue holding the
-same ``--tasks`` tasks (parked until every worker answers a ping, then released in one
-transaction), so that every configuration sees the same machine at the same moment: this VM's
-speed moves CPU per task by tens of percent between consecutive drains, more than the cost
-measured. A worker's CPU (``/proc/<pid>/stat``) is read from the release until its last result
-is stored plus ``--settle-s`` (so that the spans it still buffers are exported: the batch span
-processor's default delay is 5 s), and divided by its tasks. The start order rotates between
-rounds; each configuration is compared with "off" of the same round, and the report gives each
-round's ratio and their median.
+Each round drains, for every configuration, a pair of `imgq worker`s side by side: "off" and
+the configuration, each on its own queue holding the same ``--tasks`` tasks (parked until both
+workers answer a ping, then released in one transaction), so that both see the same machine at
+the same moment: this VM's speed moves CPU per task by tens of percent between consecutive
+drains, more than the cost measured. The two workers are pinned to different cores (``taskset``;
+which one gets which core alternates between rounds), since two workers free to share this VM's
+two cores with Redis and the benchmark measured each other's scheduling more than tracing. One
+pair is "off" against "off": the spread of its ratios is the measure's noise. A worker's CPU
+(``/proc/<pid>/stat``) is read from the release until its last result is stored plus
+``--settle-s`` (so that the spans it still buffers are exported: the batch span processor's
+default delay is 5 s), and divided by its tasks. The report gives each round's ratio to its
+pair's "off" and their median.
 
 Tracing workers export OTLP over HTTP to a receiver in this process (``imgq/otlpsink.py``, it
 only counts), with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``; the tasks carry no context
@@ -63,8 +66,10 @@ from imgq.worker.client import ImgqClient
 from imgq.worker.settings import WorkerSettings
 from imgq.worker.tracing import start_tracing
 
-#: The configurations compared with "off" (the first); "today" is added by ``--baseline``.
+#: The configurations compared with "off" (the first); "today" is added by ``--baseline``, and
+#: "off (control)" is off against off: the measure's noise.
 OFF = "off"
+CONTROL = "off (control)"
 SAMPLED = {"on, sampling 1.0": "1.0", "on, sampling 0.01": "0.01"}
 TODAY = "today (--baseline)"
 #: Batches served before an interleaved drain is measured (the first spans, the first export).
@@ -108,7 +113,7 @@ def worker_envs(url: str, sink: OtlpSink, tree: Path | None) -> dict[str, dict[s
     """Each configuration's environment (this shell's OTEL_* and IMGQ_* left out)."""
     base = {k: v for k, v in worker_env(url).items() if not k.startswith("OTEL_")}
     base |= {"IMGQ_METRICS_PORT": "0", "OMP_NUM_THREADS": "1"}
-    envs = {OFF: dict(base)}
+    envs = {OFF: dict(base), CONTROL: dict(base)}
     for name, ratio in SAMPLED.items():
         envs[name] = base | {
             "OTEL_TRACES_EXPORTER": "otlp",
@@ -121,19 +126,20 @@ def worker_envs(url: str, sink: OtlpSink, tree: Path | None) -> dict[str, dict[s
     return envs
 
 
-def one_round(
+def one_pair(
     url: str,
     bundle: Path,
     images: list[bytes],
     envs: dict[str, dict[str, str]],
-    order: list[str],
+    pair: tuple[str, str],
+    cores: tuple[int, int],
     args: argparse.Namespace,
     log_dir: Path,
 ) -> dict[str, dict[str, float]]:
-    """Every configuration's worker drains its own queue of ``args.tasks`` at the same time;
-    each one's CPU seconds per task."""
+    """The two configurations' workers, pinned to ``cores``, drain their own queue of
+    ``args.tasks`` at the same time; each one's CPU seconds per task."""
     r = redis.Redis.from_url(url)
-    queues = {name: f"bench-trace-{i}" for i, name in enumerate(order)}
+    queues = {name: f"bench-trace-{i}" for i, name in enumerate(pair)}
     pending: dict[str, list[bytes]] = {}
     for name, queue in queues.items():
         with ImgqClient(url, queue=queue) as client:
@@ -142,15 +148,15 @@ def one_round(
             pending[name] = [client.app.backend.get_key_for_task(t.id) for t in results]
             r.rename(queue, f"{queue}:parked")
     workers = []
-    for i, name in enumerate(order):
+    for i, name in enumerate(pair):
         node = f"trace{i}@bench"
-        command = [sys.executable, "-m", "imgq.cli", "worker", "--model", str(bundle), "--queue",
-                   queues[name], "--hostname", node, "--concurrency", "1", "--threads",
-                   str(args.threads), "--max-batch", str(args.max_batch), "--max-wait-ms", "0",
-                   "--loglevel", "WARNING"]  # fmt: skip
+        command = ["taskset", "-c", str(cores[i]), sys.executable, "-m", "imgq.cli", "worker",
+                   "--model", str(bundle), "--queue", queues[name], "--hostname", node,
+                   "--concurrency", "1", "--threads", str(args.threads), "--max-batch",
+                   str(args.max_batch), "--max-wait-ms", "0", "--loglevel", "WARNING"]  # fmt: skip
         workers.append((node, command, envs[name]))
     with ImgqClient(url) as pinger, start_fleet(pinger, log_dir, workers) as fleet:
-        pids = dict(zip(order, fleet.pids, strict=True))
+        pids = dict(zip(pair, fleet.pids, strict=True))
         cpu0 = {name: tree_cpu_s([pid]) for name, pid in pids.items()}
         pipe = r.pipeline(transaction=True)
         for queue in queues.values():
@@ -263,20 +269,24 @@ def in_process(args: argparse.Namespace, work: Path, endpoint: str) -> dict[str,
 
 
 def report(results: dict[str, Any]) -> str:
-    """The figures as Markdown: each configuration's CPU per task, and against off per round."""
+    """The figures as Markdown: each configuration's CPU per task against the "off" worker that
+    drained beside it, per round, and the median."""
     rounds = results["rounds"]
     names = list(rounds[0]) if rounds else []
     lines = [
-        "| worker | CPU ms/task, each round | median | vs off, each round | median vs off |",
-        "|---|---|---:|---|---:|",
+        "| worker, beside off | CPU ms/task, each round | off's, each round | vs off, each round "
+        "| median vs off |",
+        "|---|---|---|---|---:|",
     ]
     for name in names:
-        cpu = [r[name]["cpu_ms_per_task"] for r in rounds]
-        ratios = [r[name]["cpu_ms_per_task"] / r[OFF]["cpu_ms_per_task"] - 1 for r in rounds]
-        each = ", ".join(f"{c:.3f}" for c in cpu)
-        vs = "-" if name == OFF else ", ".join(f"{x:+.1%}" for x in ratios)
-        med = "-" if name == OFF else f"**{statistics.median(ratios):+.1%}**"
-        lines.append(f"| {name} | {each} | {statistics.median(cpu):.3f} | {vs} | {med} |")
+        on = [r[name]["on"]["cpu_ms_per_task"] for r in rounds]
+        off = [r[name]["off"]["cpu_ms_per_task"] for r in rounds]
+        ratios = [a / b - 1 for a, b in zip(on, off, strict=True)]
+        lines.append(
+            f"| {name} | {', '.join(f'{c:.3f}' for c in on)} | "
+            f"{', '.join(f'{c:.3f}' for c in off)} | {', '.join(f'{x:+.1%}' for x in ratios)} | "
+            f"**{statistics.median(ratios):+.1%}** |"
+        )
     paired = results.get("interleaved")
     if paired:
         lines += ["", "| in process, tracing on every other batch | on µs/task | off µs/task | "
@@ -333,14 +343,18 @@ def main(argv: list[str] | None = None) -> int:
             print("in process: tracing on every other batch", flush=True)
             results["interleaved"] = in_process(args, work, sink.endpoint)
         envs = worker_envs(server.url, sink, tree)
-        names = list(envs)
+        others = [name for name in envs if name != OFF]
+        cores = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
         for i in range(args.rounds):
-            order = names[i % len(names) :] + names[: i % len(names)]
-            print(f"round {i + 1}: start order {order}", flush=True)
-            measured = one_round(server.url, bundle, images, envs, order, args, work)
-            results["rounds"].append({name: measured[name] for name in names})
+            pinned = cores if i % 2 == 0 else cores[::-1]
+            print(f"round {i + 1}: off on core {pinned[0]}", flush=True)
+            measured: dict[str, Any] = {}
+            for name in others:
+                pair = one_pair(server.url, bundle, images, envs, (OFF, name), pinned, args, work)
+                measured[name] = {"off": pair[OFF], "on": pair[name]}
+                print(f"    {name}: {measured[name]}", flush=True)
+            results["rounds"].append(measured)
             results["loadavg_1m"].append(os.getloadavg()[0])
-            print(f"    {results['rounds'][-1]}", flush=True)
     finally:
         server.stop()
         sink.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import time
 import warnings
 from collections.abc import Iterator
@@ -22,12 +23,13 @@ from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from imgq.otlpsink import OtlpSink, ReceivedSpan
 from imgq.worker.client import ImgqClient
 from imgq.worker.outcome import BatchOutcome
-from imgq.worker.settings import WorkerSettings
-from imgq.worker.tracing.provider import tracer_provider
+from imgq.worker.settings import TRACES_SAMPLERS, WorkerSettings
+from imgq.worker.tracing.provider import FollowLinks, root_bound, sampler, tracer_provider
 from imgq.worker.tracing.spans import BatchTracer
 from imgq.worker.wire import SENT_AT_HEADER, TASK_NAME
 from imgq.worker.wire.message import TaskRequest
@@ -66,16 +68,19 @@ def test_client_sends_the_callers_context(redis_server) -> None:
 # -- sampling --------------------------------------------------------------------------------------
 
 
-def test_a_task_without_context_is_sampled_once_at_the_ratio() -> None:
-    """A task without a context is decided before its span is made, and its span gets the trace
-    id it was decided for: at a ratio of 0.5 half the tasks are traced (deciding twice would
-    trace a quarter); the batch's span links to the traced ones, as many as the SDK keeps, and
-    each of them links back."""
+@pytest.mark.parametrize("by_bound", [True, False], ids=["one-draw", "sampler"])
+def test_a_task_without_context_is_sampled_once_at_the_ratio(by_bound: bool) -> None:
+    """A task without a context is decided before its span is made (by one random draw against
+    the sampler's bound, or by asking the sampler), and its span gets the trace id it was
+    decided for: at a ratio of 0.5 half the tasks are traced (deciding twice would trace a
+    quarter); the batch's span links to the traced ones, as many as the SDK keeps, and each of
+    them links back."""
     settings = WorkerSettings(traces_sampler="parentbased_traceidratio", traces_sampler_arg=0.5)
     provider = tracer_provider(settings)
     exported = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exported))
-    tracer = BatchTracer(provider, "t@host")
+    bound = root_bound(settings.traces_sampler, 0.5) if by_bound else None
+    tracer = BatchTracer(provider, "t@host", bound)
     try:
         out = BatchOutcome(time.time())
         for i in range(2000):
@@ -95,6 +100,23 @@ def test_a_task_without_context_is_sampled_once_at_the_ratio() -> None:
     assert len(linked) == 128  # the SDK's limit (OTEL_SPAN_LINK_COUNT_LIMIT); the first kept
     assert linked <= {s.context.span_id for s in runs}
     assert all(s.links[0].context.span_id == batch.context.span_id for s in runs)
+
+
+@pytest.mark.parametrize("name", TRACES_SAMPLERS)
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.5, 1.0])
+def test_the_one_draw_bound_decides_as_the_sampler_does(name: str, ratio: float) -> None:
+    """For a root span without links, low 64 bits of the trace id below :func:`root_bound` is
+    exactly the configured sampler's decision (wrapped as the worker wraps it), at and on either
+    side of the bound."""
+    configured = FollowLinks(sampler(name, ratio))
+    bound = root_bound(name, ratio)
+    rng = random.Random(7)
+    lows = [rng.getrandbits(64) for _ in range(300)]
+    lows += [b for b in (bound - 1, bound) if 0 <= b < 2**64]
+    for low in lows:
+        trace_id = rng.getrandbits(64) << 64 | low
+        decided = configured.should_sample(None, trace_id, "run/x", SpanKind.CONSUMER)
+        assert decided.decision.is_sampled() == (low < bound), (name, ratio, low)
 
 
 # -- tracing off ---------------------------------------------------------------------------------

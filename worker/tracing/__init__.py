@@ -50,7 +50,7 @@ def start_tracing(settings: WorkerSettings, hostname: str) -> BatchTracer | None
     from imgq.shared.errors import ImgqError
 
     try:
-        from imgq.worker.tracing.provider import tracer_provider
+        from imgq.worker.tracing.provider import root_bound, tracer_provider
         from imgq.worker.tracing.spans import BatchTracer
     except ImportError as exc:
         raise ImgqError(
@@ -58,4 +58,5 @@ def start_tracing(settings: WorkerSettings, hostname: str) -> BatchTracer | None
             f"OpenTelemetry is not installed ({exc}); install imgq[otel] "
             "(pip install 'imgq[otel]'), or set OTEL_TRACES_EXPORTER=none"
         ) from None
-    return BatchTracer(tracer_provider(settings), hostname)
+    bound = root_bound(settings.traces_sampler, settings.traces_sampler_arg)
+    return BatchTracer(tracer_provider(settings), hostname, bound)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import sys
 import threading
 import time
@@ -39,7 +40,14 @@ from opentelemetry.util.types import Attributes
 from imgq.shared.errors import ImgqError
 from imgq.worker.settings import WorkerSettings
 
-__all__ = ["DEFAULT_SERVICE_NAME", "FollowLinks", "StagedTraceIds", "sampler", "tracer_provider"]
+__all__ = [
+    "DEFAULT_SERVICE_NAME",
+    "FollowLinks",
+    "StagedTraceIds",
+    "root_bound",
+    "sampler",
+    "tracer_provider",
+]
 
 #: ``service.name`` when neither ``OTEL_SERVICE_NAME`` nor ``OTEL_RESOURCE_ATTRIBUTES`` names one.
 DEFAULT_SERVICE_NAME = "imgq-worker"
@@ -119,6 +127,19 @@ class StagedTraceIds(RandomIdGenerator):
         """The trace id of the next root span this thread starts."""
         self._staged.trace_id = trace_id
 
+    def sampled_root(self, bound: int) -> int | None:
+        """A trace id for a root span, staged, when the sampler samples it (the low 64 bits
+        below ``bound``, as :func:`root_bound` says), else None: one random draw decides, with
+        no call of the sampler (a few microseconds a task at a low ratio)."""
+        low = random.getrandbits(64)
+        if low >= bound:
+            return None
+        trace_id = random.getrandbits(64) << 64 | low
+        if trace_id == 0:  # the invalid id (one chance in 2**128): not sampled
+            return None
+        self.stage(trace_id)
+        return trace_id
+
     def generate_trace_id(self) -> int:
         trace_id: int | None = getattr(self._staged, "trace_id", None)
         if trace_id is None:
@@ -137,6 +158,23 @@ def sampler(name: str, ratio: float) -> Sampler:
     plain = name.removeprefix("parentbased_")
     root = roots[plain] if plain in roots else TraceIdRatioBased(ratio)
     return ParentBased(root) if name.startswith("parentbased_") else root
+
+
+def root_bound(name: str, ratio: float) -> int:
+    """The bound the low 64 bits of a trace id stay below when the sampler of ``name`` and
+    ``ratio`` samples a root span without links (the decision for a task without a context):
+    the SDK's ``TraceIdRatioBased`` rule, ``ParentBased`` deferring to its root for a span
+    without a parent, and :class:`FollowLinks` to the configured sampler without links.
+
+    >>> root_bound("parentbased_traceidratio", 0.5) == 2**63, root_bound("always_off", 1.0)
+    (True, 0)
+    """
+    plain = name.removeprefix("parentbased_")
+    if plain == "always_on":
+        return TraceIdRatioBased.TRACE_ID_LIMIT + 1
+    if plain == "always_off":
+        return 0
+    return TraceIdRatioBased.get_bound_for_rate(ratio)
 
 
 def tracer_provider(settings: WorkerSettings) -> TracerProvider:

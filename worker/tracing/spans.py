@@ -77,10 +77,17 @@ class BatchTracer:
         provider: The configured tracer provider (``worker/tracing/provider.py``).
         hostname: The worker's Celery node name (``celery.hostname``, as the instrumentation
             names the worker that ran a task).
+        root_bound: The sampler's decision for a root span without links, as
+            :func:`~imgq.worker.tracing.provider.root_bound` gives it; None: asks the sampler.
     """
 
-    def __init__(self, provider: TracerProvider, hostname: str) -> None:
+    def __init__(
+        self, provider: TracerProvider, hostname: str, root_bound: int | None = None
+    ) -> None:
         self.provider = provider
+        #: :func:`~imgq.worker.tracing.provider.root_bound` of the configured sampler, when
+        #: known: a task without a context is then decided by one random draw.
+        self.root_bound = root_bound
         self.tracer = provider.get_tracer("imgq.worker")
         self.hostname = hostname
         ids = provider.id_generator
@@ -207,13 +214,17 @@ class BatchTrace:
         name = f"run/{req.task_name[:_MAX_NAME_CHARS]}"
         ids = self.tracer.staged_ids
         if carrier is None and req.canvas is None and ids is not None:
-            trace_id = ids.generate_trace_id()
-            decided = self.tracer.provider.sampler.should_sample(
-                _ROOT, trace_id, name, SpanKind.CONSUMER
-            )
-            if not decided.decision.is_recording():
-                return None
-            ids.stage(trace_id)  # the span gets the trace id the decision was made for
+            if self.tracer.root_bound is not None:
+                if ids.sampled_root(self.tracer.root_bound) is None:
+                    return None
+            else:
+                trace_id = ids.generate_trace_id()
+                decided = self.tracer.provider.sampler.should_sample(
+                    _ROOT, trace_id, name, SpanKind.CONSUMER
+                )
+                if not decided.decision.is_recording():
+                    return None
+                ids.stage(trace_id)  # the span gets the trace id the decision was made for
         parent = _ROOT if carrier is None else propagate.extract(carrier, context=Context())
         span = self.tracer.tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER,
                                              start_time=picked_ns)  # fmt: skip
