@@ -279,10 +279,12 @@ def imgq_workers(
     profile_dir: Path | None = None,
     env: dict[str, str] | None = None,
     envs: Sequence[dict[str, str]] | None = None,
+    cores: Sequence[int] | None = None,
 ) -> BenchFleet:
     """(b): ``args.workers`` `imgq worker` processes on the client's queue; with ``envs``, one
     process per entry, each with its own extra environment. With ``profile_dir``, each runs
-    under ``bench/throughput.py profile-worker`` and writes ``imgq<i>.prof`` there."""
+    under ``bench/throughput.py profile-worker`` and writes ``imgq<i>.prof`` there. With
+    ``cores``, process ``i`` is pinned to core ``cores[i % len(cores)]`` (``taskset``)."""
     envs = list(envs) if envs is not None else [env or {}] * args.workers
     workers = []
     for i, extra in enumerate(envs):
@@ -296,6 +298,8 @@ def imgq_workers(
         else:
             profile = str(profile_dir / f"imgq{i}.prof")
             command = [sys.executable, str(_THROUGHPUT), "profile-worker", profile, "--", *options]
+        if cores:
+            command = ["taskset", "-c", str(cores[i % len(cores)]), *command]
         workers.append((name, command, _bench_env(url, **extra)))
     return start_fleet(client, log_dir, workers)
 

@@ -155,18 +155,22 @@ def drift_ab(
 ) -> dict[str, Any]:
     """Drift statistics' cost side by side: one worker with them and one without drain one queue
     at the same time, so both see the same machine (this VM's speed drifts by tens of percent
-    between consecutive drains, more than the cost measured); CPU per task of each.
+    between consecutive drains, more than the cost measured), each pinned to a core; CPU per
+    task of each.
     ``on_first=False`` starts the worker without drift first (alternate it between rounds)."""
     envs = [{"IMGQ_DRIFT": "true"}, {"IMGQ_DRIFT": "false"}]
     if not on_first:
         envs.reverse()
     on, off = (0, 1) if on_first else (1, 0)
+    # One core each (the drift worker's alternates with on_first): free to share the two cores
+    # with Redis and this process, the two workers measure each other's scheduling.
+    pinned = (0, 1) if (os.cpu_count() or 1) > 1 else None
     d = drain(
         url,
         client,
         images,
         args.drift_ab_tasks,
-        lambda: imgq_workers(url, bundle, client, args, work, envs=envs),
+        lambda: imgq_workers(url, bundle, client, args, work, envs=envs, cores=pinned),
     )
     on_tasks, off_tasks = d["drift_tasks"], args.drift_ab_tasks - d["failures"] - d["drift_tasks"]
     on_ms = d["worker_cpu_s"][on] / max(1, on_tasks) * 1000

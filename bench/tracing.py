@@ -6,10 +6,11 @@ Each round drains, for every configuration, a pair of `imgq worker`s side by sid
 the configuration, each on its own queue holding the same ``--tasks`` tasks (parked until both
 workers answer a ping, then released in one transaction), so that both see the same machine at
 the same moment: this VM's speed moves CPU per task by tens of percent between consecutive
-drains, more than the cost measured. The two workers are pinned to different cores (``taskset``;
-which one gets which core alternates between rounds), since two workers free to share this VM's
-two cores with Redis and the benchmark measured each other's scheduling more than tracing. One
-pair is "off" against "off": the spread of its ratios is the measure's noise. A worker's CPU
+drains, more than the cost measured. The two workers are pinned to different cores
+(``taskset``), and which one gets which core, and which one starts first, alternate between
+rounds: two workers free to share this VM's two cores with Redis and the benchmark measured each
+other's scheduling more than tracing. One pair is "off" against "off": the spread of its ratios
+is the measure's noise. A worker's CPU
 (``/proc/<pid>/stat``) is read from the release until its last result is stored plus
 ``--settle-s`` (so that the spans it still buffers are exported: the batch span processor's
 default delay is 5 s), and divided by its tasks. The report gives each round's ratio to its
@@ -346,11 +347,17 @@ def main(argv: list[str] | None = None) -> int:
         others = [name for name in envs if name != OFF]
         cores = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
         for i in range(args.rounds):
-            pinned = cores if i % 2 == 0 else cores[::-1]
-            print(f"round {i + 1}: off on core {pinned[0]}", flush=True)
+            # Every fourth round the same: off first or second (started first, first queue),
+            # and on either core.
+            first = i % 2 == 0
+            pinned = cores if (i // 2) % 2 == 0 else cores[::-1]
+            print(
+                f"round {i + 1}: off {'first' if first else 'second'}, cores {pinned}", flush=True
+            )
             measured: dict[str, Any] = {}
             for name in others:
-                pair = one_pair(server.url, bundle, images, envs, (OFF, name), pinned, args, work)
+                order = (OFF, name) if first else (name, OFF)
+                pair = one_pair(server.url, bundle, images, envs, order, pinned, args, work)
                 measured[name] = {"off": pair[OFF], "on": pair[name]}
                 print(f"    {name}: {measured[name]}", flush=True)
             results["rounds"].append(measured)
