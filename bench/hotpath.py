@@ -54,6 +54,7 @@ from imgq.worker.engine import BatchEngine
 from imgq.worker.handlers.classify import ClassifyHandler
 from imgq.worker.metrics import WorkerMetrics
 from imgq.worker.settings import WorkerSettings
+from imgq.worker.storing import BatchStore
 from imgq.worker.wire import TASK_NAME
 from imgq.worker.wire.events import TaskEvents
 
@@ -71,7 +72,7 @@ _METHODS = (
     (DriftRecorder, "observe_batch", "drift: the batch's statistics (all of them)"),
     (DriftRecorder, "window_counts", "drift: bin counts (for the settle script)"),
     (DriftDetector, "evaluate", "drift: window verdicts"),
-    (BatchEngine, "_store_once", "Redis round trip (settle script, events)"),
+    (BatchStore, "_store_once", "Redis round trip (settle script, events)"),
     (Lane, "take", "bulk take (LMOVE transaction)"),
 )
 

@@ -251,7 +251,7 @@ def _saturation(red: np.ndarray, green: np.ndarray, blue: np.ndarray) -> np.ndar
     index = top.astype(np.uint16)
     index <<= 8
     index |= np.asarray(cv2.subtract(top, cv2.min(cv2.min(red, green), blue)), np.uint8)
-    return _SATURATION[index]
+    return _SATURATION.take(index)  # take: a quarter faster than indexing
 
 
 def _row_squares(rows: np.ndarray) -> np.ndarray:
