@@ -168,6 +168,38 @@ def enqueue(client: ImgqClient, queued: redis.Redis, out: Enqueued, stop: thread
             time.sleep(0.2)
 
 
+def diagnosis(
+    watch: Watch,
+    group: LocalSentinels,
+    new: int,
+    times: tuple[float, float],
+    out: Enqueued,
+    logs: Path,
+) -> str:
+    """Why the workers do not seem to serve on the new master: the events each server's
+    subscribers saw per worker (count, last, in seconds after the failure at ``times[0]``;
+    the promotion at ``times[1]``), what is queued there, what the client got confirmed, and
+    the end of each worker's log."""
+    failed_at, promoted_at = times
+    with watch._lock:
+        events = list(watch.events)
+    seen: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for port, served_at, worker in events:
+        seen[(port, worker)].append(served_at)
+    lines = [f"new master {new}, promoted {promoted_at - failed_at:.1f} s after the failure"]
+    lines += [f"{port} {worker}: {len(t)} events, last at {max(t) - failed_at:+.2f} s"
+              for (port, worker), t in sorted(seen.items())]  # fmt: skip
+    try:
+        lines.append(f"queued on {new}: {group.client(new).llen('imgq')}")
+    except redis.RedisError as exc:
+        lines.append(f"queued on {new}: {exc}")
+    lines.append(f"confirmed {len(out.confirmed)}, unconfirmed {len(out.unconfirmed)}")
+    for log in sorted(logs.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-4:]
+        lines.append(f"{log.name}: " + " | ".join(line[:300] for line in tail))
+    return "\n".join(lines)
+
+
 def drained(r: redis.Redis) -> bool:
     """Nothing queued or in flight on the master (what is left will never be answered)."""
     lanes = r.hkeys("imgq:lanes")
@@ -237,7 +269,11 @@ def test_drain_through_a_failover(
         failover_s = switched_at - failed_at
 
         names = [w.name for w in workers]
-        wait_for(lambda: set(names) <= set(watch.serving(new, promoted_at)), timeout_s=120)
+        try:
+            wait_for(lambda: set(names) <= set(watch.serving(new, promoted_at)), timeout_s=120)
+        except AssertionError as exc:  # seen once in CI: say what the workers were doing
+            state = diagnosis(watch, group, new, (failed_at, promoted_at), out, tmp_path)
+            raise AssertionError(f"{exc}; {state}") from None
         serving_s = {w: round(t - failed_at, 2) for w, t in watch.serving(new, promoted_at).items()
                      if w in names}  # fmt: skip
 
