@@ -20,6 +20,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -34,7 +36,7 @@ from imgq.localsentinel import LocalSentinels
 from imgq.worker.broker.connection import connect
 from imgq.worker.client import EnqueueNotConfirmed, ImgqClient
 from tests.tinymodel import COLOURS, colour_image, encode_png
-from tests.workerproc import Workers, wait_for
+from tests.workerproc import Worker, Workers, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -174,12 +176,13 @@ def diagnosis(
     new: int,
     times: tuple[float, float],
     out: Enqueued,
-    logs: Path,
+    workers: list[Worker],
 ) -> str:
     """Why the workers do not seem to serve on the new master: the events each server's
     subscribers saw per worker (count, last, in seconds after the failure at ``times[0]``;
     the promotion at ``times[1]``), what is queued there, what the client got confirmed, and
-    the end of each worker's log."""
+    the end of each worker's log, after Celery's SIGUSR1 handler wrote every thread's stack
+    there."""
     failed_at, promoted_at = times
     with watch._lock:
         events = list(watch.events)
@@ -194,9 +197,14 @@ def diagnosis(
     except redis.RedisError as exc:
         lines.append(f"queued on {new}: {exc}")
     lines.append(f"confirmed {len(out.confirmed)}, unconfirmed {len(out.unconfirmed)}")
-    for log in sorted(logs.glob("*.log")):
-        tail = log.read_text(errors="replace").splitlines()[-4:]
-        lines.append(f"{log.name}: " + " | ".join(line[:300] for line in tail))
+    for w in workers:
+        if w.running():
+            os.kill(w.pid, signal.SIGUSR1)
+    time.sleep(2.0)  # a failure's report only: let the handlers write
+    for w in workers:
+        tail = w.log.read_text(errors="replace").splitlines()[-400:]
+        lines.append(f"--- {w.name} ({'running' if w.running() else 'exited'}), end of its log:")
+        lines += [line[:300] for line in tail]
     return "\n".join(lines)
 
 
@@ -272,7 +280,7 @@ def test_drain_through_a_failover(
         try:
             wait_for(lambda: set(names) <= set(watch.serving(new, promoted_at)), timeout_s=120)
         except AssertionError as exc:  # seen once in CI: say what the workers were doing
-            state = diagnosis(watch, group, new, (failed_at, promoted_at), out, tmp_path)
+            state = diagnosis(watch, group, new, (failed_at, promoted_at), out, workers)
             raise AssertionError(f"{exc}; {state}") from None
         serving_s = {w: round(t - failed_at, 2) for w, t in watch.serving(new, promoted_at).items()
                      if w in names}  # fmt: skip
