@@ -130,7 +130,7 @@ class StagedTraceIds(RandomIdGenerator):
     def sampled_root(self, bound: int) -> int | None:
         """A trace id for a root span, staged, when the sampler samples it (the low 64 bits
         below ``bound``, as :func:`root_bound` says), else None: one random draw decides, with
-        no call of the sampler (a few microseconds a task at a low ratio)."""
+        no call of the sampler chain (which costs several times the draw)."""
         low = random.getrandbits(64)
         if low >= bound:
             return None
