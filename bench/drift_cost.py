@@ -1,12 +1,14 @@
 """Drift statistics' cost in worker CPU per task, side by side: one `imgq worker` with them and one
 without drain one queue at the same time (issue 26).
 
-Both workers see the same machine at the same moment, which consecutive drains on this shared VM
-do not (its speed drifts by tens of percent between drains). Each drain enqueues ``--tasks``
-sample-image tasks, parks them, starts the two workers (``IMGQ_DRIFT=true`` and ``false``),
-releases the queue and counts each worker's CPU seconds (its process tree) from release to the
-last result; cost = CPU per task with / CPU per task without - 1. Which worker starts first
-alternates between drains. The median over ``--drains`` drains is the figure.
+Both workers see the same machine at the same moment, which consecutive drains on this shared VM do
+not (its speed drifts by tens of percent between drains): they share one core, Redis and this
+process have the others (pinned to a core each, a pair measured the difference between the cores,
+bench/tracing.py's off/off control pairs -10% to +10% a drain). Each drain enqueues ``--tasks``
+sample-image tasks, parks them, starts the two workers (``IMGQ_DRIFT=true`` and ``false``), releases
+the queue and counts each worker's CPU seconds (its process tree) from release to the last result;
+cost = CPU per task with / CPU per task without - 1. Which worker starts first alternates between
+drains. The median over ``--drains`` drains is the figure.
 
     .venv/bin/python bench/drift_cost.py                       # small model, 6 drains, ~4 min
     .venv/bin/python bench/drift_cost.py --models mobilenetv2 --tasks 1200 --drains 8
@@ -39,6 +41,8 @@ from harness import (
     drain,
     imgq_workers,
     mobilenet_bundle,
+    pair_and_rest_cores,
+    pin_threads,
     print_profile,
     sample_images,
     small_bundle,
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     results: dict[str, Any] = {"args": vars(args)}
     with LocalRedis(work / "redis-drift-cost") as server:
+        rest = pair_and_rest_cores()[1]  # the pair's core is drift_ab's
+        os.sched_setaffinity(0, rest)
+        assert server.process is not None
+        pin_threads(server.process.pid, rest)
         for name, bundle in models.items():
             results[name] = bench_model(name, bundle, server.url, images, args, work)
     print()

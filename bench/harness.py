@@ -12,6 +12,7 @@ process tree.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import json
@@ -151,6 +152,23 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
 
 
 # -- CPU accounting --------------------------------------------------------------------------------
+
+
+def pin_threads(pid: int, cores: set[int]) -> None:
+    """Pin every thread of process ``pid`` (``taskset -a``) to ``cores``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cores)
+
+
+@functools.cache
+def pair_and_rest_cores() -> tuple[int, set[int]]:
+    """The core a measured pair of workers shares, and the cores for the rest (Redis, the
+    benchmark process), of the cores this process had when first asked: on one core, a pair sees
+    the same machine (cache, a busy sibling, the hypervisor's steal) at the same moment; on two
+    cores it measures the difference between them.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    return cores[0], set(cores[1:]) or {cores[0]}
 
 
 def tree_cpu_s(pids: Sequence[int]) -> float:

@@ -62,6 +62,7 @@ from harness import (
     mobilenet_bundle,
     naive_workers,
     paced,
+    pair_and_rest_cores,
     print_profile,
     profile_worker,
     sample_images,
@@ -155,16 +156,15 @@ def drift_ab(
 ) -> dict[str, Any]:
     """Drift statistics' cost side by side: one worker with them and one without drain one queue
     at the same time, so both see the same machine (this VM's speed drifts by tens of percent
-    between consecutive drains, more than the cost measured), each pinned to a core; CPU per
+    between consecutive drains, more than the cost measured), both pinned to one core
+    (:func:`~harness.pair_and_rest_cores`; pin Redis and this process to the rest); CPU per
     task of each.
     ``on_first=False`` starts the worker without drift first (alternate it between rounds)."""
     envs = [{"IMGQ_DRIFT": "true"}, {"IMGQ_DRIFT": "false"}]
     if not on_first:
         envs.reverse()
     on, off = (0, 1) if on_first else (1, 0)
-    # One core each (the drift worker's alternates with on_first): free to share the two cores
-    # with Redis and this process, the two workers measure each other's scheduling.
-    pinned = (0, 1) if (os.cpu_count() or 1) > 1 else None
+    pinned = (pair_and_rest_cores()[0],)
     d = drain(
         url,
         client,

@@ -6,11 +6,11 @@ Each round drains, for every configuration, a pair of `imgq worker`s side by sid
 the configuration, each on its own queue holding the same ``--tasks`` tasks (parked until both
 workers answer a ping, then released in one transaction), so that both see the same machine at
 the same moment: this VM's speed moves CPU per task by tens of percent between consecutive
-drains, more than the cost measured. The two workers are pinned to different cores
-(``taskset``), and which one gets which core, and which one starts first, alternate between
-rounds: two workers free to share this VM's two cores with Redis and the benchmark measured each
-other's scheduling more than tracing. One pair is "off" against "off": the spread of its ratios
-is the measure's noise. A worker's CPU
+drains, more than the cost measured. Both workers of a pair are pinned to the same core
+(``taskset``), Redis and this process to the others, and which one starts first alternates
+between rounds: pinned to two cores, a pair measured the difference between the cores (an
+off/off pair -10% to +10% per drain), on one core it holds within a point. One pair is "off"
+against "off": the spread of its ratios is the measure's noise. A worker's CPU
 (``/proc/<pid>/stat``) is read from the release until its last result is stored plus
 ``--settle-s`` (so that the spans it still buffers are exported: the batch span processor's
 default delay is 5 s), and divided by its tasks. The report gives each round's ratio to its
@@ -52,6 +52,8 @@ from harness import (
     BenchFleet,
     add_fleet_arguments,
     cycled,
+    pair_and_rest_cores,
+    pin_threads,
     sample_images,
     small_bundle,
     start_fleet,
@@ -133,11 +135,11 @@ def one_pair(
     images: list[bytes],
     envs: dict[str, dict[str, str]],
     pair: tuple[str, str],
-    cores: tuple[int, int],
+    core: int,
     args: argparse.Namespace,
     log_dir: Path,
 ) -> dict[str, dict[str, float]]:
-    """The two configurations' workers, pinned to ``cores``, drain their own queue of
+    """The two configurations' workers, pinned to ``core``, drain their own queue of
     ``args.tasks`` at the same time; each one's CPU seconds per task."""
     r = redis.Redis.from_url(url)
     queues = {name: f"bench-trace-{i}" for i, name in enumerate(pair)}
@@ -151,7 +153,7 @@ def one_pair(
     workers = []
     for i, name in enumerate(pair):
         node = f"trace{i}@bench"
-        command = ["taskset", "-c", str(cores[i]), sys.executable, "-m", "imgq.cli", "worker",
+        command = ["taskset", "-c", str(core), sys.executable, "-m", "imgq.cli", "worker",
                    "--model", str(bundle), "--queue", queues[name], "--hostname", node,
                    "--concurrency", "1", "--threads", str(args.threads), "--max-batch",
                    str(args.max_batch), "--max-wait-ms", "0", "--loglevel", "WARNING"]  # fmt: skip
@@ -345,19 +347,17 @@ def main(argv: list[str] | None = None) -> int:
             results["interleaved"] = in_process(args, work, sink.endpoint)
         envs = worker_envs(server.url, sink, tree)
         others = [name for name in envs if name != OFF]
-        cores = (0, 1) if (os.cpu_count() or 1) > 1 else (0, 0)
+        core, rest = pair_and_rest_cores()
+        os.sched_setaffinity(0, rest)
+        assert server.process is not None
+        pin_threads(server.process.pid, rest)
         for i in range(args.rounds):
-            # Every fourth round the same: off first or second (started first, first queue),
-            # and on either core.
-            first = i % 2 == 0
-            pinned = cores if (i // 2) % 2 == 0 else cores[::-1]
-            print(
-                f"round {i + 1}: off {'first' if first else 'second'}, cores {pinned}", flush=True
-            )
+            first = i % 2 == 0  # off started first (and on the first queue), or second
+            print(f"round {i + 1}: off {'first' if first else 'second'}, core {core}", flush=True)
             measured: dict[str, Any] = {}
             for name in others:
                 order = (OFF, name) if first else (name, OFF)
-                pair = one_pair(server.url, bundle, images, envs, order, pinned, args, work)
+                pair = one_pair(server.url, bundle, images, envs, order, core, args, work)
                 measured[name] = {"off": pair[OFF], "on": pair[name]}
                 print(f"    {name}: {measured[name]}", flush=True)
             results["rounds"].append(measured)
