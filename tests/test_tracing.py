@@ -19,7 +19,9 @@ import pytest
 import redis
 from celery import Celery, current_app
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -29,7 +31,13 @@ from imgq.otlpsink import OtlpSink, ReceivedSpan
 from imgq.worker.client import ImgqClient
 from imgq.worker.outcome import BatchOutcome
 from imgq.worker.settings import TRACES_SAMPLERS, WorkerSettings
-from imgq.worker.tracing.provider import FollowLinks, root_bound, sampler, tracer_provider
+from imgq.worker.tracing.provider import (
+    FollowLinks,
+    HashedOnce,
+    root_bound,
+    sampler,
+    tracer_provider,
+)
 from imgq.worker.tracing.spans import BatchTracer
 from imgq.worker.wire import SENT_AT_HEADER, TASK_NAME
 from imgq.worker.wire.message import TaskRequest
@@ -117,6 +125,27 @@ def test_the_one_draw_bound_decides_as_the_sampler_does(name: str, ratio: float)
         trace_id = rng.getrandbits(64) << 64 | low
         decided = configured.should_sample(None, trace_id, "run/x", SpanKind.CONSUMER)
         assert decided.decision.is_sampled() == (low < bound), (name, ratio, low)
+
+
+def test_the_resource_hashed_once_is_the_sdks_resource() -> None:
+    """The provider's resource equals and hashes as the SDK's own (the OTLP encoder groups spans
+    by it), and spans of it encode under one resource with its attributes."""
+    provider = tracer_provider(WorkerSettings(traces_exporters=("console",)))
+    resource = provider.resource
+    assert isinstance(resource, HashedOnce)
+    plain = Resource(resource.attributes, resource.schema_url)
+    assert resource == plain and hash(resource) == hash(plain)
+    assert resource.attributes["service.name"] == "imgq-worker"
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    for name in ("a", "b"):
+        provider.get_tracer("t").start_span(name).end()
+    (group,) = encode_spans(memory.get_finished_spans()).resource_spans
+    assert {kv.key: kv.value.string_value for kv in group.resource.attributes}["service.name"] == (
+        "imgq-worker"
+    )
+    assert [s.name for s in group.scope_spans[0].spans] == ["a", "b"]
+    provider.shutdown()
 
 
 # -- tracing off ---------------------------------------------------------------------------------

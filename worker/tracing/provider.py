@@ -43,6 +43,7 @@ from imgq.worker.settings import WorkerSettings
 __all__ = [
     "DEFAULT_SERVICE_NAME",
     "FollowLinks",
+    "HashedOnce",
     "StagedTraceIds",
     "root_bound",
     "sampler",
@@ -148,6 +149,19 @@ class StagedTraceIds(RandomIdGenerator):
         return trace_id
 
 
+class HashedOnce(Resource):
+    """The resource, hashed once: the OTLP encoder hashes the resource of every span it exports
+    (to group spans by resource), and the SDK's hash writes all its attributes as JSON each time
+    (a sixth of the encoding's cost). A resource is immutable."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 def sampler(name: str, ratio: float) -> Sampler:
     """The SDK's sampler of an ``OTEL_TRACES_SAMPLER`` name (``worker/settings.py`` checked it).
 
@@ -196,7 +210,7 @@ def tracer_provider(settings: WorkerSettings) -> TracerProvider:
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
         configured = sampler(settings.traces_sampler, settings.traces_sampler_arg)
-        provider = TracerProvider(sampler=FollowLinks(configured), resource=resource,
+        provider = TracerProvider(sampler=FollowLinks(configured), resource=HashedOnce(resource),
                                   id_generator=StagedTraceIds())  # fmt: skip
         for name in settings.traces_exporters:
             exporter = _exporter(name, settings.traces_protocol)
