@@ -195,12 +195,12 @@ def test_novel_share_pages_and_pixels_alone_only_notice(
     assert ("novel_share" in {r.name for r in results}) == with_novelty
 
 
-@pytest.mark.parametrize(("novel", "pages"), [(100, False), (180, True)])
+@pytest.mark.parametrize(("novel", "pages"), [(100, False), (200, False), (240, True)])
 def test_novel_share_pages_only_above_its_effect_floor(
     tmp_path_factory: pytest.TempPathFactory, novel: int, pages: bool
 ) -> None:
-    """In a window of 4,000 both 2.5% and 4.5% novel are significantly above the held-out 1%;
-    only the second is more than the 2-point floor above it."""
+    """In a window of 4,000, 2.5%, 5% and 6% novel are all significantly above the held-out 1%;
+    only the last is at least the 4.5-point floor above it."""
     manifest = load_manifest(make_tiny_bundle(tmp_path_factory.mktemp("b"), novelty=True))
     window = _window(manifest, novel=novel, out_of_range=0, n=4000)
     results = page_results(manifest.reference, window, alpha=0.005, novel_reference=(100, 10000))

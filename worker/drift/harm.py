@@ -68,6 +68,8 @@ PAGE_TESTS: tuple[str, ...] = (
 #: Smallest effect that may page, per test: PSI for the class mix; for confidence and margin
 #: the probability that a window answer ranks below a reference answer, less 0.5; for the
 #: shares the increase (0.03 = 3 points); for the estimated accuracy the drop (0.01 = 1 point).
+#: The novel share's 4.5 points: a tenth of the inputs from classes the model never saw, about
+#: half of them novel, is some 5 points; harmless noise raises it by one or two (docs/drift.md).
 EFFECT_FLOORS: dict[str, float] = {
     "predicted_class": 0.1,
     "confidence": 0.1,
@@ -75,7 +77,7 @@ EFFECT_FLOORS: dict[str, float] = {
     "low_confidence_share": 0.03,
     "out_of_range_share": 0.02,
     "estimated_accuracy": 0.01,
-    "novel_share": 0.02,
+    "novel_share": 0.045,
 }
 #: The floors that differ where the bundle has a novelty model: its novel share sees partial
 #: harm from inputs the model never saw (which the 1-point estimated-accuracy floor was set
