@@ -123,16 +123,19 @@ def image_features(inputs: np.ndarray, originals: np.ndarray) -> np.ndarray:
     inputs = _block_means(inputs)
     n, h, w, _ = inputs.shape
     px = h * w
-    tall = inputs.reshape(n * h, w, 3)
-    luma = cv2.cvtColor(tall, cv2.COLOR_RGB2GRAY)
-    rows = luma.reshape(n, px)
+    # Per-pixel steps see one image per row (OpenCV's cost is per row as much as per pixel).
+    wide = inputs.reshape(n, px, 3)
+    rows = cv2.cvtColor(wide, cv2.COLOR_RGB2GRAY)
     luma_mean = _row_sums(rows) / px
     # Squares of uint8 fit int32 and so do their sums (at most 64 x 64 of 255**2): exact.
     luma_var = np.square(rows, dtype=np.int32).sum(axis=1) / px - luma_mean * luma_mean
-    red, green, blue = cv2.split(tall)
-    saturation = _row_sums(_saturation(red, green, blue).reshape(n, px))
-    # int16 holds the Laplacian of uint8 exactly; float64 sums of its squares stay exact.
-    lap = cv2.Laplacian(luma, cv2.CV_16S).reshape(n, h, w)[:, 1:-1].reshape(n, -1)
+    red, green, blue = cv2.split(wide)
+    saturation = _row_sums(_saturation(red, green, blue))
+    # int16 holds the Laplacian of uint8 exactly; float64 sums of its squares stay exact. The
+    # kernel and the border are symmetric: the Laplacian of the transposed tall stack,
+    # transposed back, is the same numbers in half the time (32 long rows, not 1,024 short).
+    lap_t = cv2.Laplacian(cv2.transpose(rows.reshape(n * h, w)), cv2.CV_16S)
+    lap = cv2.transpose(lap_t).reshape(n, h, w)[:, 1:-1].reshape(n, -1)
     lap_f = lap.astype(np.float64)
     m = lap_f.shape[1]
     lap_var = _row_squares(lap_f) / m - (lap_f.sum(axis=1) / m) ** 2
@@ -141,9 +144,9 @@ def image_features(inputs: np.ndarray, originals: np.ndarray) -> np.ndarray:
         [
             luma_mean / 255.0,
             np.sqrt(np.maximum(luma_var, 0.0)) / 255.0,
-            _row_sums(red.reshape(n, px)) / px / 255.0,
-            _row_sums(green.reshape(n, px)) / px / 255.0,
-            _row_sums(blue.reshape(n, px)) / px / 255.0,
+            _row_sums(red) / px / 255.0,
+            _row_sums(green) / px / 255.0,
+            _row_sums(blue) / px / 255.0,
             saturation / px / 255.0,
             # Integer thresholds: luma < 0.1 * 255 and luma > 0.9 * 255 on uint8 values; the
             # comparison masks are 255 where true. (OpenCV takes a scalar; its stubs do not say.)
