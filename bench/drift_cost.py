@@ -38,11 +38,10 @@ from typing import Any
 
 from harness import (
     add_fleet_arguments,
+    beside_the_pair,
     drain,
     imgq_workers,
     mobilenet_bundle,
-    pair_and_rest_cores,
-    pin_threads,
     print_profile,
     sample_images,
     small_bundle,
@@ -114,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     results: dict[str, Any] = {"args": vars(args)}
     with LocalRedis(work / "redis-drift-cost") as server:
-        rest = pair_and_rest_cores()[1]  # the pair's core is drift_ab's
-        os.sched_setaffinity(0, rest)
         assert server.process is not None
-        pin_threads(server.process.pid, rest)
+        beside_the_pair(server.process.pid)  # the pair's core is drift_ab's
         for name, bundle in models.items():
             results[name] = bench_model(name, bundle, server.url, images, args, work)
     print()

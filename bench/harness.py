@@ -154,12 +154,6 @@ def mobilenet_bundle(work: Path, data_dir: Path, size_px: int = 224) -> Path:
 # -- CPU accounting --------------------------------------------------------------------------------
 
 
-def pin_threads(pid: int, cores: set[int]) -> None:
-    """Pin every thread of process ``pid`` (``taskset -a``) to ``cores``."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setaffinity(int(task.name), cores)
-
-
 @functools.cache
 def pair_and_rest_cores() -> tuple[int, set[int]]:
     """The core a measured pair of workers shares, and the cores for the rest (Redis, the
@@ -169,6 +163,16 @@ def pair_and_rest_cores() -> tuple[int, set[int]]:
     """
     cores = sorted(os.sched_getaffinity(0))
     return cores[0], set(cores[1:]) or {cores[0]}
+
+
+def beside_the_pair(redis_pid: int) -> int:
+    """Pin this process and every thread of Redis to the cores the measured pair does not use;
+    returns the pair's core."""
+    core, rest = pair_and_rest_cores()
+    os.sched_setaffinity(0, rest)
+    for task in Path(f"/proc/{redis_pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), rest)
+    return core
 
 
 def tree_cpu_s(pids: Sequence[int]) -> float:

@@ -51,9 +51,8 @@ from harness import (
     ROOT,
     BenchFleet,
     add_fleet_arguments,
+    beside_the_pair,
     cycled,
-    pair_and_rest_cores,
-    pin_threads,
     sample_images,
     small_bundle,
     start_fleet,
@@ -347,10 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             results["interleaved"] = in_process(args, work, sink.endpoint)
         envs = worker_envs(server.url, sink, tree)
         others = [name for name in envs if name != OFF]
-        core, rest = pair_and_rest_cores()
-        os.sched_setaffinity(0, rest)
         assert server.process is not None
-        pin_threads(server.process.pid, rest)
+        core = beside_the_pair(server.process.pid)
         for i in range(args.rounds):
             first = i % 2 == 0  # off started first (and on the first queue), or second
             print(f"round {i + 1}: off {'first' if first else 'second'}, core {core}", flush=True)
